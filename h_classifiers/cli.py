@@ -1,0 +1,63 @@
+"""`balancing-act <command> [args]`: one entry point for the companion tools.
+
+Each command is a module `h_classifiers.commands.<command>` (dashes become underscores) with `main(argv)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+
+COMMANDS: dict[str, str] = {
+    "generate": "vanilla vs balanced images from the same seeds, side by side, with measured fractions",
+    "extract": "record h-vectors (from labelled image folders, or while generating with pseudo-labels)",
+    "train": "train an h-classifier from extracted h-vector shards",
+    "evaluate": "measure class fractions, FD, valid rate and time for vanilla / sample / distribution / prompt",
+    "push": "push a saved h-classifier to the Hugging Face Hub",
+    "bench": "benchmark generation, extraction and training cost",
+    "train-toy": "train the toy world's miniature Stable Diffusion from its seed",
+    "toy-report": "measure the toy model's class fractions, adherence and valid rate",
+    "reproduce": "produce the reproduction table (docs/results/)",
+}
+
+
+def usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = [
+        "usage: balancing-act <command> [args]   (balancing-act <command> --help for its arguments)",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def load_command(name: str):
+    """The `main` function of a command; a clear error for an unknown command or one whose module is missing."""
+    if name not in COMMANDS:
+        raise SystemExit(f"balancing-act: unknown command {name!r}; commands: {', '.join(COMMANDS)}.")
+    module_name = f"h_classifiers.commands.{name.replace('-', '_')}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        # Only the command's own module missing means "not available"; a missing dependency inside it is a real error.
+        if error.name != module_name:
+            raise
+        raise SystemExit(
+            f"balancing-act: the command {name!r} is not available in this installation ({module_name} is missing)."
+        ) from None
+    return module.main
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return
+    command = load_command(argv[0])
+    command(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Arguments and input resolution shared by the `generate`, `evaluate` and `reproduce` commands."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from h_classifiers.evaluation import DTYPES, SCHEDULERS, parse_target
+
+
+GUIDED_BRANCHES = ("cond", "both")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if math.isnan(value) or value < 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def split_prompts(text: str | None) -> list[str] | None:
+    """`"a photo of a man|a photo of a woman"` -> a list (one prompt per class)."""
+    return None if text is None else [p.strip() for p in text.split("|")]
+
+
+def toy_defaults() -> dict[str, str]:
+    from h_classifiers.toy_world import NEUTRAL_PROMPT, TOY_CLASSIFIERS_PATH, TOY_MODEL_PATH
+
+    return {
+        "model": str(TOY_MODEL_PATH),
+        "classifier": str(TOY_CLASSIFIERS_PATH / "skin"),
+        "prompt": NEUTRAL_PROMPT,
+    }
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model, classifier, scheduler, device, labeller: the arguments every generating command takes."""
+    defaults = toy_defaults()
+    parser.add_argument(
+        "--model",
+        default=defaults["model"],
+        help="Stable Diffusion 1.x/2.x directory or Hub id (default: the committed toy model).",
+    )
+    parser.add_argument(
+        "--scheduler",
+        default="ddim",
+        choices=list(SCHEDULERS),
+        help="Sampling scheduler (default: ddim). dpm++ is DPMSolverMultistep, euler_a is Euler ancestral.",
+    )
+    parser.add_argument("--steps", type=positive_int, default=25, help="Denoising steps (default: 25).")
+    parser.add_argument("--guidance-scale", type=float, default=7.5, help="Classifier-free guidance (default: 7.5).")
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps."
+    )
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="Model dtype (default: float32).")
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)."
+    )
+    parser.add_argument(
+        "--labeller",
+        default="auto",
+        help="Measures the images: 'auto' (the toy oracle for the toy model, else none), 'none', 'toy:ATTRIBUTE', "
+        "'hf:MODEL_ID' (transformers image classifier) or 'clip:MODEL_ID' (CLIP zero-shot).",
+    )
+    parser.add_argument(
+        "--labeller-prompts",
+        default=None,
+        help="CLIP zero-shot: one text per class separated by '|' (default: 'a photo of a <class>').",
+    )
+
+
+def add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--classifier",
+        default=toy_defaults()["classifier"],
+        help="h-classifier directory or Hub id (default: the shipped toy skin classifier).",
+    )
+    parser.add_argument(
+        "--target",
+        default="uniform",
+        help="Target distribution: K probabilities '0.3,0.7', 'uniform' (default; 50/50 for two classes) or a "
+        "class name.",
+    )
+    parser.add_argument(
+        "--strength", type=non_negative_float, default=None, help="guidance_strength (default: the pipeline's)."
+    )
+    parser.add_argument(
+        "--guided-branches",
+        default=None,
+        choices=list(GUIDED_BRANCHES),
+        help="With classifier-free guidance: guide the conditional rows only, or both (default: the pipeline's).",
+    )
+
+
+def guidance_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The pipeline's guidance arguments the user set (unset ones keep the pipeline's defaults)."""
+    kwargs = {}
+    if args.strength is not None:
+        kwargs["guidance_strength"] = args.strength
+    if args.guided_branches is not None:
+        kwargs["guided_branches"] = args.guided_branches
+    return kwargs
+
+
+def is_toy_model(model: str) -> bool:
+    from h_classifiers.toy_world import TOY_MODEL_PATH
+
+    path = Path(model)
+    return path.exists() and path.resolve() == TOY_MODEL_PATH.resolve()
+
+
+def load_classifier(path: str):
+    from h_classifiers import HClassifier
+
+    return HClassifier.from_pretrained(path)
+
+
+def resolve_target(text: str, classifier) -> list[float]:
+    return parse_target(text, list(classifier.config.class_names), argument="--target")
+
+
+def build_labeller(args: argparse.Namespace, classifier, device: torch.device):
+    """The labeller named by `--labeller` for the classifier's attribute and classes, or None."""
+    from h_classifiers.labellers import labeller_from_spec
+
+    attribute = classifier.config.attribute
+    class_names = list(classifier.config.class_names)
+    spec = args.labeller
+    if spec == "none":
+        return None
+    if spec == "auto":
+        from h_classifiers.toy_world import ATTRIBUTES
+
+        if not (is_toy_model(args.model) and ATTRIBUTES.get(attribute) == class_names):
+            return None
+        spec = f"toy:{attribute}"
+    labeller = labeller_from_spec(
+        spec,
+        class_names=class_names,
+        prompts=split_prompts(args.labeller_prompts),
+        attribute=attribute,
+        device=device,
+    )
+    if list(labeller.class_names) != class_names:
+        raise ValueError(
+            f"`--labeller` {spec!r} labels the classes {list(labeller.class_names)}, but the classifier's classes are "
+            f"{class_names}."
+        )
+    return labeller
+
+
+def format_summary(name: str, summary: dict[str, Any], class_names: list[str]) -> str:
+    """One line: per-class fractions, FD, valid rate, time."""
+    if summary.get("fractions") is None:
+        measured = "no labelled image"
+    else:
+        measured = "  ".join(f"{c} {f:.3f}" for c, f in zip(class_names, summary["fractions"]))
+        measured += f"  | FD {summary['fd']:.3f}  valid {summary['valid_rate']:.1%}"
+    if summary.get("hit_rate") is not None:
+        measured += f"  asked-class hit {summary['hit_rate']:.1%}"
+    return f"{name:<12} {measured}  ({summary['seconds']:.1f} s)"

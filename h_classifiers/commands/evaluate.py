@@ -1,0 +1,123 @@
+"""`balancing-act evaluate`: vanilla / sample / distribution / prompt baseline, measured with a labeller.
+
+Writes `results.json`, a grid PNG per configuration and `fractions.png` (measured vs target) to `--output-dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from tqdm.auto import tqdm
+
+from h_classifiers.commands import _common
+from h_classifiers.evaluation import CONFIGURATIONS, EvaluationSpec, evaluate, load_pipeline, resolve_device
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="balancing-act evaluate",
+        description="Generate N images per configuration (vanilla, sample mode, distribution mode, prompt baseline) "
+        "with fixed seeds and measure class fractions, FD = ||p_ref - p||_2 (one-hot labels over labelled images), "
+        "valid rate and seconds.",
+    )
+    parser.add_argument(
+        "--prompt", default=_common.toy_defaults()["prompt"], help="Prompt (default: the neutral one)."
+    )
+    parser.add_argument(
+        "--configurations",
+        default=",".join(CONFIGURATIONS),
+        help=f"Comma-separated subset of {','.join(CONFIGURATIONS)} (default: all).",
+    )
+    parser.add_argument(
+        "--class-prompts",
+        default=None,
+        help="Prompt baseline: one explicit prompt per class separated by '|' (default for the toy model: the toy "
+        "world's explicit prompts; otherwise required for 'prompt').",
+    )
+    parser.add_argument("--num-images", type=_common.positive_int, default=512, help="Images per configuration.")
+    parser.add_argument("--batch-size", type=_common.positive_int, default=64, help="Images per pipeline call.")
+    parser.add_argument("--seed", type=int, default=0, help="Image i uses seed + i in every configuration.")
+    parser.add_argument(
+        "--output-dir", default="outputs/evaluate", help="Where results go (default: outputs/evaluate)."
+    )
+    _common.add_guidance_arguments(parser)
+    _common.add_model_arguments(parser)
+    return parser
+
+
+def parse_configurations(text: str) -> list[str]:
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CONFIGURATIONS]
+    if unknown or not names:
+        raise ValueError(
+            f"`--configurations` must be a comma-separated subset of {list(CONFIGURATIONS)}, got {text!r}."
+        )
+    return names
+
+
+def default_class_prompts(args: argparse.Namespace, classifier) -> list[str] | None:
+    prompts = _common.split_prompts(args.class_prompts)
+    if prompts is not None or not _common.is_toy_model(args.model):
+        return prompts
+    from h_classifiers.toy_world import ATTRIBUTES, attribute_prompt
+
+    attribute = classifier.config.attribute
+    if ATTRIBUTES.get(attribute) != list(classifier.config.class_names):
+        return None
+    return [attribute_prompt(attribute, c) for c in ATTRIBUTES[attribute]]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        configurations = parse_configurations(args.configurations)
+        device = resolve_device(args.device)
+        classifier = _common.load_classifier(args.classifier)
+        class_names = list(classifier.config.class_names)
+        target = _common.resolve_target(args.target, classifier)
+        class_prompts = default_class_prompts(args, classifier)
+        if "prompt" in configurations and (class_prompts is None or len(class_prompts) != len(class_names)):
+            raise ValueError(
+                f"The prompt baseline needs `--class-prompts` with one prompt per class of {class_names} separated "
+                f"by '|', got {args.class_prompts!r}."
+            )
+        labeller = _common.build_labeller(args, classifier, device)
+        if labeller is None:
+            raise ValueError("`--labeller` is required to evaluate (e.g. 'clip:MODEL_ID' or 'hf:MODEL_ID').")
+        pipe = load_pipeline(args.model, device, args.dtype, args.scheduler)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        parser.error(str(error))
+
+    spec = EvaluationSpec(
+        prompt=args.prompt,
+        target=target,
+        num_images=args.num_images,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        class_prompts=class_prompts,
+        guidance=_common.guidance_kwargs(args),
+    )
+    with tqdm(total=args.num_images * len(configurations), desc="evaluate", unit="img") as bar:
+        metadata = {
+            "model": args.model,
+            "classifier": args.classifier,
+            "scheduler": args.scheduler,
+            "labeller": labeller.source,
+        }
+        report = evaluate(
+            pipe, classifier, spec, labeller, configurations, args.output_dir, class_names, bar.update, metadata
+        )
+    for name, summary in report["results"].items():
+        print(_common.format_summary(name, summary, class_names))
+    print(f"results: {args.output_dir}/results.json")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,527 @@
+"""`balancing-act reproduce`: the reproduction table on the toy world (and the strength / branches tuning sweep).
+
+Rows (toy model, neutral prompt, the shipped toy classifiers, the toy oracle as labeller): skin 50/50, skin 30/70,
+glasses 50/50, hair uniform over 3 (DDIM 25), and skin 50/50 with PNDM 50, DPM-Solver++ 20 and Euler 30 (the
+"skin 50/50 with DDIM 25" row is the first row). Configurations: vanilla, sample mode, distribution mode, prompt
+baseline, at batch 64; distribution mode again at batch 8.
+
+Work is shared where the images cannot differ (image i always uses seed + i):
+- vanilla depends only on the scheduler and step count, so it is generated once per scheduler and labelled for
+  each row's attribute;
+- vanilla, sample mode and the prompt baseline do not couple the images of a batch, so they are generated once at
+  the first batch size; only distribution mode (whose statistic is the batch mean) is re-run at the other sizes.
+
+`--sweep` runs the tuning sweep instead: skin 50/50, DDIM 25, seeds disjoint from the table's, distribution and
+sample mode for each guidance strength and each `guided_branches` value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from h_classifiers.commands import _common
+from h_classifiers.evaluation import (
+    EvaluationSpec,
+    Generation,
+    load_pipeline,
+    make_grid,
+    run_configuration,
+    save_fraction_chart,
+    save_image,
+    set_scheduler,
+    summarize_labels,
+    write_json,
+    write_text,
+)
+
+
+# The guidance settings of the published table (chosen on the tuning sweep, seeds disjoint from the table's; see
+# docs/readme/evaluation.md). Passed explicitly so the table does not move when the pipeline's defaults change.
+TABLE_STRENGTH = 1.0
+TABLE_BRANCHES = "cond"
+TABLE_GUIDANCE_SCALE = 7.5
+TABLE_SEED = 0
+SWEEP_SEED = 1_000_000
+SWEEP_STRENGTHS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+# Targets of issue 4, section 5.
+TARGET_FD = 0.03
+TARGET_VALID_DROP = 0.01
+TARGET_HIT_RATE = 0.98
+
+SCHEDULER_LABELS = {"ddim": "DDIM", "pndm": "PNDM", "dpm++": "DPM-Solver++", "euler": "Euler", "euler_a": "Euler a"}
+GRID_ROWS = ("skin-50-50", "hair-uniform")
+BATCH_INDEPENDENT = ("vanilla", "sample", "prompt")
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    attribute: str
+    target: tuple[float, ...]
+    scheduler: str = "ddim"
+    steps: int = 25
+
+    @property
+    def title(self) -> str:
+        if len(self.target) > 2 and len(set(self.target)) == 1:
+            split = f"uniform over {len(self.target)}"
+        else:
+            split = "/".join(f"{round(100 * p)}" for p in self.target)
+        return f"{self.attribute} {split}"
+
+    @property
+    def sampler(self) -> str:
+        return f"{SCHEDULER_LABELS.get(self.scheduler, self.scheduler)} {self.steps}"
+
+
+ROWS = (
+    Row("skin-50-50", "skin", (0.5, 0.5)),
+    Row("skin-30-70", "skin", (0.3, 0.7)),
+    Row("glasses-50-50", "glasses", (0.5, 0.5)),
+    Row("hair-uniform", "hair", (1 / 3, 1 / 3, 1 / 3)),
+    Row("skin-50-50-pndm50", "skin", (0.5, 0.5), "pndm", 50),
+    Row("skin-50-50-dpm20", "skin", (0.5, 0.5), "dpm++", 20),
+    Row("skin-50-50-euler30", "skin", (0.5, 0.5), "euler", 30),
+)
+ROWS_BY_NAME = {row.name: row for row in ROWS}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="balancing-act reproduce",
+        description="Produce the reproduction table on the toy world (docs/results/), or with --sweep the tuning "
+        "sweep of guidance strength and guided_branches.",
+    )
+    defaults = _common.toy_defaults()
+    parser.add_argument("--model", default=defaults["model"], help="The toy model directory.")
+    parser.add_argument(
+        "--classifiers-dir",
+        default=str(Path(defaults["classifier"]).parent),
+        help="Directory holding one h-classifier per attribute (skin/, glasses/, hair/).",
+    )
+    parser.add_argument("--rows", default=",".join(ROWS_BY_NAME), help="Comma-separated subset of the rows.")
+    parser.add_argument("--num-images", type=_common.positive_int, default=512, help="Images per configuration.")
+    parser.add_argument(
+        "--batch-sizes", default="64,8", help="Comma-separated batch sizes; the first is the main one (default 64,8)."
+    )
+    parser.add_argument("--strength", type=_common.non_negative_float, default=TABLE_STRENGTH)
+    parser.add_argument("--guided-branches", choices=list(_common.GUIDED_BRANCHES), default=TABLE_BRANCHES)
+    parser.add_argument("--guidance-scale", type=float, default=TABLE_GUIDANCE_SCALE)
+    parser.add_argument("--seed", type=int, default=None, help="First image seed (default: table 0, sweep 1000000).")
+    parser.add_argument("--threads", type=_common.positive_int, default=1, help="torch CPU threads (default: 1).")
+    parser.add_argument("--output-dir", default="docs/results", help="Where results go (default: docs/results).")
+    parser.add_argument("--sweep", action="store_true", help="Run the tuning sweep instead of the table.")
+    parser.add_argument(
+        "--sweep-strengths",
+        default=",".join(str(s) for s in SWEEP_STRENGTHS),
+        help="Comma-separated guidance strengths for --sweep.",
+    )
+    parser.add_argument(
+        "--sweep-branches", default="cond,both", help="Comma-separated guided_branches values for --sweep."
+    )
+    return parser
+
+
+def parse_list(text: str, cast, argument: str, accepted: str) -> list:
+    try:
+        values = [cast(part.strip()) for part in text.split(",") if part.strip()]
+    except (ValueError, argparse.ArgumentTypeError):
+        values = []
+    if not values:
+        raise ValueError(f"`{argument}` must be {accepted}, got {text!r}.")
+    return values
+
+
+def parse_rows(text: str) -> list[Row]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ROWS_BY_NAME]
+    if unknown or not names:
+        raise ValueError(f"`--rows` must be a comma-separated subset of {list(ROWS_BY_NAME)}, got {text!r}.")
+    return [ROWS_BY_NAME[n] for n in names]
+
+
+class Toolkit:
+    """The toy model, the shipped classifiers, the oracle labellers and the explicit prompts, loaded once."""
+
+    def __init__(self, model: str, classifiers_dir: str, attributes: set[str]):
+        from h_classifiers import HClassifier
+        from h_classifiers.labellers import ToyOracleLabeller
+        from h_classifiers.toy_world import ATTRIBUTES, NEUTRAL_PROMPT, attribute_prompt
+
+        self.pipe = load_pipeline(model, "cpu", "float32")
+        self.base_scheduler_config = dict(self.pipe.scheduler.config)
+        self.prompt = NEUTRAL_PROMPT
+        self.classifiers, self.labellers, self.class_prompts = {}, {}, {}
+        for attribute in sorted(attributes):
+            path = Path(classifiers_dir) / attribute
+            classifier = HClassifier.from_pretrained(path)
+            if list(classifier.config.class_names) != ATTRIBUTES[attribute]:
+                raise ValueError(
+                    f"The classifier at {path} has classes {classifier.config.class_names}; the toy world's {attribute!r} "
+                    f"classes are {ATTRIBUTES[attribute]}."
+                )
+            self.classifiers[attribute] = classifier
+            self.labellers[attribute] = ToyOracleLabeller(attribute)
+            self.class_prompts[attribute] = [attribute_prompt(attribute, c) for c in ATTRIBUTES[attribute]]
+
+    def use_scheduler(self, name: str) -> None:
+        set_scheduler(self.pipe, name, config=self.base_scheduler_config)
+
+    def spec(self, row: Row, num_images: int, batch_size: int, seed: int, guidance: dict, guidance_scale: float):
+        return EvaluationSpec(
+            prompt=self.prompt,
+            target=list(row.target),
+            num_images=num_images,
+            batch_size=batch_size,
+            seed=seed,
+            num_inference_steps=row.steps,
+            guidance_scale=guidance_scale,
+            class_prompts=self.class_prompts[row.attribute],
+            guidance=guidance,
+        )
+
+    def measure(self, row: Row, generation: Generation) -> dict[str, Any]:
+        summary = summarize_labels(self.labellers[row.attribute](generation.images), row.target, generation.asked)
+        summary["seconds"] = generation.seconds
+        return summary
+
+
+def run_table(args: argparse.Namespace, rows: list[Row], batch_sizes: list[int], seed: int) -> dict[str, Any]:
+    toolkit = Toolkit(args.model, args.classifiers_dir, {row.attribute for row in rows})
+    guidance = {"guidance_strength": args.strength, "guided_branches": args.guided_branches}
+    output_dir = Path(args.output_dir)
+    vanilla_runs: dict[tuple[str, int], tuple[str, Generation]] = {}
+    per_row_images = 3 * args.num_images + len(batch_sizes) * args.num_images
+    total = per_row_images * len(rows) + args.num_images * len({(r.scheduler, r.steps) for r in rows})
+    start = time.perf_counter()
+    results = []
+    with tqdm(total=total, desc="reproduce", unit="img") as bar:
+        for row in rows:
+            toolkit.use_scheduler(row.scheduler)
+            main_spec = toolkit.spec(row, args.num_images, batch_sizes[0], seed, guidance, args.guidance_scale)
+            classifier = toolkit.classifiers[row.attribute]
+            generations = {}
+            key = (row.scheduler, row.steps)
+            if key not in vanilla_runs:
+                vanilla_runs[key] = (row.name, run_configuration(toolkit.pipe, None, main_spec, "vanilla", bar.update))
+            vanilla_source, generations["vanilla"] = vanilla_runs[key]
+            for configuration in ("sample", "distribution", "prompt"):
+                generations[configuration] = run_configuration(
+                    toolkit.pipe, classifier, main_spec, configuration, bar.update
+                )
+            batches = {str(batch_sizes[0]): {name: toolkit.measure(row, g) for name, g in generations.items()}}
+            batches[str(batch_sizes[0])]["vanilla"]["generated_in_row"] = vanilla_source
+            for batch_size in batch_sizes[1:]:
+                spec = replace(main_spec, batch_size=batch_size)
+                generation = run_configuration(toolkit.pipe, classifier, spec, "distribution", bar.update)
+                batches[str(batch_size)] = {"distribution": toolkit.measure(row, generation)}
+            results.append(
+                {
+                    "row": row.name,
+                    "title": row.title,
+                    "attribute": row.attribute,
+                    "class_names": list(classifier.config.class_names),
+                    "target": list(row.target),
+                    "scheduler": row.scheduler,
+                    "steps": row.steps,
+                    "batches": batches,
+                }
+            )
+            write_row_figures(row, results[-1], generations, batch_sizes, output_dir)
+    report = {
+        "what": "Balancing Act reproduction table on the toy world (issue 4, section 5)",
+        "command": "balancing-act reproduce " + " ".join(args.argv),
+        **run_settings(args, seed, batch_sizes),
+        "guidance": guidance,
+        "total_seconds": time.perf_counter() - start,
+        "rows": results,
+    }
+    write_json(report, output_dir / "results.json")
+    write_text(table_markdown(report), output_dir / "table.md")
+    return report
+
+
+def run_settings(args: argparse.Namespace, seed: int, batch_sizes: list[int]) -> dict[str, Any]:
+    import diffusers
+
+    return {
+        "model": relative(args.model),
+        "classifiers_dir": relative(args.classifiers_dir),
+        "prompt": _common.toy_defaults()["prompt"],
+        "num_images": args.num_images,
+        "batch_sizes": batch_sizes,
+        "first_seed": seed,
+        "guidance_scale": args.guidance_scale,
+        "labeller": "toy_world.ToyOracle (one-hot labels; invalid images excluded from fractions and FD)",
+        "machine": {
+            "cpu": cpu_model(),
+            "threads": torch.get_num_threads(),
+            "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "python": platform.python_version(),
+        },
+    }
+
+
+def write_row_figures(
+    row: Row, result: dict[str, Any], generations: dict[str, Generation], batch_sizes: list[int], output_dir: Path
+) -> None:
+    main = result["batches"][str(batch_sizes[0])]
+    measured = {
+        f"{name} (b{batch_sizes[0]})" if name == "distribution" else name: s["fractions"] for name, s in main.items()
+    }
+    for batch_size in batch_sizes[1:]:
+        measured[f"distribution (b{batch_size})"] = result["batches"][str(batch_size)]["distribution"]["fractions"]
+    title = f"{row.title}, {row.sampler}: class fractions of valid images (toy oracle)"
+    save_fraction_chart(row.target, measured, result["class_names"], output_dir / f"fractions_{row.name}.png", title)
+    if row.name in GRID_ROWS:
+        for name, generation in generations.items():
+            save_image(make_grid(generation.images[:64], scale=2), output_dir / f"grid_{row.name}_{name}.png")
+
+
+def relative(path: str) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _fractions(summary: dict[str, Any], class_names: list[str]) -> str:
+    if summary["fractions"] is None:
+        return "n/a"
+    return " / ".join(f"{c} {f:.3f}" for c, f in zip(class_names, summary["fractions"]))
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def target_checks(result: dict[str, Any], batch_size: str) -> dict[str, bool | None]:
+    """The issue's targets for one row: distribution FD, valid rate vs vanilla, sample-mode hit rate."""
+    main = result["batches"][batch_size]
+    vanilla, distribution, sample = main["vanilla"], main["distribution"], main["sample"]
+    fd = distribution["fd"]
+    return {
+        "distribution_fd": None if fd is None else fd <= TARGET_FD,
+        "distribution_valid": distribution["valid_rate"] >= vanilla["valid_rate"] - TARGET_VALID_DROP,
+        "sample_hit": None if sample.get("hit_rate") is None else sample["hit_rate"] >= TARGET_HIT_RATE,
+    }
+
+
+def table_markdown(report: dict[str, Any]) -> str:
+    batch_sizes = [str(b) for b in report["batch_sizes"]]
+    main = batch_sizes[0]
+    lines = [
+        f'Toy world, prompt "{report["prompt"]}", {report["num_images"]} images per configuration (image i: seed '
+        f"{report['first_seed']} + i), classifier-free guidance {report['guidance_scale']}, guidance_strength "
+        f'{report["guidance"]["guidance_strength"]}, guided_branches "{report["guidance"]["guided_branches"]}". '
+        "Fractions: one-hot toy-oracle labels over valid images; FD = ||p_ref - p||_2 over those fractions; valid: "
+        "the oracle's validity rule; seconds: generation wall time of the configuration (VAE decode included) on "
+        f"{report['machine']['cpu']}, {report['machine']['threads']} thread(s). Hit: sample mode's asked class "
+        "(prompt baseline: the prompted class) among valid images.",
+        "",
+        f"### Batch {main}",
+        "",
+        "| Row | Scheduler | Configuration | Measured fractions | FD | Valid | Seconds | Hit |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for result in report["rows"]:
+        row = ROWS_BY_NAME.get(result["row"], Row(result["row"], result["attribute"], tuple(result["target"])))
+        for name in ("vanilla", "sample", "distribution", "prompt"):
+            s = result["batches"][main][name]
+            hit = _pct(s.get("hit_rate")) if "hit_rate" in s else ""
+            lines.append(
+                f"| {row.title} | {row.sampler} | {name} | {_fractions(s, result['class_names'])} | {_num(s['fd'])} | "
+                f"{_pct(s['valid_rate'])} | {s['seconds']:.1f} | {hit} |"
+            )
+    for batch_size in batch_sizes[1:]:
+        lines += [
+            "",
+            f"### Batch {batch_size} (distribution mode; the other configurations do not depend on the batch size)",
+            "",
+            f"| Row | Scheduler | Measured fractions | FD (b{batch_size}) | FD (b{main}) | Valid (b{batch_size}) | "
+            f"Vanilla valid | Seconds |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for result in report["rows"]:
+            row = ROWS_BY_NAME.get(result["row"], Row(result["row"], result["attribute"], tuple(result["target"])))
+            s = result["batches"][batch_size]["distribution"]
+            lines.append(
+                f"| {row.title} | {row.sampler} | {_fractions(s, result['class_names'])} | {_num(s['fd'])} | "
+                f"{_num(result['batches'][main]['distribution']['fd'])} | {_pct(s['valid_rate'])} | "
+                f"{_pct(result['batches'][main]['vanilla']['valid_rate'])} | {s['seconds']:.1f} |"
+            )
+    lines += [
+        "",
+        f"### Targets (batch {main}): distribution FD <= {TARGET_FD}, distribution valid rate at most "
+        f"{round(100 * TARGET_VALID_DROP)} point below vanilla, sample mode >= {round(100 * TARGET_HIT_RATE)}% on the "
+        "asked class",
+        "",
+        "| Row | Scheduler | Distribution FD | Valid vs vanilla | Sample hit |",
+        "|---|---|---|---|---|",
+    ]
+    mark = {True: "met", False: "**missed**", None: "n/a"}
+    for result in report["rows"]:
+        row = ROWS_BY_NAME.get(result["row"], Row(result["row"], result["attribute"], tuple(result["target"])))
+        checks = target_checks(result, main)
+        s = result["batches"][main]
+        lines.append(
+            f"| {row.title} | {row.sampler} | {_num(s['distribution']['fd'])} ({mark[checks['distribution_fd']]}) | "
+            f"{_pct(s['distribution']['valid_rate'])} vs {_pct(s['vanilla']['valid_rate'])} "
+            f"({mark[checks['distribution_valid']]}) | {_pct(s['sample'].get('hit_rate'))} "
+            f"({mark[checks['sample_hit']]}) |"
+        )
+    lines += ["", f"Total wall time: {report['total_seconds'] / 60:.1f} min.", ""]
+    return "\n".join(lines)
+
+
+def run_sweep(
+    args: argparse.Namespace, seed: int, batch_size: int, strengths: list[float], branches: list[str]
+) -> dict[str, Any]:
+    row = ROWS_BY_NAME["skin-50-50"]
+    toolkit = Toolkit(args.model, args.classifiers_dir, {row.attribute})
+    toolkit.use_scheduler(row.scheduler)
+    classifier = toolkit.classifiers[row.attribute]
+    start = time.perf_counter()
+    total = args.num_images * (1 + 2 * len(strengths) * len(branches))
+    entries = []
+    with tqdm(total=total, desc="sweep", unit="img") as bar:
+        spec = toolkit.spec(row, args.num_images, batch_size, seed, {}, args.guidance_scale)
+        vanilla = toolkit.measure(row, run_configuration(toolkit.pipe, None, spec, "vanilla", bar.update))
+        for branch in branches:
+            for strength in strengths:
+                guidance = {"guidance_strength": strength, "guided_branches": branch}
+                spec = toolkit.spec(row, args.num_images, batch_size, seed, guidance, args.guidance_scale)
+                entry = {"guidance_strength": strength, "guided_branches": branch}
+                for mode in ("distribution", "sample"):
+                    entry[mode] = toolkit.measure(
+                        row, run_configuration(toolkit.pipe, classifier, spec, mode, bar.update)
+                    )
+                entries.append(entry)
+    report = {
+        "what": "Tuning sweep: guidance_strength x guided_branches on skin 50/50, DDIM 25 (seeds disjoint from the table)",
+        "command": "balancing-act reproduce " + " ".join(args.argv),
+        **run_settings(args, seed, [batch_size]),
+        "vanilla": vanilla,
+        "entries": entries,
+        "choice": choose_default(entries, vanilla),
+        "total_seconds": time.perf_counter() - start,
+    }
+    output_dir = Path(args.output_dir)
+    write_json(report, output_dir / "sweep.json")
+    write_text(sweep_markdown(report), output_dir / "sweep.md")
+    return report
+
+
+def choose_default(entries: list[dict[str, Any]], vanilla: dict[str, Any]) -> dict[str, Any] | None:
+    """
+    The rule that picks the defaults from the sweep: among settings whose valid rate (both modes) stays at most one
+    point below vanilla, the lowest distribution FD + sample-mode miss rate (1 - hit rate); ties go to the smaller
+    strength.
+    """
+    floor = vanilla["valid_rate"] - TARGET_VALID_DROP
+    feasible = [
+        e
+        for e in entries
+        if e["distribution"]["fd"] is not None
+        and e["sample"].get("hit_rate") is not None
+        and min(e["distribution"]["valid_rate"], e["sample"]["valid_rate"]) >= floor
+    ]
+    if not feasible:
+        return None
+    best = min(
+        feasible,
+        key=lambda e: (e["distribution"]["fd"] + 1 - e["sample"]["hit_rate"], e["guidance_strength"]),
+    )
+    return {"guidance_strength": best["guidance_strength"], "guided_branches": best["guided_branches"]}
+
+
+def sweep_markdown(report: dict[str, Any]) -> str:
+    v = report["vanilla"]
+    lines = [
+        f'Skin 50/50, DDIM 25, prompt "{report["prompt"]}", {report["num_images"]} images per setting (seeds '
+        f"{report['first_seed']} + i, disjoint from the table's), batch {report['batch_sizes'][0]}, classifier-free "
+        f"guidance {report['guidance_scale']}. Vanilla: fractions {_fractions(v, ['light', 'dark'])}, FD "
+        f"{_num(v['fd'])}, valid {_pct(v['valid_rate'])}.",
+        "",
+        "| guided_branches | guidance_strength | Distribution FD | Distribution valid | Sample hit | Sample valid |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in report["entries"]:
+        d, s = e["distribution"], e["sample"]
+        lines.append(
+            f"| {e['guided_branches']} | {e['guidance_strength']:g} | {_num(d['fd'])} | {_pct(d['valid_rate'])} | "
+            f"{_pct(s.get('hit_rate'))} | {_pct(s['valid_rate'])} |"
+        )
+    choice = report["choice"]
+    lines += [
+        "",
+        "Rule: among settings whose valid rate (both modes) is at most 1 point below vanilla, the lowest "
+        "distribution FD + sample-mode miss rate; ties to the smaller strength. "
+        + (
+            f'Choice: guidance_strength {choice["guidance_strength"]:g}, guided_branches "{choice["guided_branches"]}".'
+            if choice
+            else "No setting kept the valid rate within 1 point of vanilla."
+        ),
+        "",
+        f"Total wall time: {report['total_seconds'] / 60:.1f} min.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import sys
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    torch.set_num_threads(args.threads)
+    try:
+        rows = parse_rows(args.rows)
+        batch_sizes = parse_list(args.batch_sizes, _common.positive_int, "--batch-sizes", "positive integers")
+        strengths = parse_list(args.sweep_strengths, _common.non_negative_float, "--sweep-strengths", "numbers >= 0")
+        branches = parse_list(args.sweep_branches, str, "--sweep-branches", "a subset of cond,both")
+        if any(b not in _common.GUIDED_BRANCHES for b in branches):
+            raise ValueError(
+                f"`--sweep-branches` must be a subset of {list(_common.GUIDED_BRANCHES)}, got {branches}."
+            )
+    except ValueError as error:
+        parser.error(str(error))
+    if args.sweep:
+        seed = SWEEP_SEED if args.seed is None else args.seed
+        report = run_sweep(args, seed, batch_sizes[0], strengths, branches)
+    else:
+        report = run_table(args, rows, batch_sizes, TABLE_SEED if args.seed is None else args.seed)
+    print((sweep_markdown if args.sweep else table_markdown)(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

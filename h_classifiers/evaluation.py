@@ -1,0 +1,485 @@
+"""Evaluation of Balancing Act guidance: generate, label, measure class fractions, FD, valid rate and time.
+
+Four configurations are compared on the same prompt and the same per-image seeds:
+
+- `vanilla`: the pipeline without guidance (bit-for-bit Stable Diffusion);
+- `sample`: sample guidance; image i is guided to class c_i, the c_i drawn deterministically so that the classes
+  match the target distribution (`assign_classes`); the per-image hit rate on the asked class is reported;
+- `distribution`: distribution guidance toward the target, one batch at a time;
+- `prompt`: the prompt baseline: no guidance, the attribute written into the prompt (one explicit prompt per class),
+  the classes drawn as for `sample`, e.g. for a 30/70 skin target 30% "light" and 70% "dark" explicit prompts.
+
+Measurement: a labeller (`h_classifiers.labellers`) gives each image a class index, or -1 when it cannot label it
+(the toy oracle: an invalid image). Class fractions are one-hot predictions counted over the labelled images only;
+fairness discrepancy FD = || p_ref - p_measured ||_2 over those fractions; the valid rate is the fraction of images
+labelled (for the toy oracle: the oracle's validity rule); seconds is the wall time of generation (VAE decode
+included, labelling excluded).
+
+Image i of a run always uses the seed `seed + i` (one generator per image), so a configuration's images do not depend
+on the batch size unless the guidance does (only distribution mode couples the images of a batch).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw
+
+
+CONFIGURATIONS = ("vanilla", "sample", "distribution", "prompt")
+GUIDED_CONFIGURATIONS = {"sample": "sample", "distribution": "distribution"}
+
+# Scheduler names accepted by the command-line tools: class name in diffusers and the config overrides that make it
+# the variant people mean by that name.
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+TARGET_SUM_TOLERANCE = 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Targets and class assignment
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_target(target: str | Sequence[float], class_names: Sequence[str], argument: str = "target") -> list[float]:
+    """
+    A target distribution over `class_names` from a K-vector, a comma-separated string of K numbers ("0.3,0.7"),
+    `"uniform"`, or a class name (one-hot). Raises a ValueError naming `argument` and what is accepted.
+    """
+    names = list(class_names)
+    accepted = (
+        f"{len(names)} comma-separated probabilities summing to 1 (one per class of {names}), 'uniform', "
+        "or one class name"
+    )
+    if isinstance(target, str):
+        text = target.strip()
+        if text == "uniform":
+            return [1.0 / len(names)] * len(names)
+        if text in names:
+            return [1.0 if name == text else 0.0 for name in names]
+        try:
+            values = [float(part) for part in text.split(",")]
+        except ValueError:
+            raise ValueError(f"`{argument}` {target!r} is not valid; accepted: {accepted}.") from None
+    else:
+        values = [float(v) for v in target]
+    if len(values) != len(names):
+        raise ValueError(
+            f"`{argument}` has {len(values)} values but there are {len(names)} classes; accepted: {accepted}."
+        )
+    if any(math.isnan(v) or v < 0 for v in values):
+        raise ValueError(f"`{argument}` {values} has a negative or NaN value; accepted: {accepted}.")
+    if abs(sum(values) - 1.0) > TARGET_SUM_TOLERANCE:
+        raise ValueError(f"`{argument}` {values} sums to {sum(values):.4g}, not 1; accepted: {accepted}.")
+    return values
+
+
+def class_counts(target: Sequence[float], n: int) -> list[int]:
+    """How many of `n` images each class gets: largest-remainder rounding of `n * target` (sums to n)."""
+    exact = [p * n for p in target]
+    counts = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(exact)), key=lambda k: (counts[k] - exact[k], k))
+    for k in by_remainder[: n - sum(counts)]:
+        counts[k] += 1
+    return counts
+
+
+def assign_classes(target: Sequence[float], n: int) -> list[int]:
+    """
+    A deterministic class per image whose counts match `target` (`class_counts`), interleaved so that any run of
+    consecutive images (a batch) also follows the target closely.
+    """
+    slots = []
+    for k, count in enumerate(class_counts(target, n)):
+        slots += [((j + 0.5) / count, k) for j in range(count)]
+    return [k for _, k in sorted(slots)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def class_fractions(labels: torch.Tensor, num_classes: int) -> list[float] | None:
+    """One-hot class fractions over the labelled images (label >= 0); None when no image is labelled."""
+    labels = torch.as_tensor(labels).long()
+    labelled = labels[labels >= 0]
+    if labelled.numel() == 0:
+        return None
+    counts = torch.bincount(labelled, minlength=num_classes)
+    if counts.numel() > num_classes:
+        raise ValueError(f"A label is out of range for {num_classes} classes: {int(labelled.max())}.")
+    return (counts.double() / labelled.numel()).tolist()
+
+
+def fairness_discrepancy(p_ref: Sequence[float], p_measured: Sequence[float]) -> float:
+    """FD = || p_ref - p_measured ||_2."""
+    if len(p_ref) != len(p_measured):
+        raise ValueError(f"`p_ref` has {len(p_ref)} classes but `p_measured` has {len(p_measured)}.")
+    return math.sqrt(sum((a - b) ** 2 for a, b in zip(p_ref, p_measured)))
+
+
+def summarize_labels(
+    labels: torch.Tensor, target: Sequence[float], asked: Sequence[int] | None = None
+) -> dict[str, Any]:
+    """
+    Counts, fractions (over labelled images), FD to `target`, valid rate, and, when `asked` classes are given, the
+    hit rate (labelled images of the asked class / labelled images) and the strict hit rate (invalid = miss).
+    """
+    labels = torch.as_tensor(labels).long().flatten()
+    num_classes = len(target)
+    valid = labels >= 0
+    n, num_valid = labels.numel(), int(valid.sum())
+    fractions = class_fractions(labels, num_classes)
+    summary = {
+        "num_images": n,
+        "num_valid": num_valid,
+        "valid_rate": num_valid / n if n else None,
+        "counts": torch.bincount(labels[valid], minlength=num_classes).tolist(),
+        "fractions": fractions,
+        "fd": fairness_discrepancy(target, fractions) if fractions is not None else None,
+    }
+    if asked is not None:
+        asked = torch.as_tensor(list(asked)).long()
+        if asked.shape != labels.shape:
+            raise ValueError(f"`asked` has {asked.numel()} classes for {n} images.")
+        hits = int(((labels == asked) & valid).sum())
+        summary["hit_rate"] = hits / num_valid if num_valid else None
+        summary["hit_rate_strict"] = hits / n if n else None
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pipeline helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def set_scheduler(pipe, name: str, config: dict[str, Any] | None = None, **overrides: Any) -> None:
+    """
+    Swap `pipe.scheduler` for the named scheduler (`SCHEDULERS`), built from `config` (default: the current
+    scheduler's config; pass the model's original one when switching several times).
+    """
+    if name not in SCHEDULERS:
+        raise ValueError(f"`scheduler` must be one of {list(SCHEDULERS)}, got {name!r}.")
+    import diffusers
+
+    class_name, defaults = SCHEDULERS[name]
+    scheduler_class = getattr(diffusers, class_name)
+    pipe.scheduler = scheduler_class.from_config(config or pipe.scheduler.config, **{**defaults, **overrides})
+
+
+def batch_ranges(n: int, batch_size: int) -> list[range]:
+    """Split `range(n)` into ceil(n / batch_size) batches of near-equal size (never a lone last image)."""
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"`num_images` and `batch_size` must be positive, got {n} and {batch_size}.")
+    num_batches = math.ceil(n / batch_size)
+    bounds = [round(i * n / num_batches) for i in range(num_batches + 1)]
+    return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def generate_images(
+    pipe,
+    prompts: Sequence[str],
+    seed: int,
+    batch_size: int,
+    per_image: dict[str, Sequence[Any]] | None = None,
+    progress: Callable[[int], None] | None = None,
+    **call_kwargs: Any,
+) -> tuple[list[Image.Image], float]:
+    """
+    Generate one image per prompt in batches; image i uses a generator seeded with `seed + i`. `per_image` values
+    (e.g. `target_classes`) are sliced per batch; `call_kwargs` go to every pipeline call. Returns the PIL images and
+    the wall time in seconds.
+    """
+    images: list[Image.Image] = []
+    start = time.perf_counter()
+    for batch in batch_ranges(len(prompts), batch_size):
+        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in batch]
+        sliced = {key: [values[i] for i in batch] for key, values in (per_image or {}).items()}
+        output = pipe(
+            prompt=[prompts[i] for i in batch], generator=generators, output_type="pil", **sliced, **call_kwargs
+        )
+        images += list(output.images)
+        if progress is not None:
+            progress(len(batch))
+    return images, time.perf_counter() - start
+
+
+@dataclass
+class EvaluationSpec:
+    """What one evaluation generates: the prompt, the target, the images and the sampling/guidance settings."""
+
+    prompt: str
+    target: list[float]
+    num_images: int = 512
+    batch_size: int = 64
+    seed: int = 0
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    # The explicit prompt of each class (prompt baseline); None skips that configuration.
+    class_prompts: list[str] | None = None
+    # Extra pipeline arguments for the guided configurations: guidance_strength, guided_branches, guidance_steps, ...
+    guidance: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Generation:
+    images: list[Image.Image]
+    seconds: float
+    asked: list[int] | None  # the class asked of each image (sample mode, prompt baseline), else None
+
+
+def run_configuration(
+    pipe, classifier, spec: EvaluationSpec, configuration: str, progress: Callable[[int], None] | None = None
+) -> Generation:
+    """Generate `spec.num_images` images for one configuration (see the module docstring)."""
+    if configuration not in CONFIGURATIONS:
+        raise ValueError(f"`configuration` must be one of {list(CONFIGURATIONS)}, got {configuration!r}.")
+    n = spec.num_images
+    common = {"num_inference_steps": spec.num_inference_steps, "guidance_scale": spec.guidance_scale}
+    prompts, asked, per_image = [spec.prompt] * n, None, None
+    if configuration == "prompt":
+        if not spec.class_prompts or len(spec.class_prompts) != len(spec.target):
+            raise ValueError(
+                f"The prompt baseline needs one explicit prompt per class ({len(spec.target)}), got {spec.class_prompts}."
+            )
+        asked = assign_classes(spec.target, n)
+        prompts = [spec.class_prompts[k] for k in asked]
+    elif configuration in GUIDED_CONFIGURATIONS:
+        common.update(h_classifier=classifier, guidance_mode=GUIDED_CONFIGURATIONS[configuration], **spec.guidance)
+        if configuration == "sample":
+            asked = assign_classes(spec.target, n)
+            per_image = {"target_classes": asked}
+        else:
+            common["target_distribution"] = list(spec.target)
+    images, seconds = generate_images(pipe, prompts, spec.seed, spec.batch_size, per_image, progress, **common)
+    return Generation(images, seconds, asked)
+
+
+def evaluate(
+    pipe,
+    classifier,
+    spec: EvaluationSpec,
+    labeller: Callable[[list[Image.Image]], torch.Tensor],
+    configurations: Sequence[str] = CONFIGURATIONS,
+    output_dir: str | os.PathLike | None = None,
+    class_names: Sequence[str] | None = None,
+    progress: Callable[[int], None] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """
+    Run and measure each configuration. Returns `{**metadata, "spec": ..., "class_names": ..., "results":
+    {configuration: summary}}`; with `output_dir`, also writes `results.json`, `grid_<configuration>.png` and
+    `fractions.png` there.
+    """
+    class_names = list(class_names or getattr(classifier, "config", {}).get("class_names", []))
+    results = {}
+    grids = {}
+    for configuration in configurations:
+        generation = run_configuration(pipe, classifier, spec, configuration, progress)
+        summary = summarize_labels(labeller(generation.images), spec.target, generation.asked)
+        summary["seconds"] = generation.seconds
+        results[configuration] = summary
+        grids[configuration] = generation.images
+    report = {**(metadata or {}), "spec": asdict(spec), "class_names": class_names, "results": results}
+    if output_dir is not None:
+        write_outputs(report, grids, output_dir)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output files (each written to a temporary name, then renamed)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _atomic_path(path: str | os.PathLike) -> tuple[Path, str]:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return path, tmp
+
+
+def write_text(text: str, path: str | os.PathLike) -> None:
+    path, tmp = _atomic_path(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> None:
+    write_text(json.dumps(obj, indent=2, default=_json_default) + "\n", path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def save_image(image: Image.Image, path: str | os.PathLike) -> None:
+    path, tmp = _atomic_path(path)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def make_grid(images: Sequence[Image.Image], columns: int = 8, scale: int = 1, padding: int = 2) -> Image.Image:
+    """Images tiled row by row (upscaled by `scale` with nearest neighbour, so small toy images stay crisp)."""
+    if not images:
+        raise ValueError("`images` is empty; nothing to put in a grid.")
+    w, h = images[0].size
+    w, h = w * scale, h * scale
+    columns = min(columns, len(images))
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * (w + padding) + padding, rows * (h + padding) + padding), "white")
+    for i, image in enumerate(images):
+        tile = image.convert("RGB").resize((w, h), Image.NEAREST)
+        grid.paste(tile, (padding + (i % columns) * (w + padding), padding + (i // columns) * (h + padding)))
+    return grid
+
+
+def side_by_side(panels: Sequence[tuple[str, Image.Image]], header: int = 18, gap: int = 12) -> Image.Image:
+    """Panels next to each other, each with its title above it."""
+    width = sum(p.width for _, p in panels) + gap * (len(panels) - 1)
+    height = header + max(p.height for _, p in panels)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for title, panel in panels:
+        draw.text((x + 2, 3), title, fill="black")
+        canvas.paste(panel, (x, header))
+        x += panel.width + gap
+    return canvas
+
+
+def save_fraction_chart(
+    target: Sequence[float],
+    measured: dict[str, Sequence[float] | None],
+    class_names: Sequence[str],
+    path: str | os.PathLike,
+    title: str = "",
+) -> None:
+    """Bar chart PNG: per class, the target fraction next to each configuration's measured fraction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = [("target", list(target))] + [(name, list(f)) for name, f in measured.items() if f is not None]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(class_names) * len(series) / 3, 3.2))
+    for j, (name, values) in enumerate(series):
+        xs = [k + (j - (len(series) - 1) / 2) * width for k in range(len(class_names))]
+        ax.bar(xs, values, width, label=name, color="black" if name == "target" else None)
+    ax.set_xticks(range(len(class_names)), class_names)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("fraction of valid images")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncols=min(len(series), 5), loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    fig.tight_layout()
+    path, tmp = _atomic_path(path)
+    try:
+        fig.savefig(tmp, format="png", dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_outputs(
+    report: dict[str, Any], images: dict[str, list[Image.Image]], output_dir: str | os.PathLike, grid_size: int = 64
+) -> None:
+    """`results.json`, a grid PNG per configuration (its first `grid_size` images) and `fractions.png`."""
+    output_dir = Path(output_dir)
+    write_json(report, output_dir / "results.json")
+    for configuration, configuration_images in images.items():
+        save_image(make_grid(configuration_images[:grid_size], scale=2), output_dir / f"grid_{configuration}.png")
+    measured = {name: summary["fractions"] for name, summary in report["results"].items()}
+    save_fraction_chart(
+        report["spec"]["target"],
+        measured,
+        report["class_names"],
+        output_dir / "fractions.png",
+        report["spec"]["prompt"],
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """`"auto"` -> cuda if available, else mps if available, else cpu; anything else as given."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"`device` must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}.") from None
+
+
+def load_pipeline(
+    model: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "float32",
+    scheduler: str | None = None,
+):
+    """
+    A `BalancingActPipeline` from a Stable Diffusion 1.x/2.x directory or Hub id, without safety checker, on
+    `device` in `dtype`, optionally with the named scheduler (`SCHEDULERS`); its progress bar is off (callers show
+    their own).
+    """
+    from pipeline_balancing_act import BalancingActPipeline
+
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"`dtype` must be one of {list(DTYPES)}, got {dtype!r}.")
+        dtype = DTYPES[dtype]
+    model = os.fspath(model)
+    if os.path.isabs(model) or model.startswith(".") or os.path.exists(model):
+        if not os.path.isfile(os.path.join(model, "model_index.json")):
+            raise FileNotFoundError(
+                f"`model` {model!r} is not a diffusers Stable Diffusion directory (no model_index.json); pass a local "
+                "directory saved with `save_pretrained` or a Hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'."
+            )
+    pipe = BalancingActPipeline.from_pretrained(
+        model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+    )
+    if scheduler is not None:
+        set_scheduler(pipe, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

@@ -1,0 +1,125 @@
+"""`balancing-act` dispatch, help, and the clear errors of the generating commands for bad arguments."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from h_classifiers import HClassifier, cli
+
+
+ROOT = Path(__file__).resolve().parent.parent
+ALL_COMMANDS = ["generate", "extract", "train", "evaluate", "push", "bench", "train-toy", "toy-report", "reproduce"]
+
+
+@pytest.fixture
+def tiny_classifier(tmp_path):
+    path = tmp_path / "clf"
+    HClassifier(
+        attribute="skin", class_names=["light", "dark"], h_shape=[4, 2, 2], timesteps=[1, 500]
+    ).save_pretrained(path)
+    return str(path)
+
+
+def test_help_lists_every_command(capsys):
+    cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert list(cli.COMMANDS) == ALL_COMMANDS
+    for name in ALL_COMMANDS:
+        assert f"  {name} " in out
+
+
+def test_no_arguments_prints_usage(capsys):
+    cli.main([])
+    assert "usage: balancing-act <command>" in capsys.readouterr().out
+
+
+def test_unknown_command_is_a_clear_error():
+    with pytest.raises(SystemExit) as info:
+        cli.main(["frobnicate"])
+    assert "unknown command 'frobnicate'" in str(info.value) and "generate" in str(info.value)
+
+
+def test_command_whose_module_is_missing_says_so(monkeypatch):
+    monkeypatch.setitem(cli.COMMANDS, "not-built-yet", "a command without a module")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["not-built-yet"])
+    assert "not available" in str(info.value) and "h_classifiers.commands.not_built_yet" in str(info.value)
+
+
+def test_dispatch_passes_the_remaining_arguments(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(cli, "load_command", lambda name: lambda argv: seen.update(name=name, argv=argv))
+    cli.main(["generate", "--num-images", "4"])
+    assert seen == {"name": "generate", "argv": ["--num-images", "4"]}
+
+
+@pytest.mark.parametrize("command", ["generate", "evaluate", "reproduce"])
+def test_command_help_goes_through_the_cli(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, "--help"])
+    assert info.value.code == 0
+    assert f"balancing-act {command}" in capsys.readouterr().out
+
+
+def test_bad_target_is_refused_before_loading_the_model(tiny_classifier, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(
+            ["generate", "--classifier", tiny_classifier, "--model", str(tmp_path / "nowhere"), "--target", "0.5,0.6"]
+        )
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--target" in err and "sums to 1.1" in err and "'uniform'" in err
+
+
+def test_target_with_the_wrong_number_of_classes(tiny_classifier, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--classifier", tiny_classifier, "--target", "0.2,0.3,0.5"])
+    assert "3 values but there are 2 classes" in capsys.readouterr().err
+
+
+def test_unknown_scheduler_lists_the_accepted_ones(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["generate", "--scheduler", "heun"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--scheduler" in err and "'heun'" in err and "dpm++" in err and "euler_a" in err
+
+
+@pytest.mark.parametrize(
+    "argv, fragment", [(["--num-images", "0"], "--num-images"), (["--strength", "-1"], "--strength")]
+)
+def test_bad_numbers_are_refused(argv, fragment, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["generate", *argv])
+    assert fragment in capsys.readouterr().err
+
+
+def test_missing_classifier_and_model_are_clear(tiny_classifier, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--classifier", str(tmp_path / "missing-classifier")])
+    assert "missing-classifier" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--classifier", tiny_classifier, "--model", str(tmp_path / "missing-model")])
+    err = capsys.readouterr().err
+    assert "missing-model" in err and "model_index.json" in err
+
+
+def test_reproduce_rejects_unknown_rows(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["reproduce", "--rows", "skin-50-50,skin-99-1"])
+    assert "--rows" in capsys.readouterr().err
+
+
+def test_evaluate_rejects_unknown_configurations(tiny_classifier, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["evaluate", "--classifier", tiny_classifier, "--configurations", "vanilla,magic"])
+    assert "--configurations" in capsys.readouterr().err
+
+
+def test_console_script_module_runs_as_a_process():
+    out = subprocess.run(
+        [sys.executable, "-m", "h_classifiers.cli", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert "reproduce" in out and "train-toy" in out
