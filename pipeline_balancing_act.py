@@ -14,22 +14,35 @@ its own. It defines:
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.image_processor import PipelineImageInput
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+from diffusers.utils import logging
 
+
+logger = logging.get_logger(__name__)
 
 DEFAULT_TEMPERATURE = 8.0
+# Default `guidance_strength` (see `BalancingActPipeline.__call__` for the update rule). A module constant so that it
+# is easy to retune on the toy world.
+DEFAULT_GUIDANCE_STRENGTH = 100.0
 # Probabilities of a target distribution are clamped to at least this value inside the loss, so that a one-hot
 # target (a class name) keeps KL / chi-square finite.
 TARGET_PROB_FLOOR = 1e-3
 
 GUIDANCE_MODES = ("sample", "distribution")
 GUIDANCE_LOSSES = ("kl", "chi2")
+GUIDED_BRANCHES = ("cond", "both")
+# Tolerance on the sum of a target distribution.
+TARGET_SUM_TOLERANCE = 1e-3
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -46,8 +59,8 @@ def _timestep_value(timestep: int | float | torch.Tensor) -> float:
         if flat.numel() > 1 and not bool((flat == flat[0]).all()):
             raise ValueError(f"`timestep` must be one value for the whole batch, got {flat.tolist()}.")
         return float(flat[0].item())
-    if isinstance(timestep, bool):
-        raise TypeError("`timestep` must be an int, a float or a tensor, got bool.")
+    if isinstance(timestep, (bool, str, bytes)):
+        raise TypeError(f"`timestep` must be an int, a float or a tensor, got {type(timestep).__name__}.")
     try:
         # int, float and numpy scalars
         return float(timestep)
@@ -295,3 +308,476 @@ def guidance_loss(
             return ((p_hat - p_ref) ** 2 / p_ref).sum()
         raise ValueError(f"`loss` must be one of {list(GUIDANCE_LOSSES)}, got {loss!r}.")
     raise ValueError(f"`mode` must be one of {list(GUIDANCE_MODES)}, got {mode!r}.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pipeline
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _GuidancePlan:
+    """Validated guidance settings of one `__call__` and the per-step state the hooks share."""
+
+    def __init__(
+        self,
+        classifiers: list[HClassifier],
+        strengths: list[float],
+        targets: list[torch.Tensor],
+        mode: str,
+        loss: str,
+        temperatures: list[float],
+        steps: tuple[float, float] | list[int],
+        branches: str,
+        num_images: int,
+    ):
+        self.classifiers = classifiers
+        self.strengths = strengths
+        self.targets = targets  # distribution: K-vectors; sample: LongTensor [num_images]
+        self.mode = mode
+        self.loss = loss
+        self.temperatures = temperatures
+        self.steps = steps
+        self.branches = branches
+        self.num_images = num_images
+        # Set by the UNet pre-hook: index of the current UNet call (= denoising loop index) and its timestep.
+        self.step_index = -1
+        self.timestep = None
+        self.num_steps = None
+
+    def is_guided(self, step_index: int, num_steps: int) -> bool:
+        if isinstance(self.steps, tuple):
+            start, end = self.steps
+            return start * num_steps <= step_index < end * num_steps
+        return step_index in self.steps
+
+
+class BalancingActPipeline(StableDiffusionPipeline):
+    r"""
+    Stable Diffusion with Balancing Act h-space guidance (Parihar et al., CVPR 2024).
+
+    During denoising, the UNet bottleneck h = `unet.mid_block(...)` is moved along the gradient of a guidance loss
+    computed by per-timestep linear h-classifiers (`HClassifier`), and the rest of the UNet runs on the moved h.
+    `guidance_mode="distribution"` steers the batch towards a target distribution of an attribute (debiasing);
+    `guidance_mode="sample"` steers each image towards a target class.
+
+    Everything else is `StableDiffusionPipeline`: same components, arguments, schedulers, callbacks, LoRA, offload.
+    With `guidance_mode=None` or no classifier the output is identical to `StableDiffusionPipeline`.
+    """
+
+    def _resolve_classifier(self, classifier: "HClassifier | str | os.PathLike") -> HClassifier:
+        if isinstance(classifier, HClassifier):
+            return classifier
+        if isinstance(classifier, (str, os.PathLike)):
+            key = os.fspath(classifier)
+            cache = self.__dict__.setdefault("_h_classifier_cache", {})
+            if key not in cache:
+                cache[key] = HClassifier.from_pretrained(key).eval()
+            return cache[key]
+        raise TypeError(
+            "`h_classifier` must be an HClassifier, a local directory or Hub id (str / PathLike), or a list of "
+            f"those; got {type(classifier).__name__}."
+        )
+
+    def mid_block_h_shape(self, height: int, width: int) -> list[int]:
+        """The per-sample shape [C, H, W] of h = `unet.mid_block` output for images of `height` x `width`."""
+        if self.unet.mid_block is None:
+            raise ValueError("This UNet has no mid block; Balancing Act guidance needs one.")
+        size = [int(height) // self.vae_scale_factor, int(width) // self.vae_scale_factor]
+        for block in self.unet.down_blocks:
+            if getattr(block, "downsamplers", None):
+                # Downsample2D: 3x3 conv, stride 2, padding 1 -> ceil(n / 2).
+                size = [math.ceil(n / 2) for n in size]
+        return [int(self.unet.config.block_out_channels[-1]), *size]
+
+    @staticmethod
+    def _per_classifier(value: Any, name: str, num_classifiers: int, is_list: bool) -> list[Any]:
+        """Split a per-classifier argument: one entry per classifier when `h_classifier` was a list."""
+        if not is_list:
+            return [value]
+        if not isinstance(value, (list, tuple)) or len(value) != num_classifiers:
+            raise ValueError(
+                f"`{name}` must be a list with one entry per classifier ({num_classifiers}) when `h_classifier` is a "
+                f"list; got {value!r}."
+            )
+        return list(value)
+
+    @staticmethod
+    def _target_vector(value: Any, classifier: HClassifier) -> torch.Tensor:
+        names = list(classifier.config.class_names)
+        if isinstance(value, str):
+            target = torch.zeros(len(names))
+            target[classifier.class_index(value)] = 1.0
+            return target
+        try:
+            target = torch.as_tensor(value, dtype=torch.float64).flatten().float()
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(
+                f"`target_distribution` must be a probability vector of length {len(names)} (classes {names}) or a "
+                f"class name; got {value!r}."
+            ) from None
+        if target.numel() != len(names):
+            raise ValueError(
+                f"`target_distribution` for the {classifier.config.attribute!r} classifier must have {len(names)} "
+                f"entries (classes {names}); got {target.numel()}."
+            )
+        if not bool(torch.isfinite(target).all()) or bool((target < 0).any()):
+            raise ValueError(
+                f"`target_distribution` must hold finite, non-negative probabilities; got {target.tolist()}."
+            )
+        if abs(float(target.sum()) - 1.0) > TARGET_SUM_TOLERANCE:
+            raise ValueError(
+                f"`target_distribution` must sum to 1 (tolerance {TARGET_SUM_TOLERANCE}); got {target.tolist()} "
+                f"(sum {float(target.sum()):.6g})."
+            )
+        return target / target.sum()
+
+    @staticmethod
+    def _target_indices(value: Any, classifier: HClassifier, num_images: int) -> torch.Tensor:
+        if isinstance(value, (list, tuple)) or (isinstance(value, torch.Tensor) and value.ndim > 0):
+            if len(value) != num_images:
+                raise ValueError(
+                    f"`target_classes` must be one class for all images or a list of one class per image "
+                    f"({num_images} images = batch size x num_images_per_prompt); got a list of {len(value)}."
+                )
+            indices = [classifier.class_index(v) for v in value]
+        else:
+            indices = [classifier.class_index(value)] * num_images
+        return torch.tensor(indices, dtype=torch.long)
+
+    @staticmethod
+    def _check_steps(guidance_steps: Any) -> tuple[float, float] | list[int]:
+        accepted = "a fraction window (start, end) with 0 <= start < end <= 1, or a non-empty list of step indices"
+        if isinstance(guidance_steps, tuple):
+            if len(guidance_steps) != 2 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in guidance_steps
+            ):
+                raise ValueError(f"`guidance_steps` must be {accepted}; got {guidance_steps!r}.")
+            start, end = (float(v) for v in guidance_steps)
+            if not (0.0 <= start < end <= 1.0):
+                raise ValueError(f"`guidance_steps` must be {accepted}; got {guidance_steps!r}.")
+            return (start, end)
+        if isinstance(guidance_steps, (list, range, torch.Tensor)):
+            steps = guidance_steps.tolist() if isinstance(guidance_steps, torch.Tensor) else list(guidance_steps)
+            if len(steps) == 0 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in steps):
+                raise ValueError(f"`guidance_steps` must be {accepted}; got {guidance_steps!r}.")
+            return sorted(set(steps))
+        raise ValueError(f"`guidance_steps` must be {accepted}; got {guidance_steps!r}.")
+
+    def check_guidance_inputs(
+        self,
+        h_classifier: Any,
+        guidance_mode: str | None,
+        target_distribution: Any,
+        target_classes: Any,
+        guidance_strength: float | list[float],
+        guidance_steps: Any,
+        guidance_loss: str,
+        classifier_temperature: float | None,
+        guided_branches: str,
+        num_images: int,
+        height: int,
+        width: int,
+    ) -> _GuidancePlan | None:
+        """Validate our arguments and load the classifiers; `None` means vanilla Stable Diffusion."""
+        if guidance_mode is not None and guidance_mode not in GUIDANCE_MODES:
+            raise ValueError(f"`guidance_mode` must be None, 'sample' or 'distribution'; got {guidance_mode!r}.")
+        if guidance_mode is None or h_classifier is None:
+            if guidance_mode is not None:
+                logger.warning(f"`guidance_mode={guidance_mode!r}` without `h_classifier`: no guidance is applied.")
+            return None
+        if guidance_loss not in GUIDANCE_LOSSES:
+            raise ValueError(f"`guidance_loss` must be one of {list(GUIDANCE_LOSSES)}; got {guidance_loss!r}.")
+        if guided_branches not in GUIDED_BRANCHES:
+            raise ValueError(f"`guided_branches` must be one of {list(GUIDED_BRANCHES)}; got {guided_branches!r}.")
+        if guidance_mode == "distribution" and num_images < 2:
+            raise ValueError(
+                "`guidance_mode='distribution'` needs at least 2 images (batch size x num_images_per_prompt): the "
+                "target is a distribution over the batch. For one image use `guidance_mode='sample'` with "
+                f"`target_classes`; got {num_images} image."
+            )
+        steps = self._check_steps(guidance_steps)
+
+        is_list = isinstance(h_classifier, (list, tuple))
+        raw = list(h_classifier) if is_list else [h_classifier]
+        if len(raw) == 0:
+            raise ValueError("`h_classifier` is an empty list; give one classifier or a list of classifiers.")
+        classifiers = [self._resolve_classifier(c) for c in raw]
+
+        if isinstance(guidance_strength, (list, tuple)):
+            strengths = list(guidance_strength)
+            if len(strengths) != len(classifiers):
+                raise ValueError(
+                    f"`guidance_strength` must be one number or one per classifier ({len(classifiers)}); got "
+                    f"{len(strengths)} values."
+                )
+        else:
+            strengths = [guidance_strength] * len(classifiers)
+        for value in strengths:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"`guidance_strength` must be finite and >= 0; got {guidance_strength!r}.")
+
+        if classifier_temperature is None:
+            temperatures = [float(c.config.temperature) for c in classifiers]
+        elif (
+            isinstance(classifier_temperature, (int, float))
+            and not isinstance(classifier_temperature, bool)
+            and math.isfinite(classifier_temperature)
+            and classifier_temperature > 0
+        ):
+            temperatures = [float(classifier_temperature)] * len(classifiers)
+        else:
+            raise ValueError(f"`classifier_temperature` must be a positive number; got {classifier_temperature!r}.")
+
+        if guidance_mode == "distribution":
+            if target_distribution is None:
+                raise ValueError(
+                    "`guidance_mode='distribution'` needs `target_distribution`: a probability vector or a class name "
+                    "per classifier."
+                )
+            entries = self._per_classifier(target_distribution, "target_distribution", len(classifiers), is_list)
+            targets = [self._target_vector(v, c) for v, c in zip(entries, classifiers)]
+        else:
+            if target_classes is None:
+                raise ValueError(
+                    "`guidance_mode='sample'` needs `target_classes`: a class (name or index) for all images or a list "
+                    "of one class per image."
+                )
+            entries = self._per_classifier(target_classes, "target_classes", len(classifiers), is_list)
+            targets = [self._target_indices(v, c, num_images) for v, c in zip(entries, classifiers)]
+
+        h_shape = self.mid_block_h_shape(height, width)
+        for classifier in classifiers:
+            if list(classifier.config.h_shape) != h_shape:
+                raise ValueError(
+                    f"`h_classifier` {classifier.config.attribute!r} was trained on h of shape "
+                    f"{list(classifier.config.h_shape)} but this UNet gives h of shape {h_shape} at {height}x{width} "
+                    "pixels; use a classifier trained for this model and resolution."
+                )
+        return _GuidancePlan(
+            classifiers,
+            [float(v) for v in strengths],
+            targets,
+            guidance_mode,
+            guidance_loss,
+            temperatures,
+            steps,
+            guided_branches,
+            num_images,
+        )
+
+    def _capture_timestep(self, plan: _GuidancePlan) -> Callable:
+        """A UNet forward pre-hook: one UNet call = one denoising-loop iteration; record its index and timestep."""
+
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            plan.step_index += 1
+            plan.timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+            if plan.num_steps is None:
+                plan.num_steps = self._num_timesteps
+                if isinstance(plan.steps, list) and plan.steps[-1] >= plan.num_steps:
+                    raise ValueError(
+                        f"`guidance_steps` holds step index {plan.steps[-1]} but this run has {plan.num_steps} "
+                        f"denoising steps (indices 0..{plan.num_steps - 1})."
+                    )
+
+        return hook
+
+    def _guide_h(self, plan: _GuidancePlan) -> Callable[[torch.Tensor], torch.Tensor | None]:
+        """The mid-block hook function: h -> moved h on guided steps."""
+
+        def guide(h: torch.Tensor) -> torch.Tensor | None:
+            if not plan.is_guided(plan.step_index, plan.num_steps):
+                return None
+            cfg = self.do_classifier_free_guidance
+            expected_rows = plan.num_images * (2 if cfg else 1)
+            if h.shape[0] != expected_rows:
+                raise RuntimeError(f"h has {h.shape[0]} rows; expected {expected_rows} for {plan.num_images} images.")
+            first = plan.num_images if cfg and plan.branches == "cond" else 0
+            with torch.inference_mode(False), torch.enable_grad():
+                h32 = h[first:].detach().float().clone().requires_grad_(True)
+                total = h32.new_zeros(())
+                for classifier, strength, target, temperature in zip(
+                    plan.classifiers, plan.strengths, plan.targets, plan.temperatures
+                ):
+                    if strength == 0:
+                        continue
+                    logits = classifier(h32, plan.timestep)
+                    if plan.mode == "sample":
+                        target = target.repeat(h32.shape[0] // plan.num_images)
+                    loss = guidance_loss(logits, plan.mode, target, plan.loss, temperature)
+                    if plan.mode == "distribution":
+                        # p_hat is a mean over N rows: scale by N so the per-row step does not depend on N.
+                        loss = loss * h32.shape[0]
+                    total = total + strength * loss
+                if not total.requires_grad:
+                    return None
+                (grad,) = torch.autograd.grad(total, h32)
+            moved = (h32.detach() - grad).to(h.dtype)
+            return torch.cat([h[:first], moved]) if first else moved
+
+        return guide
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] = None,
+        sigmas: list[float] = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int | None = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: PipelineImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        h_classifier: "HClassifier | str | os.PathLike | Sequence[HClassifier | str | os.PathLike] | None" = None,
+        guidance_mode: str | None = None,
+        target_distribution: Any = None,
+        target_classes: Any = None,
+        guidance_strength: float | list[float] = DEFAULT_GUIDANCE_STRENGTH,
+        guidance_steps: tuple[float, float] | list[int] = (0.0, 1.0),
+        guidance_loss: str = "kl",
+        classifier_temperature: float | None = None,
+        guided_branches: str = "cond",
+        **kwargs,
+    ) -> StableDiffusionPipelineOutput | tuple:
+        r"""
+        The call function to the pipeline for generation. The arguments from `prompt` to
+        `callback_on_step_end_tensor_inputs`, their defaults, `**kwargs` (the deprecated `callback` and
+        `callback_steps`) and the return value are exactly those of [`StableDiffusionPipeline.__call__`]; the
+        arguments below are added.
+
+        Args:
+            h_classifier (`HClassifier`, `str`, `os.PathLike` or a list of those, *optional*):
+                The h-classifier(s) of the attribute(s) to guide: an `HClassifier`, or a local directory / Hub id
+                loaded with `HClassifier.from_pretrained` (safetensors only; loaded once and cached on the pipeline).
+                A list guides several attributes at once (losses summed); then `target_distribution`,
+                `target_classes` and (optionally) `guidance_strength` take one entry per classifier.
+            guidance_mode (`str`, *optional*):
+                `None` (vanilla Stable Diffusion, bit-for-bit), `"sample"` (each image towards a class) or
+                `"distribution"` (the batch towards a distribution of classes).
+            target_distribution (`list[float]`, `torch.Tensor` or `str`, *optional*):
+                Distribution mode: per classifier a probability vector over its classes (non-negative, sums to 1) or
+                the name of one class (a one-hot target). Needs at least 2 images.
+            target_classes (`int`, `str` or `list`, *optional*):
+                Sample mode: per classifier one class (index or name) for all images, or a list of one class per
+                image (`len == batch size x num_images_per_prompt`, in the order of the output images).
+            guidance_strength (`float` or `list[float]`, *optional*, defaults to `DEFAULT_GUIDANCE_STRENGTH`):
+                The step size `lambda` (one for all classifiers or one per classifier, >= 0). On each guided step,
+                each guided row i of h moves as `h_i' = h_i - lambda * grad_{h_i}(L)`, where for sample mode
+                `L = -sum_i softmax(logits_i / T)[c_i]` and for distribution mode `L = N * D(p_hat, p_ref)` with N
+                the number of rows in the statistics, so the step per image does not depend on the batch size.
+                The authors' Stable Diffusion setting (`h - 600 * grad(500 * KL)` over 2 x 4 rows) is
+                `guidance_strength = 600 * 500 / 8 = 37500` with `guided_branches="both"`.
+            guidance_steps (`tuple[float, float]` or `list[int]`, *optional*, defaults to `(0.0, 1.0)`):
+                Which denoising steps are guided: a tuple `(start, end)` of fractions guides loop steps i with
+                `start <= i / num_steps < end`; a list gives explicit step indices (0-based, as in
+                `callback_on_step_end`).
+            guidance_loss (`str`, *optional*, defaults to `"kl"`):
+                Distribution mode divergence: `"kl"` (KL(p_hat || p_ref), as the authors' SD code) or `"chi2"`
+                (chi-square, as their unconditional code).
+            classifier_temperature (`float`, *optional*):
+                Softmax temperature T; defaults to each classifier's `config.temperature` (8, as the authors).
+            guided_branches (`str`, *optional*, defaults to `"cond"`):
+                With classifier-free guidance the UNet sees `[uncond; cond]`. `"cond"` moves only the conditional rows
+                and takes statistics over the images the user gets; `"both"` moves all rows with statistics over
+                all of them (the authors' code). Without classifier-free guidance every row is an image.
+
+        Examples:
+            ```py
+            >>> pipe = BalancingActPipeline.from_pretrained("path/to/sd")
+            >>> images = pipe(
+            ...     "a photo of a face",
+            ...     num_images_per_prompt=8,
+            ...     h_classifier="path/to/classifiers/skin",
+            ...     guidance_mode="distribution",
+            ...     target_distribution=[0.5, 0.5],
+            ... ).images
+            ```
+
+        Returns:
+            [`~pipelines.stable_diffusion.StableDiffusionPipelineOutput`] or `tuple`, as `StableDiffusionPipeline`.
+        """
+        unknown = sorted(set(kwargs) - {"callback", "callback_steps"})
+        if unknown:
+            raise TypeError(
+                f"BalancingActPipeline.__call__() got unexpected keyword argument(s) {unknown}; see the "
+                "StableDiffusionPipeline arguments and h_classifier, guidance_mode, target_distribution, "
+                "target_classes, guidance_strength, guidance_steps, guidance_loss, classifier_temperature, "
+                "guided_branches."
+            )
+        standard = {
+            "prompt": prompt,
+            "height": height,
+            "width": width,
+            "num_inference_steps": num_inference_steps,
+            "timesteps": timesteps,
+            "sigmas": sigmas,
+            "guidance_scale": guidance_scale,
+            "negative_prompt": negative_prompt,
+            "num_images_per_prompt": num_images_per_prompt,
+            "eta": eta,
+            "generator": generator,
+            "latents": latents,
+            "prompt_embeds": prompt_embeds,
+            "negative_prompt_embeds": negative_prompt_embeds,
+            "ip_adapter_image": ip_adapter_image,
+            "ip_adapter_image_embeds": ip_adapter_image_embeds,
+            "output_type": output_type,
+            "return_dict": return_dict,
+            "cross_attention_kwargs": cross_attention_kwargs,
+            "guidance_rescale": guidance_rescale,
+            "clip_skip": clip_skip,
+            "callback_on_step_end": callback_on_step_end,
+            "callback_on_step_end_tensor_inputs": callback_on_step_end_tensor_inputs,
+            **kwargs,
+        }
+        if guidance_mode is None and h_classifier is None:
+            return super().__call__(**standard)
+
+        # Same defaults as StableDiffusionPipeline, needed before the loop for the h-shape check.
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        if isinstance(prompt, str):
+            batch_size = 1
+        elif isinstance(prompt, list):
+            batch_size = len(prompt)
+        elif prompt_embeds is not None:
+            batch_size = prompt_embeds.shape[0]
+        else:
+            batch_size = 1  # StableDiffusionPipeline.check_inputs reports the missing prompt
+        plan = self.check_guidance_inputs(
+            h_classifier,
+            guidance_mode,
+            target_distribution,
+            target_classes,
+            guidance_strength,
+            guidance_steps,
+            guidance_loss,
+            classifier_temperature,
+            guided_branches,
+            batch_size * (num_images_per_prompt or 1),
+            height,
+            width,
+        )
+        if plan is None:
+            return super().__call__(**standard)
+
+        pre_hook = self.unet.register_forward_pre_hook(self._capture_timestep(plan), with_kwargs=True)
+        try:
+            with MidBlockHook(self.unet, self._guide_h(plan)):
+                return super().__call__(**standard)
+        finally:
+            pre_hook.remove()
