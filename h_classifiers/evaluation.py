@@ -476,9 +476,7 @@ def load_pipeline(
                 f"`model` {model!r} is not a diffusers Stable Diffusion directory (no model_index.json); pass a local "
                 "directory saved with `save_pretrained` or a Hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'."
             )
-    pipe = BalancingActPipeline.from_pretrained(
-        model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
-    )
+    pipe = BalancingActPipeline.from_pretrained(model, dtype=dtype, safety_checker=None, requires_safety_checker=False)
     if scheduler is not None:
         set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)

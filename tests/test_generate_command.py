@@ -1,0 +1,129 @@
+"""`generate`, `evaluate` and `reproduce` end to end: on a tiny Stable Diffusion saved to disk, and on the committed
+toy model with its shipped classifier (the README's main command)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from tiny_models import tiny_classifier, tiny_sd_pipeline
+
+from h_classifiers.commands import evaluate as evaluate_command
+from h_classifiers.commands import generate as generate_command
+from h_classifiers.commands import reproduce as reproduce_command
+from h_classifiers.toy_world import TOY_CLASSIFIERS_PATH, TOY_MODEL_PATH
+
+
+ROOT = Path(__file__).resolve().parent.parent
+TOY_ASSETS = (TOY_MODEL_PATH / "model_index.json").exists() and (
+    TOY_CLASSIFIERS_PATH / "skin" / "config.json"
+).exists()
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    """The commands set torch's thread count (`--threads`); restore it for the other tests."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_assets(tmp_path_factory):
+    """A tiny SD directory and a classifiers directory holding a `skin` classifier that fits it."""
+    root = tmp_path_factory.mktemp("tiny-assets")
+    tiny_sd_pipeline().save_pretrained(root / "sd")
+    tiny_classifier(scale=0.05).save_pretrained(root / "classifiers" / "skin")
+    return root
+
+
+def test_generate_on_a_tiny_model_writes_the_side_by_side_grid(tiny_assets, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--model", str(tiny_assets / "sd"), "--classifier", str(tiny_assets / "classifiers" / "skin")]
+    argv += ["--num-images", "4", "--batch-size", "4", "--steps", "3", "--strength", "50", "--threads", "1"]
+    report = generate_command.main(argv + ["--output-dir", str(out)])
+    assert report["results"]["vanilla"]["num_images"] == 4 and report["results"]["balanced"]["num_images"] == 4
+    assert "No labeller" in capsys.readouterr().out  # a non-toy model is not measured unless a labeller is given
+    with Image.open(out / "generate_grid.png") as grid:
+        # two panels of 4 tiles, 16 px images upscaled x2, 2 px padding, 12 px gap
+        assert grid.width == 2 * (4 * (32 + 2) + 2) + 12
+    saved = json.loads((out / "generate_results.json").read_text())
+    assert saved["mode"] == "distribution" and saved["spec"]["target"] == [0.5, 0.5]
+
+
+def test_generate_sample_mode_with_a_labeller(tiny_assets, tmp_path, capsys):
+    argv = ["--model", str(tiny_assets / "sd"), "--classifier", str(tiny_assets / "classifiers" / "skin")]
+    argv += ["--mode", "sample", "--target", "dark", "--num-images", "3", "--steps", "2", "--labeller", "toy:skin"]
+    report = generate_command.main(argv + ["--output-dir", str(tmp_path), "--threads", "1"])
+    balanced = report["results"]["balanced"]
+    assert "hit_rate" in balanced and balanced["num_images"] == 3  # every image was asked for "dark"
+    assert report["labeller"].startswith("toy_world.ToyOracle")
+    assert "balanced" in capsys.readouterr().out
+
+
+def test_evaluate_command_on_a_tiny_model(tiny_assets, tmp_path):
+    argv = ["--model", str(tiny_assets / "sd"), "--classifier", str(tiny_assets / "classifiers" / "skin")]
+    argv += ["--num-images", "4", "--batch-size", "2", "--steps", "2", "--labeller", "toy:skin", "--threads", "1"]
+    argv += ["--class-prompts", "a light face|a dark face", "--target", "0.25,0.75", "--output-dir", str(tmp_path)]
+    report = evaluate_command.main(argv)
+    assert list(report["results"]) == ["vanilla", "sample", "distribution", "prompt"]
+    assert all(s["num_images"] == 4 for s in report["results"].values())
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["spec"]["target"] == [0.25, 0.75] and saved["labeller"].startswith("toy_world")
+    assert (tmp_path / "fractions.png").exists() and (tmp_path / "grid_prompt.png").exists()
+
+
+def test_evaluate_needs_class_prompts_for_the_prompt_baseline(tiny_assets, capsys):
+    argv = ["--model", str(tiny_assets / "sd"), "--classifier", str(tiny_assets / "classifiers" / "skin")]
+    with pytest.raises(SystemExit):
+        evaluate_command.main(argv + ["--labeller", "toy:skin"])
+    assert "--class-prompts" in capsys.readouterr().err
+
+
+def test_reproduce_writes_the_table_json_and_figures(tiny_assets, tmp_path):
+    argv = ["--model", str(tiny_assets / "sd"), "--classifiers-dir", str(tiny_assets / "classifiers")]
+    argv += ["--rows", "skin-50-50", "--num-images", "4", "--batch-sizes", "4,2", "--output-dir", str(tmp_path)]
+    report = reproduce_command.main(argv + ["--strength", "30"])
+    (row,) = report["rows"]
+    assert set(row["batches"]) == {"4", "2"}
+    assert set(row["batches"]["4"]) == {"vanilla", "sample", "distribution", "prompt"}
+    assert set(row["batches"]["2"]) == {"distribution"}
+    assert report["guidance"] == {"guidance_strength": 30.0, "guided_branches": reproduce_command.TABLE_BRANCHES}
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"][0]["batches"]["4"]["sample"]["num_images"] == 4
+    table = (tmp_path / "table.md").read_text()
+    assert "| skin 50/50 | DDIM 25 | distribution |" in table and "### Batch 2" in table
+    for name in ("fractions_skin-50-50", "grid_skin-50-50_vanilla", "grid_skin-50-50_distribution"):
+        assert (tmp_path / f"{name}.png").exists()
+
+
+def test_reproduce_sweep_writes_its_table(tiny_assets, tmp_path):
+    argv = ["--model", str(tiny_assets / "sd"), "--classifiers-dir", str(tiny_assets / "classifiers"), "--sweep"]
+    argv += ["--num-images", "2", "--batch-sizes", "2", "--sweep-strengths", "0,20", "--sweep-branches", "cond"]
+    report = reproduce_command.main(argv + ["--output-dir", str(tmp_path)])
+    assert [e["guidance_strength"] for e in report["entries"]] == [0.0, 20.0]
+    assert report["first_seed"] == reproduce_command.SWEEP_SEED
+    assert "| cond | 20 |" in (tmp_path / "sweep.md").read_text()
+
+
+def test_generate_script_runs_from_a_checkout():
+    result = subprocess.run(
+        [sys.executable, "scripts/generate.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert "--scheduler" in result.stdout and "--target" in result.stdout
+
+
+@pytest.mark.skipif(not TOY_ASSETS, reason="the toy model and its skin classifier are not committed yet")
+def test_main_command_on_the_toy_model(tmp_path, capsys):
+    """The README's main command with its defaults (toy model, shipped skin classifier, 50/50), fewer images/steps."""
+    report = generate_command.main(["--num-images", "16", "--steps", "10", "--output-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "vanilla" in out and "balanced" in out and "FD" in out
+    assert report["labeller"].startswith("toy_world.ToyOracle")
+    for name in ("vanilla", "balanced"):
+        summary = report["results"][name]
+        assert summary["num_images"] == 16 and summary["fractions"] is not None
+    assert (tmp_path / "generate_grid.png").exists()
