@@ -1,0 +1,178 @@
+"""Measure the committed toy model with the pixel oracle: class fractions and valid rates per prompt, and a grid.
+
+    python scripts/toy_report.py                          # 1,000 samples per prompt, DDIM 25 steps
+    python scripts/toy_report.py --num-samples 128 --output /tmp/report.json --grid /tmp/grid.png
+
+Prompts: the neutral prompt and the explicit prompt of every class of every attribute. For each, the oracle's
+class fractions over all samples, the valid rate, and for an explicit prompt its adherence (the fraction of samples
+read as the asked class). Also the oracle's accuracy and valid rate on the dataset itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from h_classifiers.toy_world import (
+    ATTRIBUTES,
+    DATA_BIAS,
+    NEUTRAL_PROMPT,
+    TOY_MODEL_PATH,
+    ToyOracle,
+    class_fractions,
+    explicit_prompts,
+    make_toy_dataset,
+)
+
+
+def load_toy_pipeline(path: str | Path = TOY_MODEL_PATH):
+    """The committed toy model as a stock `StableDiffusionPipeline` (offline, CPU)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def sample_images(
+    pipe, prompt: str, num_samples: int, batch_size: int, steps: int, guidance_scale: float, seed: int
+) -> torch.Tensor:
+    """`num_samples` images [N, 3, H, W] in [0, 1]; batch i uses seed `seed + i`, so runs are reproducible."""
+    images = []
+    for i, start in enumerate(range(0, num_samples, batch_size)):
+        n = min(batch_size, num_samples - start)
+        out = pipe(
+            prompt,
+            num_images_per_prompt=n,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=torch.Generator().manual_seed(seed + i),
+            output_type="pt",
+        )
+        images.append(out.images.float().cpu())
+    return torch.cat(images)
+
+
+def prompt_table() -> list[tuple[str, str | None, str | None]]:
+    """(prompt, attribute, class_name) rows: the neutral prompt, then every explicit prompt."""
+    rows: list[tuple[str, str | None, str | None]] = [(NEUTRAL_PROMPT, None, None)]
+    for attribute, prompts in explicit_prompts().items():
+        rows += [(prompt, attribute, class_name) for class_name, prompt in prompts.items()]
+    return rows
+
+
+def summarise(read: dict[str, torch.Tensor], attribute: str | None, class_name: str | None) -> dict:
+    row = {
+        "num_samples": int(read["valid"].numel()),
+        "valid_rate": float(read["valid"].float().mean()),
+        "fractions": {a: dict(zip(ATTRIBUTES[a], f)) for a, f in class_fractions(read).items()},
+    }
+    if attribute is not None:
+        row["attribute"], row["class_name"] = attribute, class_name
+        row["adherence"] = row["fractions"][attribute][class_name]
+    return row
+
+
+def dataset_check(num_samples: int, seed: int) -> dict:
+    data = make_toy_dataset(num_samples, seed=seed)
+    read = ToyOracle().read(data.images)
+    return {
+        "num_samples": num_samples,
+        "seed": seed,
+        "valid_rate": float(read["valid"].float().mean()),
+        "oracle_accuracy": {a: float((read[a] == data.labels[a]).float().mean()) for a in ATTRIBUTES},
+        "fractions": {a: dict(zip(ATTRIBUTES[a], f)) for a, f in class_fractions(read).items()},
+    }
+
+
+def save_grid(rows: list[tuple[str, torch.Tensor]], path: Path, columns: int, scale: int = 2) -> None:
+    """One row of `columns` samples per prompt with its text on the left; written to a temp name then renamed."""
+    from PIL import Image, ImageDraw
+
+    size = rows[0][1].shape[-1] * scale
+    label_width, pad = 280, 2
+    grid = Image.new("RGB", (label_width + columns * (size + pad), len(rows) * (size + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (label, images) in enumerate(rows):
+        y = r * (size + pad)
+        draw.text((4, y + size // 2 - 6), label, fill="black")
+        for c, image in enumerate(images[:columns]):
+            array = (image.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
+            tile = Image.fromarray(array).resize((size, size), Image.NEAREST)
+            grid.paste(tile, (label_width + c * (size + pad), y))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    grid.save(tmp)
+    os.replace(tmp, path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Measure the toy model's prompts with the oracle; write JSON and a grid.")
+    p.add_argument("--model", type=Path, default=TOY_MODEL_PATH, help="Diffusers directory of the toy model.")
+    p.add_argument("--num-samples", type=int, default=1000, help="Samples per prompt.")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps.")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="Classifier-free guidance scale.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dataset-samples", type=int, default=10_000, help="Dataset images for the oracle check.")
+    p.add_argument("--output", type=Path, default=Path("docs/toy_world_report.json"))
+    p.add_argument("--grid", type=Path, default=Path("docs/toy_world_grid.png"))
+    p.add_argument("--grid-columns", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1, help="torch threads; 1 is fastest on a busy 2-core machine.")
+    args = p.parse_args(argv)
+    for name in ("num_samples", "batch_size", "steps", "dataset_samples", "grid_columns", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    pipe = load_toy_pipeline(args.model)
+    oracle = ToyOracle()
+    report = {
+        "model": str(args.model),
+        "scheduler": type(pipe.scheduler).__name__,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "seed": args.seed,
+        "data_bias": {a: dict(zip(ATTRIBUTES[a], p)) for a, p in DATA_BIAS.items()},
+        "dataset": dataset_check(args.dataset_samples, seed=10_000 + args.seed),
+        "prompts": [],
+    }
+    grid_rows = []
+    for prompt, attribute, class_name in tqdm(prompt_table(), desc="prompts"):
+        images = sample_images(
+            pipe, prompt, args.num_samples, args.batch_size, args.steps, args.guidance_scale, args.seed
+        )
+        row = {"prompt": prompt, **summarise(oracle.read(images), attribute, class_name)}
+        report["prompts"].append(row)
+        grid_rows.append((prompt, images))
+        shown = f"adherence {row['adherence']:.3f}" if attribute else json.dumps(row["fractions"])
+        tqdm.write(f"{prompt!r}: valid {row['valid_rate']:.3f}, {shown}")
+    neutral = report["prompts"][0]["fractions"]
+    report["neutral_minus_data_bias"] = {
+        a: {c: neutral[a][c] - report["data_bias"][a][c] for c in ATTRIBUTES[a]} for a in ATTRIBUTES
+    }
+    report["seconds"] = round(time.time() - t0, 1)
+
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.output.with_name(args.output.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, args.output)
+    save_grid(grid_rows, args.grid, args.grid_columns)
+    print(f"wrote {args.output} and {args.grid} ({report['seconds']}s)")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""The toy world: synthetic faces whose attributes are known and readable back from pixels.
+
+Everything here is deterministic from a seed and light to import (torch only, no model is built). It holds:
+
+- the attribute spec (`ATTRIBUTES`), the neutral prompt and the explicit prompt of each class (`attribute_prompt`);
+- the data generator (`make_toy_dataset`): 32x32 RGB faces with a deliberate bias (skin 80/20, glasses 70/30
+  without/with, hair 50/35/15 none/black/red, attributes independent) and a caption per image;
+- the pixel oracle (`ToyOracle`): a rule-based reader for each attribute and a strict validity rule;
+- the paths of the committed assets (`TOY_MODEL_PATH`, `TOY_CLASSIFIERS_PATH`).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import torch
+
+
+ASSETS_PATH = Path(__file__).resolve().parent / "assets"
+TOY_MODEL_PATH = ASSETS_PATH / "toy-sd"
+TOY_CLASSIFIERS_PATH = ASSETS_PATH / "classifiers"
+
+ATTRIBUTES: dict[str, list[str]] = {
+    "skin": ["light", "dark"],
+    "glasses": ["without", "with"],
+    "hair": ["none", "black", "red"],
+}
+# The data's bias: class probabilities in the order of ATTRIBUTES (what the neutral prompt should reproduce).
+DATA_BIAS: dict[str, list[float]] = {
+    "skin": [0.8, 0.2],
+    "glasses": [0.7, 0.3],
+    "hair": [0.5, 0.35, 0.15],
+}
+
+IMAGE_SIZE = 32
+NEUTRAL_PROMPT = "a photo of a face"
+NEUTRAL_CAPTIONS = [NEUTRAL_PROMPT, "a face", "a picture of a face", "an image of a face", "a photo of one face"]
+
+# Colour prototypes (RGB in [0, 1]) shared by the generator and the oracle.
+SKIN_COLORS = torch.tensor([[0.95, 0.80, 0.68], [0.45, 0.28, 0.18]])
+HAIR_COLORS = torch.tensor([[0.10, 0.08, 0.08], [0.80, 0.25, 0.10]])  # black, red
+GLASSES_COLOR = torch.tensor([0.15, 0.30, 0.90])
+EYE_COLOR = torch.tensor([0.06, 0.05, 0.08])
+MOUTH_COLOR = torch.tensor([0.75, 0.12, 0.22])
+
+# Words of the explicit prompts; the captions use these and a few variants.
+_SKIN_PHRASES = {"light": "light skin", "dark": "dark skin"}
+_SKIN_ADJECTIVES = {"light": "light skinned", "dark": "dark skinned"}
+_GLASSES_PHRASES = {"without": "without glasses", "with": "with glasses"}
+_HAIR_PHRASES = {"none": "no hair", "black": "black hair", "red": "red hair"}
+_HAIR_NONE_VARIANTS = ["a bald face", "a face without hair"]
+_CAPTION_PREFIXES = ["a photo of", "a picture of", "an image of", ""]
+
+
+def _check_class(attribute: str, class_name: str) -> None:
+    if attribute not in ATTRIBUTES:
+        raise ValueError(f"`attribute` must be one of {list(ATTRIBUTES)}, got {attribute!r}.")
+    if class_name not in ATTRIBUTES[attribute]:
+        raise ValueError(f"`class_name` for {attribute!r} must be one of {ATTRIBUTES[attribute]}, got {class_name!r}.")
+
+
+def attribute_prompt(attribute: str, class_name: str) -> str:
+    """The explicit prompt that asks for one class of one attribute (the prompt baseline).
+
+    Examples: "a photo of a face with dark skin", "a photo of a face without glasses", "a photo of a face with
+    no hair".
+    """
+    _check_class(attribute, class_name)
+    if attribute == "skin":
+        return f"{NEUTRAL_PROMPT} with {_SKIN_PHRASES[class_name]}"
+    if attribute == "glasses":
+        return f"{NEUTRAL_PROMPT} {_GLASSES_PHRASES[class_name]}"
+    return f"{NEUTRAL_PROMPT} with {_HAIR_PHRASES[class_name]}"
+
+
+def explicit_prompts() -> dict[str, dict[str, str]]:
+    """`{attribute: {class_name: prompt}}` for every class of every attribute."""
+    return {a: {c: attribute_prompt(a, c) for c in classes} for a, classes in ATTRIBUTES.items()}
+
+
+def caption_for(labels: dict[str, str], rng: random.Random, neutral_fraction: float = 0.5) -> str:
+    """One caption for an image with the given class names: neutral, or naming one or more of its attributes."""
+    if rng.random() < neutral_fraction:
+        return rng.choice(NEUTRAL_CAPTIONS)
+    named = [a for a in ATTRIBUTES if rng.random() < 0.5]
+    if not named:
+        named = [rng.choice(list(ATTRIBUTES))]
+    if len(named) == 1 and rng.random() < 0.4:
+        # The exact explicit prompt, so that the prompt baseline is in-distribution.
+        return attribute_prompt(named[0], labels[named[0]])
+    prefix = rng.choice(_CAPTION_PREFIXES)
+    subject = "a face"
+    withs = []
+    for attribute in named:
+        value = labels[attribute]
+        if attribute == "skin":
+            if rng.random() < 0.5:
+                subject = f"a {_SKIN_ADJECTIVES[value]} face"
+            else:
+                withs.append(f"with {_SKIN_PHRASES[value]}")
+        elif attribute == "glasses":
+            withs.append(_GLASSES_PHRASES[value])
+        elif value == "none" and rng.random() < 0.5 and subject == "a face":
+            subject = rng.choice(_HAIR_NONE_VARIANTS)
+        else:
+            withs.append(f"with {_HAIR_PHRASES[value]}")
+    rng.shuffle(withs)
+    words = ([prefix] if prefix else []) + [subject] + ([" and ".join(withs)] if withs else [])
+    return " ".join(words)
+
+
+def caption_vocabulary() -> list[str]:
+    """Every word that a caption or prompt of the toy world can contain (for the tiny tokenizer)."""
+    texts = NEUTRAL_CAPTIONS + _HAIR_NONE_VARIANTS + _CAPTION_PREFIXES + ["and with"]
+    texts += list(_SKIN_PHRASES.values()) + list(_SKIN_ADJECTIVES.values())
+    texts += list(_GLASSES_PHRASES.values()) + list(_HAIR_PHRASES.values())
+    texts += [p for prompts in explicit_prompts().values() for p in prompts.values()]
+    return sorted({word for text in texts for word in text.split()})
+
+
+class ToySamples(NamedTuple):
+    """A batch of the toy dataset: images [N, 3, H, W] float in [0, 1], labels `{attribute: LongTensor[N]}`,
+    captions (N strings)."""
+
+    images: torch.Tensor
+    labels: dict[str, torch.Tensor]
+    captions: list[str]
+
+
+def _disc(xx: torch.Tensor, yy: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Boolean masks [N, H, W] of discs with per-image centre and radius (all [N])."""
+    return (xx - cx[:, None, None]) ** 2 + (yy - cy[:, None, None]) ** 2 < r[:, None, None] ** 2
+
+
+def _paint(images: torch.Tensor, mask: torch.Tensor, colors: torch.Tensor) -> None:
+    """Fill `mask` [N, H, W] of `images` [N, 3, H, W] with one colour per image, colors [N, 3]; in place."""
+    m = mask[:, None].to(images.dtype)
+    images.mul_(1 - m).add_(m * colors[:, :, None, None])
+
+
+def render_faces(labels: dict[str, torch.Tensor], generator: torch.Generator, image_size: int = IMAGE_SIZE):
+    """Draw one face per label set. Returns float images [N, 3, S, S] in [0, 1]. Geometry scales with `image_size`."""
+    n = labels["skin"].shape[0]
+    s = image_size / IMAGE_SIZE
+
+    def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
+        return low + (high - low) * torch.rand(n, *shape, generator=generator)
+
+    coords = (torch.arange(image_size, dtype=torch.float32) + 0.5) / s
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    yy, xx = yy[None], xx[None]
+
+    # Background: grey of random level, slight tint, linear gradient.
+    level = uniform(0.42, 0.70, 1)
+    tint = uniform(-0.025, 0.025, 3)
+    angle = uniform(0.0, 2 * torch.pi, 1)
+    amplitude = uniform(0.0, 0.06, 1)
+    ramp = ((xx - 16) * torch.cos(angle)[:, :, None] + (yy - 16) * torch.sin(angle)[:, :, None]) / 16
+    images = (level + tint)[:, :, None, None] + (amplitude[:, :, None] * ramp)[:, None]
+    images = images.expand(n, 3, image_size, image_size).clone()
+
+    cx, cy = 16 + uniform(-3, 3), 17 + uniform(-3, 3)
+    r = uniform(8, 11)
+    skin = SKIN_COLORS[labels["skin"]] + uniform(-0.03, 0.03, 3)
+    _paint(images, _disc(xx, yy, cx, cy, r), skin)
+
+    hair = labels["hair"]
+    hair_mask = _disc(xx, yy, cx, cy, r + 1.5) & (yy < (cy - 0.3 * r)[:, None, None]) & (hair > 0)[:, None, None]
+    hair_color = HAIR_COLORS[(hair - 1).clamp(min=0)] + uniform(-0.03, 0.03, 3)
+    _paint(images, hair_mask, hair_color)
+
+    eye_y = cy - 0.05 * r
+    eyes = [(cx - 0.38 * r, eye_y), (cx + 0.38 * r, eye_y)]
+    has_glasses = (labels["glasses"] > 0)[:, None, None]
+    lenses = _disc(xx, yy, *eyes[0], 0.26 * r) | _disc(xx, yy, *eyes[1], 0.26 * r)
+    bridge = ((yy - eye_y[:, None, None]).abs() < 0.6) & ((xx - cx[:, None, None]).abs() < (0.38 * r)[:, None, None])
+    _paint(images, (lenses | bridge) & has_glasses, GLASSES_COLOR + uniform(-0.03, 0.03, 3))
+
+    eye_r = (0.13 * r).clamp(min=1.1)
+    _paint(images, _disc(xx, yy, *eyes[0], eye_r) | _disc(xx, yy, *eyes[1], eye_r), EYE_COLOR.expand(n, 3))
+
+    mouth_x, mouth_y = cx[:, None, None], (cy + 0.45 * r)[:, None, None]
+    ax, ay = (0.25 * r)[:, None, None], (0.08 * r + 0.4)[:, None, None]
+    mouth = ((xx - mouth_x) / ax) ** 2 + ((yy - mouth_y) / ay) ** 2 < 1
+    _paint(images, mouth, MOUTH_COLOR.expand(n, 3))
+
+    images += 0.015 * torch.randn(images.shape, generator=generator)
+    return images.clamp_(0, 1)
+
+
+def make_toy_dataset(
+    num_samples: int, seed: int = 0, image_size: int = IMAGE_SIZE, neutral_fraction: float = 0.5
+) -> ToySamples:
+    """`num_samples` biased toy faces with labels and captions, identical for the same arguments.
+
+    Attributes are drawn independently with the probabilities in `DATA_BIAS`; about `neutral_fraction` of the
+    captions are neutral, the rest name one or more of the image's attributes.
+    """
+    if num_samples < 1:
+        raise ValueError(f"`num_samples` must be >= 1, got {num_samples}.")
+    generator = torch.Generator().manual_seed(seed)
+    labels = {
+        a: torch.multinomial(torch.tensor(p), num_samples, replacement=True, generator=generator)
+        for a, p in DATA_BIAS.items()
+    }
+    images = render_faces(labels, generator, image_size)
+    rng = random.Random(seed)
+    captions = [
+        caption_for({a: ATTRIBUTES[a][int(labels[a][i])] for a in ATTRIBUTES}, rng, neutral_fraction)
+        for i in range(num_samples)
+    ]
+    return ToySamples(images, labels, captions)
+
+
+def _to_tensor(images: torch.Tensor | Sequence) -> torch.Tensor:
+    """PIL images or a float tensor [N, 3, H, W] in [0, 1] -> float tensor [N, 3, H, W] in [0, 1]."""
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise ValueError(
+                f"`images` tensor must be float [N, 3, H, W] in [0, 1], got dtype {images.dtype}, "
+                f"shape {tuple(images.shape)}."
+            )
+        low, high = images.min().item(), images.max().item()
+        if low < -1e-3 or high > 1 + 1e-3:
+            raise ValueError(
+                f"`images` tensor values must be in [0, 1] (map [-1, 1] images with (x + 1) / 2 first), "
+                f"got range [{low:.3f}, {high:.3f}]."
+            )
+        return images.detach().float().cpu().clamp(0, 1)
+    if isinstance(images, (str, bytes)) or not isinstance(images, Sequence) or len(images) == 0:
+        raise ValueError("`images` must be a non-empty list of PIL images or a float tensor [N, 3, H, W] in [0, 1].")
+    import numpy as np  # only needed for PIL input
+
+    arrays = []
+    for image in images:
+        if not hasattr(image, "convert"):
+            raise ValueError(f"`images` list items must be PIL images, got {type(image).__name__}.")
+        arrays.append(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
+    if len({a.shape for a in arrays}) != 1:
+        raise ValueError("`images` PIL images must all have the same size.")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+class ToyOracle:
+    """Reads the toy world's attributes from pixels with fixed colour rules, and judges validity strictly.
+
+    `read(images)` takes a list of PIL images, or a float tensor [N, 3, H, W] with values in [0, 1] (a [-1, 1] tensor
+    is refused: convert it with (x + 1) / 2). Images of another size than 32x32 are area-resized to 32x32.
+    It returns `{"skin", "glasses", "hair"}` -> LongTensor[N] class indices (positions in `ATTRIBUTES`) and
+    "valid" -> BoolTensor[N]. An image is valid when it shows exactly one compact face of uniform skin with eyes and a
+    mouth, few pixels of no known colour, and every attribute read unambiguously (pixel counts outside the gap
+    between "absent" and "present"); the class read for an invalid image is a best guess.
+    """
+
+    # Pixel-count thresholds at 32x32: "present" needs >= high, "absent" needs <= low; between is ambiguous.
+    skin_distance = 0.16
+    skin_pixels = (70, 430)
+    skin_minority_max = 0.05
+    skin_far_radius = 13.5
+    skin_far_max = 0.03
+    skin_rms_max = 8.5
+    glasses_pixels = (3, 10)
+    hair_pixels = (24, 40)
+    eye_pixels_min = 2
+    mouth_pixels_min = 2
+    unexplained_max = 0.15
+
+    def pixel_classes(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Boolean masks [N, H, W] of the colour classes the rules count."""
+        r, g, b = x[:, 0], x[:, 1], x[:, 2]
+        dist = torch.cdist(x.permute(0, 2, 3, 1).reshape(-1, 3), SKIN_COLORS).reshape(x.shape[0], *x.shape[2:], 2)
+        light = dist[..., 0] < self.skin_distance
+        dark_skin = dist[..., 1] < self.skin_distance
+        top, bottom = x.max(dim=1).values, x.min(dim=1).values
+        return {
+            "light": light,
+            "dark_skin": dark_skin,
+            "blue": (b - r > 0.35) & (b - g > 0.25),
+            "black": top < 0.25,
+            "red": (r > 0.5) & (r - g > 0.3) & (g > b),
+            "mouth": (r > 0.45) & (r - g > 0.3) & (b >= g),
+            "grey": (top - bottom < 0.12) & (top >= 0.25),
+        }
+
+    def read(self, images: torch.Tensor | Sequence) -> dict[str, torch.Tensor]:
+        x = _to_tensor(images)
+        if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
+            x = torch.nn.functional.adaptive_avg_pool2d(x, IMAGE_SIZE)
+        masks = self.pixel_classes(x)
+        counts = {k: m.flatten(1).sum(1) for k, m in masks.items()}
+
+        n_light, n_dark = counts["light"], counts["dark_skin"]
+        n_skin = n_light + n_dark
+        skin = (n_dark > n_light).long()
+        skin_ok = (n_skin >= self.skin_pixels[0]) & (n_skin <= self.skin_pixels[1])
+        skin_ok &= torch.minimum(n_light, n_dark) <= self.skin_minority_max * n_skin
+        skin_ok &= self._compact(masks["light"] | masks["dark_skin"])
+
+        low, high = self.glasses_pixels
+        glasses = (counts["blue"] >= high).long()
+        glasses_ok = (counts["blue"] <= low) | (counts["blue"] >= high)
+
+        low, high = self.hair_pixels
+        n_black, n_red = counts["black"], counts["red"]
+        hair = torch.where(n_black >= high, 1, torch.where(n_red >= high, 2, 0))
+        hair = torch.where((n_black >= high) & (n_red > n_black), 2, hair)
+        hair_ok = ((n_black <= low) & (n_red <= low)) | ((n_black >= high) & (n_red <= low))
+        hair_ok |= (n_red >= high) & (n_black <= low)
+
+        explained = torch.zeros_like(masks["grey"])
+        for m in masks.values():
+            explained |= m
+        unexplained = 1 - explained.flatten(1).float().mean(1)
+        # A face has visible eyes and mouth (a smeared blob of skin colour does not).
+        features_ok = (n_black >= self.eye_pixels_min) & (counts["mouth"] >= self.mouth_pixels_min)
+        valid = skin_ok & glasses_ok & hair_ok & features_ok & (unexplained <= self.unexplained_max)
+        return {"skin": skin, "glasses": glasses, "hair": hair.long(), "valid": valid}
+
+    def _compact(self, mask: torch.Tensor) -> torch.Tensor:
+        """One compact blob: few pixels far from the centroid and a small RMS radius (two faces or smears fail)."""
+        n, h, w = mask.shape
+        yy, xx = torch.meshgrid(
+            torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij"
+        )
+        m = mask.float()
+        total = m.flatten(1).sum(1).clamp(min=1)
+        cy = (m * yy).flatten(1).sum(1) / total
+        cx = (m * xx).flatten(1).sum(1) / total
+        d2 = (yy - cy[:, None, None]) ** 2 + (xx - cx[:, None, None]) ** 2
+        rms = ((m * d2).flatten(1).sum(1) / total).sqrt()
+        far = (m * (d2 > self.skin_far_radius**2)).flatten(1).sum(1) / total
+        return (rms <= self.skin_rms_max) & (far <= self.skin_far_max)
+
+
+def class_fractions(read: dict[str, torch.Tensor], only_valid: bool = False) -> dict[str, list[float]]:
+    """Per-attribute class fractions of an oracle reading (over all images, or over the valid ones only)."""
+    keep = read["valid"] if only_valid else torch.ones_like(read["valid"])
+    total = max(int(keep.sum()), 1)
+    return {
+        a: [float(((read[a] == k) & keep).sum()) / total for k in range(len(classes))]
+        for a, classes in ATTRIBUTES.items()
+    }

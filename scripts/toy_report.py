@@ -1,0 +1,4 @@
+from h_classifiers.commands.toy_report import main
+
+
+main()

@@ -1,0 +1,4 @@
+from h_classifiers.commands.train_toy import main
+
+
+main()
