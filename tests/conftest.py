@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -13,6 +14,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 # Tests never touch the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The tiny models are fastest on one thread; more threads only spin when the CPU cores are shared.
+torch.set_num_threads(1)
 
 from tiny_models import tiny_classifier, tiny_components, tiny_sd_pipeline  # noqa: E402
 
