@@ -12,6 +12,7 @@ its own. It defines:
 - `BalancingActPipeline`: `StableDiffusionPipeline` plus h-space guidance during denoising.
 """
 
+import copy
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -24,7 +25,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.image_processor import PipelineImageInput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline, retrieve_timesteps
 from diffusers.utils import logging
 
 
@@ -329,6 +330,7 @@ class _GuidancePlan:
         steps: tuple[float, float] | list[int],
         branches: str,
         num_images: int,
+        num_steps: int,
     ):
         self.classifiers = classifiers
         self.strengths = strengths
@@ -339,15 +341,15 @@ class _GuidancePlan:
         self.steps = steps
         self.branches = branches
         self.num_images = num_images
+        self.num_steps = num_steps  # iterations of the denoising loop (len of the scheduler's timesteps)
         # Set by the UNet pre-hook: index of the current UNet call (= denoising loop index) and its timestep.
         self.step_index = -1
         self.timestep = None
-        self.num_steps = None
 
-    def is_guided(self, step_index: int, num_steps: int) -> bool:
+    def is_guided(self, step_index: int) -> bool:
         if isinstance(self.steps, tuple):
             start, end = self.steps
-            return start * num_steps <= step_index < end * num_steps
+            return start * self.num_steps <= step_index < end * self.num_steps
         return step_index in self.steps
 
 
@@ -475,6 +477,7 @@ class BalancingActPipeline(StableDiffusionPipeline):
         classifier_temperature: float | None,
         guided_branches: str,
         num_images: int,
+        num_steps: int,
         height: int,
         width: int,
     ) -> _GuidancePlan | None:
@@ -496,6 +499,11 @@ class BalancingActPipeline(StableDiffusionPipeline):
                 f"`target_classes`; got {num_images} image."
             )
         steps = self._check_steps(guidance_steps)
+        if isinstance(steps, list) and steps[-1] >= num_steps:
+            raise ValueError(
+                f"`guidance_steps` holds step index {steps[-1]} but this call has {num_steps} denoising steps "
+                f"(indices 0..{num_steps - 1})."
+            )
 
         is_list = isinstance(h_classifier, (list, tuple))
         raw = list(h_classifier) if is_list else [h_classifier]
@@ -563,7 +571,13 @@ class BalancingActPipeline(StableDiffusionPipeline):
             steps,
             guided_branches,
             num_images,
+            num_steps,
         )
+
+    def _count_denoising_steps(self, num_inference_steps: int, timesteps: Any, sigmas: Any) -> int:
+        """Iterations of the denoising loop, from a copy of the scheduler (some schedulers repeat timesteps)."""
+        scheduler = copy.deepcopy(self.scheduler)
+        return len(retrieve_timesteps(scheduler, num_inference_steps, "cpu", timesteps, sigmas)[0])
 
     def _capture_timestep(self, plan: _GuidancePlan) -> Callable:
         """A UNet forward pre-hook: one UNet call = one denoising-loop iteration; record its index and timestep."""
@@ -571,13 +585,10 @@ class BalancingActPipeline(StableDiffusionPipeline):
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             plan.step_index += 1
             plan.timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
-            if plan.num_steps is None:
-                plan.num_steps = self._num_timesteps
-                if isinstance(plan.steps, list) and plan.steps[-1] >= plan.num_steps:
-                    raise ValueError(
-                        f"`guidance_steps` holds step index {plan.steps[-1]} but this run has {plan.num_steps} "
-                        f"denoising steps (indices 0..{plan.num_steps - 1})."
-                    )
+            if plan.step_index == 0 and self._num_timesteps != plan.num_steps:
+                raise RuntimeError(
+                    f"Expected {plan.num_steps} denoising steps from the scheduler, the pipeline runs {self._num_timesteps}."
+                )
 
         return hook
 
@@ -585,7 +596,7 @@ class BalancingActPipeline(StableDiffusionPipeline):
         """The mid-block hook function: h -> moved h on guided steps."""
 
         def guide(h: torch.Tensor) -> torch.Tensor | None:
-            if not plan.is_guided(plan.step_index, plan.num_steps):
+            if not plan.is_guided(plan.step_index):
                 return None
             cfg = self.do_classifier_free_guidance
             expected_rows = plan.num_images * (2 if cfg else 1)
@@ -769,6 +780,7 @@ class BalancingActPipeline(StableDiffusionPipeline):
             classifier_temperature,
             guided_branches,
             batch_size * (num_images_per_prompt or 1),
+            self._count_denoising_steps(num_inference_steps, timesteps, sigmas),
             height,
             width,
         )
