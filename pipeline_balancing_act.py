@@ -367,7 +367,11 @@ class BalancingActPipeline(StableDiffusionPipeline):
     """
 
     def _resolve_classifier(self, classifier: "HClassifier | str | os.PathLike") -> HClassifier:
-        if isinstance(classifier, HClassifier):
+        # Duck-typed: diffusers' custom_pipeline loader imports this file as a second module, whose HClassifier is a
+        # different class object from `h_classifiers.HClassifier`; both must be accepted.
+        if isinstance(classifier, torch.nn.Module) and all(
+            hasattr(classifier, name) for name in ("config", "head_index", "class_index")
+        ):
             return classifier
         if isinstance(classifier, (str, os.PathLike)):
             key = os.fspath(classifier)

@@ -14,6 +14,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from pipeline_balancing_act import HClassifier, MidBlockHook
 
 
+ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "tiny_tokenizer"
 H_SHAPE = [64, 4, 4]
 IMAGE_SIZE = 16
