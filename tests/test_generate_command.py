@@ -85,7 +85,8 @@ def test_evaluate_needs_class_prompts_for_the_prompt_baseline(tiny_assets, capsy
 
 def test_reproduce_writes_the_table_json_and_figures(tiny_assets, tmp_path):
     argv = ["--model", str(tiny_assets / "sd"), "--classifiers-dir", str(tiny_assets / "classifiers")]
-    argv += ["--rows", "skin-50-50", "--num-images", "4", "--batch-sizes", "4,2", "--output-dir", str(tmp_path)]
+    argv += ["--rows", "skin-50-50", "--num-images", "4", "--batch-sizes", "4,2", "--workers", "1"]
+    argv += ["--output-dir", str(tmp_path)]
     report = reproduce_command.main(argv + ["--strength", "30"])
     (row,) = report["rows"]
     assert set(row["batches"]) == {"4", "2"}
@@ -100,13 +101,25 @@ def test_reproduce_writes_the_table_json_and_figures(tiny_assets, tmp_path):
         assert (tmp_path / f"{name}.png").exists()
 
 
-def test_reproduce_sweep_writes_its_table(tiny_assets, tmp_path):
+def test_reproduce_sweep_gives_the_same_numbers_in_worker_processes(tiny_assets, tmp_path):
     argv = ["--model", str(tiny_assets / "sd"), "--classifiers-dir", str(tiny_assets / "classifiers"), "--sweep"]
     argv += ["--num-images", "2", "--batch-sizes", "2", "--sweep-strengths", "0,20", "--sweep-branches", "cond"]
-    report = reproduce_command.main(argv + ["--output-dir", str(tmp_path)])
+    reports = {}
+    for workers in ("1", "2"):
+        out = tmp_path / workers
+        reports[workers] = reproduce_command.main(argv + ["--workers", workers, "--output-dir", str(out)])
+        assert "| cond | 20 |" in (out / "sweep.md").read_text()
+    report = reports["2"]
     assert [e["guidance_strength"] for e in report["entries"]] == [0.0, 20.0]
     assert report["first_seed"] == reproduce_command.SWEEP_SEED
-    assert "| cond | 20 |" in (tmp_path / "sweep.md").read_text()
+
+    def without_seconds(entries):
+        return [
+            {m: {k: v for k, v in s.items() if k != "seconds"} if isinstance(s, dict) else s for m, s in e.items()}
+            for e in entries
+        ]
+
+    assert without_seconds(reports["1"]["entries"]) == without_seconds(reports["2"]["entries"])
 
 
 def test_generate_script_runs_from_a_checkout():

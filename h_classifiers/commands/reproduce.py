@@ -18,20 +18,22 @@ sample mode for each guidance strength and each `guided_branches` value.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import platform
 import time
-from dataclasses import dataclass, replace
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from h_classifiers.commands import _common
 from h_classifiers.evaluation import (
     EvaluationSpec,
-    Generation,
     load_pipeline,
     make_grid,
     run_configuration,
@@ -118,7 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guided-branches", choices=list(_common.GUIDED_BRANCHES), default=TABLE_BRANCHES)
     parser.add_argument("--guidance-scale", type=float, default=TABLE_GUIDANCE_SCALE)
     parser.add_argument("--seed", type=int, default=None, help="First image seed (default: table 0, sweep 1000000).")
-    parser.add_argument("--threads", type=_common.positive_int, default=1, help="torch CPU threads (default: 1).")
+    parser.add_argument(
+        "--workers", type=_common.positive_int, default=2, help="Worker processes (default: 2; 1 runs in-process)."
+    )
+    parser.add_argument(
+        "--threads", type=_common.positive_int, default=1, help="torch CPU threads per worker (default: 1)."
+    )
     parser.add_argument("--output-dir", default="docs/results", help="Where results go (default: docs/results).")
     parser.add_argument("--sweep", action="store_true", help="Run the tuning sweep instead of the table.")
     parser.add_argument(
@@ -153,7 +160,7 @@ def parse_rows(text: str) -> list[Row]:
 class Toolkit:
     """The toy model, the shipped classifiers, the oracle labellers and the explicit prompts, loaded once."""
 
-    def __init__(self, model: str, classifiers_dir: str, attributes: set[str]):
+    def __init__(self, model: str, classifiers_dir: str):
         from h_classifiers import HClassifier
         from h_classifiers.labellers import ToyOracleLabeller
         from h_classifiers.toy_world import ATTRIBUTES, NEUTRAL_PROMPT, attribute_prompt
@@ -161,90 +168,220 @@ class Toolkit:
         self.pipe = load_pipeline(model, "cpu", "float32")
         self.base_scheduler_config = dict(self.pipe.scheduler.config)
         self.prompt = NEUTRAL_PROMPT
-        self.classifiers, self.labellers, self.class_prompts = {}, {}, {}
-        for attribute in sorted(attributes):
+        self.labellers = {attribute: ToyOracleLabeller(attribute) for attribute in ATTRIBUTES}
+        self.classifiers, self.class_prompts = {}, {}
+        for attribute, class_names in ATTRIBUTES.items():
             path = Path(classifiers_dir) / attribute
+            if not path.exists():
+                continue  # only the attributes of the rows asked for are checked (`check_classifiers`)
             classifier = HClassifier.from_pretrained(path)
-            if list(classifier.config.class_names) != ATTRIBUTES[attribute]:
+            if list(classifier.config.class_names) != class_names:
                 raise ValueError(
-                    f"The classifier at {path} has classes {classifier.config.class_names}; the toy world's {attribute!r} "
-                    f"classes are {ATTRIBUTES[attribute]}."
+                    f"The classifier at {path} has classes {classifier.config.class_names}; the toy world's "
+                    f"{attribute!r} classes are {class_names}."
                 )
             self.classifiers[attribute] = classifier
-            self.labellers[attribute] = ToyOracleLabeller(attribute)
-            self.class_prompts[attribute] = [attribute_prompt(attribute, c) for c in ATTRIBUTES[attribute]]
+            self.class_prompts[attribute] = [attribute_prompt(attribute, c) for c in class_names]
 
-    def use_scheduler(self, name: str) -> None:
-        set_scheduler(self.pipe, name, config=self.base_scheduler_config)
 
-    def spec(self, row: Row, num_images: int, batch_size: int, seed: int, guidance: dict, guidance_scale: float):
-        return EvaluationSpec(
-            prompt=self.prompt,
-            target=list(row.target),
-            num_images=num_images,
-            batch_size=batch_size,
-            seed=seed,
-            num_inference_steps=row.steps,
-            guidance_scale=guidance_scale,
-            class_prompts=self.class_prompts[row.attribute],
-            guidance=guidance,
+def check_classifiers(classifiers_dir: str, attributes: set[str]) -> None:
+    missing = [a for a in sorted(attributes) if not (Path(classifiers_dir) / a / "config.json").exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"`--classifiers-dir` {classifiers_dir!r} has no h-classifier for {missing} (expected <dir>/<attribute>/ "
+            "written by HClassifier.save_pretrained)."
         )
 
-    def measure(self, row: Row, generation: Generation) -> dict[str, Any]:
-        summary = summarize_labels(self.labellers[row.attribute](generation.images), row.target, generation.asked)
-        summary["seconds"] = generation.seconds
-        return summary
+
+@dataclass(frozen=True)
+class Job:
+    """One configuration to generate and label: everything a worker process needs besides the Toolkit."""
+
+    key: str
+    configuration: str
+    scheduler: str
+    steps: int
+    attribute: str | None  # the guided / prompted attribute; None for vanilla
+    target: tuple[float, ...]
+    num_images: int
+    batch_size: int
+    seed: int
+    guidance_scale: float
+    guidance: tuple[tuple[str, Any], ...]
+    label_attributes: tuple[str, ...]
+    keep_images: int = 0  # images returned for the grids
+
+
+def execute(job: Job, toolkit: Toolkit) -> dict[str, Any]:
+    """Generate and label one job; returns labels per attribute, the asked classes, seconds and kept images."""
+    set_scheduler(toolkit.pipe, job.scheduler, config=toolkit.base_scheduler_config)
+    spec = EvaluationSpec(
+        prompt=toolkit.prompt,
+        target=list(job.target),
+        num_images=job.num_images,
+        batch_size=job.batch_size,
+        seed=job.seed,
+        num_inference_steps=job.steps,
+        guidance_scale=job.guidance_scale,
+        class_prompts=toolkit.class_prompts.get(job.attribute),
+        guidance=dict(job.guidance),
+    )
+    generation = run_configuration(toolkit.pipe, toolkit.classifiers.get(job.attribute), spec, job.configuration)
+    return {
+        "labels": {a: toolkit.labellers[a](generation.images).tolist() for a in job.label_attributes},
+        "asked": generation.asked,
+        "seconds": generation.seconds,
+        "images": generation.images[: job.keep_images],
+    }
+
+
+_WORKER_TOOLKIT: Toolkit | None = None
+
+
+def _init_worker(model: str, classifiers_dir: str, threads: int) -> None:
+    global _WORKER_TOOLKIT
+    torch.set_num_threads(threads)
+    _WORKER_TOOLKIT = Toolkit(model, classifiers_dir)
+
+
+def _execute_in_worker(job: Job) -> dict[str, Any]:
+    return execute(job, _WORKER_TOOLKIT)
+
+
+def run_jobs(jobs: list[Job], args: argparse.Namespace, description: str) -> dict[str, dict[str, Any]]:
+    """
+    Run the jobs, in this process (`--workers 1`) or in worker processes of `--threads` threads each (on a few
+    cores, processes of one thread each beat one process of many threads). Results do not depend on the number of
+    workers: each job is deterministic from its seeds.
+    """
+    results = {}
+    # Longest first, so that the workers finish together.
+    ordered = sorted(jobs, key=lambda j: -j.steps * j.num_images * (2 if j.batch_size < 16 else 1))
+    with tqdm(total=sum(j.num_images for j in jobs), desc=description, unit="img") as bar:
+        if args.workers == 1:
+            toolkit = Toolkit(args.model, args.classifiers_dir)
+            for job in ordered:
+                results[job.key] = execute(job, toolkit)
+                bar.update(job.num_images)
+            return results
+        context = multiprocessing.get_context("spawn")
+        initargs = (args.model, args.classifiers_dir, args.threads)
+        with ProcessPoolExecutor(args.workers, context, initializer=_init_worker, initargs=initargs) as pool:
+            futures = {pool.submit(_execute_in_worker, job): job for job in ordered}
+            for future in as_completed(futures):
+                job = futures[future]
+                results[job.key] = future.result()
+                bar.update(job.num_images)
+    return results
+
+
+def measure(result: dict[str, Any], attribute: str, target: tuple[float, ...]) -> dict[str, Any]:
+    summary = summarize_labels(torch.tensor(result["labels"][attribute]), target, result["asked"])
+    summary["seconds"] = result["seconds"]
+    return summary
+
+
+def table_jobs(args: argparse.Namespace, rows: list[Row], batch_sizes: list[int], seed: int) -> list[Job]:
+    """Vanilla once per sampler (labelled for every attribute of its rows); per row sample, distribution and prompt at
+    the first batch size, distribution again at the others."""
+    guidance = (("guidance_strength", args.strength), ("guided_branches", args.guided_branches))
+    common = {"num_images": args.num_images, "seed": seed, "guidance_scale": args.guidance_scale}
+    jobs = []
+    for scheduler, steps in dict.fromkeys((r.scheduler, r.steps) for r in rows):
+        attributes = tuple(sorted({r.attribute for r in rows if (r.scheduler, r.steps) == (scheduler, steps)}))
+        keep = 64 if any(r.name in GRID_ROWS for r in rows if (r.scheduler, r.steps) == (scheduler, steps)) else 0
+        jobs.append(
+            Job(
+                f"vanilla/{scheduler}{steps}",
+                "vanilla",
+                scheduler,
+                steps,
+                None,
+                (),
+                batch_size=batch_sizes[0],
+                guidance=(),
+                label_attributes=attributes,
+                keep_images=keep,
+                **common,
+            )
+        )
+    for row in rows:
+        keep = 64 if row.name in GRID_ROWS else 0
+        for configuration in ("sample", "distribution", "prompt"):
+            jobs.append(
+                Job(
+                    f"{row.name}/{configuration}/b{batch_sizes[0]}",
+                    configuration,
+                    row.scheduler,
+                    row.steps,
+                    row.attribute,
+                    row.target,
+                    batch_size=batch_sizes[0],
+                    guidance=guidance,
+                    label_attributes=(row.attribute,),
+                    keep_images=keep,
+                    **common,
+                )
+            )
+        for batch_size in batch_sizes[1:]:
+            jobs.append(
+                Job(
+                    f"{row.name}/distribution/b{batch_size}",
+                    "distribution",
+                    row.scheduler,
+                    row.steps,
+                    row.attribute,
+                    row.target,
+                    batch_size=batch_size,
+                    guidance=guidance,
+                    label_attributes=(row.attribute,),
+                    **common,
+                )
+            )
+    return jobs
 
 
 def run_table(args: argparse.Namespace, rows: list[Row], batch_sizes: list[int], seed: int) -> dict[str, Any]:
-    toolkit = Toolkit(args.model, args.classifiers_dir, {row.attribute for row in rows})
-    guidance = {"guidance_strength": args.strength, "guided_branches": args.guided_branches}
+    from h_classifiers.toy_world import ATTRIBUTES
+
+    check_classifiers(args.classifiers_dir, {row.attribute for row in rows})
     output_dir = Path(args.output_dir)
-    vanilla_runs: dict[tuple[str, int], tuple[str, Generation]] = {}
-    per_row_images = 3 * args.num_images + len(batch_sizes) * args.num_images
-    total = per_row_images * len(rows) + args.num_images * len({(r.scheduler, r.steps) for r in rows})
     start = time.perf_counter()
-    results = []
-    with tqdm(total=total, desc="reproduce", unit="img") as bar:
-        for row in rows:
-            toolkit.use_scheduler(row.scheduler)
-            main_spec = toolkit.spec(row, args.num_images, batch_sizes[0], seed, guidance, args.guidance_scale)
-            classifier = toolkit.classifiers[row.attribute]
-            generations = {}
-            key = (row.scheduler, row.steps)
-            if key not in vanilla_runs:
-                vanilla_runs[key] = (row.name, run_configuration(toolkit.pipe, None, main_spec, "vanilla", bar.update))
-            vanilla_source, generations["vanilla"] = vanilla_runs[key]
-            for configuration in ("sample", "distribution", "prompt"):
-                generations[configuration] = run_configuration(
-                    toolkit.pipe, classifier, main_spec, configuration, bar.update
-                )
-            batches = {str(batch_sizes[0]): {name: toolkit.measure(row, g) for name, g in generations.items()}}
-            batches[str(batch_sizes[0])]["vanilla"]["generated_in_row"] = vanilla_source
-            for batch_size in batch_sizes[1:]:
-                spec = replace(main_spec, batch_size=batch_size)
-                generation = run_configuration(toolkit.pipe, classifier, spec, "distribution", bar.update)
-                batches[str(batch_size)] = {"distribution": toolkit.measure(row, generation)}
-            results.append(
-                {
-                    "row": row.name,
-                    "title": row.title,
-                    "attribute": row.attribute,
-                    "class_names": list(classifier.config.class_names),
-                    "target": list(row.target),
-                    "scheduler": row.scheduler,
-                    "steps": row.steps,
-                    "batches": batches,
-                }
-            )
-            write_row_figures(row, results[-1], generations, batch_sizes, output_dir)
+    results = run_jobs(table_jobs(args, rows, batch_sizes, seed), args, "reproduce")
+    main = batch_sizes[0]
+    report_rows = []
+    for row in rows:
+        vanilla_key = f"vanilla/{row.scheduler}{row.steps}"
+        generated = {"vanilla": results[vanilla_key]}
+        generated.update({c: results[f"{row.name}/{c}/b{main}"] for c in ("sample", "distribution", "prompt")})
+        batches = {str(main): {name: measure(r, row.attribute, row.target) for name, r in generated.items()}}
+        for batch_size in batch_sizes[1:]:
+            result = results[f"{row.name}/distribution/b{batch_size}"]
+            batches[str(batch_size)] = {"distribution": measure(result, row.attribute, row.target)}
+        report_rows.append(
+            {
+                "row": row.name,
+                "title": row.title,
+                "attribute": row.attribute,
+                "class_names": ATTRIBUTES[row.attribute],
+                "target": list(row.target),
+                "scheduler": row.scheduler,
+                "steps": row.steps,
+                "batches": batches,
+            }
+        )
+        write_row_figures(
+            row, report_rows[-1], {n: r["images"] for n, r in generated.items()}, batch_sizes, output_dir
+        )
     report = {
         "what": "Balancing Act reproduction table on the toy world (issue 4, section 5)",
         "command": "balancing-act reproduce " + " ".join(args.argv),
         **run_settings(args, seed, batch_sizes),
-        "guidance": guidance,
+        "guidance": {"guidance_strength": args.strength, "guided_branches": args.guided_branches},
+        "shared_work": "vanilla is generated once per sampler and labelled for each row's attribute; vanilla, sample "
+        "mode and the prompt baseline are generated at the first batch size only (their images do not depend on it)",
         "total_seconds": time.perf_counter() - start,
-        "rows": results,
+        "rows": report_rows,
     }
     write_json(report, output_dir / "results.json")
     write_text(table_markdown(report), output_dir / "table.md")
@@ -265,7 +402,8 @@ def run_settings(args: argparse.Namespace, seed: int, batch_sizes: list[int]) ->
         "labeller": "toy_world.ToyOracle (one-hot labels; invalid images excluded from fractions and FD)",
         "machine": {
             "cpu": cpu_model(),
-            "threads": torch.get_num_threads(),
+            "workers": args.workers,
+            "threads_per_worker": args.threads,
             "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "torch": torch.__version__,
             "diffusers": diffusers.__version__,
@@ -275,7 +413,11 @@ def run_settings(args: argparse.Namespace, seed: int, batch_sizes: list[int]) ->
 
 
 def write_row_figures(
-    row: Row, result: dict[str, Any], generations: dict[str, Generation], batch_sizes: list[int], output_dir: Path
+    row: Row,
+    result: dict[str, Any],
+    images: dict[str, list[Image.Image]],
+    batch_sizes: list[int],
+    output_dir: Path,
 ) -> None:
     main = result["batches"][str(batch_sizes[0])]
     measured = {
@@ -285,9 +427,9 @@ def write_row_figures(
         measured[f"distribution (b{batch_size})"] = result["batches"][str(batch_size)]["distribution"]["fractions"]
     title = f"{row.title}, {row.sampler}: class fractions of valid images (toy oracle)"
     save_fraction_chart(row.target, measured, result["class_names"], output_dir / f"fractions_{row.name}.png", title)
-    if row.name in GRID_ROWS:
-        for name, generation in generations.items():
-            save_image(make_grid(generation.images[:64], scale=2), output_dir / f"grid_{row.name}_{name}.png")
+    for name, configuration_images in images.items():
+        if configuration_images:
+            save_image(make_grid(configuration_images, scale=2), output_dir / f"grid_{row.name}_{name}.png")
 
 
 def relative(path: str) -> str:
@@ -343,7 +485,8 @@ def table_markdown(report: dict[str, Any]) -> str:
         f'{report["guidance"]["guidance_strength"]}, guided_branches "{report["guidance"]["guided_branches"]}". '
         "Fractions: one-hot toy-oracle labels over valid images; FD = ||p_ref - p||_2 over those fractions; valid: "
         "the oracle's validity rule; seconds: generation wall time of the configuration (VAE decode included) on "
-        f"{report['machine']['cpu']}, {report['machine']['threads']} thread(s). Hit: sample mode's asked class "
+        f"{report['machine']['cpu']}, {report['machine']['workers']} worker process(es) of "
+        f"{report['machine']['threads_per_worker']} thread(s). Hit: sample mode's asked class "
         "(prompt baseline: the prompted class) among valid images.",
         "",
         f"### Batch {main}",
@@ -405,25 +548,39 @@ def run_sweep(
     args: argparse.Namespace, seed: int, batch_size: int, strengths: list[float], branches: list[str]
 ) -> dict[str, Any]:
     row = ROWS_BY_NAME["skin-50-50"]
-    toolkit = Toolkit(args.model, args.classifiers_dir, {row.attribute})
-    toolkit.use_scheduler(row.scheduler)
-    classifier = toolkit.classifiers[row.attribute]
+    check_classifiers(args.classifiers_dir, {row.attribute})
+    common = {
+        "scheduler": row.scheduler,
+        "steps": row.steps,
+        "attribute": row.attribute,
+        "target": row.target,
+        "num_images": args.num_images,
+        "batch_size": batch_size,
+        "seed": seed,
+        "guidance_scale": args.guidance_scale,
+        "label_attributes": (row.attribute,),
+    }
+    jobs = [Job("vanilla", "vanilla", guidance=(), **common)]
+    for branch in branches:
+        for strength in strengths:
+            guidance = (("guidance_strength", strength), ("guided_branches", branch))
+            for mode in ("distribution", "sample"):
+                jobs.append(Job(f"{branch}/{strength}/{mode}", mode, guidance=guidance, **common))
     start = time.perf_counter()
-    total = args.num_images * (1 + 2 * len(strengths) * len(branches))
-    entries = []
-    with tqdm(total=total, desc="sweep", unit="img") as bar:
-        spec = toolkit.spec(row, args.num_images, batch_size, seed, {}, args.guidance_scale)
-        vanilla = toolkit.measure(row, run_configuration(toolkit.pipe, None, spec, "vanilla", bar.update))
-        for branch in branches:
-            for strength in strengths:
-                guidance = {"guidance_strength": strength, "guided_branches": branch}
-                spec = toolkit.spec(row, args.num_images, batch_size, seed, guidance, args.guidance_scale)
-                entry = {"guidance_strength": strength, "guided_branches": branch}
-                for mode in ("distribution", "sample"):
-                    entry[mode] = toolkit.measure(
-                        row, run_configuration(toolkit.pipe, classifier, spec, mode, bar.update)
-                    )
-                entries.append(entry)
+    results = run_jobs(jobs, args, "sweep")
+    entries = [
+        {
+            "guidance_strength": strength,
+            "guided_branches": branch,
+            **{
+                m: measure(results[f"{branch}/{strength}/{m}"], row.attribute, row.target)
+                for m in ("distribution", "sample")
+            },
+        }
+        for branch in branches
+        for strength in strengths
+    ]
+    vanilla = measure(results["vanilla"], row.attribute, row.target)
     report = {
         "what": "Tuning sweep: guidance_strength x guided_branches on skin 50/50, DDIM 25 (seeds disjoint from the table)",
         "command": "balancing-act reproduce " + " ".join(args.argv),
