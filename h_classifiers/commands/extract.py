@@ -1,0 +1,225 @@
+"""`balancing-act extract`: record h-vectors at every denoising step, for training an h-classifier.
+
+Two recipes (see `h_classifiers.extraction`):
+
+    # labelled folders (one sub-folder per class) -> DDIM inversion
+    balancing-act extract --image-dir data/skin --output-dir feats/skin --steps 50
+    # generation with pseudo-labels from a labeller
+    balancing-act extract --prompt "a photo of a face" --num-images 3000 --labeller toy:skin --output-dir feats/skin
+
+Re-running the same command after an interruption resumes it (completed chunks are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+
+from h_classifiers.commands._common import positive_int, split_prompts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from h_classifiers.evaluation import DTYPES, SCHEDULERS
+    from h_classifiers.extraction import RECORD_BRANCHES, STORAGE_DTYPES
+    from h_classifiers.toy_world import TOY_MODEL_PATH
+
+    parser = argparse.ArgumentParser(
+        prog="balancing-act extract",
+        description="Record h (the UNet mid-block output) at every denoising step, from labelled image folders (DDIM "
+        "inversion) or while generating (pseudo-labels from a labeller). Resumable: re-run the same command.",
+    )
+    parser.add_argument("--output-dir", "--output_dir", required=True, help="Where the shards and manifest go.")
+    parser.add_argument(
+        "--model",
+        default=str(TOY_MODEL_PATH),
+        help="Stable Diffusion 1.x/2.x directory or Hub id (default: toy model).",
+    )
+    recipe = parser.add_argument_group("recipe (give exactly one of --image-dir or --prompt)")
+    recipe.add_argument(
+        "--image-dir",
+        "--image_dir",
+        default=None,
+        help="Inversion recipe: folder with one sub-folder of images per class.",
+    )
+    recipe.add_argument(
+        "--prompt", action="append", default=None, help="Generation recipe: a prompt (repeat for several; cycled)."
+    )
+    parser.add_argument(
+        "--num-images", "--num_images", type=positive_int, default=None, help="Generation: number of images."
+    )
+    parser.add_argument(
+        "--labeller",
+        default=None,
+        help="Generation: 'toy:ATTRIBUTE', 'hf:MODEL_ID_OR_PATH' (transformers image classifier) or "
+        "'clip:MODEL_ID_OR_PATH' (CLIP zero-shot).",
+    )
+    parser.add_argument(
+        "--class-names",
+        "--class_names",
+        default=None,
+        help="Comma-separated class names, in index order. Inversion: the sub-folder names (default: sorted). "
+        "hf/clip labellers: required.",
+    )
+    parser.add_argument("--attribute", default=None, help="Attribute name recorded in the manifest.")
+    parser.add_argument(
+        "--label-map",
+        "--label_map",
+        default=None,
+        help="hf labeller: 'model_label:class,...' (default: class names match model labels, case-insensitive).",
+    )
+    parser.add_argument(
+        "--labeller-prompts",
+        "--labeller_prompts",
+        default=None,
+        help="clip labeller: one text per class, '|'-separated.",
+    )
+    parser.add_argument(
+        "--min-confidence",
+        "--min_confidence",
+        type=float,
+        default=None,
+        help="hf/clip labellers: label -1 (unlabelled) below this probability.",
+    )
+    parser.add_argument(
+        "--inversion-prompt", "--inversion_prompt", default="", help="Inversion: the text condition (default: '')."
+    )
+    parser.add_argument("--steps", type=positive_int, default=50, help="Denoising steps = heads (default: 50).")
+    parser.add_argument(
+        "--scheduler",
+        default="ddim",
+        choices=list(SCHEDULERS),
+        help="Generation: sampling scheduler (default: ddim). Inversion always uses DDIM (eta = 0).",
+    )
+    parser.add_argument(
+        "--guidance-scale",
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="Classifier-free guidance (default: 7.5 for generation, 1.0 = off for inversion).",
+    )
+    parser.add_argument("--negative-prompt", "--negative_prompt", default=None, help="Negative prompt.")
+    parser.add_argument(
+        "--record-branch",
+        "--record_branch",
+        default="cond",
+        choices=list(RECORD_BRANCHES),
+        help="With classifier-free guidance, which rows of [uncond; cond] to store (default: cond).",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Generation: image i uses seed + i (default: 0).")
+    parser.add_argument("--batch-size", "--batch_size", type=positive_int, default=16, help="Images per UNet call.")
+    parser.add_argument(
+        "--chunk-size",
+        "--chunk_size",
+        type=positive_int,
+        default=256,
+        help="Images per chunk, the unit of resumption (default: 256). Memory holds one chunk's h.",
+    )
+    parser.add_argument(
+        "--storage-dtype",
+        "--storage_dtype",
+        default="fp16",
+        choices=list(STORAGE_DTYPES),
+        help="dtype of the stored h (default: fp16).",
+    )
+    parser.add_argument("--height", type=positive_int, default=None, help="Image height (default: the model's).")
+    parser.add_argument("--width", type=positive_int, default=None, help="Image width (default: the model's).")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps.")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="Model dtype (default: float32).")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads.")
+    parser.add_argument("--no-progress", "--no_progress", action="store_true", help="Hide the progress bar.")
+    return parser
+
+
+def parse_label_map(text: str | None) -> dict[str, str] | None:
+    if text is None:
+        return None
+    mapping = {}
+    for item in text.split(","):
+        model_label, sep, class_name = item.rpartition(":")
+        if not sep or not model_label.strip() or not class_name.strip():
+            raise ValueError(f"`--label-map` items must be 'model_label:class', got {item!r} in {text!r}.")
+        mapping[model_label.strip()] = class_name.strip()
+    return mapping
+
+
+def run(args: argparse.Namespace) -> dict:
+    from h_classifiers.evaluation import load_pipeline, resolve_device
+    from h_classifiers.extraction import extract_from_folders, extract_from_generation
+    from h_classifiers.labellers import labeller_from_spec
+
+    if (args.image_dir is None) == (args.prompt is None):
+        raise ValueError("Give exactly one recipe: `--image-dir` (inversion) or `--prompt` (generation).")
+    class_names = [c.strip() for c in args.class_names.split(",")] if args.class_names else None
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    common = {
+        "num_inference_steps": args.steps,
+        "negative_prompt": args.negative_prompt,
+        "record_branch": args.record_branch,
+        "batch_size": args.batch_size,
+        "chunk_size": args.chunk_size,
+        "dtype": args.storage_dtype,
+        "height": args.height,
+        "width": args.width,
+        "progress": not args.no_progress,
+    }
+    if args.image_dir is not None:
+        unused = [name for name in ("num_images", "labeller") if getattr(args, name) is not None]
+        if unused:
+            raise ValueError(f"{['--' + n.replace('_', '-') for n in unused]} apply to the generation recipe only.")
+        pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
+        return extract_from_folders(
+            pipe,
+            args.image_dir,
+            args.output_dir,
+            inversion_prompt=args.inversion_prompt,
+            guidance_scale=1.0 if args.guidance_scale is None else args.guidance_scale,
+            class_names=class_names,
+            attribute=args.attribute,
+            **common,
+        )
+    if args.num_images is None or args.labeller is None:
+        raise ValueError("The generation recipe (`--prompt`) needs `--num-images` and `--labeller`.")
+    labeller = labeller_from_spec(
+        args.labeller,
+        class_names=class_names,
+        label_map=parse_label_map(args.label_map),
+        prompts=split_prompts(args.labeller_prompts),
+        attribute=args.attribute,
+        min_confidence=args.min_confidence,
+        device=device,
+    )
+    pipe = load_pipeline(args.model, device=device, dtype=args.dtype, scheduler=args.scheduler)
+    return extract_from_generation(
+        pipe,
+        args.prompt,
+        args.num_images,
+        args.output_dir,
+        labeller,
+        guidance_scale=7.5 if args.guidance_scale is None else args.guidance_scale,
+        seed=args.seed,
+        **common,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        manifest = run(args)
+    except (ValueError, FileNotFoundError, TypeError) as error:
+        parser.error(str(error))
+    counts = ", ".join(f"{k} {v}" for k, v in manifest["class_counts"].items())
+    print(
+        f"{manifest['num_images']} images x {len(manifest['timesteps'])} steps, h {manifest['h_shape']} "
+        f"({manifest['dtype']}) in {args.output_dir}; labels: {counts}; unlabelled {manifest['num_unlabelled']}; "
+        f"skipped {manifest['num_skipped']}."
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""`balancing-act train`: train an h-classifier (one linear head per timestep) from extracted h shards.
+
+balancing-act train --features-dir feats/skin --output-dir classifiers/skin [--push_to_hub user/skin-classifier]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+
+import torch
+
+from h_classifiers.commands._common import positive_int
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from h_classifiers.training import BALANCE_MODES, TrainingConfig
+
+    defaults = TrainingConfig()
+    parser = argparse.ArgumentParser(
+        prog="balancing-act train",
+        description="Train the per-timestep heads of an h-classifier from `balancing-act extract` shards, one "
+        "timestep at a time; save it (safetensors + config + model card + metrics + plot).",
+    )
+    parser.add_argument("--features-dir", "--features_dir", required=True, help="Output of `balancing-act extract`.")
+    parser.add_argument("--output-dir", "--output_dir", required=True, help="Where the classifier folder goes.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output-dir.")
+    parser.add_argument("--attribute", default=None, help="Attribute name (default: the manifest's).")
+    parser.add_argument("--base-model", "--base_model", default=None, help="Base model recorded (default: manifest).")
+    parser.add_argument(
+        "--balance",
+        default=defaults.balance,
+        choices=list(BALANCE_MODES),
+        help="Class balance: weighted 'loss' (default), balanced 'sampling', or 'none'.",
+    )
+    parser.add_argument("--epochs", type=positive_int, default=defaults.epochs, help=f"(default: {defaults.epochs})")
+    parser.add_argument(
+        "--min-steps",
+        "--min_steps",
+        type=positive_int,
+        default=defaults.min_steps,
+        help=f"At least this many optimiser steps per head; small data sets get more epochs (default: {defaults.min_steps}).",
+    )
+    parser.add_argument(
+        "--learning-rate", "--learning_rate", type=float, default=defaults.learning_rate, help="AdamW learning rate."
+    )
+    parser.add_argument(
+        "--weight-decay", "--weight_decay", type=float, default=defaults.weight_decay, help="AdamW weight decay."
+    )
+    parser.add_argument("--batch-size", "--batch_size", type=positive_int, default=defaults.batch_size)
+    parser.add_argument(
+        "--holdout-fraction",
+        "--holdout_fraction",
+        type=float,
+        default=defaults.holdout_fraction,
+        help="Fraction of each class's images held out for the metrics (default: 0.2).",
+    )
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="Split and shuffling seed (default: 0).")
+    parser.add_argument(
+        "--temperature", type=float, default=defaults.temperature, help="Guidance temperature stored in the config."
+    )
+    parser.add_argument(
+        "--branches", default=None, help="Recorded CFG branches to train on, comma-separated (default: all)."
+    )
+    parser.add_argument("--device", default="cpu", help="Training device (default: cpu).")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads.")
+    parser.add_argument(
+        "--push_to_hub",
+        "--push-to-hub",
+        default=None,
+        metavar="REPO_ID",
+        help="Push the saved folder to this Hub repo.",
+    )
+    parser.add_argument("--private", action="store_true", help="With --push_to_hub: create the repo private.")
+    parser.add_argument("--no-progress", "--no_progress", action="store_true", help="Hide the progress bar.")
+    return parser
+
+
+def run(args: argparse.Namespace):
+    from h_classifiers.training import TrainingConfig, train_classifier
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    config = TrainingConfig(
+        epochs=args.epochs,
+        min_steps=args.min_steps,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        batch_size=args.batch_size,
+        holdout_fraction=args.holdout_fraction,
+        balance=args.balance,
+        seed=args.seed,
+        temperature=args.temperature,
+        branches=[b.strip() for b in args.branches.split(",")] if args.branches else None,
+        device=args.device,
+    )
+    if args.push_to_hub is not None:
+        from h_classifiers.hub import validate_repo_id
+
+        try:  # fail before training, not after
+            validate_repo_id(args.push_to_hub)
+        except Exception as error:
+            raise ValueError(f"`--push_to_hub` {args.push_to_hub!r} is not a valid Hub repo id: {error}") from None
+    result = train_classifier(
+        args.features_dir,
+        args.output_dir,
+        config,
+        attribute=args.attribute,
+        base_model=args.base_model,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    url = None
+    if args.push_to_hub is not None:
+        from h_classifiers.hub import push_classifier
+
+        url = push_classifier(args.output_dir, args.push_to_hub, private=args.private or None)
+    return result, url
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result, url = run(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        parser.error(str(error))
+    s = result.summary
+    print(f"Saved the {result.classifier.config.attribute!r} classifier to {args.output_dir}")
+    for name in ("first", "middle", "last"):
+        m = s[name]
+        print(
+            f"  {name:<6} step {m['step']:>3} (t={m['timestep']:g}): held-out accuracy {_fmt(m['accuracy'])}, "
+            f"balanced {_fmt(m['balanced_accuracy'])}"
+        )
+    if url:
+        print(f"Pushed to {url}")
+
+
+if __name__ == "__main__":
+    main()

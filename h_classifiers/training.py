@@ -1,0 +1,468 @@
+"""Train an h-classifier (`HClassifier`: one linear head per timestep) from extracted h shards.
+
+Heads are trained one timestep at a time: only that timestep's slice (read with `HFeatureStore.load_timestep`) and the
+model are in memory. Features are standardised with the training split's per-feature mean and standard deviation
+during optimisation (better conditioned), and the standardisation is folded back into the head afterwards, so the
+saved head applies to raw h exactly as the pipeline sees it. The held-out split is drawn once per image (stratified
+by class, seeded), so the same images are held out at every timestep and rows of both CFG branches of one image stay
+on the same side.
+
+Outputs (written to a temporary directory next to `output_dir`, then renamed into place):
+`config.json` + `diffusion_pytorch_model.safetensors` (`HClassifier.save_pretrained`), `README.md` (model card),
+`metrics.json` (per-timestep accuracy and balanced accuracy), `accuracy.png` (plot).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pipeline_balancing_act import DEFAULT_TEMPERATURE, HClassifier
+
+from .extraction import HFeatureStore, atomic_write_json, atomic_write_text
+
+
+logger = logging.getLogger(__name__)
+
+BALANCE_MODES = ("loss", "sampling", "none")
+METRICS_NAME = "metrics.json"
+PLOT_NAME = "accuracy.png"
+
+
+@dataclass
+class TrainingConfig:
+    """Hyper-parameters of the per-timestep heads (defaults suit the toy world and SD-sized h alike)."""
+
+    epochs: int = 40
+    # Small data sets get more epochs: at least this many optimiser steps per head.
+    min_steps: int = 300
+    learning_rate: float = 3e-3
+    weight_decay: float = 1e-2
+    batch_size: int = 256
+    holdout_fraction: float = 0.2
+    balance: str = "loss"
+    seed: int = 0
+    temperature: float = DEFAULT_TEMPERATURE
+    branches: list[str] | None = None
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "min_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        for name in ("learning_rate", "temperature"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive number, got {value!r}.")
+        if (
+            not isinstance(self.weight_decay, (int, float))
+            or not math.isfinite(self.weight_decay)
+            or self.weight_decay < 0
+        ):
+            raise ValueError(f"`weight_decay` must be a non-negative number, got {self.weight_decay!r}.")
+        if not isinstance(self.holdout_fraction, (int, float)) or not 0 <= self.holdout_fraction < 1:
+            raise ValueError(f"`holdout_fraction` must be in [0, 1), got {self.holdout_fraction!r}.")
+        if self.balance not in BALANCE_MODES:
+            raise ValueError(f"`balance` must be one of {list(BALANCE_MODES)}, got {self.balance!r}.")
+
+
+@dataclass
+class TrainingResult:
+    classifier: HClassifier
+    metrics: list[dict]
+    summary: dict = field(default_factory=dict)
+    output_dir: Path | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Split, balance, metrics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def stratified_holdout(labels: torch.Tensor, image_index: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Image indices held out: `fraction` of each class's images (at least one when the class has two or more)."""
+    generator = torch.Generator().manual_seed(seed)
+    held = []
+    for k in labels.unique().tolist():
+        ids = image_index[labels == k]
+        ids = ids[torch.randperm(len(ids), generator=generator)]
+        n = int(round(fraction * len(ids)))
+        if fraction > 0 and n == 0 and len(ids) >= 2:
+            n = 1
+        held.append(ids[:n])
+    return torch.cat(held).sort().values if held else torch.zeros(0, dtype=torch.long)
+
+
+def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights (N / (K_present * n_k)); absent classes get 0."""
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    present = (counts > 0).sum().clamp_min(1)
+    return torch.where(counts > 0, labels.numel() / (present * counts.clamp_min(1)), torch.zeros_like(counts))
+
+
+def accuracy_metrics(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    """Accuracy, balanced accuracy (mean recall over the classes present) and per-class recall."""
+    if labels.numel() == 0:
+        return {"accuracy": float("nan"), "balanced_accuracy": float("nan"), "recall": [float("nan")] * num_classes}
+    correct = predictions == labels
+    recall = []
+    for k in range(num_classes):
+        mask = labels == k
+        recall.append(float(correct[mask].float().mean()) if mask.any() else float("nan"))
+    present = [r for r in recall if not math.isnan(r)]
+    return {
+        "accuracy": float(correct.float().mean()),
+        "balanced_accuracy": sum(present) / len(present),
+        "recall": recall,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One head
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _feature_stats(x: torch.Tensor, block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and std of x [N, D] (any float dtype) in float64 accumulators, a block of rows at a time."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    total_sq = torch.zeros_like(total)
+    for i in range(0, x.shape[0], block):
+        rows = x[i : i + block].to(torch.float64)
+        total += rows.sum(0)
+        total_sq += (rows * rows).sum(0)
+    mean = total / x.shape[0]
+    var = (total_sq / x.shape[0] - mean * mean).clamp_min(0)
+    std = var.sqrt()
+    # Near-constant features would get huge weights once the standardisation is folded back: floor their scale.
+    floor = 1e-2 * float(std.median()) + 1e-6
+    return mean.float(), std.clamp_min(floor).float()
+
+
+def train_head(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, config: TrainingConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trains one linear head on rows x [N, D] (kept in their storage dtype), labels y [N].
+
+    Returns (weight [K, D], bias [K]) acting on raw features.
+    """
+    device = torch.device(config.device)
+    mean, std = _feature_stats(x)
+    mean, std = mean.to(device), std.to(device)
+    weight = torch.zeros(num_classes, x.shape[1], device=device, requires_grad=True)
+    bias = torch.zeros(num_classes, device=device, requires_grad=True)
+    optimizer = torch.optim.AdamW([weight, bias], lr=config.learning_rate, weight_decay=config.weight_decay)
+    loss_weights = class_weights(y, num_classes).to(device) if config.balance == "loss" else None
+    if config.balance == "sampling":
+        sample_probs = class_weights(y, num_classes)[y]
+    n = x.shape[0]
+    epochs = max(config.epochs, math.ceil(config.min_steps / math.ceil(n / config.batch_size)))
+    for _ in range(epochs):
+        if config.balance == "sampling":
+            order = torch.multinomial(sample_probs, n, replacement=True, generator=generator)
+        else:
+            order = torch.randperm(n, generator=generator)
+        for i in range(0, n, config.batch_size):
+            idx = order[i : i + config.batch_size]
+            rows = (x[idx].to(device, torch.float32) - mean) / std
+            logits = F.linear(rows, weight, bias)
+            loss = F.cross_entropy(logits, y[idx].to(device), weight=loss_weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        raw_weight = weight / std
+        raw_bias = bias - raw_weight @ mean
+    return raw_weight.detach().cpu(), raw_bias.detach().cpu()
+
+
+@torch.no_grad()
+def _predict(classifier: HClassifier, h: torch.Tensor, timestep: float, block: int = 1024) -> torch.Tensor:
+    preds = [classifier(h[i : i + block], timestep).argmax(-1) for i in range(0, h.shape[0], block)]
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole classifier
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def train_classifier(
+    features_dir: str | os.PathLike,
+    output_dir: str | os.PathLike | None = None,
+    config: TrainingConfig | None = None,
+    attribute: str | None = None,
+    base_model: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> TrainingResult:
+    """Trains an `HClassifier` from the shards in `features_dir`, one timestep at a time.
+
+    Args:
+        features_dir: an extraction output directory (`h_classifiers.extraction`).
+        output_dir: where to save (`save_pretrained` layout + README.md model card + metrics.json + accuracy.png);
+            None trains without saving. An existing `output_dir` is refused unless `overwrite=True`.
+        config: `TrainingConfig` (epochs, learning rate, weight decay, balance mode, held-out fraction, seed, ...).
+        attribute: the attribute name stored in the config (default: the manifest's).
+        base_model: the base model recorded in the config and the card (default: the manifest's model).
+    """
+    config = config or TrainingConfig()
+    config.validate()
+    output_dir = Path(output_dir) if output_dir is not None else None
+    if output_dir is not None and output_dir.exists() and not overwrite:
+        raise FileExistsError(f"`output_dir` {str(output_dir)!r} already exists; pass `overwrite=True` to replace it.")
+    store = HFeatureStore(features_dir)
+    manifest = store.manifest
+    class_names = store.class_names
+    num_classes = len(class_names)
+    attribute = attribute or manifest.get("attribute") or "attribute"
+    base_model = base_model if base_model is not None else manifest.get("model")
+    branches = store._check_branches(config.branches)
+
+    labels, image_index = store.labels(drop_unlabelled=True)
+    if labels.numel() == 0:
+        raise ValueError(f"`features_dir` {str(features_dir)!r} holds no labelled rows to train on.")
+    present = torch.bincount(labels, minlength=num_classes)
+    if (present == 0).any():
+        missing = [class_names[k] for k in range(num_classes) if present[k] == 0]
+        logger.warning("Classes %s have no labelled image: their heads only learn to be unlikely.", missing)
+    holdout_ids = stratified_holdout(labels, image_index, config.holdout_fraction, config.seed)
+
+    classifier = HClassifier(
+        attribute=attribute,
+        class_names=class_names,
+        h_shape=store.h_shape,
+        timesteps=store.timesteps,
+        temperature=float(config.temperature),
+        base_model=base_model,
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    metrics = []
+    for step in tqdm(range(store.num_steps), desc="train heads", unit="step", disable=not progress):
+        data = store.load_timestep(step, branches=branches)
+        x = data.features.flatten(1)
+        held = torch.isin(data.image_index, holdout_ids)
+        train_x, train_y = x[~held], data.labels[~held]
+        weight, bias = train_head(train_x, train_y, num_classes, config, generator)
+        with torch.no_grad():
+            classifier.weight[step].copy_(weight)
+            classifier.bias[step].copy_(bias)
+        timestep = store.timesteps[step]
+        train_metrics = accuracy_metrics(_predict(classifier, data.features[~held], timestep), train_y, num_classes)
+        held_metrics = accuracy_metrics(
+            _predict(classifier, data.features[held], timestep), data.labels[held], num_classes
+        )
+        metrics.append(
+            {
+                "step": step,
+                "timestep": timestep,
+                "num_train": int((~held).sum()),
+                "num_heldout": int(held.sum()),
+                "train_accuracy": train_metrics["accuracy"],
+                "accuracy": held_metrics["accuracy"],
+                "balanced_accuracy": held_metrics["balanced_accuracy"],
+                "recall": held_metrics["recall"],
+            }
+        )
+        del data, x, train_x
+    classifier.eval()
+    summary = summarize(metrics)
+    summary.update(
+        class_counts={name: int(present[k]) for k, name in enumerate(class_names)},
+        num_heldout_images=int(holdout_ids.numel()),
+        num_images=int(labels.numel()),
+        config=asdict(config) | {"branches": branches},
+    )
+    result = TrainingResult(classifier, metrics, summary)
+    if output_dir is not None:
+        save_classifier(result, output_dir, manifest, overwrite=overwrite)
+        result.output_dir = output_dir
+    return result
+
+
+def summarize(metrics: list[dict]) -> dict:
+    """First / middle / last step and mean held-out accuracy and balanced accuracy."""
+    if not metrics:
+        return {}
+    picks = {"first": metrics[0], "middle": metrics[len(metrics) // 2], "last": metrics[-1]}
+    summary = {
+        name: {k: m[k] for k in ("step", "timestep", "accuracy", "balanced_accuracy")} for name, m in picks.items()
+    }
+    valid = [m for m in metrics if not math.isnan(m["accuracy"])]
+    if valid:
+        summary["mean_accuracy"] = sum(m["accuracy"] for m in valid) / len(valid)
+        summary["mean_balanced_accuracy"] = sum(m["balanced_accuracy"] for m in valid) / len(valid)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving: weights + config, model card, metrics, plot; atomically
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def metrics_table(metrics: list[dict], class_names: list[str]) -> str:
+    """Markdown table: one row per timestep."""
+    header = "| step | timestep | held-out accuracy | balanced accuracy | " + " | ".join(
+        f"recall {c}" for c in class_names
+    )
+    lines = [header + " | train accuracy |", "|" + "---|" * (5 + len(class_names))]
+    for m in metrics:
+        recalls = " | ".join(f"{r:.3f}" for r in m["recall"])
+        lines.append(
+            f"| {m['step']} | {m['timestep']:g} | {m['accuracy']:.3f} | {m['balanced_accuracy']:.3f} | {recalls} | "
+            f"{m['train_accuracy']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_metrics(metrics: list[dict], path: str | os.PathLike, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m["step"] for m in metrics]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, [m["accuracy"] for m in metrics], label="held-out accuracy")
+    ax.plot(steps, [m["balanced_accuracy"] for m in metrics], label="held-out balanced accuracy")
+    ax.plot(steps, [m["train_accuracy"] for m in metrics], label="train accuracy", linestyle=":")
+    ax.set_xlabel("denoising step (0 = noisiest)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def model_card(classifier: HClassifier, metrics: list[dict], summary: dict, manifest: dict) -> str:
+    cfg = classifier.config
+    prompts = manifest.get("prompts") or []
+    if manifest.get("recipe") == "generation":
+        source = (
+            f"h recorded while generating {manifest.get('num_images')} images with prompt(s) {prompts} "
+            f"(classifier-free guidance {manifest.get('guidance_scale')}, branch(es) {manifest.get('branches')}), "
+            f"pseudo-labelled by `{manifest.get('label_source')}`"
+        )
+    elif manifest.get("recipe") == "inversion":
+        source = (
+            f"h recorded during deterministic DDIM inversion (eta = 0, prompt {prompts[0] if prompts else ''!r}) of "
+            f"{manifest.get('num_images')} labelled images (one folder per class)"
+        )
+    else:
+        source = f"h written directly to a feature store ({manifest.get('num_images')} rows, labels from `{manifest.get('label_source')}`)"
+    counts = ", ".join(f"{k}: {v}" for k, v in summary.get("class_counts", {}).items())
+    first, middle, last = (summary.get(k, {}) for k in ("first", "middle", "last"))
+    training = summary.get("config", {})
+    return f"""---
+library_name: diffusers
+tags:
+- balancing-act
+- h-classifier
+- debiasing
+- stable-diffusion
+---
+
+# h-classifier: `{cfg.attribute}` ({", ".join(cfg.class_names)})
+
+Per-timestep linear heads over the UNet mid-block output h (the "Attribute Distribution Predictor" of *Balancing Act:
+Distribution-Guided Debiasing in Diffusion Models*, CVPR 2024), for h-space guidance with `BalancingActPipeline`.
+
+- Base model: `{cfg.base_model}` (h shape {list(cfg.h_shape)}: use it only with this model at this resolution)
+- Classes: {list(cfg.class_names)} (class index = position)
+- Heads: {len(cfg.timesteps)}, at the timesteps of `{(manifest.get("scheduler") or {}).get("class")}` with
+  {manifest.get("num_inference_steps")} steps ({cfg.timesteps[0]:g} ... {cfg.timesteps[-1]:g}); any other scheduler's
+  timestep uses the nearest head
+- Temperature for guidance: {cfg.temperature:g}
+
+## Usage
+
+```py
+from pipeline_balancing_act import BalancingActPipeline, HClassifier
+
+classifier = HClassifier.from_pretrained("<this folder or repo id>")
+images = pipe("a photo of a face", h_classifier=classifier, guidance_mode="distribution",
+              target_distribution=[1 / {len(cfg.class_names)}] * {len(cfg.class_names)}, num_images_per_prompt=16).images
+```
+
+## Training data
+
+{source}. Labelled images: {summary.get("num_images")} ({counts}); {summary.get("num_heldout_images")} held out
+(stratified by class, seed {training.get("seed")}). Features stored as {manifest.get("dtype")}.
+
+Training: one linear head per timestep, cross-entropy with class balance `{training.get("balance")}`, AdamW
+(lr {training.get("learning_rate")}, weight decay {training.get("weight_decay")}), {training.get("epochs")} epochs
+(at least {training.get("min_steps")} steps), batch {training.get("batch_size")}, features standardised during training (folded back into the saved heads).
+
+## Held-out accuracy
+
+First step: {first.get("accuracy", float("nan")):.3f} (balanced {first.get("balanced_accuracy", float("nan")):.3f});
+middle step: {middle.get("accuracy", float("nan")):.3f} (balanced {middle.get("balanced_accuracy", float("nan")):.3f});
+last step: {last.get("accuracy", float("nan")):.3f} (balanced {last.get("balanced_accuracy", float("nan")):.3f}).
+
+![accuracy per step]({PLOT_NAME})
+
+{metrics_table(metrics, list(cfg.class_names))}
+
+## Intended use
+
+Steering the attribute distribution of images generated by the base model (distribution guidance) or the attribute
+of each image (sample guidance), and measuring it on h. Not a classifier of real photographs.
+
+## Limits
+
+- Valid only for the base model and the h shape above (another model, resolution or fine-tune gives other h).
+- The labels come from `{manifest.get("label_source")}`: its errors and its class definitions are inherited.
+- Early (noisiest) steps are the least accurate; accuracy was measured on held-out images of the same source only.
+- The attribute classes are a simplification chosen for this classifier; they are not a statement about people.
+"""
+
+
+def save_classifier(result: TrainingResult, output_dir: str | os.PathLike, manifest: dict, overwrite: bool = False):
+    """Writes the classifier folder into a temporary directory next to `output_dir`, then renames it into place.
+
+    An existing `output_dir` is replaced only with `overwrite=True` (moved aside, then removed after the rename).
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"`output_dir` {str(output_dir)!r} already exists; pass `overwrite=True` to replace it.")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".tmp-{output_dir.name}-"))
+    old = None
+    try:
+        result.classifier.save_pretrained(tmp)
+        class_names = list(result.classifier.config.class_names)
+        atomic_write_json(tmp / METRICS_NAME, {"summary": result.summary, "per_step": result.metrics})
+        plot_metrics(
+            result.metrics, tmp / PLOT_NAME, f"h-classifier '{result.classifier.config.attribute}' {class_names}"
+        )
+        atomic_write_text(tmp / "README.md", model_card(result.classifier, result.metrics, result.summary, manifest))
+        if output_dir.exists():
+            old = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".old-{output_dir.name}-"))
+            os.replace(output_dir, old / output_dir.name)
+        os.replace(tmp, output_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        if old is not None:
+            if not output_dir.exists():  # the new folder never landed: put the previous one back
+                os.replace(old / output_dir.name, output_dir)
+            shutil.rmtree(old, ignore_errors=True)
+    logger.info("Saved the classifier to %s", output_dir)
+    return output_dir
+
+
+def load_metrics(classifier_dir: str | os.PathLike) -> dict:
+    return json.loads((Path(classifier_dir) / METRICS_NAME).read_text(encoding="utf-8"))
