@@ -349,18 +349,27 @@ def save_image(image: Image.Image, path: str | os.PathLike) -> None:
             os.remove(tmp)
 
 
-def make_grid(images: Sequence[Image.Image], columns: int = 8, scale: int = 1, padding: int = 2) -> Image.Image:
-    """Images tiled row by row (upscaled by `scale` with nearest neighbour, so small toy images stay crisp)."""
+def make_grid(
+    images: Sequence[Image.Image], columns: int = 8, tile: int | None = None, padding: int = 2
+) -> Image.Image:
+    """
+    Images tiled row by row, each shown `tile` pixels wide (default: small images such as the toy world's 32 px are
+    enlarged by an integer factor to at least 64 px with nearest neighbour, so they stay crisp; large ones such as
+    Stable Diffusion's 512 px are reduced to 128 px).
+    """
     if not images:
         raise ValueError("`images` is empty; nothing to put in a grid.")
-    w, h = images[0].size
-    w, h = w * scale, h * scale
+    width, height = images[0].size
+    if tile is None:
+        tile = width * math.ceil(64 / width) if width < 64 else min(width, 128)
+    w, h = tile, max(1, round(height * tile / width))
+    resample = Image.NEAREST if tile >= width else Image.LANCZOS
     columns = min(columns, len(images))
     rows = math.ceil(len(images) / columns)
     grid = Image.new("RGB", (columns * (w + padding) + padding, rows * (h + padding) + padding), "white")
     for i, image in enumerate(images):
-        tile = image.convert("RGB").resize((w, h), Image.NEAREST)
-        grid.paste(tile, (padding + (i % columns) * (w + padding), padding + (i // columns) * (h + padding)))
+        cell = image.convert("RGB").resize((w, h), resample)
+        grid.paste(cell, (padding + (i % columns) * (w + padding), padding + (i // columns) * (h + padding)))
     return grid
 
 
@@ -420,7 +429,7 @@ def write_outputs(
     output_dir = Path(output_dir)
     write_json(report, output_dir / "results.json")
     for configuration, configuration_images in images.items():
-        save_image(make_grid(configuration_images[:grid_size], scale=2), output_dir / f"grid_{configuration}.png")
+        save_image(make_grid(configuration_images[:grid_size]), output_dir / f"grid_{configuration}.png")
     measured = {name: summary["fractions"] for name, summary in report["results"].items()}
     save_fraction_chart(
         report["spec"]["target"],

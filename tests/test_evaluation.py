@@ -219,10 +219,14 @@ def test_evaluate_measures_each_configuration_and_writes_json_and_pngs(tmp_path)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
 
 
-def test_grid_shape():
-    images = [Image.new("RGB", (4, 4), (i, 0, 0)) for i in range(10)]
-    grid = make_grid(images, columns=4, scale=2, padding=1)
-    assert grid.size == (4 * 9 + 1, 3 * 9 + 1)
+def test_grid_shape_and_tile_size():
+    small = [Image.new("RGB", (16, 16), (i, 0, 0)) for i in range(10)]
+    grid = make_grid(small, columns=4, padding=1)
+    assert grid.size == (4 * 65 + 1, 3 * 65 + 1)  # 16 px enlarged x4 to 64 px
+    assert grid.getpixel((1 + 65 + 10, 1 + 10)) == (1, 0, 0)  # second tile holds the second image
+    large = [Image.new("RGB", (512, 512)) for _ in range(3)]
+    assert make_grid(large, padding=0).size == (3 * 128, 128)
+    assert make_grid(large, tile=32, padding=0).size == (3 * 32, 32)
 
 
 # ---------------------------------------------------------------------------------------------------------------

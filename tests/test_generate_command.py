@@ -48,8 +48,8 @@ def test_generate_on_a_tiny_model_writes_the_side_by_side_grid(tiny_assets, tmp_
     assert report["results"]["vanilla"]["num_images"] == 4 and report["results"]["balanced"]["num_images"] == 4
     assert "No labeller" in capsys.readouterr().out  # a non-toy model is not measured unless a labeller is given
     with Image.open(out / "generate_grid.png") as grid:
-        # two panels of 4 tiles, 16 px images upscaled x2, 2 px padding, 12 px gap
-        assert grid.width == 2 * (4 * (32 + 2) + 2) + 12
+        # two panels of 4 tiles, 16 px images shown at 64 px, 2 px padding, 12 px gap
+        assert grid.width == 2 * (4 * (64 + 2) + 2) + 12
     saved = json.loads((out / "generate_results.json").read_text())
     assert saved["mode"] == "distribution" and saved["spec"]["target"] == [0.5, 0.5]
 

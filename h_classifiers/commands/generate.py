@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = Path(args.output_dir)
     grid_path = output_dir / "generate_grid.png"
     panels = [
-        ("vanilla", make_grid(runs["vanilla"].images, scale=2)),
-        (f"balanced ({args.mode} mode)", make_grid(runs["balanced"].images, scale=2)),
+        ("vanilla", make_grid(runs["vanilla"].images)),
+        (f"balanced ({args.mode} mode)", make_grid(runs["balanced"].images)),
     ]
     save_image(side_by_side(panels), grid_path)
 

@@ -429,7 +429,7 @@ def write_row_figures(
     save_fraction_chart(row.target, measured, result["class_names"], output_dir / f"fractions_{row.name}.png", title)
     for name, configuration_images in images.items():
         if configuration_images:
-            save_image(make_grid(configuration_images, scale=2), output_dir / f"grid_{row.name}_{name}.png")
+            save_image(make_grid(configuration_images), output_dir / f"grid_{row.name}_{name}.png")
 
 
 def relative(path: str) -> str:
