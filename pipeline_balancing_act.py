@@ -353,6 +353,14 @@ class _GuidancePlan:
         return step_index in self.steps
 
 
+def _class_index(classifier: HClassifier, value: Any, argument: str) -> int:
+    """`classifier.class_index` with the name of the argument in the error."""
+    try:
+        return classifier.class_index(value)
+    except ValueError as error:
+        raise ValueError(f"`{argument}`: {error}") from None
+
+
 class BalancingActPipeline(StableDiffusionPipeline):
     r"""
     Stable Diffusion with Balancing Act h-space guidance (Parihar et al., CVPR 2024).
@@ -412,7 +420,7 @@ class BalancingActPipeline(StableDiffusionPipeline):
         names = list(classifier.config.class_names)
         if isinstance(value, str):
             target = torch.zeros(len(names))
-            target[classifier.class_index(value)] = 1.0
+            target[_class_index(classifier, value, "target_distribution")] = 1.0
             return target
         try:
             target = torch.as_tensor(value, dtype=torch.float64).flatten().float()
@@ -439,15 +447,15 @@ class BalancingActPipeline(StableDiffusionPipeline):
 
     @staticmethod
     def _target_indices(value: Any, classifier: HClassifier, num_images: int) -> torch.Tensor:
-        if isinstance(value, (list, tuple)) or (isinstance(value, torch.Tensor) and value.ndim > 0):
+        if not isinstance(value, str) and getattr(value, "ndim", 1) > 0 and hasattr(value, "__len__"):
             if len(value) != num_images:
                 raise ValueError(
                     f"`target_classes` must be one class for all images or a list of one class per image "
                     f"({num_images} images = batch size x num_images_per_prompt); got a list of {len(value)}."
                 )
-            indices = [classifier.class_index(v) for v in value]
+            indices = [_class_index(classifier, v, "target_classes") for v in value]
         else:
-            indices = [classifier.class_index(value)] * num_images
+            indices = [_class_index(classifier, value, "target_classes")] * num_images
         return torch.tensor(indices, dtype=torch.long)
 
     @staticmethod
@@ -507,6 +515,13 @@ class BalancingActPipeline(StableDiffusionPipeline):
             raise ValueError(
                 f"`guidance_steps` holds step index {steps[-1]} but this call has {num_steps} denoising steps "
                 f"(indices 0..{num_steps - 1})."
+            )
+        if isinstance(steps, tuple) and not any(
+            steps[0] * num_steps <= i < steps[1] * num_steps for i in range(num_steps)
+        ):
+            raise ValueError(
+                f"`guidance_steps` window {steps} selects none of the {num_steps} denoising steps (step i is guided "
+                "when start <= i / num_steps < end); widen the window or give step indices."
             )
 
         is_list = isinstance(h_classifier, (list, tuple))

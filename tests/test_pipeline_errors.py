@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import make_generator, tiny_classifier
@@ -48,11 +49,13 @@ NAN = math.nan
         ({"target_distribution": [0.6, 0.6]}, "target_distribution"),
         ({"target_distribution": [NAN, 1.0]}, "target_distribution"),
         ({"target_distribution": torch.tensor([0.7, 0.2])}, "target_distribution"),
-        ({"target_distribution": "purple"}, "purple"),
+        ({"target_distribution": "purple"}, "target_distribution.*purple"),
         ({"target_distribution": None}, "target_distribution"),
         ({"target_distribution": {"a": 1}}, "target_distribution"),
-        ({"guidance_mode": "sample", "target_classes": "purple"}, "purple"),
-        ({"guidance_mode": "sample", "target_classes": 2}, "index"),
+        ({"guidance_mode": "sample", "target_classes": "purple"}, "target_classes.*purple"),
+        ({"guidance_mode": "sample", "target_classes": 2}, "target_classes.*index"),
+        ({"guidance_mode": "sample", "target_classes": ["light", "blue"]}, "target_classes.*blue"),
+        ({"guidance_mode": "sample", "target_classes": np.array([0, 1, 0])}, "target_classes"),
         ({"guidance_mode": "sample", "target_classes": [0, 1, 1]}, "target_classes"),
         ({"guidance_mode": "sample", "target_classes": None}, "target_classes"),
         ({"guidance_strength": -1.0}, "guidance_strength"),
@@ -66,6 +69,7 @@ NAN = math.nan
         ({"guidance_steps": [0, 1.5]}, "guidance_steps"),
         ({"guidance_steps": 0.5}, "guidance_steps"),
         ({"guidance_steps": [5]}, "guidance_steps"),  # 2 denoising steps: index 5 does not exist
+        ({"guidance_steps": (0.1, 0.4)}, "guidance_steps"),  # 2 steps: i / 2 in {0, 0.5}, none in the window
         ({"guidance_loss": "l1"}, "guidance_loss"),
         ({"classifier_temperature": 0.0}, "classifier_temperature"),
         ({"guided_branches": "uncond"}, "guided_branches"),
@@ -114,4 +118,6 @@ def test_accepted_edge_values(ba_pipe):
     call(ba_pipe, h_classifier=CLASSIFIER, target_distribution=[0.5, 0.5004], guidance_strength=0.0)
     call(ba_pipe, h_classifier=CLASSIFIER, target_distribution=torch.tensor([1.0, 0.0]), guidance_steps=range(2))
     call(ba_pipe, h_classifier=[CLASSIFIER, HAIR], target_distribution=["dark", [0.2, 0.3, 0.5]])
+    call(ba_pipe, h_classifier=CLASSIFIER, guidance_mode="sample", target_classes=np.array([1, 0]))
+    call(ba_pipe, h_classifier=[CLASSIFIER, HAIR], guidance_mode="sample", target_classes=[["dark", 0], "red"])
     assert isinstance(HClassifier, type)
