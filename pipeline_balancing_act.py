@@ -15,6 +15,7 @@ its own. It defines:
 import copy
 import math
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -163,19 +164,26 @@ class HClassifier(ModelMixin, ConfigMixin):
         bias = self.bias[index].to(device=h.device, dtype=torch.float32)
         return F.linear(h.flatten(1).float(), weight, bias)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
-        """`ModelMixin.save_pretrained` (safetensors + config.json), written to temporary names then renamed."""
-        if kwargs.get("push_to_hub") or kwargs.get("safe_serialization", True) is False:
-            if kwargs.get("safe_serialization", True) is False:
-                raise ValueError("`safe_serialization=False` is not supported: HClassifier weights are safetensors.")
-            return super().save_pretrained(save_directory, **kwargs)
-        import tempfile
-
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        """
+        `ModelMixin.save_pretrained` (safetensors + config.json), each file written to a temporary name in
+        `save_directory` then renamed, so an interrupted save never leaves a half-written file. With
+        `push_to_hub=True` the saved classifier is then uploaded with `push_to_hub` (`repo_id`, `commit_message`,
+        `private`, `token`, `create_pr` are passed to it).
+        """
+        if kwargs.get("safe_serialization", True) is False:
+            raise ValueError("`safe_serialization=False` is not supported: HClassifier weights are safetensors.")
+        hub_kwargs = {
+            k: kwargs.pop(k) for k in ("repo_id", "commit_message", "private", "token", "create_pr") if k in kwargs
+        }
         os.makedirs(save_directory, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=save_directory, prefix=".tmp-") as tmp:
             super().save_pretrained(tmp, **kwargs)
             for name in os.listdir(tmp):
                 os.replace(os.path.join(tmp, name), os.path.join(save_directory, name))
+        if push_to_hub:
+            repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.abspath(save_directory)))
+            self.push_to_hub(repo_id, **hub_kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "HClassifier":

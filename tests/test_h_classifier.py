@@ -246,3 +246,13 @@ def test_mid_block_hook_rejects_a_wrong_replacement(sd_pipe):
         with pytest.raises(ValueError, match="shape"):
             sd_pipe.unet(torch.randn(1, 4, 8, 8), 10, encoder_hidden_states=torch.randn(1, 77, 32))
     assert len(sd_pipe.unet.mid_block._forward_hooks) == 0
+
+
+def test_save_with_push_to_hub_saves_then_uploads(tmp_path, monkeypatch):
+    pushed = []
+    monkeypatch.setattr(HClassifier, "push_to_hub", lambda self, repo_id, **kw: pushed.append((repo_id, kw)))
+    tiny_classifier().save_pretrained(tmp_path / "skin", push_to_hub=True, repo_id="user/skin", private=True)
+    assert pushed == [("user/skin", {"private": True})]
+    assert (tmp_path / "skin" / "diffusion_pytorch_model.safetensors").is_file()
+    with pytest.raises(ValueError, match="safe_serialization"):
+        tiny_classifier().save_pretrained(tmp_path / "x", safe_serialization=False)
