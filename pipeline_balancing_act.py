@@ -500,14 +500,10 @@ class BalancingActPipeline(StableDiffusionPipeline):
         num_steps: int,
         height: int,
         width: int,
-    ) -> _GuidancePlan | None:
-        """Validate our arguments and load the classifiers; `None` means vanilla Stable Diffusion."""
-        if guidance_mode is not None and guidance_mode not in GUIDANCE_MODES:
+    ) -> _GuidancePlan:
+        """Validate our arguments (guidance active: a mode and a classifier) and load the classifiers."""
+        if guidance_mode not in GUIDANCE_MODES:
             raise ValueError(f"`guidance_mode` must be None, 'sample' or 'distribution'; got {guidance_mode!r}.")
-        if guidance_mode is None or h_classifier is None:
-            if guidance_mode is not None:
-                logger.warning(f"`guidance_mode={guidance_mode!r}` without `h_classifier`: no guidance is applied.")
-            return None
         if guidance_loss not in GUIDANCE_LOSSES:
             raise ValueError(f"`guidance_loss` must be one of {list(GUIDANCE_LOSSES)}; got {guidance_loss!r}.")
         if guided_branches not in GUIDED_BRANCHES:
@@ -782,12 +778,18 @@ class BalancingActPipeline(StableDiffusionPipeline):
             "callback_on_step_end_tensor_inputs": callback_on_step_end_tensor_inputs,
             **kwargs,
         }
-        if guidance_mode is None and h_classifier is None:
+        if guidance_mode is not None and guidance_mode not in GUIDANCE_MODES:
+            raise ValueError(f"`guidance_mode` must be None, 'sample' or 'distribution'; got {guidance_mode!r}.")
+        if guidance_mode is None or h_classifier is None:
+            if guidance_mode is not None:
+                logger.warning(f"`guidance_mode={guidance_mode!r}` without `h_classifier`: no guidance is applied.")
             return super().__call__(**standard)
 
         # Same defaults as StableDiffusionPipeline, needed before the loop for the h-shape check.
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        if not height or not width:
+            sample_size = self.unet.config.sample_size
+            size = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
+            height, width = size[0] * self.vae_scale_factor, size[1] * self.vae_scale_factor
         if isinstance(prompt, str):
             batch_size = 1
         elif isinstance(prompt, list):
@@ -811,8 +813,6 @@ class BalancingActPipeline(StableDiffusionPipeline):
             height,
             width,
         )
-        if plan is None:
-            return super().__call__(**standard)
 
         pre_hook = self.unet.register_forward_pre_hook(self._capture_timestep(plan), with_kwargs=True)
         try:
