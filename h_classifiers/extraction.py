@@ -230,19 +230,30 @@ class HFeatureStore:
                     yield HSlice(f.get_tensor(f"h_{branch}")[keep], labels[keep], index[keep])
 
     def load_timestep(self, step: int, branches: Sequence[str] | None = None, drop_unlabelled: bool = True) -> HSlice:
-        """The whole slice of `step` across chunks: features [N, C, H, W] in the storage dtype."""
-        # Chunks without rows (every image of the chunk unreadable) may lack h's shape: leave them out.
-        parts = [p for p in self.iter_timestep(step, branches, drop_unlabelled) if p.labels.numel()]
-        if not parts:
-            shape = self.manifest.get("h_shape") or [0, 0, 0]
-            dtype = getattr(torch, self.manifest["dtype"])
-            empty = torch.zeros(0, dtype=torch.long)
-            return HSlice(torch.zeros(0, *shape, dtype=dtype), empty, empty.clone())
-        return HSlice(
-            torch.cat([p.features for p in parts]),
-            torch.cat([p.labels for p in parts]),
-            torch.cat([p.image_index for p in parts]),
-        )
+        """The whole slice of `step` across chunks: features [N, C, H, W] in the storage dtype.
+
+        The output is allocated once (row counts come from the small label tensors) and filled chunk by chunk, so
+        the peak memory is the slice plus one chunk's part, not twice the slice.
+        """
+        step = self._check_step(step)
+        branches = self._check_branches(branches)
+        labels, index = [], []
+        for chunk in self.chunk_dirs:
+            with safe_open(str(chunk / step_file_name(step)), framework="pt") as f:
+                chunk_labels = f.get_tensor("labels")
+                keep = chunk_labels >= 0 if drop_unlabelled else torch.ones_like(chunk_labels, dtype=torch.bool)
+                labels += [chunk_labels[keep]] * len(branches)
+                index += [f.get_tensor("image_index")[keep]] * len(branches)
+        num_rows = sum(len(part) for part in labels)
+        shape = self.manifest.get("h_shape") or [0, 0, 0]
+        features = torch.empty(num_rows, *shape, dtype=getattr(torch, self.manifest["dtype"]))
+        row = 0
+        for part in self.iter_timestep(step, branches, drop_unlabelled):
+            if part.labels.numel():  # chunks without rows may lack h's shape
+                features[row : row + len(part.labels)] = part.features
+                row += len(part.labels)
+        empty = torch.zeros(0, dtype=torch.long)
+        return HSlice(features, torch.cat(labels) if labels else empty, torch.cat(index) if index else empty.clone())
 
 
 def load_timestep(features_dir: str | os.PathLike, step: int, **kwargs) -> HSlice:

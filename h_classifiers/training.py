@@ -133,16 +133,16 @@ def accuracy_metrics(predictions: torch.Tensor, labels: torch.Tensor, num_classe
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _feature_stats(x: torch.Tensor, block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-feature mean and std of x [N, D] (any float dtype) in float64 accumulators, a block of rows at a time."""
+def _feature_stats(x: torch.Tensor, rows: torch.Tensor, block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and std of x[rows] (x [N, D], any float dtype), float64 accumulators, a block at a time."""
     total = torch.zeros(x.shape[1], dtype=torch.float64)
     total_sq = torch.zeros_like(total)
-    for i in range(0, x.shape[0], block):
-        rows = x[i : i + block].to(torch.float64)
-        total += rows.sum(0)
-        total_sq += (rows * rows).sum(0)
-    mean = total / x.shape[0]
-    var = (total_sq / x.shape[0] - mean * mean).clamp_min(0)
+    for i in range(0, len(rows), block):
+        part = x[rows[i : i + block]].to(torch.float64)
+        total += part.sum(0)
+        total_sq += (part * part).sum(0)
+    mean = total / max(len(rows), 1)
+    var = (total_sq / max(len(rows), 1) - mean * mean).clamp_min(0)
     std = var.sqrt()
     # Near-constant features would get huge weights once the standardisation is folded back: floor their scale.
     floor = 1e-2 * float(std.median()) + 1e-6
@@ -150,22 +150,29 @@ def _feature_stats(x: torch.Tensor, block: int = 1024) -> tuple[torch.Tensor, to
 
 
 def train_head(
-    x: torch.Tensor, y: torch.Tensor, num_classes: int, config: TrainingConfig, generator: torch.Generator
+    x: torch.Tensor,
+    y: torch.Tensor,
+    rows: torch.Tensor,
+    num_classes: int,
+    config: TrainingConfig,
+    generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Trains one linear head on rows x [N, D] (kept in their storage dtype), labels y [N].
+    """Trains one linear head on the rows `rows` of x [N, D] (kept in its storage dtype; only mini-batches are
+    converted to float32, so no copy of the slice is made), labels y [N].
 
     Returns (weight [K, D], bias [K]) acting on raw features.
     """
     device = torch.device(config.device)
-    mean, std = _feature_stats(x)
+    mean, std = _feature_stats(x, rows)
     mean, std = mean.to(device), std.to(device)
     weight = torch.zeros(num_classes, x.shape[1], device=device, requires_grad=True)
     bias = torch.zeros(num_classes, device=device, requires_grad=True)
     optimizer = torch.optim.AdamW([weight, bias], lr=config.learning_rate, weight_decay=config.weight_decay)
-    loss_weights = class_weights(y, num_classes).to(device) if config.balance == "loss" else None
+    y_rows = y[rows]
+    loss_weights = class_weights(y_rows, num_classes).to(device) if config.balance == "loss" else None
     if config.balance == "sampling":
-        sample_probs = class_weights(y, num_classes)[y]
-    n = x.shape[0]
+        sample_probs = class_weights(y_rows, num_classes)[y_rows]
+    n = len(rows)
     epochs = max(config.epochs, math.ceil(config.min_steps / math.ceil(n / config.batch_size)))
     for _ in range(epochs):
         if config.balance == "sampling":
@@ -173,9 +180,9 @@ def train_head(
         else:
             order = torch.randperm(n, generator=generator)
         for i in range(0, n, config.batch_size):
-            idx = order[i : i + config.batch_size]
-            rows = (x[idx].to(device, torch.float32) - mean) / std
-            logits = F.linear(rows, weight, bias)
+            idx = rows[order[i : i + config.batch_size]]
+            batch = (x[idx].to(device, torch.float32) - mean) / std
+            logits = F.linear(batch, weight, bias)
             loss = F.cross_entropy(logits, y[idx].to(device), weight=loss_weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -187,8 +194,9 @@ def train_head(
 
 
 @torch.no_grad()
-def _predict(classifier: HClassifier, h: torch.Tensor, timestep: float, block: int = 1024) -> torch.Tensor:
-    preds = [classifier(h[i : i + block], timestep).argmax(-1) for i in range(0, h.shape[0], block)]
+def _predict(classifier: HClassifier, h: torch.Tensor, rows: torch.Tensor, timestep: float, block: int = 1024):
+    """Predicted classes of h[rows] with the classifier's own forward (what guidance uses), a block at a time."""
+    preds = [classifier(h[rows[i : i + block]], timestep).argmax(-1) for i in range(0, len(rows), block)]
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
 
 
@@ -250,18 +258,17 @@ def train_classifier(
     metrics = []
     for step in tqdm(range(store.num_steps), desc="train heads", unit="step", disable=not progress):
         data = store.load_timestep(step, branches=branches)
-        x = data.features.flatten(1)
         held = torch.isin(data.image_index, holdout_ids)
-        train_x, train_y = x[~held], data.labels[~held]
-        weight, bias = train_head(train_x, train_y, num_classes, config, generator)
+        train_rows, held_rows = (~held).nonzero().flatten(), held.nonzero().flatten()
+        weight, bias = train_head(data.features.flatten(1), data.labels, train_rows, num_classes, config, generator)
         with torch.no_grad():
             classifier.weight[step].copy_(weight)
             classifier.bias[step].copy_(bias)
         timestep = store.timesteps[step]
-        train_metrics = accuracy_metrics(_predict(classifier, data.features[~held], timestep), train_y, num_classes)
-        held_metrics = accuracy_metrics(
-            _predict(classifier, data.features[held], timestep), data.labels[held], num_classes
-        )
+        train_preds = _predict(classifier, data.features, train_rows, timestep)
+        held_preds = _predict(classifier, data.features, held_rows, timestep)
+        train_metrics = accuracy_metrics(train_preds, data.labels[train_rows], num_classes)
+        held_metrics = accuracy_metrics(held_preds, data.labels[held_rows], num_classes)
         metrics.append(
             {
                 "step": step,
@@ -274,7 +281,7 @@ def train_classifier(
                 "recall": held_metrics["recall"],
             }
         )
-        del data, x, train_x
+        del data
     classifier.eval()
     summary = summarize(metrics)
     summary.update(
