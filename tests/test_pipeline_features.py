@@ -13,7 +13,7 @@ from diffusers import (
 )
 from tiny_models import HRecorder, make_generator, tiny_classifier, tiny_sd_pipeline
 
-from pipeline_balancing_act import BalancingActPipeline
+from pipeline_balancing_act import BalancingActPipeline, guidance_loss
 
 
 PROMPT = "a photo of a face"
@@ -51,8 +51,9 @@ def test_schedulers_run_guided(fresh_ba_pipe, scheduler_cls, steps):
     assert hooks_are_removed(pipe)
 
 
-def test_bfloat16_pipeline_guides_in_float32(fresh_ba_pipe):
-    pipe = fresh_ba_pipe.to(torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_pipeline_guides_in_float32(fresh_ba_pipe, dtype):
+    pipe = fresh_ba_pipe.to(dtype)
     clf = tiny_classifier()
     with HRecorder(pipe.unet) as rec:
         images = pipe(
@@ -64,8 +65,17 @@ def test_bfloat16_pipeline_guides_in_float32(fresh_ba_pipe):
             h_classifier=clf,
             **GUIDED,
         ).images
-    assert rec.before[0].dtype == torch.bfloat16 and rec.after[0].dtype == torch.bfloat16
-    assert not torch.equal(rec.before[0], rec.after[0])
+    assert rec.before[0].dtype == dtype and rec.after[0].dtype == dtype
+    for before, after, t in zip(rec.before, rec.after, rec.timesteps):
+        # the conditional rows move by the float32 gradient, cast back once
+        h = before[2:].float().requires_grad_()
+        loss = (
+            GUIDED["guidance_strength"] * 2 * guidance_loss(clf(h, t), "distribution", GUIDED["target_distribution"])
+        )
+        (grad,) = torch.autograd.grad(loss, h)
+        assert grad.abs().max() > 0.01
+        torch.testing.assert_close(after[2:], (h.detach() - grad).to(dtype), rtol=0, atol=0)
+        assert torch.equal(after[:2], before[:2])
     assert np.isfinite(images).all()
     assert clf.weight.dtype == torch.float32  # the classifier itself is not cast
 
