@@ -256,3 +256,39 @@ def test_folder_argument_errors(sd_pipe, image_dir, tmp_path):
         extract_from_folders(sd_pipe, image_dir, tmp_path / "out", class_names=["light", "medium"])
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         HFeatureStore(tmp_path / "none")
+
+
+@pytest.fixture(scope="module")
+def saved_model(sd_pipe, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-sd")
+    sd_pipe.save_pretrained(path)
+    return path
+
+
+def test_extract_command_both_recipes(saved_model, image_dir, tmp_path, capsys):
+    from h_classifiers.commands.extract import main
+
+    common = ["--model", str(saved_model), "--steps", "3", "--batch-size", "2", "--no-progress"]
+    with pytest.warns(UserWarning):
+        main(
+            common
+            + ["--image-dir", str(image_dir), "--class-names", "light,dark", "--output-dir", str(tmp_path / "a")]
+        )
+    assert "5 images x 3 steps" in capsys.readouterr().out
+    assert HFeatureStore(tmp_path / "a").class_names == ["light", "dark"]
+    main(
+        common
+        + ["--prompt", "a face", "--num-images", "3", "--labeller", "toy:glasses", "--output-dir", str(tmp_path / "b")]
+    )
+    store = HFeatureStore(tmp_path / "b")
+    assert store.manifest["label_source"] == "toy_world.ToyOracle[glasses]" and store.class_names == [
+        "without",
+        "with",
+    ]
+    assert store.manifest["num_images"] == 3 and store.manifest["scheduler"]["class"] == "DDIMScheduler"
+    with pytest.raises(SystemExit):
+        main(common + ["--output-dir", str(tmp_path / "c")])  # no recipe
+    assert "exactly one recipe" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(common + ["--prompt", "a face", "--output-dir", str(tmp_path / "c")])
+    assert "needs `--num-images` and `--labeller`" in capsys.readouterr().err
