@@ -1,9 +1,12 @@
 """Balancing Act companion tools. The runtime pieces live in the single-file pipeline and are re-exported here."""
 
 from pipeline_balancing_act import (
+    DEFAULT_GUIDANCE_STRENGTH,
     DEFAULT_TEMPERATURE,
     GUIDANCE_LOSSES,
     GUIDANCE_MODES,
+    GUIDED_BRANCHES,
+    BalancingActPipeline,
     HClassifier,
     MidBlockHook,
     guidance_loss,
@@ -11,9 +14,12 @@ from pipeline_balancing_act import (
 
 
 __all__ = [
+    "DEFAULT_GUIDANCE_STRENGTH",
     "DEFAULT_TEMPERATURE",
     "GUIDANCE_LOSSES",
     "GUIDANCE_MODES",
+    "GUIDED_BRANCHES",
+    "BalancingActPipeline",
     "HClassifier",
     "MidBlockHook",
     "guidance_loss",
