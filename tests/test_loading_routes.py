@@ -105,8 +105,8 @@ def test_diffusion_pipeline_from_pipe_with_custom_pipeline(modules_cache):
     check_guided_pipeline(pipe)
 
 
-def test_hub_classifier_id_is_resolved_through_from_pretrained(ba_pipe, tmp_path):
-    """A classifier given as a path string is loaded with HClassifier.from_pretrained (Hub ids take the same road)."""
+def test_classifier_given_as_a_path_is_loaded_and_cached(ba_pipe, tmp_path):
+    """A path string is loaded with HClassifier.from_pretrained (Hub ids take the same road) and cached."""
     tiny_classifier(seed=9).save_pretrained(tmp_path / "skin")
     images = ba_pipe(PROMPT, generator=make_generator(0), h_classifier=str(tmp_path / "skin"), **GUIDED, **CALL).images
     again = ba_pipe(PROMPT, generator=make_generator(0), h_classifier=tiny_classifier(seed=9), **GUIDED, **CALL).images
