@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import inspect
 import json
 import math
@@ -391,8 +392,6 @@ def torch_dtype(config: BenchConfig) -> torch.dtype:
 
 def random_classifier(h_shape: list[int], scheduler, seed: int, attribute: str, class_names: list[str]):
     """An HClassifier with seeded random heads at the scheduler's 50-step timesteps (shapes are what cost matters)."""
-    import copy
-
     from pipeline_balancing_act import HClassifier
 
     planned = copy.deepcopy(scheduler)
@@ -562,15 +561,20 @@ def generation_memory_worker(config: BenchConfig, scale_name: str, arm: str) -> 
     return {**memory.as_dict(), "wall_s": wall, "build_s": scale.build_s}
 
 
-def measure_guidance_step(scale: GenerationScale, arm: str, config: BenchConfig) -> dict[str, Any]:
+def measure_guidance_step(
+    scale: GenerationScale, arm: str, config: BenchConfig, classifier: Any = None
+) -> dict[str, Any]:
     """Milliseconds of the pipeline's own mid-block hook on one h of the UNet's shape (the guidance cost per step).
 
     Uses the pipeline's internals (`check_guidance_inputs`, `_guide_h`); reports why when they are not there.
+    `classifier` replaces the scale's classifier (e.g. one already moved to the GPU).
     """
     guided = scale.guided
     rows = scale.num_images * (2 if scale.guidance_scale > 1 else 1)
     try:
         kwargs = guidance_kwargs(scale, arm)
+        if classifier is not None:
+            kwargs["h_classifier"] = classifier
         size = scale.call_kwargs.get("height") or guided.unet.config.sample_size * guided.vae_scale_factor
         values = {
             "h_classifier": kwargs["h_classifier"],
@@ -605,6 +609,15 @@ def measure_guidance_step(scale: GenerationScale, arm: str, config: BenchConfig)
             hook(h)
         times = [timed(lambda: hook(h), config.device) * 1000 for _ in range(config.guidance_step_repeats)]
     return {"available": True, "rows": rows, "ms_median": statistics.median(times), "ms_min": min(times)}
+
+
+def classifier_on_device(scale: GenerationScale, config: BenchConfig) -> Any:
+    from pipeline_balancing_act import HClassifier
+
+    classifier = scale.classifier
+    if isinstance(classifier, str):
+        classifier = HClassifier.from_pretrained(classifier)
+    return copy.deepcopy(classifier).to(config.device).eval()
 
 
 def sync_count(scale: GenerationScale, arm: str, config: BenchConfig) -> int | None:
@@ -669,6 +682,11 @@ def bench_generation_scale(config: BenchConfig, scale_name: str) -> dict[str, An
         if arm != "vanilla":
             arms[arm]["guidance_step"] = measure_guidance_step(scale, arm, config)
             arms[arm]["host_device_syncs"] = sync_count(scale, arm, config)
+            if config.device.startswith("cuda"):
+                # What moving the classifier to the UNet's device once per call would save.
+                arms[arm]["guidance_step_classifier_on_device"] = measure_guidance_step(
+                    scale, arm, config, classifier_on_device(scale, config)
+                )
     if config.device.startswith("cuda"):
         arms["vanilla"]["host_device_syncs"] = sync_count(scale, "vanilla", config)
 
@@ -1047,6 +1065,16 @@ def markdown_table(results: dict[str, Any]) -> str:
                     f"{data['order']}; memory: {data['arms']['vanilla']['memory']['measured_in']} "
                     f"({data['arms']['vanilla']['memory']['method']})."
                 )
+                syncs = {arm: data["arms"][arm].get("host_device_syncs") for arm in ARMS}
+                if any(v is not None for v in syncs.values()):
+                    on_device = {
+                        arm: data["arms"][arm].get("guidance_step_classifier_on_device", {}).get("ms_median")
+                        for arm in GUIDED_ARMS
+                    }
+                    lines.append(
+                        f"- {scale}: host-device synchronisations per call {syncs}; guidance step with the classifier "
+                        f"moved to the device first (ms): {on_device}."
+                    )
         lines.append("")
     extraction = results.get("extraction", {})
     if extraction:
