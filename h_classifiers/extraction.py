@@ -227,7 +227,8 @@ class HFeatureStore:
                 index = f.get_tensor("image_index")
                 keep = labels >= 0 if drop_unlabelled else torch.ones_like(labels, dtype=torch.bool)
                 for branch in branches:
-                    yield HSlice(f.get_tensor(f"h_{branch}")[keep], labels[keep], index[keep])
+                    h = f.get_tensor(f"h_{branch}")
+                    yield HSlice(h if keep.all() else h[keep], labels[keep], index[keep])
 
     def load_timestep(self, step: int, branches: Sequence[str] | None = None, drop_unlabelled: bool = True) -> HSlice:
         """The whole slice of `step` across chunks: features [N, C, H, W] in the storage dtype.

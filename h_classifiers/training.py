@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 BALANCE_MODES = ("loss", "sampling", "none")
 METRICS_NAME = "metrics.json"
+# Working-memory unit for statistics and predictions: 4M values (16 MB in float32) per block of rows.
+BLOCK_ELEMENTS = 4 * 2**20
 PLOT_NAME = "accuracy.png"
 
 
@@ -133,10 +135,16 @@ def accuracy_metrics(predictions: torch.Tensor, labels: torch.Tensor, num_classe
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _feature_stats(x: torch.Tensor, rows: torch.Tensor, block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def _block_rows(dim: int) -> int:
+    """Rows per block so that a float32 block holds about BLOCK_ELEMENTS values (working memory stays small)."""
+    return max(1, BLOCK_ELEMENTS // dim)
+
+
+def _feature_stats(x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-feature mean and std of x[rows] (x [N, D], any float dtype), float64 accumulators, a block at a time."""
     total = torch.zeros(x.shape[1], dtype=torch.float64)
     total_sq = torch.zeros_like(total)
+    block = _block_rows(x.shape[1])
     for i in range(0, len(rows), block):
         part = x[rows[i : i + block]].to(torch.float64)
         total += part.sum(0)
@@ -181,7 +189,7 @@ def train_head(
             order = torch.randperm(n, generator=generator)
         for i in range(0, n, config.batch_size):
             idx = rows[order[i : i + config.batch_size]]
-            batch = (x[idx].to(device, torch.float32) - mean) / std
+            batch = x[idx].to(device, torch.float32).sub_(mean).div_(std)  # in place: one float32 mini-batch
             logits = F.linear(batch, weight, bias)
             loss = F.cross_entropy(logits, y[idx].to(device), weight=loss_weights)
             optimizer.zero_grad(set_to_none=True)
@@ -194,8 +202,9 @@ def train_head(
 
 
 @torch.no_grad()
-def _predict(classifier: HClassifier, h: torch.Tensor, rows: torch.Tensor, timestep: float, block: int = 1024):
+def _predict(classifier: HClassifier, h: torch.Tensor, rows: torch.Tensor, timestep: float):
     """Predicted classes of h[rows] with the classifier's own forward (what guidance uses), a block at a time."""
+    block = _block_rows(h[0].numel())
     preds = [classifier(h[rows[i : i + block]], timestep).argmax(-1) for i in range(0, len(rows), block)]
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
 
