@@ -370,9 +370,8 @@ def run_table(args: argparse.Namespace, rows: list[Row], batch_sizes: list[int],
                 "batches": batches,
             }
         )
-        write_row_figures(
-            row, report_rows[-1], {n: r["images"] for n, r in generated.items()}, batch_sizes, output_dir
-        )
+        grids = {n: r["images"] for n, r in generated.items()} if row.name in GRID_ROWS else {}
+        write_row_figures(row, report_rows[-1], grids, batch_sizes, output_dir)
     report = {
         "what": "Balancing Act reproduction table on the toy world (issue 4, section 5)",
         "command": "balancing-act reproduce " + " ".join(args.argv),
