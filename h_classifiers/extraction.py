@@ -88,6 +88,7 @@ RUN_KEYS = (
     "class_names",
     "attribute",
     "label_source",
+    "label_sets",
 )
 
 
@@ -147,9 +148,14 @@ class HFeatureStore:
 
     Only completed chunks are visible. `load_timestep(step)` opens one file per chunk and reads only the requested
     branches, so memory is bounded by one timestep's slice.
+
+    Args:
+        root: the extraction output directory.
+        label_set: which labels to read when the generation recipe ran several labellers (one per attribute, see
+            `manifest["label_sets"]`); default: the first labeller's, stored in the shards.
     """
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, label_set: str | None = None):
         self.root = Path(root)
         manifest_path = self.root / MANIFEST_NAME
         if not manifest_path.is_file():
@@ -163,6 +169,23 @@ class HFeatureStore:
                 f"{FORMAT_VERSION}."
             )
         self.chunk_dirs = completed_chunks(self.root)
+        sets = self.manifest.get("label_sets") or {}
+        if label_set is not None and label_set not in sets:
+            raise ValueError(f"`label_set` must be one of the store's label sets {sorted(sets)}, got {label_set!r}.")
+        primary = self.manifest.get("attribute")
+        self.label_set = label_set if label_set is not None else primary
+        # Labels of another label set are looked up by image index (from the chunks' records), not read from shards.
+        self._lookup = self._label_lookup(label_set) if label_set is not None and label_set != primary else None
+
+    def _label_lookup(self, label_set: str) -> torch.Tensor:
+        pairs = []
+        for chunk in self.chunk_dirs:
+            info = json.loads((chunk / CHUNK_INFO_NAME).read_text(encoding="utf-8"))
+            pairs += [(r["index"], r["labels"][label_set]) for r in info["images"]]
+        lookup = torch.full((max((i for i, _ in pairs), default=-1) + 1,), -1, dtype=torch.long)
+        for index, label in pairs:
+            lookup[index] = label
+        return lookup
 
     @property
     def timesteps(self) -> list[float]:
@@ -174,7 +197,15 @@ class HFeatureStore:
 
     @property
     def class_names(self) -> list[str]:
+        if self._lookup is not None:
+            return list(self.manifest["label_sets"][self.label_set]["class_names"])
         return list(self.manifest["class_names"])
+
+    @property
+    def label_source(self) -> str | None:
+        if self._lookup is not None:
+            return self.manifest["label_sets"][self.label_set]["label_source"]
+        return self.manifest.get("label_source")
 
     @property
     def branches(self) -> list[str]:
@@ -200,6 +231,12 @@ class HFeatureStore:
             raise ValueError(f"`branches` must be a non-empty subset of the recorded {self.branches}, got {branches}.")
         return branches
 
+    def _labels_of(self, f) -> tuple[torch.Tensor, torch.Tensor]:
+        """(labels, image_index) of one open shard, in the selected label set."""
+        index = f.get_tensor("image_index")
+        labels = f.get_tensor("labels") if self._lookup is None else self._lookup[index]
+        return labels, index
+
     def labels(self, drop_unlabelled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Labels and image indices of every stored row of one branch (read from step 0's files)."""
         if not self.chunk_dirs:
@@ -207,8 +244,9 @@ class HFeatureStore:
         labels, index = [], []
         for chunk in self.chunk_dirs:
             with safe_open(str(chunk / step_file_name(0)), framework="pt") as f:
-                labels.append(f.get_tensor("labels"))
-                index.append(f.get_tensor("image_index"))
+                chunk_labels, chunk_index = self._labels_of(f)
+            labels.append(chunk_labels)
+            index.append(chunk_index)
         labels, index = torch.cat(labels), torch.cat(index)
         if drop_unlabelled:
             keep = labels >= 0
@@ -223,8 +261,7 @@ class HFeatureStore:
         branches = self._check_branches(branches)
         for chunk in self.chunk_dirs:
             with safe_open(str(chunk / step_file_name(step)), framework="pt") as f:
-                labels = f.get_tensor("labels")
-                index = f.get_tensor("image_index")
+                labels, index = self._labels_of(f)
                 keep = labels >= 0 if drop_unlabelled else torch.ones_like(labels, dtype=torch.bool)
                 for branch in branches:
                     h = f.get_tensor(f"h_{branch}")
@@ -241,10 +278,10 @@ class HFeatureStore:
         labels, index = [], []
         for chunk in self.chunk_dirs:
             with safe_open(str(chunk / step_file_name(step)), framework="pt") as f:
-                chunk_labels = f.get_tensor("labels")
-                keep = chunk_labels >= 0 if drop_unlabelled else torch.ones_like(chunk_labels, dtype=torch.bool)
-                labels += [chunk_labels[keep]] * len(branches)
-                index += [f.get_tensor("image_index")[keep]] * len(branches)
+                chunk_labels, chunk_index = self._labels_of(f)
+            keep = chunk_labels >= 0 if drop_unlabelled else torch.ones_like(chunk_labels, dtype=torch.bool)
+            labels += [chunk_labels[keep]] * len(branches)
+            index += [chunk_index[keep]] * len(branches)
         num_rows = sum(len(part) for part in labels)
         shape = self.manifest.get("h_shape") or [0, 0, 0]
         features = torch.empty(num_rows, *shape, dtype=getattr(torch, self.manifest["dtype"]))
@@ -808,7 +845,7 @@ def extract_from_generation(
     prompts: str | Sequence[str],
     num_images: int,
     output_dir: str | os.PathLike,
-    labeller: Labeller,
+    labeller: Labeller | Sequence[Labeller],
     num_inference_steps: int = 50,
     guidance_scale: float = 7.5,
     negative_prompt: str | None = None,
@@ -830,6 +867,9 @@ def extract_from_generation(
     in the shards with label -1; readers drop them by default.
 
     Args:
+        labeller: one `Labeller`, or several with distinct `attribute` names: each gives a label set (the first is
+            stored in the shards, all are in the per-image records), so one generation serves several attribute
+            classifiers (`HFeatureStore(..., label_set=...)`, `balancing-act train --attribute ...`).
         record_branch: with classifier-free guidance (`guidance_scale` > 1) the UNet sees [uncond; cond]: store the
             "cond" rows (default), the "uncond" rows or "both".
         Others as in `extract_from_folders`.
@@ -847,8 +887,17 @@ def extract_from_generation(
     storage_dtype = _check_dtype(dtype)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}.")
-    if not isinstance(labeller, Labeller):
-        raise TypeError(f"`labeller` must be an h_classifiers.labellers.Labeller, got {type(labeller).__name__}.")
+    labellers = [labeller] if isinstance(labeller, Labeller) else list(labeller)
+    for item in labellers:
+        if not isinstance(item, Labeller):
+            raise TypeError(f"`labeller` must be h_classifiers.labellers.Labeller(s), got {type(item).__name__}.")
+    attributes = [item.attribute for item in labellers]
+    if not labellers or (len(labellers) > 1 and (None in attributes or len(set(attributes)) != len(attributes))):
+        raise ValueError(
+            f"`labeller` must be one labeller, or several with distinct attribute names (one label set each), got "
+            f"attributes {attributes}."
+        )
+    labeller = labellers[0]
     if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
         raise ValueError(f"`guidance_scale` must be a finite number, got {guidance_scale!r}.")
     cfg = guidance_scale > 1.0
@@ -878,6 +927,11 @@ def extract_from_generation(
         "class_names": list(labeller.class_names),
         "attribute": labeller.attribute,
         "label_source": labeller.source,
+        "label_sets": {
+            item.attribute: {"class_names": list(item.class_names), "label_source": item.source}
+            for item in labellers
+            if item.attribute is not None
+        },
     }
     manifest = _prepare_output_dir(output_dir, run)
     plan = list(range(num_images))
@@ -909,13 +963,16 @@ def extract_from_generation(
                 f"Recorded {len(recorder.calls)} UNet calls at timesteps {seen_timesteps}, expected one per planned "
                 f"timestep {timesteps}; this scheduler/pipeline calls the UNet differently."
             )
-        labels = labeller(output.images)
+        every = [item(output.images) for item in labellers]
         flagged = getattr(output, "nsfw_content_detected", None)
         if flagged is not None:
-            labels = torch.where(torch.tensor([bool(f) for f in flagged]), torch.full_like(labels, -1), labels)
+            flags = torch.tensor([bool(f) for f in flagged])
+            every = [torch.where(flags, torch.full_like(labels, -1), labels) for labels in every]
+        labels = every[0]
         records = [
-            {"index": i, "prompt": p, "seed": seed + i, "label": int(k)}
-            for i, p, k in zip(items, batch_prompts, labels.tolist())
+            {"index": i, "prompt": p, "seed": seed + i, "label": int(every[0][j])}
+            | ({"labels": {a: int(lab[j]) for a, lab in zip(attributes, every)}} if attributes[0] is not None else {})
+            for j, (i, p) in enumerate(zip(items, batch_prompts))
         ]
         return _BatchResult(_split_branches(recorder.calls, len(items), cfg, branches), labels, records, [])
 

@@ -230,7 +230,8 @@ def train_classifier(
         output_dir: where to save (`save_pretrained` layout + README.md model card + metrics.json + accuracy.png);
             None trains without saving. An existing `output_dir` is refused unless `overwrite=True`.
         config: `TrainingConfig` (epochs, learning rate, weight decay, balance mode, held-out fraction, seed, ...).
-        attribute: the attribute name stored in the config (default: the manifest's).
+        attribute: the attribute name stored in the config (default: the manifest's). When the store holds several
+            label sets (generation with several labellers), naming one of them trains on its labels.
         base_model: the base model recorded in the config and the card (default: the manifest's model).
     """
     config = config or TrainingConfig()
@@ -239,7 +240,14 @@ def train_classifier(
     if output_dir is not None and output_dir.exists() and not overwrite:
         raise FileExistsError(f"`output_dir` {str(output_dir)!r} already exists; pass `overwrite=True` to replace it.")
     store = HFeatureStore(features_dir)
-    manifest = store.manifest
+    if (
+        attribute is not None
+        and attribute != store.label_set
+        and attribute in (store.manifest.get("label_sets") or {})
+    ):
+        store = HFeatureStore(features_dir, label_set=attribute)  # one of several label sets of one generation
+    # What the model card reports about the data: the selected label set.
+    manifest = dict(store.manifest, class_names=store.class_names, label_source=store.label_source)
     class_names = store.class_names
     num_classes = len(class_names)
     attribute = attribute or manifest.get("attribute") or "attribute"

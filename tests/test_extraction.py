@@ -292,3 +292,40 @@ def test_extract_command_both_recipes(saved_model, image_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(common + ["--prompt", "a face", "--output-dir", str(tmp_path / "c")])
     assert "needs `--num-images` and `--labeller`" in capsys.readouterr().err
+
+
+class BrightnessLabeller(Labeller):
+    class_names = ["dim", "mid", "bright"]
+    attribute = "brightness"
+    source = "test:brightness"
+
+    def label(self, images):
+        return torch.tensor([min(2, int(np.asarray(im).mean() / 85)) for im in images])
+
+
+def test_one_generation_several_label_sets(sd_pipe, tmp_path):
+    from h_classifiers.training import TrainingConfig, train_classifier
+
+    labellers = [ParityLabeller(), BrightnessLabeller()]
+    manifest = extract_from_generation(
+        sd_pipe, "a face", 6, tmp_path / "gen", labellers, num_inference_steps=2, chunk_size=4, progress=False
+    )
+    assert sorted(manifest["label_sets"]) == ["brightness", "parity"]
+    default, bright = HFeatureStore(tmp_path / "gen"), HFeatureStore(tmp_path / "gen", label_set="brightness")
+    assert default.class_names == ["even", "odd"] and bright.class_names == ["dim", "mid", "bright"]
+    expected = [r["labels"]["brightness"] for r in manifest["images"]]
+    data = bright.load_timestep(1, drop_unlabelled=False)
+    assert data.labels.tolist() == expected and bright.label_source == "test:brightness"
+    # Same h, other labels.
+    assert torch.equal(data.features, default.load_timestep(1, drop_unlabelled=False).features)
+    with pytest.raises(ValueError, match="`label_set` must be one of"):
+        HFeatureStore(tmp_path / "gen", label_set="age")
+    # Training picks the label set named by `attribute`.
+    result = train_classifier(
+        tmp_path / "gen", config=TrainingConfig(epochs=1, min_steps=2), attribute="brightness", progress=False
+    )
+    assert result.classifier.config.class_names == ["dim", "mid", "bright"]
+    with pytest.raises(ValueError, match="distinct attribute names"):
+        extract_from_generation(
+            sd_pipe, "a face", 2, tmp_path / "x", [ParityLabeller(), ParityLabeller()], progress=False
+        )

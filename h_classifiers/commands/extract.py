@@ -51,9 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--labeller",
+        action="append",
         default=None,
         help="Generation: 'toy:ATTRIBUTE', 'hf:MODEL_ID_OR_PATH' (transformers image classifier) or "
-        "'clip:MODEL_ID_OR_PATH' (CLIP zero-shot).",
+        "'clip:MODEL_ID_OR_PATH' (CLIP zero-shot). Repeat for several attributes from one generation (one label set "
+        "each; at most one hf/clip labeller, named by --attribute); the first is the store's default.",
     )
     parser.add_argument(
         "--class-names",
@@ -183,22 +185,27 @@ def run(args: argparse.Namespace) -> dict:
         )
     if args.num_images is None or args.labeller is None:
         raise ValueError("The generation recipe (`--prompt`) needs `--num-images` and `--labeller`.")
-    labeller = labeller_from_spec(
-        args.labeller,
-        class_names=class_names,
-        label_map=parse_label_map(args.label_map),
-        prompts=split_prompts(args.labeller_prompts),
-        attribute=args.attribute,
-        min_confidence=args.min_confidence,
-        device=device,
-    )
+    if sum(not spec.startswith("toy:") for spec in args.labeller) > 1:
+        raise ValueError("Give at most one hf/clip `--labeller` per run (`--class-names` etc. describe that one).")
+    labellers = [
+        labeller_from_spec(
+            spec,
+            class_names=class_names,
+            label_map=parse_label_map(args.label_map),
+            prompts=split_prompts(args.labeller_prompts),
+            attribute=args.attribute,
+            min_confidence=args.min_confidence,
+            device=device,
+        )
+        for spec in args.labeller
+    ]
     pipe = load_pipeline(args.model, device=device, dtype=args.dtype, scheduler=args.scheduler)
     return extract_from_generation(
         pipe,
         args.prompt,
         args.num_images,
         args.output_dir,
-        labeller,
+        labellers,
         guidance_scale=7.5 if args.guidance_scale is None else args.guidance_scale,
         seed=args.seed,
         **common,

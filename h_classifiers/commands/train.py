@@ -26,7 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--features-dir", "--features_dir", required=True, help="Output of `balancing-act extract`.")
     parser.add_argument("--output-dir", "--output_dir", required=True, help="Where the classifier folder goes.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output-dir.")
-    parser.add_argument("--attribute", default=None, help="Attribute name (default: the manifest's).")
+    parser.add_argument(
+        "--attribute",
+        default=None,
+        help="Attribute name (default: the manifest's). With a store of several label sets (extract with several "
+        "--labeller), selects which labels to train on.",
+    )
     parser.add_argument("--base-model", "--base_model", default=None, help="Base model recorded (default: manifest).")
     parser.add_argument(
         "--balance",
