@@ -140,7 +140,7 @@ class BenchConfig:
     extraction_batches: list[int] = field(default_factory=lambda: [1, 16])
     extraction_rounds: int = 2
     training_samples: int = 2000
-    training_timesteps: int = 3
+    training_timesteps: int = 2
     training_nominal_timesteps: int = 50
     training_h_shape: list[int] = field(default_factory=lambda: [1280, 8, 8])
     training_epochs: int = 40
