@@ -277,11 +277,13 @@ class ToyOracle:
         return {
             "light": light,
             "dark_skin": dark_skin,
-            "blue": (b - r > 0.35) & (b - g > 0.25),
-            "black": top < 0.25,
+            # Loose enough for lenses and eyes blurred into dark skin; grey background and skin never get there.
+            "blue": (b - r > 0.2) & (b - g > 0.12),
+            "black": top < 0.3,
             "red": (r > 0.5) & (r - g > 0.3) & (g > b),
-            "mouth": (r > 0.45) & (r - g > 0.3) & (b >= g),
-            "grey": (top - bottom < 0.12) & (top >= 0.25),
+            # Looser than hair red: the small mouth blurs into the skin around it.
+            "mouth": (r > 0.4) & (r - g > 0.25) & (b >= g - 0.03),
+            "grey": (top - bottom < 0.12) & (top >= 0.3),
         }
 
     def read(self, images: torch.Tensor | Sequence) -> dict[str, torch.Tensor]:
