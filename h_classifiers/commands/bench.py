@@ -267,8 +267,10 @@ class PeakMemory:
             self.baseline = torch.cuda.memory_allocated(self.device)
             self.method = "torch.cuda.max_memory_allocated"
             return self
+        # Reset first, then read: the high-water mark then covers the baseline reading, so peak >= baseline.
+        reset = _reset_peak_rss()
         self.baseline = _status_bytes("VmRSS") or 0
-        if _reset_peak_rss():
+        if reset:
             self.method = "VmHWM (reset via /proc/self/clear_refs)"
         else:
             self.method = "VmRSS sampled every 1 ms"
@@ -285,7 +287,9 @@ class PeakMemory:
             self._stop.set()
             self._sampler.join()
         else:
-            self.peak = _status_bytes("VmHWM") or 0
+            # The kernel's RSS counters are approximate (per-CPU batches, ~100s of KiB): never report a peak below
+            # the readings taken around the call.
+            self.peak = max(_status_bytes("VmHWM") or 0, _status_bytes("VmRSS") or 0, self.baseline)
 
     def as_dict(self) -> dict[str, Any]:
         return {
