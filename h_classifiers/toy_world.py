@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as F
 
 
 ASSETS_PATH = Path(__file__).resolve().parent / "assets"
@@ -287,38 +288,49 @@ class ToyOracle:
         }
 
     def read(self, images: torch.Tensor | Sequence) -> dict[str, torch.Tensor]:
+        out = self.diagnose(images)
+        checks = [key for key in out if key.endswith("_ok")]
+        valid = torch.stack([out[key] for key in checks]).all(dim=0)
+        return {"skin": out["skin"], "glasses": out["glasses"], "hair": out["hair"], "valid": valid}
+
+    def diagnose(self, images: torch.Tensor | Sequence) -> dict[str, torch.Tensor]:
+        """The classes read and each validity check separately (`*_ok` BoolTensors; `valid` is their AND)."""
         x = _to_tensor(images)
         if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
             x = torch.nn.functional.adaptive_avg_pool2d(x, IMAGE_SIZE)
         masks = self.pixel_classes(x)
         counts = {k: m.flatten(1).sum(1) for k, m in masks.items()}
+        out: dict[str, torch.Tensor] = {}
 
         n_light, n_dark = counts["light"], counts["dark_skin"]
         n_skin = n_light + n_dark
-        skin = (n_dark > n_light).long()
-        skin_ok = (n_skin >= self.skin_pixels[0]) & (n_skin <= self.skin_pixels[1])
-        skin_ok &= torch.minimum(n_light, n_dark) <= self.skin_minority_max * n_skin
-        skin_ok &= self._compact(masks["light"] | masks["dark_skin"])
+        out["skin"] = (n_dark > n_light).long()
+        out["skin_size_ok"] = (n_skin >= self.skin_pixels[0]) & (n_skin <= self.skin_pixels[1])
+        # Uniformity ignores skin pixels touching hair or eyes: a blurred black edge over light skin looks brown.
+        dark_features = (masks["black"] | masks["red"]).float()[:, None]
+        away = F.max_pool2d(dark_features, 3, stride=1, padding=1)[:, 0] == 0
+        a_light, a_dark = (masks["light"] & away).flatten(1).sum(1), (masks["dark_skin"] & away).flatten(1).sum(1)
+        out["skin_uniform_ok"] = torch.minimum(a_light, a_dark) <= self.skin_minority_max * (a_light + a_dark)
+        out["skin_compact_ok"] = self._compact(masks["light"] | masks["dark_skin"])
 
         low, high = self.glasses_pixels
-        glasses = (counts["blue"] >= high).long()
-        glasses_ok = (counts["blue"] <= low) | (counts["blue"] >= high)
+        out["glasses"] = (counts["blue"] >= high).long()
+        out["glasses_ok"] = (counts["blue"] <= low) | (counts["blue"] >= high)
 
         low, high = self.hair_pixels
         n_black, n_red = counts["black"], counts["red"]
         hair = torch.where(n_black >= high, 1, torch.where(n_red >= high, 2, 0))
-        hair = torch.where((n_black >= high) & (n_red > n_black), 2, hair)
+        out["hair"] = torch.where((n_black >= high) & (n_red > n_black), 2, hair).long()
         hair_ok = ((n_black <= low) & (n_red <= low)) | ((n_black >= high) & (n_red <= low))
-        hair_ok |= (n_red >= high) & (n_black <= low)
+        out["hair_ok"] = hair_ok | ((n_red >= high) & (n_black <= low))
 
+        # A face has visible eyes and mouth (a smeared blob of skin colour does not).
+        out["features_ok"] = (n_black >= self.eye_pixels_min) & (counts["mouth"] >= self.mouth_pixels_min)
         explained = torch.zeros_like(masks["grey"])
         for m in masks.values():
             explained |= m
-        unexplained = 1 - explained.flatten(1).float().mean(1)
-        # A face has visible eyes and mouth (a smeared blob of skin colour does not).
-        features_ok = (n_black >= self.eye_pixels_min) & (counts["mouth"] >= self.mouth_pixels_min)
-        valid = skin_ok & glasses_ok & hair_ok & features_ok & (unexplained <= self.unexplained_max)
-        return {"skin": skin, "glasses": glasses, "hair": hair.long(), "valid": valid}
+        out["colours_ok"] = 1 - explained.flatten(1).float().mean(1) <= self.unexplained_max
+        return out
 
     def _compact(self, mask: torch.Tensor) -> torch.Tensor:
         """One compact blob: few pixels far from the centroid and a small RMS radius (two faces or smears fail)."""

@@ -73,10 +73,14 @@ def summarise(read: dict[str, torch.Tensor], attribute: str | None, class_name: 
         "num_samples": int(read["valid"].numel()),
         "valid_rate": float(read["valid"].float().mean()),
         "fractions": {a: dict(zip(ATTRIBUTES[a], f)) for a, f in class_fractions(read).items()},
+        "fractions_of_valid": {
+            a: dict(zip(ATTRIBUTES[a], f)) for a, f in class_fractions(read, only_valid=True).items()
+        },
     }
     if attribute is not None:
         row["attribute"], row["class_name"] = attribute, class_name
         row["adherence"] = row["fractions"][attribute][class_name]
+        row["adherence_of_valid"] = row["fractions_of_valid"][attribute][class_name]
     return row
 
 
