@@ -126,6 +126,15 @@ def is_toy_model(model: str) -> bool:
     return path.exists() and path.resolve() == TOY_MODEL_PATH.resolve()
 
 
+def quiet_loading() -> None:
+    """No per-component loading bars from diffusers / transformers: the commands print their own progress."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def load_classifier(path: str):
     from h_classifiers import HClassifier
 

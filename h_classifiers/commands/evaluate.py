@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    _common.quiet_loading()
     try:
         configurations = parse_configurations(args.configurations)
         device = resolve_device(args.device)

@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    _common.quiet_loading()
     try:
         device = resolve_device(args.device)
         classifier = _common.load_classifier(args.classifier)

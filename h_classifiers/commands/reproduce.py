@@ -241,6 +241,7 @@ _WORKER_TOOLKIT: Toolkit | None = None
 def _init_worker(model: str, classifiers_dir: str, threads: int) -> None:
     global _WORKER_TOOLKIT
     torch.set_num_threads(threads)
+    _common.quiet_loading()
     _WORKER_TOOLKIT = Toolkit(model, classifiers_dir)
 
 
@@ -659,6 +660,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
+    _common.quiet_loading()
     try:
         rows = parse_rows(args.rows)
         batch_sizes = parse_list(args.batch_sizes, _common.positive_int, "--batch-sizes", "positive integers")
