@@ -1,6 +1,6 @@
 """Train the toy world's miniature Stable Diffusion from a seed: data, VAE, text encoder and UNet.
 
-    python scripts/train_toy_model.py                      # ~30 min on 2 CPU cores, resumes if interrupted
+    python scripts/train_toy_model.py                      # ~34 min on 2 shared CPU cores; rerun to resume
     python scripts/train_toy_model.py --output /tmp/toy-sd --work-dir .work/toy-train
 
 Phases: (1) the VAE on the toy faces; (2) the dataset's latents, encoded once and cached; (3) a tiny CLIP text encoder
@@ -356,7 +356,7 @@ def export_pipeline(vae, text_encoder, tokenizer, unet, output: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train the toy world's miniature Stable Diffusion (CPU, ~30 min).")
+    p = argparse.ArgumentParser(description="Train the toy world's miniature Stable Diffusion (CPU, ~34 min).")
     p.add_argument("--output", type=Path, default=TOY_MODEL_PATH, help="Where the diffusers directory is saved.")
     p.add_argument("--work-dir", type=Path, default=Path(".work/toy-train"), help="Checkpoints and caches.")
     p.add_argument("--seed", type=int, default=0)
