@@ -174,7 +174,6 @@ def test_train_toy_smoke_and_resume(tmp_path):
         main(["--caption-dropout", "1.5"])
 
 
-@pytest.mark.skipif(not (TOY_MODEL_PATH / "model_index.json").exists(), reason="toy model not committed yet")
 def test_committed_model_samples_valid_biased_faces():
     from diffusers import StableDiffusionPipeline
 
