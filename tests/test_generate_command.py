@@ -92,7 +92,8 @@ def test_reproduce_writes_the_table_json_and_figures(tiny_assets, tmp_path):
     assert set(row["batches"]) == {"4", "2"}
     assert set(row["batches"]["4"]) == {"vanilla", "sample", "distribution", "prompt"}
     assert set(row["batches"]["2"]) == {"distribution"}
-    assert report["guidance"] == {"guidance_strength": 30.0, "guided_branches": reproduce_command.TABLE_BRANCHES}
+    assert report["guidance"]["guidance_strength"] == 30.0
+    assert report["guidance"]["guided_branches"] == reproduce_command.TABLE_BRANCHES
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["rows"][0]["batches"]["4"]["sample"]["num_images"] == 4
     table = (tmp_path / "table.md").read_text()
@@ -103,12 +104,25 @@ def test_reproduce_writes_the_table_json_and_figures(tiny_assets, tmp_path):
 
 def test_reproduce_sweep_gives_the_same_numbers_in_worker_processes(tiny_assets, tmp_path):
     argv = ["--model", str(tiny_assets / "sd"), "--classifiers-dir", str(tiny_assets / "classifiers"), "--sweep"]
-    argv += ["--num-images", "2", "--batch-sizes", "2", "--sweep-strengths", "0,20", "--sweep-branches", "cond"]
+    argv += [
+        "--num-images",
+        "2",
+        "--batch-sizes",
+        "2",
+        "--sweep-strengths",
+        "0,20",
+        "--sweep-branches",
+        "cond",
+        "--sweep-temperatures",
+        "8",
+        "--sweep-windows",
+        "0-1",
+    ]
     reports = {}
     for workers in ("1", "2"):
         out = tmp_path / workers
         reports[workers] = reproduce_command.main(argv + ["--workers", workers, "--output-dir", str(out)])
-        assert "| cond | 20 |" in (out / "sweep.md").read_text()
+        assert "| cond | 8 | 0-1 | 20 |" in (out / "sweep.md").read_text()
     report = reports["2"]
     assert [e["guidance_strength"] for e in report["entries"]] == [0.0, 20.0]
     assert report["first_seed"] == reproduce_command.SWEEP_SEED

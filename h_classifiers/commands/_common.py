@@ -35,6 +35,16 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
 def split_prompts(text: str | None) -> list[str] | None:
     """`"a photo of a man|a photo of a woman"` -> a list (one prompt per class)."""
     return None if text is None else [p.strip() for p in text.split("|")]
@@ -102,6 +112,12 @@ def add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
         "--strength", type=non_negative_float, default=None, help="guidance_strength (default: the pipeline's)."
     )
     parser.add_argument(
+        "--temperature",
+        type=positive_float,
+        default=None,
+        help="classifier_temperature: softmax temperature of the classifier (default: its config.temperature).",
+    )
+    parser.add_argument(
         "--guided-branches",
         default=None,
         choices=list(GUIDED_BRANCHES),
@@ -116,6 +132,8 @@ def guidance_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["guidance_strength"] = args.strength
     if args.guided_branches is not None:
         kwargs["guided_branches"] = args.guided_branches
+    if args.temperature is not None:
+        kwargs["classifier_temperature"] = args.temperature
     return kwargs
 
 

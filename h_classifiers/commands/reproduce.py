@@ -18,6 +18,7 @@ sample mode for each guidance strength and each `guided_branches` value.
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing
 import os
 import platform
@@ -50,10 +51,15 @@ from h_classifiers.evaluation import (
 # docs/readme/evaluation.md). Passed explicitly so the table does not move when the pipeline's defaults change.
 TABLE_STRENGTH = 1.0
 TABLE_BRANCHES = "cond"
+TABLE_TEMPERATURE = None
+TABLE_WINDOW = (0.0, 1.0)
 TABLE_GUIDANCE_SCALE = 7.5
 TABLE_SEED = 0
 SWEEP_SEED = 1_000_000
-SWEEP_STRENGTHS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+SWEEP_STRENGTHS = (100.0, 300.0, 1000.0)
+SWEEP_TEMPERATURES = (8.0, 2.0)
+FULL_WINDOW = (0.0, 1.0)
+SWEEP_WINDOWS = (FULL_WINDOW, (0.0, 0.3))
 
 # Targets of issue 4, section 5.
 TARGET_FD = 0.03
@@ -118,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--strength", type=_common.non_negative_float, default=TABLE_STRENGTH)
     parser.add_argument("--guided-branches", choices=list(_common.GUIDED_BRANCHES), default=TABLE_BRANCHES)
+    parser.add_argument(
+        "--temperature",
+        type=_common.positive_float,
+        default=TABLE_TEMPERATURE,
+        help="classifier_temperature (default: %(default)s; unset: each classifier's config.temperature).",
+    )
+    parser.add_argument(
+        "--guidance-window",
+        default="-".join(f"{x:g}" for x in TABLE_WINDOW),
+        help="guidance_steps as START-END fractions of the denoising steps (default: %(default)s).",
+    )
     parser.add_argument("--guidance-scale", type=float, default=TABLE_GUIDANCE_SCALE)
     parser.add_argument("--seed", type=int, default=None, help="First image seed (default: table 0, sweep 1000000).")
     parser.add_argument(
@@ -135,6 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--sweep-branches", default="cond,both", help="Comma-separated guided_branches values for --sweep."
+    )
+    parser.add_argument(
+        "--sweep-windows",
+        default=",".join("-".join(f"{x:g}" for x in w) for w in SWEEP_WINDOWS),
+        help="Comma-separated guidance_steps windows START-END for --sweep.",
+    )
+    parser.add_argument(
+        "--sweep-temperatures",
+        default=",".join(f"{t:g}" for t in SWEEP_TEMPERATURES),
+        help="Comma-separated classifier temperatures for --sweep.",
     )
     return parser
 
@@ -285,7 +312,7 @@ def measure(result: dict[str, Any], attribute: str, target: tuple[float, ...]) -
 def table_jobs(args: argparse.Namespace, rows: list[Row], batch_sizes: list[int], seed: int) -> list[Job]:
     """Vanilla once per sampler (labelled for every attribute of its rows); per row sample, distribution and prompt at
     the first batch size, distribution again at the others."""
-    guidance = (("guidance_strength", args.strength), ("guided_branches", args.guided_branches))
+    guidance = guidance_settings(args.strength, args.guided_branches, args.temperature, args.window)
     common = {"num_images": args.num_images, "seed": seed, "guidance_scale": args.guidance_scale}
     jobs = []
     for scheduler, steps in dict.fromkeys((r.scheduler, r.steps) for r in rows):
@@ -377,7 +404,7 @@ def run_table(args: argparse.Namespace, rows: list[Row], batch_sizes: list[int],
         "what": "Balancing Act reproduction table on the toy world (issue 4, section 5)",
         "command": "balancing-act reproduce " + " ".join(args.argv),
         **run_settings(args, seed, batch_sizes),
-        "guidance": {"guidance_strength": args.strength, "guided_branches": args.guided_branches},
+        "guidance": dict(guidance_settings(args.strength, args.guided_branches, args.temperature, args.window)),
         "shared_work": "vanilla is generated once per sampler and labelled for each row's attribute; vanilla, sample "
         "mode and the prompt baseline are generated at the first batch size only (their images do not depend on it)",
         "total_seconds": time.perf_counter() - start,
@@ -450,6 +477,10 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _temperature(value: float | None) -> str:
+    return "the classifier's" if value is None else f"{value:g}"
+
+
 def _fractions(summary: dict[str, Any], class_names: list[str]) -> str:
     if summary["fractions"] is None:
         return "n/a"
@@ -482,7 +513,8 @@ def table_markdown(report: dict[str, Any]) -> str:
     lines = [
         f'Toy world, prompt "{report["prompt"]}", {report["num_images"]} images per configuration (image i: seed '
         f"{report['first_seed']} + i), classifier-free guidance {report['guidance_scale']}, guidance_strength "
-        f'{report["guidance"]["guidance_strength"]}, guided_branches "{report["guidance"]["guided_branches"]}". '
+        f'{report["guidance"]["guidance_strength"]:g}, guided_branches "{report["guidance"]["guided_branches"]}", '
+        f"classifier_temperature {_temperature(report['guidance'].get('classifier_temperature'))}. "
         "Fractions: one-hot toy-oracle labels over valid images; FD = ||p_ref - p||_2 over those fractions; valid: "
         "the oracle's validity rule; seconds: generation wall time of the configuration (VAE decode included) on "
         f"{report['machine']['cpu']}, {report['machine']['workers']} worker process(es) of "
@@ -544,8 +576,35 @@ def table_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def guidance_settings(
+    strength: float, branches: str, temperature: float | None, window: tuple[float, float] = FULL_WINDOW
+) -> tuple[tuple[str, Any], ...]:
+    """The pipeline's guidance arguments of one setting (temperature None: the classifier's own)."""
+    settings = (("guidance_strength", strength), ("guided_branches", branches), ("guidance_steps", tuple(window)))
+    return settings if temperature is None else settings + (("classifier_temperature", temperature),)
+
+
+def parse_window(text: str, argument: str) -> tuple[float, float]:
+    """`"0-0.3"` -> (0.0, 0.3): the fraction window of guided denoising steps."""
+    try:
+        start, end = (float(part) for part in text.split("-"))
+    except ValueError:
+        start = end = math.nan
+    if not (0 <= start < end <= 1):
+        raise ValueError(
+            f"`{argument}` must be START-END fractions with 0 <= START < END <= 1 (e.g. 0-0.3), got {text!r}."
+        )
+    return (start, end)
+
+
 def run_sweep(
-    args: argparse.Namespace, seed: int, batch_size: int, strengths: list[float], branches: list[str]
+    args: argparse.Namespace,
+    seed: int,
+    batch_size: int,
+    strengths: list[float],
+    branches: list[str],
+    temperatures: list[float],
+    windows: list[tuple[float, float]],
 ) -> dict[str, Any]:
     row = ROWS_BY_NAME["skin-50-50"]
     check_classifiers(args.classifiers_dir, {row.attribute})
@@ -560,25 +619,23 @@ def run_sweep(
         "guidance_scale": args.guidance_scale,
         "label_attributes": (row.attribute,),
     }
+    settings = [(b, t, w, s) for b in branches for t in temperatures for w in windows for s in strengths]
     jobs = [Job("vanilla", "vanilla", guidance=(), **common)]
-    for branch in branches:
-        for strength in strengths:
-            guidance = (("guidance_strength", strength), ("guided_branches", branch))
-            for mode in ("distribution", "sample"):
-                jobs.append(Job(f"{branch}/{strength}/{mode}", mode, guidance=guidance, **common))
+    for setting in settings:
+        guidance = guidance_settings(setting[3], setting[0], setting[1], setting[2])
+        for mode in ("distribution", "sample"):
+            jobs.append(Job(f"{setting}/{mode}", mode, guidance=guidance, **common))
     start = time.perf_counter()
     results = run_jobs(jobs, args, "sweep")
     entries = [
         {
-            "guidance_strength": strength,
-            "guided_branches": branch,
-            **{
-                m: measure(results[f"{branch}/{strength}/{m}"], row.attribute, row.target)
-                for m in ("distribution", "sample")
-            },
+            "guidance_strength": setting[3],
+            "guided_branches": setting[0],
+            "classifier_temperature": setting[1],
+            "guidance_steps": list(setting[2]),
+            **{m: measure(results[f"{setting}/{m}"], row.attribute, row.target) for m in ("distribution", "sample")},
         }
-        for branch in branches
-        for strength in strengths
+        for setting in settings
     ]
     vanilla = measure(results["vanilla"], row.attribute, row.target)
     report = {
@@ -596,27 +653,48 @@ def run_sweep(
     return report
 
 
-def choose_default(entries: list[dict[str, Any]], vanilla: dict[str, Any]) -> dict[str, Any] | None:
+SETTING_KEYS = ("guidance_strength", "guided_branches", "classifier_temperature", "guidance_steps")
+
+
+def choose_default(entries: list[dict[str, Any]], vanilla: dict[str, Any]) -> dict[str, Any]:
     """
-    The rule that picks the defaults from the sweep: among settings whose valid rate (both modes) stays at most one
-    point below vanilla, the lowest distribution FD + sample-mode miss rate (1 - hit rate); ties go to the smaller
-    strength.
+    The rules that pick defaults from the sweep (no row of the table is looked at):
+    - `joint` (one setting for both modes): among settings whose distribution-mode valid rate stays at most one point
+      below vanilla, the lowest distribution FD + sample-mode miss rate (1 - hit rate); ties to the smaller strength;
+    - `distribution`: under the same valid-rate constraint, the lowest distribution FD;
+    - `sample`: among settings reaching the hit-rate target, the highest sample-mode valid rate (else the highest
+      hit rate).
     """
     floor = vanilla["valid_rate"] - TARGET_VALID_DROP
-    feasible = [
-        e
-        for e in entries
-        if e["distribution"]["fd"] is not None
-        and e["sample"].get("hit_rate") is not None
-        and min(e["distribution"]["valid_rate"], e["sample"]["valid_rate"]) >= floor
-    ]
-    if not feasible:
-        return None
-    best = min(
+
+    def pick(entry: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if entry is None else {key: entry[key] for key in SETTING_KEYS}
+
+    measured = [e for e in entries if e["distribution"]["fd"] is not None and e["sample"].get("hit_rate") is not None]
+    feasible = [e for e in measured if e["distribution"]["valid_rate"] >= floor]
+    joint = min(
         feasible,
         key=lambda e: (e["distribution"]["fd"] + 1 - e["sample"]["hit_rate"], e["guidance_strength"]),
+        default=None,
     )
-    return {"guidance_strength": best["guidance_strength"], "guided_branches": best["guided_branches"]}
+    distribution = min(feasible, key=lambda e: (e["distribution"]["fd"], e["guidance_strength"]), default=None)
+    hitting = [e for e in measured if e["sample"]["hit_rate"] >= TARGET_HIT_RATE]
+    sample = max(
+        hitting or measured,
+        key=lambda e: (e["sample"]["valid_rate"], e["sample"]["hit_rate"]) if hitting else e["sample"]["hit_rate"],
+        default=None,
+    )
+    return {"joint": pick(joint), "distribution": pick(distribution), "sample": pick(sample)}
+
+
+def _setting(choice: dict[str, Any] | None) -> str:
+    if choice is None:
+        return "none"
+    window = "-".join(f"{x:g}" for x in choice["guidance_steps"])
+    return (
+        f'guidance_strength {choice["guidance_strength"]:g}, guided_branches "{choice["guided_branches"]}", '
+        f"classifier_temperature {_temperature(choice['classifier_temperature'])}, guidance_steps {window}"
+    )
 
 
 def sweep_markdown(report: dict[str, Any]) -> str:
@@ -627,25 +705,28 @@ def sweep_markdown(report: dict[str, Any]) -> str:
         f"guidance {report['guidance_scale']}. Vanilla: fractions {_fractions(v, ['light', 'dark'])}, FD "
         f"{_num(v['fd'])}, valid {_pct(v['valid_rate'])}.",
         "",
-        "| guided_branches | guidance_strength | Distribution FD | Distribution valid | Sample hit | Sample valid |",
-        "|---|---|---|---|---|---|",
+        "| guided_branches | classifier_temperature | guidance_steps | guidance_strength | Distribution FD | "
+        "Distribution valid | Sample hit | Sample valid |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for e in report["entries"]:
         d, s = e["distribution"], e["sample"]
+        window = "-".join(f"{x:g}" for x in e["guidance_steps"])
         lines.append(
-            f"| {e['guided_branches']} | {e['guidance_strength']:g} | {_num(d['fd'])} | {_pct(d['valid_rate'])} | "
+            f"| {e['guided_branches']} | {_temperature(e['classifier_temperature'])} | {window} | "
+            f"{e['guidance_strength']:g} | {_num(d['fd'])} | {_pct(d['valid_rate'])} | "
             f"{_pct(s.get('hit_rate'))} | {_pct(s['valid_rate'])} |"
         )
     choice = report["choice"]
     lines += [
         "",
-        "Rule: among settings whose valid rate (both modes) is at most 1 point below vanilla, the lowest "
-        "distribution FD + sample-mode miss rate; ties to the smaller strength. "
-        + (
-            f'Choice: guidance_strength {choice["guidance_strength"]:g}, guided_branches "{choice["guided_branches"]}".'
-            if choice
-            else "No setting kept the valid rate within 1 point of vanilla."
-        ),
+        "Rules (`choose_default`): joint = among settings whose distribution valid rate is at most 1 point below "
+        "vanilla, the lowest distribution FD + sample-mode miss rate; distribution = same constraint, lowest FD; "
+        f"sample = among settings with hit >= {round(100 * TARGET_HIT_RATE)}%, the highest sample valid rate.",
+        "",
+        f"- joint: {_setting(choice['joint'])}",
+        f"- distribution mode: {_setting(choice['distribution'])}",
+        f"- sample mode: {_setting(choice['sample'])}",
         "",
         f"Total wall time: {report['total_seconds'] / 60:.1f} min.",
         "",
@@ -666,6 +747,11 @@ def main(argv: list[str] | None = None) -> dict:
         batch_sizes = parse_list(args.batch_sizes, _common.positive_int, "--batch-sizes", "positive integers")
         strengths = parse_list(args.sweep_strengths, _common.non_negative_float, "--sweep-strengths", "numbers >= 0")
         branches = parse_list(args.sweep_branches, str, "--sweep-branches", "a subset of cond,both")
+        temperatures = parse_list(
+            args.sweep_temperatures, _common.positive_float, "--sweep-temperatures", "numbers > 0"
+        )
+        windows = [parse_window(w, "--sweep-windows") for w in args.sweep_windows.split(",")]
+        args.window = parse_window(args.guidance_window, "--guidance-window")
         if any(b not in _common.GUIDED_BRANCHES for b in branches):
             raise ValueError(
                 f"`--sweep-branches` must be a subset of {list(_common.GUIDED_BRANCHES)}, got {branches}."
@@ -674,7 +760,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(str(error))
     if args.sweep:
         seed = SWEEP_SEED if args.seed is None else args.seed
-        report = run_sweep(args, seed, batch_sizes[0], strengths, branches)
+        report = run_sweep(args, seed, batch_sizes[0], strengths, branches, temperatures, windows)
     else:
         report = run_table(args, rows, batch_sizes, TABLE_SEED if args.seed is None else args.seed)
     print((sweep_markdown if args.sweep else table_markdown)(report))
