@@ -97,9 +97,23 @@ RUN_KEYS = (
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(parent: Path, prefix: str) -> Path:
+    """`tempfile.mkdtemp` with the permissions a plain `mkdir` would give (mkdtemp makes it private)."""
+    path = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    os.chmod(path, 0o777 & ~_umask())
+    return path
+
+
 def _temp_path(path: Path) -> Path:
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
     os.close(fd)
+    os.chmod(name, 0o666 & ~_umask())  # mkstemp makes it private; the renamed file should be like any other
     return Path(name)
 
 
@@ -429,7 +443,7 @@ def _write_chunk(
 ) -> None:
     """Writes one chunk into a temporary directory, then renames it into place (the chunk is complete only then)."""
     chunks_dir = output_dir / CHUNKS_DIR
-    tmp_dir = Path(tempfile.mkdtemp(dir=chunks_dir, prefix=f".tmp-{chunk_name(index)}-"))
+    tmp_dir = make_temp_dir(chunks_dir, f".tmp-{chunk_name(index)}-")
     try:
         records = [r for res in results for r in res.records]
         skipped = [s for res in results for s in res.skipped]

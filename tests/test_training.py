@@ -44,9 +44,10 @@ def synthetic_store(path, counts, separation, seed=0, chunk=97, dtype="fp16"):
     return labels
 
 
-def test_trains_above_chance_and_saves_the_hub_layout(tmp_path):
+@pytest.mark.parametrize("head", ["logistic", "class_mean"])
+def test_trains_above_chance_and_saves_the_hub_layout(tmp_path, head):
     synthetic_store(tmp_path / "feats", counts=[300, 120, 60], separation=[0.0, 2.0, 6.0])
-    config = TrainingConfig(epochs=15, holdout_fraction=0.25, seed=3)
+    config = TrainingConfig(head=head, epochs=15, holdout_fraction=0.25, seed=3)
     result = train_classifier(tmp_path / "feats", tmp_path / "clf", config, progress=False)
     by_step = {m["step"]: m for m in result.metrics}
     # No signal at step 0 (chance), some at step 1, separable at step 2.
@@ -77,11 +78,12 @@ def test_trains_above_chance_and_saves_the_hub_layout(tmp_path):
     torch.testing.assert_close(loaded.weight, result.classifier.weight)
 
 
-def test_balanced_loss_and_sampling_lift_the_minority_class(tmp_path):
+@pytest.mark.parametrize("head", ["logistic", "class_mean"])
+def test_balanced_loss_and_sampling_lift_the_minority_class(tmp_path, head):
     synthetic_store(tmp_path / "feats", counts=[950, 50], separation=[1.5, 1.5, 1.5], seed=1, dtype="fp32")
     recall = {}
     for balance in ("none", "loss", "sampling"):
-        config = TrainingConfig(epochs=10, balance=balance, holdout_fraction=0.3)
+        config = TrainingConfig(head=head, epochs=10, balance=balance, holdout_fraction=0.3)
         result = train_classifier(tmp_path / "feats", config=config, progress=False)
         recall[balance] = sum(m["recall"][1] for m in result.metrics) / len(result.metrics)
     assert recall["loss"] > recall["none"] + 0.2
@@ -129,6 +131,7 @@ def test_holdout_is_stratified_and_seeded():
     "kwargs, match",
     [
         ({"balance": "oversample"}, "`balance` must be one of"),
+        ({"head": "mlp"}, "`head` must be one of"),
         ({"epochs": 0}, "`epochs` must be a positive integer"),
         ({"holdout_fraction": 1.0}, "`holdout_fraction` must be in"),
         ({"learning_rate": float("nan")}, "`learning_rate` must be a positive number"),

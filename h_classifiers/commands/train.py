@@ -15,7 +15,7 @@ from h_classifiers.commands._common import positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from h_classifiers.training import BALANCE_MODES, TrainingConfig
+    from h_classifiers.training import BALANCE_MODES, HEAD_TYPES, TrainingConfig
 
     defaults = TrainingConfig()
     parser = argparse.ArgumentParser(
@@ -33,6 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--labeller), selects which labels to train on.",
     )
     parser.add_argument("--base-model", "--base_model", default=None, help="Base model recorded (default: manifest).")
+    parser.add_argument(
+        "--head",
+        default=defaults.head,
+        choices=list(HEAD_TYPES),
+        help="'logistic' (default): a free linear head per timestep trained by cross-entropy (the paper's). "
+        "'class_mean': weights along the class-mean directions of h, scale and biases fitted by cross-entropy "
+        "(less accurate when the attribute is subtle, but guidance cannot fool it as easily; see the README).",
+    )
     parser.add_argument(
         "--balance",
         default=defaults.balance,
@@ -88,6 +96,7 @@ def run(args: argparse.Namespace):
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     config = TrainingConfig(
+        head=args.head,
         epochs=args.epochs,
         min_steps=args.min_steps,
         learning_rate=args.learning_rate,
