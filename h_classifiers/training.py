@@ -440,6 +440,20 @@ def model_card(classifier: HClassifier, metrics: list[dict], summary: dict, mani
     counts = ", ".join(f"{k}: {v}" for k, v in summary.get("class_counts", {}).items())
     first, middle, last = (summary.get(k, {}) for k in ("first", "middle", "last"))
     training = summary.get("config", {})
+    if training.get("head") == "class_mean":
+        head_text = (
+            "one class-mean head per timestep: class k's weight is the direction from the mean of the class means to "
+            "class k's mean h (training split), times one scale; the scale and the biases are fitted by cross-entropy "
+            f"(L-BFGS, class balance `{training.get('balance')}`)."
+        )
+    else:
+        head_text = (
+            f"one logistic (free linear) head per timestep, cross-entropy with class balance "
+            f"`{training.get('balance')}`, AdamW (lr {training.get('learning_rate')}, weight decay "
+            f"{training.get('weight_decay')}), {training.get('epochs')} epochs (at least {training.get('min_steps')} "
+            f"steps), batch {training.get('batch_size')}, features standardised during training (folded back into "
+            "the saved heads)."
+        )
     return f"""---
 library_name: diffusers
 tags:
@@ -476,9 +490,7 @@ images = pipe("a photo of a face", h_classifier=classifier, guidance_mode="distr
 {source}. Labelled images: {summary.get("num_images")} ({counts}); {summary.get("num_heldout_images")} held out
 (stratified by class, seed {training.get("seed")}). Features stored as {manifest.get("dtype")}.
 
-Training: one linear head per timestep, cross-entropy with class balance `{training.get("balance")}`, AdamW
-(lr {training.get("learning_rate")}, weight decay {training.get("weight_decay")}), {training.get("epochs")} epochs
-(at least {training.get("min_steps")} steps), batch {training.get("batch_size")}, features standardised during training (folded back into the saved heads).
+Training: {head_text}
 
 ## Held-out accuracy
 
