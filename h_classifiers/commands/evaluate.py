@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 from tqdm.auto import tqdm
 
 from h_classifiers.commands import _common
@@ -71,8 +70,7 @@ def default_class_prompts(args: argparse.Namespace, classifier) -> list[str] | N
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    _common.apply_threads(args)
     _common.quiet_loading()
     try:
         configurations = parse_configurations(args.configurations)

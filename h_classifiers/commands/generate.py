@@ -11,8 +11,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from h_classifiers.commands import _common
 from h_classifiers.evaluation import (
     EvaluationSpec,
@@ -63,8 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    _common.apply_threads(args)
     _common.quiet_loading()
     try:
         device = resolve_device(args.device)
