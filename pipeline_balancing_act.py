@@ -627,6 +627,10 @@ class BalancingActPipeline(StableDiffusionPipeline):
             if h.shape[0] != expected_rows:
                 raise RuntimeError(f"h has {h.shape[0]} rows; expected {expected_rows} for {plan.num_images} images.")
             first = plan.num_images if cfg and plan.branches == "cond" else 0
+            for classifier in plan.classifiers:
+                # Keep the heads where the UNet runs (this follows model offload): no per-step host-device copies.
+                if classifier.weight.device != h.device:
+                    classifier.to(h.device)
             with torch.inference_mode(False), torch.enable_grad():
                 h32 = h[first:].detach().float().clone().requires_grad_(True)
                 total = h32.new_zeros(())
