@@ -481,8 +481,13 @@ Distribution-Guided Debiasing in Diffusion Models*, CVPR 2024), for h-space guid
 from pipeline_balancing_act import BalancingActPipeline, HClassifier
 
 classifier = HClassifier.from_pretrained("<this folder or repo id>")
-images = pipe("a photo of a face", h_classifier=classifier, guidance_mode="distribution",
-              target_distribution=[1 / {len(cfg.class_names)}] * {len(cfg.class_names)}, num_images_per_prompt=16).images
+images = pipe(
+    "a photo of a face",
+    h_classifier=classifier,
+    guidance_mode="distribution",
+    target_distribution=[1 / {len(cfg.class_names)}] * {len(cfg.class_names)},
+    num_images_per_prompt=16,
+).images
 ```
 
 ## Training data
