@@ -354,6 +354,7 @@ class _GuidancePlan:
         # Set by the UNet pre-hook: index of the current UNet call (= denoising loop index) and its timestep.
         self.step_index = -1
         self.timestep = None
+        self.timestep_values: list[float] = []
 
     def is_guided(self, step_index: int) -> bool:
         if isinstance(self.steps, tuple):
@@ -608,11 +609,22 @@ class BalancingActPipeline(StableDiffusionPipeline):
 
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             plan.step_index += 1
-            plan.timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
-            if plan.step_index == 0 and self._num_timesteps != plan.num_steps:
-                raise RuntimeError(
-                    f"Expected {plan.num_steps} denoising steps from the scheduler, the pipeline runs {self._num_timesteps}."
-                )
+            timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+            if plan.step_index == 0:
+                if self._num_timesteps != plan.num_steps:
+                    raise RuntimeError(
+                        f"Expected {plan.num_steps} denoising steps from the scheduler, the pipeline runs {self._num_timesteps}."
+                    )
+                # The loop's timestep lives on the UNet's device; reading it at every step for the head lookup would
+                # be a host-device sync per step. Read the schedule once per call instead.
+                plan.timestep_values = self.scheduler.timesteps.tolist()
+            plan.timestep = timestep
+            if plan.step_index < len(plan.timestep_values):
+                scheduled = plan.timestep_values[plan.step_index]
+                on_host = not isinstance(timestep, torch.Tensor) or timestep.device.type == "cpu"
+                # On the host the check is free: use the schedule only where it is the timestep the UNet gets.
+                if not on_host or math.isclose(_timestep_value(timestep), scheduled, rel_tol=0, abs_tol=1e-4):
+                    plan.timestep = scheduled
 
         return hook
 
@@ -631,6 +643,8 @@ class BalancingActPipeline(StableDiffusionPipeline):
                 # Keep the heads where the UNet runs (this follows model offload): no per-step host-device copies.
                 if classifier.weight.device != h.device:
                     classifier.to(h.device)
+            if plan.targets[0].device != h.device:
+                plan.targets = [target.to(h.device) for target in plan.targets]
             with torch.inference_mode(False), torch.enable_grad():
                 h32 = h[first:].detach().float().clone().requires_grad_(True)
                 total = h32.new_zeros(())

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from tiny_models import H_SHAPE, HRecorder, make_generator, tiny_classifier
+from tiny_models import H_SHAPE, IMAGE_SIZE, HRecorder, make_generator, tiny_classifier
 
 from pipeline_balancing_act import BalancingActPipeline, HClassifier, guidance_loss
 
@@ -335,3 +335,24 @@ def test_classifier_from_a_directory_is_loaded_once(fresh_ba_pipe, tmp_path, mon
             target_distribution="dark",
         )
     assert len(calls) == 1
+
+
+def test_head_lookup_reads_the_schedule_not_the_device_timestep(ba_pipe):
+    """Off the host, the hook takes the step's timestep from the schedule read once per call (no per-step sync)."""
+    clf, _ = known_classifier()
+    ba_pipe.scheduler.set_timesteps(3)
+    ba_pipe._num_timesteps = 3
+    plan = ba_pipe.check_guidance_inputs(
+        clf, "sample", None, 0, 1.0, (0.0, 1.0), "kl", None, "cond", 2, 3, IMAGE_SIZE, IMAGE_SIZE
+    )
+    hook = ba_pipe._capture_timestep(plan)
+    schedule = ba_pipe.scheduler.timesteps.tolist()
+    for step in range(3):
+        # A meta tensor stands for a timestep on an accelerator: its value cannot be read on the host.
+        hook(ba_pipe.unet, (None, torch.empty((), device="meta")), {})
+        assert plan.step_index == step
+        assert plan.timestep == schedule[step]
+    # On the host the captured value is checked against the schedule, and wins where they differ.
+    plan.step_index = -1
+    hook(ba_pipe.unet, (None, torch.tensor(123.0)), {})
+    assert plan.timestep == torch.tensor(123.0)
