@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from h_classifiers.evaluation import DTYPES, SCHEDULERS, parse_target
+from h_classifiers.evaluation import DTYPES, SCHEDULERS, EvaluationSpec, parse_target
 
 
 GUIDED_BRANCHES = ("cond", "both")
@@ -139,6 +139,23 @@ def guidance_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if args.temperature is not None:
         kwargs["classifier_temperature"] = args.temperature
     return kwargs
+
+
+def evaluation_spec(
+    args: argparse.Namespace, target: list[float], class_prompts: list[str] | None = None
+) -> EvaluationSpec:
+    """The `EvaluationSpec` of the `generate` / `evaluate` command-line arguments."""
+    return EvaluationSpec(
+        prompt=args.prompt,
+        target=target,
+        num_images=args.num_images,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        class_prompts=class_prompts,
+        guidance=guidance_kwargs(args),
+    )
 
 
 def is_toy_model(model: str) -> bool:

@@ -10,7 +10,7 @@ import argparse
 from tqdm.auto import tqdm
 
 from h_classifiers.commands import _common
-from h_classifiers.evaluation import CONFIGURATIONS, EvaluationSpec, evaluate, load_pipeline, resolve_device
+from h_classifiers.evaluation import CONFIGURATIONS, evaluate, load_pipeline, resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,17 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     except (ValueError, FileNotFoundError, OSError) as error:
         parser.error(str(error))
 
-    spec = EvaluationSpec(
-        prompt=args.prompt,
-        target=target,
-        num_images=args.num_images,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        class_prompts=class_prompts,
-        guidance=_common.guidance_kwargs(args),
-    )
+    spec = _common.evaluation_spec(args, target, class_prompts)
     with tqdm(total=args.num_images * len(configurations), desc="evaluate", unit="img") as bar:
         metadata = {
             "model": args.model,

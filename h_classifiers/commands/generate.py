@@ -13,7 +13,6 @@ from pathlib import Path
 
 from h_classifiers.commands import _common
 from h_classifiers.evaluation import (
-    EvaluationSpec,
     load_pipeline,
     make_grid,
     resolve_device,
@@ -73,16 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     except (ValueError, FileNotFoundError, OSError) as error:
         parser.error(str(error))
 
-    spec = EvaluationSpec(
-        prompt=args.prompt,
-        target=target,
-        num_images=args.num_images,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        guidance=_common.guidance_kwargs(args),
-    )
+    spec = _common.evaluation_spec(args, target)
     start = time.perf_counter()
     runs = {"vanilla": run_configuration(pipe, classifier, spec, "vanilla")}
     runs["balanced"] = run_configuration(pipe, classifier, spec, args.mode)
