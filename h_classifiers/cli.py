@@ -1,6 +1,8 @@
 """`balancing-act <command> [args]`: one entry point for the companion tools.
 
-Each command is a module `h_classifiers.commands.<command>` (dashes become underscores) with `main(argv)`.
+Each command is a module `h_classifiers.commands.<command>` (dashes become underscores) with `main(argv)`. The research
+tools (benchmark, reproduction table, toy model training and report) are not commands of the installed package: they
+live in `benchmarks/` of a checkout (`python benchmarks/<name>.py`).
 """
 
 from __future__ import annotations
@@ -15,10 +17,6 @@ COMMANDS: dict[str, str] = {
     "train": "train an h-classifier from extracted h-vector shards",
     "evaluate": "measure class fractions, FD, valid rate and time for vanilla / sample / distribution / prompt",
     "push": "push a saved h-classifier to the Hugging Face Hub",
-    "bench": "benchmark generation, extraction and training cost",
-    "train-toy": "train the toy world's miniature Stable Diffusion from its seed",
-    "toy-report": "measure the toy model's class fractions, adherence and valid rate",
-    "reproduce": "produce the reproduction table (docs/results/)",
 }
 
 

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from tiny_models import tiny_classifier, tiny_sd_pipeline
 
+from benchmarks import reproduce as reproduce_command
 from h_classifiers.commands import evaluate as evaluate_command
 from h_classifiers.commands import generate as generate_command
-from h_classifiers.commands import reproduce as reproduce_command
 from h_classifiers.toy_world import TOY_CLASSIFIERS_PATH, TOY_MODEL_PATH
 
 

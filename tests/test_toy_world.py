@@ -126,7 +126,7 @@ def test_attribute_prompts():
 
 
 def test_tokenizer_spells_every_word_as_one_token(tmp_path):
-    from h_classifiers.commands.train_toy import build_tokenizer
+    from h_classifiers.toy_model import build_tokenizer
 
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(tmp_path)
@@ -142,7 +142,7 @@ def test_train_toy_smoke_and_resume(tmp_path):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
-    from h_classifiers.commands.train_toy import build_vae, load_checkpoint, main, save_checkpoint
+    from benchmarks.train_toy_model import build_vae, load_checkpoint, main, save_checkpoint
 
     out, work = tmp_path / "toy-sd", tmp_path / "work"
     tiny = ["--num-images", "64", "--vae-steps", "2", "--unet-steps", "2", "--unet-batch-size", "8"]

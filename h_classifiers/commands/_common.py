@@ -1,4 +1,4 @@
-"""Arguments and input resolution shared by the `generate`, `evaluate` and `reproduce` commands."""
+"""Arguments and input resolution shared by the `generate` and `evaluate` commands (and `benchmarks/reproduce.py`)."""
 
 from __future__ import annotations
 

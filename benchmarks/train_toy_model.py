@@ -1,12 +1,13 @@
 """Train the toy world's miniature Stable Diffusion from a seed: data, VAE, text encoder and UNet.
 
-    python scripts/train_toy_model.py                      # ~34 min on 2 shared CPU cores; rerun to resume
-    python scripts/train_toy_model.py --output /tmp/toy-sd --work-dir .work/toy-train
+    python benchmarks/train_toy_model.py                      # ~34 min on 2 shared CPU cores; rerun to resume
+    python benchmarks/train_toy_model.py --output /tmp/toy-sd --work-dir .work/toy-train
 
 Phases: (1) the VAE on the toy faces; (2) the dataset's latents, encoded once and cached; (3) a tiny CLIP text encoder
 trained jointly with the UNet on varied captions with classifier-free-guidance caption dropout; (4) export of a
 standard diffusers `StableDiffusionPipeline` directory (safetensors, DDIM scheduler, no safety checker).
 Checkpoints (safetensors) go under `--work-dir`; a rerun resumes from the last one of the unfinished phase.
+The model's architecture (tokenizer, VAE, text encoder, UNet, scheduler) is `h_classifiers.toy_model`.
 """
 
 from __future__ import annotations
@@ -18,118 +19,30 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from h_classifiers.toy_world import (
-    ATTRIBUTES,
-    IMAGE_SIZE,
-    TOY_MODEL_PATH,
-    caption_for,
-    caption_vocabulary,
-    make_toy_dataset,
+# Run from a checkout without installing: the repository root holds pipeline_balancing_act.py and h_classifiers/.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from h_classifiers.toy_model import (  # noqa: E402
+    MAX_TOKENS,
+    TRAIN_SCHEDULER_CONFIG,
+    build_scheduler,
+    build_text_encoder,
+    build_tokenizer,
+    build_unet,
+    build_vae,
 )
-
-
-MAX_TOKENS = 24
-TRAIN_SCHEDULER_CONFIG = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Model construction
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def build_tokenizer():
-    """A tiny CLIP BPE tokenizer whose merges spell every caption word as one token (characters as fallback)."""
-    from transformers import CLIPTokenizer
-
-    bos, eos = "<|startoftext|>", "<|endoftext|>"
-    vocab: dict[str, int] = {bos: 0, eos: 1}
-    merges: list[tuple[str, str]] = []
-
-    def add(token: str) -> None:
-        vocab.setdefault(token, len(vocab))
-
-    for ch in "abcdefghijklmnopqrstuvwxyz":
-        add(ch)
-        add(ch + "</w>")
-    for word in caption_vocabulary():
-        # Merge left to right: w + o -> wo, wo + r -> wor, ..., the last character carries the end-of-word mark.
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        current = pieces[0]
-        for piece in pieces[1:]:
-            pair = (current, piece)
-            if pair not in merges:
-                merges.append(pair)
-            current += piece
-            add(current)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
-
-
-def build_vae():
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        # (16, 32, 64) rather than (32, 64, 64): 2x faster on CPU and still exact on these flat-colour faces.
-        block_out_channels=(16, 32, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=IMAGE_SIZE,
-    )
-
-
-def build_text_encoder(tokenizer, hidden_size: int):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=MAX_TOKENS,
-        projection_dim=hidden_size,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return CLIPTextModel(config)
-
-
-def build_unet(cross_attention_dim: int, layers_per_block: int):
-    from diffusers import UNet2DConditionModel
-
-    # h (the mid-block output) is [B, 64, 4, 4]: cross-attention at the 4x4 level and in the mid block.
-    return UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // 4,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=layers_per_block,
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=8,
-        norm_num_groups=16,
-    )
+from h_classifiers.toy_world import ATTRIBUTES, TOY_MODEL_PATH, caption_for, make_toy_dataset  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -323,11 +236,9 @@ def train_unet(args, latents: torch.Tensor, token_ids: torch.Tensor, empty_ids: 
 
 def export_pipeline(vae, text_encoder, tokenizer, unet, output: Path) -> None:
     """Save a stock `StableDiffusionPipeline` directory, swapped in place of `output` only once complete."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
-    scheduler = DDIMScheduler(
-        **TRAIN_SCHEDULER_CONFIG, clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading"
-    )
+    scheduler = build_scheduler()
     pipe = StableDiffusionPipeline(
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),

@@ -1,7 +1,7 @@
 """Measure the committed toy model with the pixel oracle: class fractions and valid rates per prompt, and a grid.
 
-    python scripts/toy_report.py                          # 1,000 samples per prompt, DDIM 25 steps
-    python scripts/toy_report.py --num-samples 128 --output /tmp/report.json --grid /tmp/grid.png
+    python benchmarks/toy_report.py                          # 1,000 samples per prompt, DDIM 25 steps
+    python benchmarks/toy_report.py --num-samples 128 --output /tmp/report.json --grid /tmp/grid.png
 
 Prompts: the neutral prompt and the explicit prompt of every class of every attribute. For each, the oracle's
 class fractions over all samples, the valid rate, and for an explicit prompt its adherence (the fraction of samples
@@ -13,13 +13,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
 
-from h_classifiers.toy_world import (
+# Run from a checkout without installing: the repository root holds pipeline_balancing_act.py and h_classifiers/.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from h_classifiers.toy_world import (  # noqa: E402
     ATTRIBUTES,
     DATA_BIAS,
     NEUTRAL_PROMPT,

@@ -4,8 +4,8 @@
 # 1 warm-up round + 5 alternating timed rounds, peak memory from torch.cuda.max_memory_allocated,
 # host-device synchronisations per call counted with torch.cuda.set_sync_debug_mode.
 #
-#   scripts/bench_gpu.sh [OUTPUT_DIR] [extra bench flags...]     (default OUTPUT_DIR: docs/bench/gpu)
-#   PYTHON=/path/to/python scripts/bench_gpu.sh                   (a Python with CUDA torch + this repo's deps)
+#   benchmarks/bench_gpu.sh [OUTPUT_DIR] [extra bench flags...]     (default OUTPUT_DIR: docs/bench/gpu)
+#   PYTHON=/path/to/python benchmarks/bench_gpu.sh                (a Python with CUDA torch + this repo's deps)
 #
 # It needs no download (random SD1.5-shaped weights) and takes about a minute on an H100.
 set -euo pipefail
@@ -17,5 +17,5 @@ shift || true
 "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else "bench_gpu.sh: CUDA is not available to " + sys.executable)'
 mkdir -p "$OUTPUT_DIR"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUTPUT_DIR/nvidia-smi.csv" 2>&1 || true
-"$PYTHON" scripts/bench.py --device cuda --dtype float16 --parts generation --scales toy,sd15 \
+"$PYTHON" benchmarks/bench.py --device cuda --dtype float16 --parts generation --scales toy,sd15 \
     --output-dir "$OUTPUT_DIR" "$@"

@@ -1,4 +1,4 @@
-"""`balancing-act reproduce`: the reproduction table on the toy world (and the strength / branches tuning sweep).
+"""The reproduction table on the toy world (and the strength / branches tuning sweep).
 
 Rows (toy model, neutral prompt, the shipped toy classifiers, the toy oracle as labeller): skin 50/50, skin 30/70,
 glasses 50/50, hair uniform over 3 (DDIM 25), and skin 50/50 with PNDM 50, DPM-Solver++ 20 and Euler 30 (the
@@ -22,18 +22,23 @@ import math
 import multiprocessing
 import os
 import platform
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from PIL import Image
-from tqdm.auto import tqdm
 
-from h_classifiers.commands import _common
-from h_classifiers.evaluation import (
+# Run from a checkout without installing: the repository root holds pipeline_balancing_act.py and h_classifiers/.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from h_classifiers.commands import _common  # noqa: E402
+from h_classifiers.evaluation import (  # noqa: E402
     EvaluationSpec,
     load_pipeline,
     make_grid,
@@ -106,7 +111,7 @@ ROWS_BY_NAME = {row.name: row for row in ROWS}
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="balancing-act reproduce",
+        prog="benchmarks/reproduce.py",
         description="Produce the reproduction table on the toy world (docs/results/), or with --sweep the tuning "
         "sweep of guidance strength and guided_branches.",
     )
@@ -402,7 +407,7 @@ def run_table(args: argparse.Namespace, rows: list[Row], batch_sizes: list[int],
         write_row_figures(row, report_rows[-1], grids, batch_sizes, output_dir)
     report = {
         "what": "Balancing Act reproduction table on the toy world (issue 4, section 5)",
-        "command": "balancing-act reproduce " + " ".join(args.argv),
+        "command": "python benchmarks/reproduce.py " + " ".join(args.argv),
         **run_settings(args, seed, batch_sizes),
         "guidance": dict(guidance_settings(args.strength, args.guided_branches, args.temperature, args.window)),
         "shared_work": "vanilla is generated once per sampler and labelled for each row's attribute; vanilla, sample "
@@ -640,7 +645,7 @@ def run_sweep(
     vanilla = measure(results["vanilla"], row.attribute, row.target)
     report = {
         "what": "Tuning sweep: guidance_strength x guided_branches on skin 50/50, DDIM 25 (seeds disjoint from the table)",
-        "command": "balancing-act reproduce " + " ".join(args.argv),
+        "command": "python benchmarks/reproduce.py " + " ".join(args.argv),
         **run_settings(args, seed, [batch_size]),
         "vanilla": vanilla,
         "entries": entries,
@@ -737,8 +742,6 @@ def sweep_markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import sys
-
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)

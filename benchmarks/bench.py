@@ -1,6 +1,6 @@
-"""`balancing-act bench`: the cost of Balancing Act next to stock Stable Diffusion, measured side by side.
+"""The cost of Balancing Act next to stock Stable Diffusion, measured side by side (a research tool, not installed).
 
-balancing-act bench [--threads 2] [--device cpu] [--quick] [--parts generation,extraction,training]
+python benchmarks/bench.py [--threads 2] [--device cpu] [--quick] [--parts generation,extraction,training]
 
 Three parts, each measured in this one process (memory peaks of CPU runs in fresh worker processes, see below):
 
@@ -45,9 +45,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 
-from h_classifiers.commands._common import positive_int
+# Run from a checkout without installing: the repository root holds pipeline_balancing_act.py and h_classifiers/.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+
+from h_classifiers.commands._common import positive_int  # noqa: E402
 
 
 PARTS = ("generation", "extraction", "training")
@@ -57,7 +62,6 @@ GUIDED_ARMS = ARMS[1:]
 MEMORY_MODES = ("auto", "subprocess", "inprocess")
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 WORKER_TAG = "BENCH_WORKER_RESULT "
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUTPUT_DIR = REPO_ROOT / "docs" / "bench"
 
 # Targets of issue 5 (measured, never asserted in a test).
@@ -335,7 +339,7 @@ def run_worker(task: dict[str, Any], config: BenchConfig, timeout: float = 1800)
     # The single-file pipeline lives at the repository root; make it importable in a bare checkout too.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     payload = json.dumps({"task": task, "config": asdict(config)})
-    command = [sys.executable, "-m", "h_classifiers.commands.bench", "--worker", payload]
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", payload]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
     for line in reversed(done.stdout.splitlines()):
         if line.startswith(WORKER_TAG):
@@ -1171,7 +1175,7 @@ def build_parser() -> argparse.ArgumentParser:
     from h_classifiers.toy_world import TOY_CLASSIFIERS_PATH, TOY_MODEL_PATH
 
     parser = argparse.ArgumentParser(
-        prog="balancing-act bench",
+        prog="benchmarks/bench.py",
         description="Measure Balancing Act next to stock Stable Diffusion (generation), batched h extraction and "
         "classifier training memory; write bench.json and table.md.",
     )
@@ -1230,11 +1234,11 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
     try:
         device = str(resolve_device(args.device))
     except ValueError as error:
-        raise SystemExit(f"balancing-act bench: --device: {error}") from None
+        raise SystemExit(f"bench.py: --device: {error}") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"balancing-act bench: --device {args.device!r} asked for, but CUDA is not available.")
+        raise SystemExit(f"bench.py: --device {args.device!r} asked for, but CUDA is not available.")
     if not device.startswith(("cpu", "cuda")):
-        raise SystemExit(f"balancing-act bench: --device must be cpu, cuda or cuda:N, got {args.device!r}.")
+        raise SystemExit(f"bench.py: --device must be cpu, cuda or cuda:N, got {args.device!r}.")
     dtype = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
     config = BenchConfig(
         threads=args.threads,
@@ -1265,10 +1269,10 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
         if value is not None:
             setattr(config, key, value)
     if config.sd15_warmup < 0:
-        raise SystemExit(f"balancing-act bench: --sd15-warmup must be >= 0, got {config.sd15_warmup}.")
+        raise SystemExit(f"bench.py: --sd15-warmup must be >= 0, got {config.sd15_warmup}.")
     if config.training_timesteps > config.training_nominal_timesteps:
         raise SystemExit(
-            f"balancing-act bench: --training-timesteps must be <= {config.training_nominal_timesteps}, got "
+            f"bench.py: --training-timesteps must be <= {config.training_nominal_timesteps}, got "
             f"{config.training_timesteps}."
         )
     return config

@@ -1,4 +1,0 @@
-from h_classifiers.commands.toy_report import main
-
-
-main()

@@ -1,4 +1,0 @@
-from h_classifiers.commands.train_toy import main
-
-
-main()

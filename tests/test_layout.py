@@ -1,0 +1,76 @@
+"""The installed package holds only the product: research tools live in `benchmarks/` (run from a checkout, never
+installed)."""
+
+import configparser
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import setuptools
+
+from h_classifiers import cli
+
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "h_classifiers"
+RESEARCH_TOOLS = {
+    "bench": "bench.py",
+    "reproduce": "reproduce.py",
+    "train_toy": "train_toy_model.py",
+    "toy_report": "toy_report.py",
+}
+
+
+def installed_packages() -> list[str]:
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    include = config["options.packages.find"]["include"].split()
+    return setuptools.find_packages(where=str(ROOT), include=include)
+
+
+def test_research_tools_are_outside_the_installed_package():
+    for old, new in RESEARCH_TOOLS.items():
+        assert not (PACKAGE / "commands" / f"{old}.py").exists(), old
+        assert not (ROOT / "scripts" / new).exists(), new
+        assert (ROOT / "benchmarks" / new).is_file(), new
+    assert (ROOT / "benchmarks" / "bench_gpu.sh").is_file() and not (ROOT / "scripts" / "bench_gpu.sh").exists()
+    assert list(cli.COMMANDS) == ["generate", "extract", "train", "evaluate", "push"]
+    packages = installed_packages()
+    assert "h_classifiers" in packages and "h_classifiers.commands" in packages
+    assert not [p for p in packages if p.split(".")[0] != "h_classifiers"], packages
+
+
+def test_scripts_are_the_companion_entry_points_only():
+    scripts = sorted(p.name for p in (ROOT / "scripts").iterdir())
+    assert scripts == ["evaluate.py", "extract_h.py", "generate.py", "push_to_hub.py", "train_classifier.py"]
+    for path in (ROOT / "scripts").iterdir():
+        assert "from h_classifiers.commands." in path.read_text(), path.name  # the logic lives in the library
+
+
+def test_bench_writes_into_the_checkout_not_the_package():
+    from benchmarks import bench
+
+    assert bench.DEFAULT_OUTPUT_DIR == ROOT / "docs" / "bench"
+    assert PACKAGE not in bench.DEFAULT_OUTPUT_DIR.parents
+
+
+def test_benchmark_tools_run_as_files_from_a_checkout(tmp_path):
+    """`python benchmarks/<name>.py --help` from another directory: each file finds the repository on its own."""
+    code = (
+        "import runpy, sys\n"
+        "for path in sys.argv[1:]:\n"
+        "    sys.argv = [path, '--help']\n"
+        "    try:\n"
+        "        runpy.run_path(path, run_name='__main__')\n"
+        "    except SystemExit as exit:\n"
+        "        assert exit.code == 0, (path, exit.code)\n"
+        "    print('ran', path)\n"
+    )
+    paths = [str(ROOT / "benchmarks" / name) for name in RESEARCH_TOOLS.values()]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", code, *paths], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("ran ") == len(paths)
