@@ -859,7 +859,7 @@ def write_synthetic_features(root: Path, config: BenchConfig) -> dict[str, Any]:
     """
     from diffusers import DDIMScheduler
 
-    from h_classifiers.extraction import (
+    from h_classifiers.feature_store import (
         CHUNK_INFO_NAME,
         CHUNKS_DIR,
         FORMAT_VERSION,

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from pipeline_balancing_act import DEFAULT_TEMPERATURE, HClassifier
 
-from .extraction import HFeatureStore, _umask, atomic_write_json, atomic_write_text, make_temp_dir
+from .feature_store import HFeatureStore, _umask, atomic_write_json, atomic_write_text, make_temp_dir
+from .model_card import PLOT_NAME, model_card, plot_metrics
 
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,6 @@ HEAD_TYPES = ("class_mean", "logistic")
 METRICS_NAME = "metrics.json"
 # Working-memory unit for statistics and predictions: 4M values (16 MB in float32) per block of rows.
 BLOCK_ELEMENTS = 4 * 2**20
-PLOT_NAME = "accuracy.png"
 
 
 @dataclass
@@ -387,143 +387,6 @@ def summarize(metrics: list[dict]) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Saving: weights + config, model card, metrics, plot; atomically
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def metrics_table(metrics: list[dict], class_names: list[str]) -> str:
-    """Markdown table: one row per timestep."""
-    header = "| step | timestep | held-out accuracy | balanced accuracy | " + " | ".join(
-        f"recall {c}" for c in class_names
-    )
-    lines = [header + " | train accuracy |", "|" + "---|" * (5 + len(class_names))]
-    for m in metrics:
-        recalls = " | ".join(f"{r:.3f}" for r in m["recall"])
-        lines.append(
-            f"| {m['step']} | {m['timestep']:g} | {m['accuracy']:.3f} | {m['balanced_accuracy']:.3f} | {recalls} | "
-            f"{m['train_accuracy']:.3f} |"
-        )
-    return "\n".join(lines)
-
-
-def plot_metrics(metrics: list[dict], path: str | os.PathLike, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [m["step"] for m in metrics]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(steps, [m["accuracy"] for m in metrics], label="held-out accuracy")
-    ax.plot(steps, [m["balanced_accuracy"] for m in metrics], label="held-out balanced accuracy")
-    ax.plot(steps, [m["train_accuracy"] for m in metrics], label="train accuracy", linestyle=":")
-    ax.set_xlabel("denoising step (0 = noisiest)")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1.02)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def model_card(classifier: HClassifier, metrics: list[dict], summary: dict, manifest: dict) -> str:
-    cfg = classifier.config
-    prompts = manifest.get("prompts") or []
-    if manifest.get("recipe") == "generation":
-        source = (
-            f"h recorded while generating {manifest.get('num_images')} images with prompt(s) {prompts} "
-            f"(classifier-free guidance {manifest.get('guidance_scale')}, branch(es) {manifest.get('branches')}), "
-            f"pseudo-labelled by `{manifest.get('label_source')}`"
-        )
-    elif manifest.get("recipe") == "inversion":
-        source = (
-            f"h recorded during deterministic DDIM inversion (eta = 0, prompt {prompts[0] if prompts else ''!r}) of "
-            f"{manifest.get('num_images')} labelled images (one folder per class)"
-        )
-    else:
-        source = f"h written directly to a feature store ({manifest.get('num_images')} rows, labels from `{manifest.get('label_source')}`)"
-    counts = ", ".join(f"{k}: {v}" for k, v in summary.get("class_counts", {}).items())
-    first, middle, last = (summary.get(k, {}) for k in ("first", "middle", "last"))
-    training = summary.get("config", {})
-    if training.get("head") == "class_mean":
-        head_text = (
-            "one class-mean head per timestep: class k's weight is the direction from the mean of the class means to "
-            "class k's mean h (training split), times one scale; the scale and the biases are fitted by cross-entropy "
-            f"(L-BFGS, class balance `{training.get('balance')}`)."
-        )
-    else:
-        head_text = (
-            f"one logistic (free linear) head per timestep, cross-entropy with class balance "
-            f"`{training.get('balance')}`, AdamW (lr {training.get('learning_rate')}, weight decay "
-            f"{training.get('weight_decay')}), {training.get('epochs')} epochs (at least {training.get('min_steps')} "
-            f"steps), batch {training.get('batch_size')}, features standardised during training (folded back into "
-            "the saved heads)."
-        )
-    return f"""---
-library_name: diffusers
-tags:
-- balancing-act
-- h-classifier
-- debiasing
-- stable-diffusion
----
-
-# h-classifier: `{cfg.attribute}` ({", ".join(cfg.class_names)})
-
-Per-timestep linear heads over the UNet mid-block output h (the "Attribute Distribution Predictor" of *Balancing Act:
-Distribution-Guided Debiasing in Diffusion Models*, CVPR 2024), for h-space guidance with `BalancingActPipeline`.
-
-- Base model: `{cfg.base_model}` (h shape {list(cfg.h_shape)}: use it only with this model at this resolution)
-- Classes: {list(cfg.class_names)} (class index = position)
-- Heads: {len(cfg.timesteps)}, at the timesteps of `{(manifest.get("scheduler") or {}).get("class")}` with
-  {manifest.get("num_inference_steps")} steps ({cfg.timesteps[0]:g} ... {cfg.timesteps[-1]:g}); any other scheduler's
-  timestep uses the nearest head
-- Temperature for guidance: {cfg.temperature:g}
-
-## Usage
-
-```py
-from pipeline_balancing_act import BalancingActPipeline, HClassifier
-
-classifier = HClassifier.from_pretrained("<this folder or repo id>")
-images = pipe(
-    "a photo of a face",
-    h_classifier=classifier,
-    guidance_mode="distribution",
-    target_distribution=[1 / {len(cfg.class_names)}] * {len(cfg.class_names)},
-    num_images_per_prompt=16,
-).images
-```
-
-## Training data
-
-{source}. Labelled images: {summary.get("num_images")} ({counts}); {summary.get("num_heldout_images")} held out
-(stratified by class, seed {training.get("seed")}). Features stored as {manifest.get("dtype")}.
-
-Training: {head_text}
-
-## Held-out accuracy
-
-First step: {first.get("accuracy", float("nan")):.3f} (balanced {first.get("balanced_accuracy", float("nan")):.3f});
-middle step: {middle.get("accuracy", float("nan")):.3f} (balanced {middle.get("balanced_accuracy", float("nan")):.3f});
-last step: {last.get("accuracy", float("nan")):.3f} (balanced {last.get("balanced_accuracy", float("nan")):.3f}).
-
-![accuracy per step]({PLOT_NAME})
-
-{metrics_table(metrics, list(cfg.class_names))}
-
-## Intended use
-
-Steering the attribute distribution of images generated by the base model (distribution guidance) or the attribute
-of each image (sample guidance), and measuring it on h. Not a classifier of real photographs.
-
-## Limits
-
-- Valid only for the base model and the h shape above (another model, resolution or fine-tune gives other h).
-- The labels come from `{manifest.get("label_source")}`: its errors and its class definitions are inherited.
-- Early (noisiest) steps are the least accurate; accuracy was measured on held-out images of the same source only.
-- The attribute classes are a simplification chosen for this classifier; they are not a statement about people.
-"""
 
 
 def save_classifier(result: TrainingResult, output_dir: str | os.PathLike, manifest: dict, overwrite: bool = False):

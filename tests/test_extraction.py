@@ -11,15 +11,8 @@ from safetensors import safe_open
 from tiny_models import tiny_components
 
 from h_classifiers import MidBlockHook, toy_world
-from h_classifiers.extraction import (
-    CHUNK_INFO_NAME,
-    HFeatureStore,
-    ddim_schedule,
-    extract_from_folders,
-    extract_from_generation,
-    invert_and_record,
-    step_file_name,
-)
+from h_classifiers.extraction import ddim_schedule, extract_from_folders, extract_from_generation, invert_and_record
+from h_classifiers.feature_store import CHUNK_INFO_NAME, HFeatureStore, step_file_name
 from h_classifiers.labellers import Labeller
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from h_classifiers import hub
-from h_classifiers.extraction import create_store, finish_store, write_chunk
+from h_classifiers.feature_store import create_store, finish_store, write_chunk
 
 
 class FakeHub:

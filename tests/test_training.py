@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from h_classifiers import HClassifier
-from h_classifiers.extraction import HFeatureStore, create_store, finish_store, write_chunk
+from h_classifiers.feature_store import HFeatureStore, create_store, finish_store, write_chunk
 from h_classifiers.training import TrainingConfig, class_weights, stratified_holdout, train_classifier
 
 

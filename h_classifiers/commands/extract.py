@@ -22,7 +22,8 @@ from h_classifiers.commands._common import positive_int, split_prompts
 
 def build_parser() -> argparse.ArgumentParser:
     from h_classifiers.evaluation import DTYPES, SCHEDULERS
-    from h_classifiers.extraction import RECORD_BRANCHES, STORAGE_DTYPES
+    from h_classifiers.extraction import RECORD_BRANCHES
+    from h_classifiers.feature_store import STORAGE_DTYPES
     from h_classifiers.toy_world import TOY_MODEL_PATH
 
     parser = argparse.ArgumentParser(
