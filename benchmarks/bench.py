@@ -53,6 +53,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 
 from h_classifiers.commands._common import positive_int  # noqa: E402
+from h_classifiers.io_utils import atomic_save_file, atomic_write_json, atomic_write_text  # noqa: E402
 
 
 PARTS = ("generation", "extraction", "training")
@@ -218,21 +219,22 @@ def machine_info(config: BenchConfig) -> dict[str, Any]:
     return info
 
 
-def _meminfo_bytes(key: str) -> int | None:
+def _proc_bytes(path: str, key: str) -> int | None:
+    """A `key: N kB` field of a /proc file in bytes (None where /proc is missing)."""
     with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in Path(path).read_text().splitlines():
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     return None
+
+
+def _meminfo_bytes(key: str) -> int | None:
+    return _proc_bytes("/proc/meminfo", key)
 
 
 def _status_bytes(key: str) -> int | None:
-    """A `Vm*` field of /proc/self/status in bytes (None where /proc is missing)."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return None
+    """A `Vm*` field of /proc/self/status in bytes."""
+    return _proc_bytes("/proc/self/status", key)
 
 
 def _reset_peak_rss() -> bool:
@@ -864,8 +866,6 @@ def write_synthetic_features(root: Path, config: BenchConfig) -> dict[str, Any]:
         CHUNKS_DIR,
         FORMAT_VERSION,
         MANIFEST_NAME,
-        atomic_save_file,
-        atomic_write_json,
         chunk_name,
         step_file_name,
     )
@@ -1137,18 +1137,6 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
 def _log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -1309,9 +1297,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     config = resolve_config(args)
     results = run_benchmark(config)
     output_dir = Path(config.output_dir)
-    atomic_write(output_dir / "bench.json", json.dumps(results, indent=1) + "\n")
+    atomic_write_json(output_dir / "bench.json", results, indent=1)
     table = markdown_table(results)
-    atomic_write(output_dir / "table.md", table + "\n")
+    atomic_write_text(output_dir / "table.md", table + "\n")
     print(table)
     return results
 

@@ -44,12 +44,10 @@ from h_classifiers.evaluation import (  # noqa: E402
     make_grid,
     run_configuration,
     save_fraction_chart,
-    save_image,
     set_scheduler,
     summarize_labels,
-    write_json,
-    write_text,
 )
+from h_classifiers.io_utils import atomic_save_image, atomic_write_json, atomic_write_text  # noqa: E402
 
 
 # The guidance settings of the published table (chosen on the tuning sweep, seeds disjoint from the table's; see
@@ -415,8 +413,8 @@ def run_table(args: argparse.Namespace, rows: list[Row], batch_sizes: list[int],
         "total_seconds": time.perf_counter() - start,
         "rows": report_rows,
     }
-    write_json(report, output_dir / "results.json")
-    write_text(table_markdown(report), output_dir / "table.md")
+    atomic_write_json(output_dir / "results.json", report, indent=2)
+    atomic_write_text(output_dir / "table.md", table_markdown(report))
     return report
 
 
@@ -461,7 +459,7 @@ def write_row_figures(
     save_fraction_chart(row.target, measured, result["class_names"], output_dir / f"fractions_{row.name}.png", title)
     for name, configuration_images in images.items():
         if configuration_images:
-            save_image(make_grid(configuration_images), output_dir / f"grid_{row.name}_{name}.png")
+            atomic_save_image(make_grid(configuration_images), output_dir / f"grid_{row.name}_{name}.png")
 
 
 def relative(path: str) -> str:
@@ -653,8 +651,8 @@ def run_sweep(
         "total_seconds": time.perf_counter() - start,
     }
     output_dir = Path(args.output_dir)
-    write_json(report, output_dir / "sweep.json")
-    write_text(sweep_markdown(report), output_dir / "sweep.md")
+    atomic_write_json(output_dir / "sweep.json", report, indent=2)
+    atomic_write_text(output_dir / "sweep.md", sweep_markdown(report))
     return report
 
 

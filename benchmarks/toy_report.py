@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from h_classifiers.commands._common import positive_int  # noqa: E402
+from h_classifiers.io_utils import atomic_save_image, atomic_write_json  # noqa: E402
 from h_classifiers.toy_world import (  # noqa: E402
     ATTRIBUTES,
     DATA_BIAS,
@@ -102,7 +103,7 @@ def dataset_check(num_samples: int, seed: int) -> dict:
 
 
 def save_grid(rows: list[tuple[str, torch.Tensor]], path: Path, columns: int, scale: int = 2) -> None:
-    """One row of `columns` samples per prompt with its text on the left; written to a temp name then renamed."""
+    """One row of `columns` samples per prompt with its text on the left; written atomically."""
     from PIL import Image, ImageDraw
 
     size = rows[0][1].shape[-1] * scale
@@ -116,30 +117,25 @@ def save_grid(rows: list[tuple[str, torch.Tensor]], path: Path, columns: int, sc
             array = (image.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
             tile = Image.fromarray(array).resize((size, size), Image.NEAREST)
             grid.paste(tile, (label_width + c * (size + pad), y))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    grid.save(tmp)
-    os.replace(tmp, path)
+    atomic_save_image(grid, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Measure the toy model's prompts with the oracle; write JSON and a grid.")
     p.add_argument("--model", type=Path, default=TOY_MODEL_PATH, help="Diffusers directory of the toy model.")
-    p.add_argument("--num-samples", type=int, default=1000, help="Samples per prompt.")
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--steps", type=int, default=25, help="DDIM steps.")
+    p.add_argument("--num-samples", type=positive_int, default=1000, help="Samples per prompt.")
+    p.add_argument("--batch-size", type=positive_int, default=250)
+    p.add_argument("--steps", type=positive_int, default=25, help="DDIM steps.")
     p.add_argument("--guidance-scale", type=float, default=7.5, help="Classifier-free guidance scale.")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dataset-samples", type=int, default=10_000, help="Dataset images for the oracle check.")
+    p.add_argument("--dataset-samples", type=positive_int, default=10_000, help="Dataset images for the oracle check.")
     p.add_argument("--output", type=Path, default=Path("docs/toy_world_report.json"))
     p.add_argument("--grid", type=Path, default=Path("docs/toy_world_grid.png"))
-    p.add_argument("--grid-columns", type=int, default=16)
-    p.add_argument("--threads", type=int, default=1, help="torch threads; 1 is fastest on a busy 2-core machine.")
-    args = p.parse_args(argv)
-    for name in ("num_samples", "batch_size", "steps", "dataset_samples", "grid_columns", "threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    return args
+    p.add_argument("--grid-columns", type=positive_int, default=16)
+    p.add_argument(
+        "--threads", type=positive_int, default=1, help="torch threads; 1 is fastest on a busy 2-core machine."
+    )
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -174,10 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     report["seconds"] = round(time.time() - t0, 1)
 
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_name(args.output.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, args.output)
+    atomic_write_json(args.output, report, indent=2)
     save_grid(grid_rows, args.grid, args.grid_columns)
     print(f"wrote {args.output} and {args.grid} ({report['seconds']}s)")
     return report

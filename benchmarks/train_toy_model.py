@@ -20,7 +20,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,9 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from h_classifiers.commands._common import positive_int  # noqa: E402
+from h_classifiers.io_utils import atomic_save_file, make_temp_dir  # noqa: E402
 from h_classifiers.toy_model import (  # noqa: E402
     MAX_TOKENS,
     TRAIN_SCHEDULER_CONFIG,
@@ -46,15 +47,8 @@ from h_classifiers.toy_world import ATTRIBUTES, TOY_MODEL_PATH, caption_for, mak
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checkpoints (safetensors only; written to a temporary name, then renamed)
+# Checkpoints (safetensors only, written atomically)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
 
 
 def save_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, step: int) -> None:
@@ -64,7 +58,7 @@ def save_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, 
         for key, value in state.items():
             tensors[f"optimizer.{idx}.{key}"] = torch.as_tensor(value)
     metadata = {"step": str(step), "param_groups": json.dumps(opt["param_groups"])}
-    _atomic_save(tensors, path, metadata)
+    atomic_save_file(tensors, path, metadata)
 
 
 def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer) -> int:
@@ -139,7 +133,7 @@ def train_vae(args, images: torch.Tensor, work: Path):
             bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.3f}")
         if (step + 1) % args.checkpoint_every == 0:
             save_checkpoint(ckpt, {"vae": vae}, optimizer, step + 1)
-    _atomic_save(vae.state_dict(), final, {"step": str(args.vae_steps)})
+    atomic_save_file(vae.state_dict(), final, {"step": str(args.vae_steps)})
     return vae
 
 
@@ -156,7 +150,7 @@ def encode_latents(vae, images: torch.Tensor, work: Path, batch_size: int = 500)
             for i in tqdm(range(0, len(images), batch_size), desc="encode latents")
         ]
         latents = torch.cat(chunks)
-        _atomic_save({"latents": latents}, path, {})
+        atomic_save_file({"latents": latents}, path, {})
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     return latents
 
@@ -230,7 +224,7 @@ def train_unet(args, latents: torch.Tensor, token_ids: torch.Tensor, empty_ids: 
         if (step + 1) % args.checkpoint_every == 0:
             save_checkpoint(ckpt, modules, optimizer, step + 1)
     tensors = {f"{n}.{k}": v for n in ("ema_unet", "ema_text_encoder") for k, v in modules[n].state_dict().items()}
-    _atomic_save(tensors, final, {"step": str(args.unet_steps)})
+    atomic_save_file(tensors, final, {"step": str(args.unet_steps)})
     return ema_unet, ema_text
 
 
@@ -251,9 +245,8 @@ def export_pipeline(vae, text_encoder, tokenizer, unet, output: Path) -> None:
     )
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".toy-sd-", dir=output.parent))
+    tmp = make_temp_dir(output.parent, ".toy-sd-")
     pipe.save_pretrained(tmp, safe_serialization=True)
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the saved model is an ordinary directory
     old = output.with_name(output.name + ".old")
     if output.exists():
         os.replace(output, old)
@@ -271,25 +264,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, default=TOY_MODEL_PATH, help="Where the diffusers directory is saved.")
     p.add_argument("--work-dir", type=Path, default=Path(".work/toy-train"), help="Checkpoints and caches.")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-images", type=int, default=30_000)
+    p.add_argument("--num-images", type=positive_int, default=30_000)
     p.add_argument("--captions-per-image", type=int, default=4)
-    p.add_argument("--vae-steps", type=int, default=1600)
-    p.add_argument("--vae-batch-size", type=int, default=32)
+    p.add_argument("--vae-steps", type=positive_int, default=1600)
+    p.add_argument("--vae-batch-size", type=positive_int, default=32)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--vae-kl-weight", type=float, default=1e-4)
-    p.add_argument("--unet-steps", type=int, default=4000)
-    p.add_argument("--unet-batch-size", type=int, default=128)
+    p.add_argument("--unet-steps", type=positive_int, default=4000)
+    p.add_argument("--unet-batch-size", type=positive_int, default=128)
     p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--unet-layers-per-block", type=int, default=1)
     p.add_argument("--text-hidden-size", type=int, default=64, help="Text encoder width = cross_attention_dim.")
     p.add_argument("--caption-dropout", type=float, default=0.1, help="Empty-caption rate (classifier-free guidance).")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--threads", type=int, default=1, help="torch threads; 1 is fastest on a busy 2-core machine.")
+    p.add_argument(
+        "--threads", type=positive_int, default=1, help="torch threads; 1 is fastest on a busy 2-core machine."
+    )
     args = p.parse_args(argv)
-    for name in ("num_images", "vae_steps", "unet_steps", "vae_batch_size", "unet_batch_size", "threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.caption_dropout < 1:
         p.error(f"--caption-dropout must be in [0, 1), got {args.caption_dropout}")
     return args

@@ -21,10 +21,8 @@ on the batch size unless the guidance does (only distribution mode couples the i
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,6 +31,8 @@ from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
+
+from .io_utils import atomic_save_figure, atomic_save_image, atomic_write_json
 
 
 CONFIGURATIONS = ("vanilla", "sample", "distribution", "prompt")
@@ -304,49 +304,8 @@ def evaluate(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Output files (each written to a temporary name, then renamed)
+# Output files (written atomically, `h_classifiers.io_utils`)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _atomic_path(path: str | os.PathLike) -> tuple[Path, str]:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return path, tmp
-
-
-def write_text(text: str, path: str | os.PathLike) -> None:
-    path, tmp = _atomic_path(path)
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json(obj: Any, path: str | os.PathLike) -> None:
-    write_text(json.dumps(obj, indent=2, default=_json_default) + "\n", path)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
-
-
-def save_image(image: Image.Image, path: str | os.PathLike) -> None:
-    path, tmp = _atomic_path(path)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def make_grid(
@@ -412,14 +371,10 @@ def save_fraction_chart(
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, ncols=min(len(series), 5), loc="upper center", bbox_to_anchor=(0.5, -0.12))
     fig.tight_layout()
-    path, tmp = _atomic_path(path)
     try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
+        atomic_save_figure(fig, path, dpi=110)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_outputs(
@@ -427,9 +382,9 @@ def write_outputs(
 ) -> None:
     """`results.json`, a grid PNG per configuration (its first `grid_size` images) and `fractions.png`."""
     output_dir = Path(output_dir)
-    write_json(report, output_dir / "results.json")
+    atomic_write_json(output_dir / "results.json", report, indent=2)
     for configuration, configuration_images in images.items():
-        save_image(make_grid(configuration_images[:grid_size]), output_dir / f"grid_{configuration}.png")
+        atomic_save_image(make_grid(configuration_images[:grid_size]), output_dir / f"grid_{configuration}.png")
     measured = {name: summary["fractions"] for name, summary in report["results"].items()}
     save_fraction_chart(
         report["spec"]["target"],

@@ -27,7 +27,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -36,8 +35,9 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
+
+from .io_utils import atomic_save_file, atomic_write_json, make_temp_dir
 
 
 logger = logging.getLogger(__name__)
@@ -72,57 +72,6 @@ RUN_KEYS = (
     "label_source",
     "label_sets",
 )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Atomic file writes
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def make_temp_dir(parent: Path, prefix: str) -> Path:
-    """`tempfile.mkdtemp` with the permissions a plain `mkdir` would give (mkdtemp makes it private)."""
-    path = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
-    os.chmod(path, 0o777 & ~_umask())
-    return path
-
-
-def _temp_path(path: Path) -> Path:
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
-    os.close(fd)
-    os.chmod(name, 0o666 & ~_umask())  # mkstemp makes it private; the renamed file should be like any other
-    return Path(name)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text to a temporary file next to `path`, then rename it to `path`."""
-    path = Path(path)
-    tmp = _temp_path(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
-
-
-def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """`safetensors.torch.save_file` to a temporary name, then rename."""
-    path = Path(path)
-    tmp = _temp_path(path)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

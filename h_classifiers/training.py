@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,7 +28,8 @@ from tqdm.auto import tqdm
 
 from pipeline_balancing_act import DEFAULT_TEMPERATURE, HClassifier
 
-from .feature_store import HFeatureStore, _umask, atomic_write_json, atomic_write_text, make_temp_dir
+from .feature_store import HFeatureStore
+from .io_utils import atomic_write_json, atomic_write_text, make_temp_dir
 from .model_card import PLOT_NAME, model_card, plot_metrics
 
 
@@ -408,10 +408,8 @@ def save_classifier(result: TrainingResult, output_dir: str | os.PathLike, manif
             result.metrics, tmp / PLOT_NAME, f"h-classifier '{result.classifier.config.attribute}' {class_names}"
         )
         atomic_write_text(tmp / "README.md", model_card(result.classifier, result.metrics, result.summary, manifest))
-        for path in tmp.iterdir():  # files written through private temporary files: the usual permissions
-            os.chmod(path, 0o666 & ~_umask())
         if output_dir.exists():
-            old = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".old-{output_dir.name}-"))
+            old = make_temp_dir(output_dir.parent, f".old-{output_dir.name}-")
             os.replace(output_dir, old / output_dir.name)
         os.replace(tmp, output_dir)
     finally:

@@ -1,5 +1,5 @@
 """The installed package holds only the product: research tools live in `benchmarks/` (run from a checkout, never
-installed)."""
+installed), and no module of the package grows past about 500 lines."""
 
 import configparser
 import os
@@ -20,6 +20,7 @@ RESEARCH_TOOLS = {
     "train_toy": "train_toy_model.py",
     "toy_report": "toy_report.py",
 }
+MAX_MODULE_LINES = 500
 
 
 def installed_packages() -> list[str]:
@@ -46,6 +47,11 @@ def test_scripts_are_the_companion_entry_points_only():
     assert scripts == ["evaluate.py", "extract_h.py", "generate.py", "push_to_hub.py", "train_classifier.py"]
     for path in (ROOT / "scripts").iterdir():
         assert "from h_classifiers.commands." in path.read_text(), path.name  # the logic lives in the library
+
+
+def test_package_modules_stay_small():
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    assert {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES} == {}
 
 
 def test_bench_writes_into_the_checkout_not_the_package():

@@ -17,11 +17,10 @@ from h_classifiers.evaluation import (
     make_grid,
     resolve_device,
     run_configuration,
-    save_image,
     side_by_side,
     summarize_labels,
-    write_json,
 )
+from h_classifiers.io_utils import atomic_save_image, atomic_write_json
 
 
 MODES = ("distribution", "sample")
@@ -83,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("vanilla", make_grid(runs["vanilla"].images)),
         (f"balanced ({args.mode} mode)", make_grid(runs["balanced"].images)),
     ]
-    save_image(side_by_side(panels), grid_path)
+    atomic_save_image(side_by_side(panels), grid_path)
 
     results = {}
     print(
@@ -112,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
         "results": results,
         "total_seconds": time.perf_counter() - start,
     }
-    write_json(report, output_dir / "generate_results.json")
+    atomic_write_json(output_dir / "generate_results.json", report, indent=2)
     print(f"grid: {grid_path}  (left: vanilla, right: balanced, same seeds)")
     return report
 

@@ -1,0 +1,91 @@
+"""Atomic file writes shared by the tools: text, JSON, safetensors, PNG, and temporary directories.
+
+Every file is written to a temporary file in the destination's directory (named `.tmp-<name>-XXXX`, so readers and
+Hub uploads can skip it), then renamed over the destination with `os.replace`: a reader never sees a half-written
+file, and an interrupted write leaves at most the temporary file, which is removed on error. Files and directories
+get the permissions a plain `open` / `mkdir` would give (the umask applies), not the private ones of `tempfile`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+TEMP_PREFIX = ".tmp-"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """`tempfile.mkdtemp` in `parent` with the permissions a plain `mkdir` would give (mkdtemp makes it private)."""
+    path = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    os.chmod(path, 0o777 & ~_umask())
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary path next to `path` to write to; on success it is renamed to `path`, on error removed.
+
+    The destination's directory is created if missing.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}-")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        # mkstemp makes it private (and some writers create the file anew): the renamed file should be like any other.
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def json_default(value: Any) -> Any:
+    """JSON for the values our reports hold besides the JSON types: tensors and arrays as lists, paths as strings."""
+    if hasattr(value, "tolist"):  # torch.Tensor, numpy arrays and scalars
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 1) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent, default=json_default) + "\n")
+
+
+def atomic_save_file(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file` (tensors made contiguous, on the CPU), atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def atomic_save_image(image, path: str | os.PathLike) -> None:
+    """A PIL image as PNG, atomically."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def atomic_save_figure(figure, path: str | os.PathLike, dpi: float | None = None) -> None:
+    """A matplotlib figure as PNG, atomically."""
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=dpi)
