@@ -53,6 +53,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 
 from h_classifiers.commands._common import positive_int  # noqa: E402
+from h_classifiers.generation import generate_batches  # noqa: E402
 from h_classifiers.io_utils import atomic_save_file, atomic_write_json, atomic_write_text  # noqa: E402
 
 
@@ -462,8 +463,7 @@ def build_toy_scale(config: BenchConfig) -> GenerationScale:
         classifier=classifier,
         classifier_info=info,
         call_kwargs={
-            "prompt": NEUTRAL_PROMPT,
-            "num_images_per_prompt": num_images,
+            "prompt": [NEUTRAL_PROMPT] * num_images,
             "num_inference_steps": config.toy_steps,
             "guidance_scale": 7.5,
             "output_type": "pil",
@@ -564,10 +564,14 @@ def guidance_kwargs(scale: GenerationScale, arm: str) -> dict[str, Any]:
 
 
 def run_arm(scale: GenerationScale, arm: str, config: BenchConfig) -> Any:
-    """One generation call: the stock pipeline for 'vanilla', else the Balancing Act pipeline; same seed."""
-    generator = torch.Generator("cpu").manual_seed(config.seed)
+    """One generation call of all the scale's images: the stock pipeline for 'vanilla', else the Balancing Act
+    pipeline; the same seeds (image i: seed + i, `generate_batches`)."""
     pipe = scale.stock if arm == "vanilla" else scale.guided
-    return pipe(**scale.call_kwargs, **guidance_kwargs(scale, arm), generator=generator)
+    kwargs = {**scale.call_kwargs, **guidance_kwargs(scale, arm)}
+    prompts = kwargs.pop("prompt", None)
+    per_image = {key: kwargs.pop(key) for key in ("prompt_embeds", "negative_prompt_embeds") if key in kwargs}
+    (batch,) = generate_batches(pipe, prompts, config.seed, scale.num_images, per_image, **kwargs)
+    return batch.output
 
 
 def generation_memory_worker(config: BenchConfig, scale_name: str, arm: str) -> dict[str, Any]:

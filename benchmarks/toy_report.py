@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from h_classifiers.commands._common import positive_int  # noqa: E402
+from h_classifiers.generation import generate_batches  # noqa: E402
 from h_classifiers.io_utils import atomic_save_image, atomic_write_json  # noqa: E402
 from h_classifiers.toy_world import (  # noqa: E402
     ATTRIBUTES,
@@ -50,20 +51,18 @@ def load_toy_pipeline(path: str | Path = TOY_MODEL_PATH):
 def sample_images(
     pipe, prompt: str, num_samples: int, batch_size: int, steps: int, guidance_scale: float, seed: int
 ) -> torch.Tensor:
-    """`num_samples` images [N, 3, H, W] in [0, 1]; batch i uses seed `seed + i`, so runs are reproducible."""
-    images = []
-    for i, start in enumerate(range(0, num_samples, batch_size)):
-        n = min(batch_size, num_samples - start)
-        out = pipe(
-            prompt,
-            num_images_per_prompt=n,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            generator=torch.Generator().manual_seed(seed + i),
-            output_type="pt",
-        )
-        images.append(out.images.float().cpu())
-    return torch.cat(images)
+    """`num_samples` images [N, 3, H, W] in [0, 1]; image i uses seed `seed + i` (`generate_batches`), so runs are
+    reproducible whatever the batch size."""
+    batches = generate_batches(
+        pipe,
+        [prompt] * num_samples,
+        seed,
+        batch_size,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        output_type="pt",
+    )
+    return torch.cat([batch.output.images.float().cpu() for batch in batches])
 
 
 def prompt_table() -> list[tuple[str, str | None, str | None]]:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
+from .generation import generate_batches
 from .io_utils import atomic_save_figure, atomic_save_image, atomic_write_json
 
 
@@ -184,15 +185,6 @@ def set_scheduler(pipe, name: str, config: dict[str, Any] | None = None, **overr
     pipe.scheduler = scheduler_class.from_config(config or pipe.scheduler.config, **{**defaults, **overrides})
 
 
-def batch_ranges(n: int, batch_size: int) -> list[range]:
-    """Split `range(n)` into ceil(n / batch_size) batches of near-equal size (never a lone last image)."""
-    if n < 1 or batch_size < 1:
-        raise ValueError(f"`num_images` and `batch_size` must be positive, got {n} and {batch_size}.")
-    num_batches = math.ceil(n / batch_size)
-    bounds = [round(i * n / num_batches) for i in range(num_batches + 1)]
-    return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-
-
 def generate_images(
     pipe,
     prompts: Sequence[str],
@@ -203,21 +195,13 @@ def generate_images(
     **call_kwargs: Any,
 ) -> tuple[list[Image.Image], float]:
     """
-    Generate one image per prompt in batches; image i uses a generator seeded with `seed + i`. `per_image` values
-    (e.g. `target_classes`) are sliced per batch; `call_kwargs` go to every pipeline call. Returns the PIL images and
-    the wall time in seconds.
+    Generate one image per prompt in batches (`generation.generate_batches`: image i uses a generator seeded with
+    `seed + i`; `per_image` values such as `target_classes` are sliced per batch; `call_kwargs` go to every pipeline
+    call). Returns the PIL images and the wall time in seconds.
     """
-    images: list[Image.Image] = []
     start = time.perf_counter()
-    for batch in batch_ranges(len(prompts), batch_size):
-        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in batch]
-        sliced = {key: [values[i] for i in batch] for key, values in (per_image or {}).items()}
-        output = pipe(
-            prompt=[prompts[i] for i in batch], generator=generators, output_type="pil", **sliced, **call_kwargs
-        )
-        images += list(output.images)
-        if progress is not None:
-            progress(len(batch))
+    batches = generate_batches(pipe, prompts, seed, batch_size, per_image, progress, output_type="pil", **call_kwargs)
+    images = [image for batch in batches for image in batch.output.images]
     return images, time.perf_counter() - start
 
 

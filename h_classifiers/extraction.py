@@ -33,6 +33,7 @@ from PIL import Image
 from pipeline_balancing_act import MidBlockHook
 
 from .feature_store import FORMAT_VERSION, _BatchResult, _check_dtype, _prepare_output_dir, _run_chunks
+from .generation import generate_batches
 from .labellers import Labeller
 
 
@@ -370,11 +371,11 @@ def extract_from_generation(
 ) -> dict:
     """Recipe 2: generate with `pipe`, record h at every step, pseudo-label the images with `labeller`.
 
-    Image i uses prompt `prompts[i % len(prompts)]` and its own CPU generator seeded `seed + i`, so the images (and a
-    resumed run) do not depend on batch composition or device. The pipeline's own scheduler is used (recorded in the
-    manifest); with a stochastic scheduler (eta > 0, ancestral samplers) h still matches the image it produced.
-    Images the labeller cannot label (label -1, e.g. invalid toy images, or flagged by a safety checker) keep their h
-    in the shards with label -1; readers drop them by default.
+    Image i uses prompt `prompts[i % len(prompts)]` and its own CPU generator seeded `seed + i`
+    (`generation.generate_batches`), so the images (and a resumed run) do not depend on batch composition or device.
+    The pipeline's own scheduler is used (recorded in the manifest); with a stochastic scheduler (eta > 0, ancestral
+    samplers) h still matches the image it produced. Images the labeller cannot label (label -1, e.g. invalid toy
+    images, or flagged by a safety checker) keep their h in the shards with label -1; readers drop them by default.
 
     Args:
         labeller: one `Labeller`, or several with distinct `attribute` names: each gives a label set (the first is
@@ -448,7 +449,6 @@ def extract_from_generation(
 
     def process_batch(items: list[int]) -> _BatchResult:
         batch_prompts = [prompts[i % len(prompts)] for i in items]
-        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in items]
         recorder = _Recorder(storage_dtype)
         seen_timesteps = []
 
@@ -457,17 +457,21 @@ def extract_from_generation(
             return callback_kwargs
 
         with MidBlockHook(pipe.unet, recorder):
-            output = pipe(
-                prompt=batch_prompts,
+            # One call for the batch; `items` are consecutive image indices, so image items[j] is seeded seed + items[j].
+            (generated,) = generate_batches(
+                pipe,
+                batch_prompts,
+                seed + items[0],
+                len(items),
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 negative_prompt=[negative_prompt] * len(items) if negative_prompt is not None else None,
-                generator=generators,
                 height=height,
                 width=width,
                 output_type="pil",
                 callback_on_step_end=on_step_end,
             )
+        output = generated.output
         if len(recorder.calls) != len(timesteps) or _timesteps_list(torch.stack(seen_timesteps)) != timesteps:
             raise RuntimeError(
                 f"Recorded {len(recorder.calls)} UNet calls at timesteps {seen_timesteps}, expected one per planned "

@@ -16,7 +16,6 @@ from PIL import Image
 from h_classifiers.evaluation import (
     EvaluationSpec,
     assign_classes,
-    batch_ranges,
     class_counts,
     class_fractions,
     evaluate,
@@ -26,6 +25,7 @@ from h_classifiers.evaluation import (
     run_configuration,
     summarize_labels,
 )
+from h_classifiers.generation import batch_ranges
 
 
 class RecordingPipe:
