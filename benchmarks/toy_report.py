@@ -103,19 +103,26 @@ def dataset_check(num_samples: int, seed: int) -> dict:
 
 def save_grid(rows: list[tuple[str, torch.Tensor]], path: Path, columns: int, scale: int = 2) -> None:
     """One row of `columns` samples per prompt with its text on the left; written atomically."""
-    from PIL import Image, ImageDraw
+    from diffusers.utils import make_image_grid
+    from PIL import Image, ImageDraw, ImageOps
 
     size = rows[0][1].shape[-1] * scale
     label_width, pad = 280, 2
+    cells = []  # each tile carries its white padding on the right and at the bottom; blank tiles complete a row
+    for _, images in rows:
+        tiles = [
+            Image.fromarray((image.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()).resize(
+                (size, size), Image.NEAREST
+            )
+            for image in images[:columns]
+        ]
+        tiles += [Image.new("RGB", (size, size), "white")] * (columns - len(tiles))
+        cells += [ImageOps.expand(tile, (0, 0, pad, pad), "white") for tile in tiles]
     grid = Image.new("RGB", (label_width + columns * (size + pad), len(rows) * (size + pad)), "white")
     draw = ImageDraw.Draw(grid)
-    for r, (label, images) in enumerate(rows):
-        y = r * (size + pad)
-        draw.text((4, y + size // 2 - 6), label, fill="black")
-        for c, image in enumerate(images[:columns]):
-            array = (image.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
-            tile = Image.fromarray(array).resize((size, size), Image.NEAREST)
-            grid.paste(tile, (label_width + c * (size + pad), y))
+    for r, (label, _) in enumerate(rows):
+        draw.text((4, r * (size + pad) + size // 2 - 6), label, fill="black")
+    grid.paste(make_image_grid(cells, len(rows), columns), (label_width, 0))
     atomic_save_image(grid, path)
 
 

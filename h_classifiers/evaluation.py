@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from .generation import generate_batches
 from .io_utils import atomic_save_figure, atomic_save_image, atomic_write_json
@@ -298,8 +298,10 @@ def make_grid(
     """
     Images tiled row by row, each shown `tile` pixels wide (default: small images such as the toy world's 32 px are
     enlarged by an integer factor to at least 64 px with nearest neighbour, so they stay crisp; large ones such as
-    Stable Diffusion's 512 px are reduced to 128 px).
+    Stable Diffusion's 512 px are reduced to 128 px), laid out by `diffusers.utils.make_image_grid`.
     """
+    from diffusers.utils import make_image_grid
+
     if not images:
         raise ValueError("`images` is empty; nothing to put in a grid.")
     width, height = images[0].size
@@ -309,11 +311,14 @@ def make_grid(
     resample = Image.NEAREST if tile >= width else Image.LANCZOS
     columns = min(columns, len(images))
     rows = math.ceil(len(images) / columns)
-    grid = Image.new("RGB", (columns * (w + padding) + padding, rows * (h + padding) + padding), "white")
-    for i, image in enumerate(images):
-        cell = image.convert("RGB").resize((w, h), resample)
-        grid.paste(cell, (padding + (i % columns) * (w + padding), padding + (i // columns) * (h + padding)))
-    return grid
+    # diffusers' grid has no padding and wants full rows: each cell carries the white padding on its left and top,
+    # blank cells complete the last row, and one more padding closes the grid on the right and at the bottom.
+    cells = [
+        ImageOps.expand(image.convert("RGB").resize((w, h), resample), (padding, padding, 0, 0), "white")
+        for image in images
+    ]
+    cells += [Image.new("RGB", cells[0].size, "white")] * (rows * columns - len(cells))
+    return ImageOps.expand(make_image_grid(cells, rows, columns), (0, 0, padding, padding), "white")
 
 
 def side_by_side(panels: Sequence[tuple[str, Image.Image]], header: int = 18, gap: int = 12) -> Image.Image:

@@ -1,0 +1,87 @@
+"""Hand-written code replaced by library code (diffusers / transformers), each checked against what it replaced: the
+old implementations are kept here as references."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from h_classifiers import toy_world
+from h_classifiers.evaluation import make_grid
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Image grids: diffusers.utils.make_image_grid
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def reference_make_grid(images, columns=8, tile=None, padding=2):
+    """evaluation.make_grid before it used diffusers.utils.make_image_grid."""
+    width, height = images[0].size
+    if tile is None:
+        tile = width * math.ceil(64 / width) if width < 64 else min(width, 128)
+    w, h = tile, max(1, round(height * tile / width))
+    resample = Image.NEAREST if tile >= width else Image.LANCZOS
+    columns = min(columns, len(images))
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * (w + padding) + padding, rows * (h + padding) + padding), "white")
+    for i, image in enumerate(images):
+        cell = image.convert("RGB").resize((w, h), resample)
+        grid.paste(cell, (padding + (i % columns) * (w + padding), padding + (i // columns) * (h + padding)))
+    return grid
+
+
+def reference_toy_report_grid(rows, columns, scale=2):
+    """benchmarks/toy_report.save_grid's image before it used diffusers.utils.make_image_grid."""
+    size = rows[0][1].shape[-1] * scale
+    label_width, pad = 280, 2
+    grid = Image.new("RGB", (label_width + columns * (size + pad), len(rows) * (size + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (label, images) in enumerate(rows):
+        y = r * (size + pad)
+        draw.text((4, y + size // 2 - 6), label, fill="black")
+        for c, image in enumerate(images[:columns]):
+            array = (image.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
+            tile = Image.fromarray(array).resize((size, size), Image.NEAREST)
+            grid.paste(tile, (label_width + c * (size + pad), y))
+    return grid
+
+
+def random_images(n, size, seed=0, mode="RGB"):
+    generator = torch.Generator().manual_seed(seed)
+    arrays = torch.randint(0, 256, (n, size[1], size[0], 3), generator=generator, dtype=torch.uint8).numpy()
+    return [Image.fromarray(a).convert(mode) for a in arrays]
+
+
+@pytest.mark.parametrize(
+    "n, size, kwargs",
+    [
+        (10, (32, 32), {}),  # toy images enlarged x2 with nearest neighbour, a partial last row
+        (16, (16, 16), {"columns": 4, "padding": 1}),
+        (3, (512, 512), {"padding": 0}),  # reduced to 128 px (Lanczos), one row
+        (5, (96, 64), {"columns": 2, "tile": 40}),  # not square, odd tile
+        (1, (32, 32), {"padding": 5}),
+    ],
+)
+def test_make_grid_is_pixel_identical_to_the_hand_written_grid(n, size, kwargs):
+    images = random_images(n, size, seed=n)
+    new, old = make_grid(images, **kwargs), reference_make_grid(images, **kwargs)
+    assert new.size == old.size and new.mode == old.mode == "RGB"
+    assert np.array_equal(np.asarray(new), np.asarray(old))
+
+
+def test_make_grid_converts_other_modes():
+    images = random_images(3, (8, 8), mode="L") + random_images(2, (8, 8), mode="RGBA")
+    assert np.array_equal(np.asarray(make_grid(images)), np.asarray(reference_make_grid(images)))
+
+
+def test_toy_report_grid_is_pixel_identical(tmp_path):
+    from benchmarks.toy_report import save_grid
+
+    data = toy_world.make_toy_dataset(7, seed=2)
+    rows = [("a photo of a face", data.images[:7]), ("a face with red hair", data.images[:3])]  # one row is short
+    save_grid(rows, tmp_path / "grid.png", columns=5)
+    with Image.open(tmp_path / "grid.png") as image:
+        assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(reference_toy_report_grid(rows, 5)))
