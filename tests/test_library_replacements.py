@@ -85,3 +85,55 @@ def test_toy_report_grid_is_pixel_identical(tmp_path):
     save_grid(rows, tmp_path / "grid.png", columns=5)
     with Image.open(tmp_path / "grid.png") as image:
         assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(reference_toy_report_grid(rows, 5)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images for inversion: the pipeline's VaeImageProcessor makes the tensor
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def reference_load_image(path, height, width):
+    """extraction._load_image before the pipeline's image processor made the tensor."""
+    with Image.open(path) as image:
+        image.load()
+        image = image.convert("RGB")
+    scale = max(height / image.height, width / image.width)
+    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    if size != image.size:
+        image = image.resize(size, Image.BICUBIC)
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    image = image.crop((left, top, left + width, top + height))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+@pytest.fixture(scope="module")
+def image_processor():
+    from diffusers.image_processor import VaeImageProcessor
+
+    return VaeImageProcessor(vae_scale_factor=8)  # what StableDiffusionPipeline builds
+
+
+@pytest.mark.parametrize("size", [(32, 32), (64, 64), (100, 64), (47, 33), (512, 384)])
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
+def test_inversion_images_give_the_same_tensor(size, mode, image_processor, tmp_path):
+    from h_classifiers.extraction import _load_image
+
+    path = tmp_path / "image.png"
+    random_images(1, size, seed=size[0], mode=mode)[0].save(path)
+    for height, width in ((32, 32), (64, 32)):
+        new = _load_image(path, height, width, image_processor)
+        assert new.shape == (3, height, width) and new.dtype == torch.float32
+        torch.testing.assert_close(new, reference_load_image(path, height, width), rtol=0, atol=1e-6)
+
+
+def test_the_image_processors_own_crop_would_change_resized_images(image_processor, tmp_path):
+    """Why the resize and crop stay ours (see `extraction._load_image`): at the target size the processor agrees, a
+    resized image differs (it floors the resized size and resamples with Lanczos)."""
+    for size, expected_equal in (((32, 32), True), ((512, 384), False)):
+        path = tmp_path / f"{size[0]}.png"
+        random_images(1, size, seed=1)[0].save(path)
+        with Image.open(path) as image:
+            processed = image_processor.preprocess(image.convert("RGB"), 32, 32, resize_mode="crop")[0]
+        difference = float((processed - reference_load_image(path, 32, 32)).abs().max())
+        assert (difference < 1e-6) == expected_equal, difference
