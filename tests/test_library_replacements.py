@@ -137,3 +137,69 @@ def test_the_image_processors_own_crop_would_change_resized_images(image_process
             processed = image_processor.preprocess(image.convert("RGB"), 32, 32, resize_mode="crop")[0]
         difference = float((processed - reference_load_image(path, 32, 32)).abs().max())
         assert (difference < 1e-6) == expected_equal, difference
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DDIM inversion: diffusers.DDIMInverseScheduler compared, not adopted (see extraction._ddim_move)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def inverse_scheduler_h(pipe, images, embeds, steps, step_ahead):
+    """h at every step (generation order) of an inversion driven by DDIMInverseScheduler: its own loop (UNet at t on
+    the previous level's latent), or its `step` given the next timestep after a UNet call at (x_t, t)."""
+    from diffusers import DDIMInverseScheduler
+
+    from h_classifiers import MidBlockHook
+
+    config = {k: v for k, v in pipe.scheduler.config.items() if k != "_use_default_values"}
+    inverse = DDIMInverseScheduler.from_config(config, clip_sample=False)
+    inverse.set_timesteps(steps)
+    ascending = inverse.timesteps.tolist()
+    calls = []
+    with torch.no_grad(), MidBlockHook(pipe.unet, lambda h: calls.append(h.clone())):
+        x = pipe.vae.encode(images).latent_dist.mode() * pipe.vae.config.scaling_factor
+        if not step_ahead:
+            for t in ascending:
+                x = inverse.step(pipe.unet(x, t, encoder_hidden_states=embeds).sample, t, x).prev_sample
+            return list(reversed(calls))
+        x = inverse.step(pipe.unet(x, ascending[0], encoder_hidden_states=embeds).sample, ascending[0], x).prev_sample
+        calls.clear()
+        for j, t in enumerate(ascending):
+            out = pipe.unet(x, t, encoder_hidden_states=embeds).sample
+            if j + 1 < len(ascending):
+                x = inverse.step(out, ascending[j + 1], x).prev_sample
+    return list(reversed(calls))
+
+
+def max_relative_difference(a, b):
+    return max(float((x - y).abs().max() / x.abs().max()) for x, y in zip(a, b))
+
+
+def test_ddim_inverse_scheduler_reproduces_the_stored_h_only_on_evenly_spaced_schedules():
+    from diffusers import StableDiffusionPipeline
+    from tiny_models import tiny_components
+
+    from h_classifiers.extraction import ddim_schedule, invert_and_record
+
+    pipe = StableDiffusionPipeline(**tiny_components(), requires_safety_checker=False)
+    images = toy_world.make_toy_dataset(3, seed=4, image_size=16).images * 2 - 1
+    embeds, _ = pipe.encode_prompt("", "cpu", 3, False)
+
+    def ours(steps):
+        hs, _ = invert_and_record(pipe, images, ddim_schedule(pipe, steps), embeds, storage_dtype=torch.float32)
+        return hs
+
+    # Leading spacing (the toy model's and SD 1.x's): the library's step, given the next timestep, is exact.
+    assert pipe.scheduler.config.timestep_spacing == "leading"
+    for steps in (5, 7):
+        reference = ours(steps)
+        assert max_relative_difference(reference, inverse_scheduler_h(pipe, images, embeds, steps, True)) < 1e-6
+    # Its own loop pairs the UNet's timestep with the previous level's latent: other h.
+    assert max_relative_difference(reference, inverse_scheduler_h(pipe, images, embeds, 7, False)) > 1e-2
+    # Trailing spacing with steps not dividing 1000: the timesteps are uneven and its fixed stride mis-steps.
+    pipe.scheduler.register_to_config(timestep_spacing="trailing")
+    assert max_relative_difference(ours(7), inverse_scheduler_h(pipe, images, embeds, 7, True)) > 1e-4
+    pipe.scheduler.register_to_config(timestep_spacing="linspace")
+    ours(7)  # any DDIM schedule inverts
+    with pytest.raises(ValueError, match="linspace"):
+        inverse_scheduler_h(pipe, images, embeds, 7, True)
