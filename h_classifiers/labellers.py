@@ -13,9 +13,10 @@ Contract (`Labeller`):
 
 Three labellers:
 - `ToyOracleLabeller`: the toy world's exact pixel oracle for one attribute; invalid images get -1.
-- `ImageClassifierLabeller`: any transformers image-classification model (`AutoModelForImageClassification` +
-  `AutoImageProcessor`, Hub id or local path), its `id2label` mapped onto our classes.
-- `CLIPZeroShotLabeller`: CLIP zero-shot (`CLIPModel` + `CLIPProcessor`), one text prompt per class.
+- `ImageClassifierLabeller`: any transformers image-classification model (Hub id or local path) through
+  `transformers.pipeline("image-classification")`, its `id2label` mapped onto our classes.
+- `CLIPZeroShotLabeller`: CLIP zero-shot through `transformers.pipeline("zero-shot-image-classification")`, one text
+  prompt per class.
 """
 
 from __future__ import annotations
@@ -103,22 +104,36 @@ class ToyOracleLabeller(Labeller):
 
 
 class _TransformersLabeller(Labeller):
-    def __init__(self, device: str | torch.device | None, batch_size: int):
+    """A labeller over a transformers `pipeline` (which loads the model and its processor, batches and moves the
+    inputs); subclasses turn the pipeline's output into class probabilities [N, K] (`_class_probs`)."""
+
+    min_confidence: float | None = None
+
+    def __init__(
+        self,
+        task: str,
+        model_name_or_path: str,
+        device: str | torch.device | None,
+        batch_size: int,
+        model_kwargs: dict | None,
+    ):
+        from transformers import pipeline
+
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.batch_size = batch_size
+        self.pipeline = pipeline(task, model=model_name_or_path, device=self.device, model_kwargs=model_kwargs or {})
 
     def _class_probs(self, images: list[Image.Image]) -> torch.Tensor:
         raise NotImplementedError
 
     def label(self, images: list[Image.Image]) -> torch.Tensor:
-        probs = [self._class_probs(images[i : i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
-        return _pick(torch.cat(probs), self.min_confidence)
+        return _pick(self._class_probs(images), self.min_confidence)
 
 
 class ImageClassifierLabeller(_TransformersLabeller):
-    """A transformers image-classification model as labeller.
+    """A transformers image-classification model as labeller (`pipeline("image-classification")`).
 
     Args:
         model_name_or_path: Hub id or local directory of an `AutoModelForImageClassification` checkpoint.
@@ -141,23 +156,27 @@ class ImageClassifierLabeller(_TransformersLabeller):
         batch_size: int = 32,
         model_kwargs: dict | None = None,
     ):
-        from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-        super().__init__(device, batch_size)
         self.class_names = _check_class_names(class_names)
         self.attribute = attribute
         self.min_confidence = _check_min_confidence(min_confidence)
         self.source = f"transformers:{model_name_or_path}"
-        self.model = AutoModelForImageClassification.from_pretrained(model_name_or_path, **(model_kwargs or {}))
-        self.model.to(self.device).eval()
-        self.processor = AutoImageProcessor.from_pretrained(model_name_or_path)
-        self.mapping = build_label_mapping(self.model.config.id2label, self.class_names, label_map)
+        super().__init__("image-classification", model_name_or_path, device, batch_size, model_kwargs)
+        id2label = {int(i): str(name) for i, name in self.pipeline.model.config.id2label.items()}
+        self.mapping = build_label_mapping(id2label, self.class_names, label_map)
+        # The pipeline reports scores by label name: a name shared by several ids shares its score among them.
+        self._label_of_id = id2label
+        self._ids_per_label = {name: list(id2label.values()).count(name) for name in id2label.values()}
 
     def _class_probs(self, images: list[Image.Image]) -> torch.Tensor:
-        inputs = self.processor(images=images, return_tensors="pt").to(self.device)
-        with torch.no_grad():
-            logits = self.model(**inputs).logits.float().cpu()
-        probs = logits.softmax(-1) @ self.mapping  # [N, K]: summed over the model labels of each class
+        outputs = self.pipeline(images, top_k=None, function_to_apply="softmax", batch_size=self.batch_size)
+        probs = torch.zeros(len(images), self.mapping.shape[0])
+        for row, predictions in enumerate(outputs):
+            scores: dict[str, float] = {}
+            for prediction in predictions:
+                scores[prediction["label"]] = scores.get(prediction["label"], 0.0) + prediction["score"]
+            for i, name in self._label_of_id.items():
+                probs[row, i] = scores.get(name, 0.0) / self._ids_per_label[name]
+        probs = probs @ self.mapping  # [N, K]: summed over the model labels of each class
         return probs / probs.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
@@ -200,12 +219,13 @@ def build_label_mapping(
 
 
 class CLIPZeroShotLabeller(_TransformersLabeller):
-    """CLIP zero-shot labeller: the class whose text prompt is most similar to the image.
+    """CLIP zero-shot labeller (`pipeline("zero-shot-image-classification")`): the class whose text prompt is most
+    similar to the image.
 
     Args:
         model_name_or_path: Hub id or local directory of a `CLIPModel` checkpoint with its `CLIPProcessor`.
         class_names: our K class names.
-        prompts: one text prompt per class (same order). Default: `"a photo of a {class name}"`.
+        prompts: one text prompt per class (same order; used verbatim). Default: `"a photo of a {class name}"`.
         min_confidence: label -1 when the softmax probability of the winning prompt is below it.
     """
 
@@ -220,9 +240,6 @@ class CLIPZeroShotLabeller(_TransformersLabeller):
         batch_size: int = 32,
         model_kwargs: dict | None = None,
     ):
-        from transformers import CLIPModel, CLIPProcessor
-
-        super().__init__(device, batch_size)
         self.class_names = _check_class_names(class_names)
         if prompts is None:
             prompts = [f"a photo of a {name}" for name in self.class_names]
@@ -231,26 +248,24 @@ class CLIPZeroShotLabeller(_TransformersLabeller):
             raise ValueError(
                 f"`prompts` needs one prompt per class ({len(self.class_names)}: {self.class_names}), got {len(prompts)}."
             )
+        if len(set(prompts)) != len(prompts):
+            raise ValueError(f"`prompts` must be distinct (one per class), got {prompts}.")
         self.prompts = prompts
         self.attribute = attribute
         self.min_confidence = _check_min_confidence(min_confidence)
         self.source = f"clip:{model_name_or_path}"
-        self.model = CLIPModel.from_pretrained(model_name_or_path, **(model_kwargs or {})).to(self.device).eval()
-        self.processor = CLIPProcessor.from_pretrained(model_name_or_path)
-        text = self.processor(text=self.prompts, return_tensors="pt", padding=True).to(self.device)
-        with torch.no_grad():
-            text_embeds = self.model.get_text_features(**text)
-        text_embeds = getattr(text_embeds, "pooler_output", text_embeds)
-        self._text_embeds = torch.nn.functional.normalize(text_embeds.float(), dim=-1)
+        super().__init__("zero-shot-image-classification", model_name_or_path, device, batch_size, model_kwargs)
 
     def _class_probs(self, images: list[Image.Image]) -> torch.Tensor:
-        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
-        with torch.no_grad():
-            image_embeds = self.model.get_image_features(pixel_values=pixels)
-            image_embeds = getattr(image_embeds, "pooler_output", image_embeds)
-            image_embeds = torch.nn.functional.normalize(image_embeds.float(), dim=-1)
-            logits = self.model.logit_scale.exp().float() * image_embeds @ self._text_embeds.T
-        return logits.softmax(-1).cpu()
+        outputs = self.pipeline(
+            images, candidate_labels=self.prompts, hypothesis_template="{}", batch_size=self.batch_size
+        )
+        column = {prompt: k for k, prompt in enumerate(self.prompts)}
+        probs = torch.zeros(len(images), len(self.prompts))
+        for row, predictions in enumerate(outputs):
+            for prediction in predictions:
+                probs[row, column[prediction["label"]]] = prediction["score"]
+        return probs
 
 
 def labeller_from_spec(

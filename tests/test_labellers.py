@@ -138,3 +138,73 @@ def test_labeller_from_spec(tiny_vit):
         labeller_from_spec(f"hf:{tiny_vit}")
     with pytest.raises(TypeError, match="PIL"):
         ToyOracleLabeller("skin")([torch.zeros(3, 32, 32)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The transformers pipelines give what the hand-written model + processor code gave (kept here as references)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def reference_image_classifier_probs(path, images, mapping):
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    model, processor = (
+        AutoModelForImageClassification.from_pretrained(path).eval(),
+        AutoImageProcessor.from_pretrained(path),
+    )
+    with torch.no_grad():
+        logits = model(**processor(images=images, return_tensors="pt")).logits.float()
+    probs = logits.softmax(-1) @ mapping
+    return probs / probs.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def reference_clip_probs(path, images, prompts):
+    from transformers import CLIPModel, CLIPProcessor
+
+    model, processor = CLIPModel.from_pretrained(path).eval(), CLIPProcessor.from_pretrained(path)
+    with torch.no_grad():
+        text = model.get_text_features(**processor(text=prompts, return_tensors="pt", padding=True))
+        text = torch.nn.functional.normalize(getattr(text, "pooler_output", text).float(), dim=-1)
+        image = model.get_image_features(pixel_values=processor(images=images, return_tensors="pt")["pixel_values"])
+        image = torch.nn.functional.normalize(getattr(image, "pooler_output", image).float(), dim=-1)
+        return (model.logit_scale.exp().float() * image @ text.T).softmax(-1)
+
+
+@pytest.fixture(scope="module")
+def random_vit(tmp_path_factory):
+    """A tiny ViT with random weights (its probabilities differ from image to image); two labels share a name."""
+    from transformers import ViTConfig, ViTForImageClassification
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    path = tmp_path_factory.mktemp("random-vit")
+    config = ViTConfig(
+        image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        num_labels=4, id2label={0: "cat", 1: "dog", 2: "cat", 3: "cow"},
+    )  # fmt: skip
+    torch.manual_seed(1)
+    model = ViTForImageClassification(config)
+    with torch.no_grad():
+        model.classifier.weight.mul_(50)  # spread the probabilities
+    model.save_pretrained(path)
+    ViTImageProcessorPil(size={"height": 16, "width": 16}).save_pretrained(path)
+    return path
+
+
+def test_image_classification_pipeline_gives_the_hand_written_probabilities(random_vit):
+    images = some_images(7)
+    for label_map in (None, {"cat": "cat", "dog": "dog", "cow": "dog"}):
+        labeller = ImageClassifierLabeller(str(random_vit), ["cat", "dog"], label_map=label_map, batch_size=3)
+        probs = labeller._class_probs(images)
+        torch.testing.assert_close(probs, reference_image_classifier_probs(random_vit, images, labeller.mapping))
+        assert probs[:, 0].std() > 0.01  # not a constant prediction
+    assert labeller(images[:1]).shape == (1,)
+
+
+def test_zero_shot_pipeline_gives_the_hand_written_probabilities(tiny_clip):
+    images = some_images(5)
+    prompts = ["a photo of a man", "a photo of a woman", "a photo of a child"]
+    labeller = CLIPZeroShotLabeller(str(tiny_clip), ["man", "woman", "child"], prompts=prompts, batch_size=2)
+    torch.testing.assert_close(labeller._class_probs(images), reference_clip_probs(tiny_clip, images, prompts))
+    assert labeller(images[:1]).shape == (1,)
+    with pytest.raises(ValueError, match="distinct"):
+        CLIPZeroShotLabeller(str(tiny_clip), ["man", "woman"], prompts=["a person", "a person"])
