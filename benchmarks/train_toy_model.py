@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import random
 import shutil
@@ -51,18 +50,20 @@ from h_classifiers.toy_world import ATTRIBUTES, TOY_MODEL_PATH, caption_for, mak
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, step: int) -> None:
+def save_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, step: int, lr_scheduler=None) -> None:
     tensors = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
     opt = optimizer.state_dict()
     for idx, state in opt["state"].items():
         for key, value in state.items():
             tensors[f"optimizer.{idx}.{key}"] = torch.as_tensor(value)
     metadata = {"step": str(step), "param_groups": json.dumps(opt["param_groups"])}
+    if lr_scheduler is not None:
+        metadata["lr_scheduler"] = json.dumps(lr_scheduler.state_dict())
     atomic_save_file(tensors, path, metadata)
 
 
-def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer) -> int:
-    """Restore modules and optimizer from `path`; returns the step it was saved at."""
+def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, lr_scheduler=None) -> int:
+    """Restore modules, optimizer (and learning-rate schedule) from `path`; returns the step it was saved at."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -77,21 +78,16 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer) 
             _, idx, name = key.split(".", 2)
             state.setdefault(int(idx), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
+    if lr_scheduler is not None and "lr_scheduler" in metadata:
+        lr_scheduler.load_state_dict(json.loads(metadata["lr_scheduler"]))
     return int(metadata["step"])
 
 
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
-    # Warm-up so that the early EMA is not dominated by the random initialisation.
-    d = min(decay, (1 + step) / (10 + step))
-    for pe, p in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(p, 1 - d)
+def cosine_schedule(optimizer, total_steps: int, warmup: int = 100):
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total_steps` (diffusers' "cosine")."""
+    from diffusers.optimization import get_scheduler
 
-
-def lr_at(step: int, total: int, base: float, warmup: int = 100) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+    return get_scheduler("cosine", optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 def _step_generator(seed: int, phase: int, step: int) -> torch.Generator:
@@ -111,15 +107,14 @@ def train_vae(args, images: torch.Tensor, work: Path):
     if final.exists():
         vae.load_state_dict(load_file(str(final)))
         return vae
+    lr_scheduler = cosine_schedule(optimizer, args.vae_steps)
     ckpt = work / "vae_checkpoint.safetensors"
-    start = load_checkpoint(ckpt, {"vae": vae}, optimizer) if ckpt.exists() else 0
+    start = load_checkpoint(ckpt, {"vae": vae}, optimizer, lr_scheduler) if ckpt.exists() else 0
     vae.train()
     bar = tqdm(range(start, args.vae_steps), initial=start, total=args.vae_steps, desc="VAE", mininterval=5)
     for step in bar:
         g = _step_generator(args.seed, 1, step)
         x = images[torch.randint(len(images), (args.vae_batch_size,), generator=g)] * 2 - 1
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.vae_steps, args.vae_lr)
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
         recon = vae.decode(z).sample
@@ -129,10 +124,11 @@ def train_vae(args, images: torch.Tensor, work: Path):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        lr_scheduler.step()
         if step % 20 == 0:
             bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.3f}")
         if (step + 1) % args.checkpoint_every == 0:
-            save_checkpoint(ckpt, {"vae": vae}, optimizer, step + 1)
+            save_checkpoint(ckpt, {"vae": vae}, optimizer, step + 1, lr_scheduler)
     atomic_save_file(vae.state_dict(), final, {"step": str(args.vae_steps)})
     return vae
 
@@ -172,10 +168,12 @@ def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
 
 def train_unet(args, latents: torch.Tensor, token_ids: torch.Tensor, empty_ids: torch.Tensor, tokenizer, work: Path):
     from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
 
     torch.manual_seed(args.seed)
     unet = build_unet(args.text_hidden_size, args.unet_layers_per_block)
     text_encoder = build_text_encoder(tokenizer, args.text_hidden_size)
+    # Copies that hold the EMA weights in checkpoints and in the exported model.
     ema_unet, ema_text = copy.deepcopy(unet), copy.deepcopy(text_encoder)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=1e-4)
@@ -188,11 +186,14 @@ def train_unet(args, latents: torch.Tensor, token_ids: torch.Tensor, empty_ids: 
                 {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
             )
         return ema_unet, ema_text
+    lr_scheduler = cosine_schedule(optimizer, args.unet_steps)
     ckpt = work / "unet_checkpoint.safetensors"
-    start = load_checkpoint(ckpt, modules, optimizer) if ckpt.exists() else 0
+    start = load_checkpoint(ckpt, modules, optimizer, lr_scheduler) if ckpt.exists() else 0
+    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
+    ema = EMAModel(ema_params, decay=args.ema_decay)  # starts from the (restored) EMA weights
+    ema.load_state_dict({"optimization_step": start})
 
     scheduler = DDPMScheduler(**TRAIN_SCHEDULER_CONFIG)
-    alphas = scheduler.alphas_cumprod
     num_images, per_image = token_ids.shape[:2]
     unet.train()
     text_encoder.train()
@@ -207,22 +208,21 @@ def train_unet(args, latents: torch.Tensor, token_ids: torch.Tensor, empty_ids: 
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=g)
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.unet_steps, args.unet_lr)
+        xt = scheduler.add_noise(x0, noise, t)
         context = text_encoder(ids).last_hidden_state
         loss = F.mse_loss(unet(xt, t, encoder_hidden_states=context).sample, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        ema_update(ema_unet, unet, step, args.ema_decay)
-        ema_update(ema_text, text_encoder, step, args.ema_decay)
+        lr_scheduler.step()
+        ema.step(params)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % args.checkpoint_every == 0:
-            save_checkpoint(ckpt, modules, optimizer, step + 1)
+            ema.copy_to(ema_params)
+            save_checkpoint(ckpt, modules, optimizer, step + 1, lr_scheduler)
+    ema.copy_to(ema_params)
     tensors = {f"{n}.{k}": v for n in ("ema_unet", "ema_text_encoder") for k, v in modules[n].state_dict().items()}
     atomic_save_file(tensors, final, {"step": str(args.unet_steps)})
     return ema_unet, ema_text

@@ -170,6 +170,16 @@ def test_train_toy_smoke_and_resume(tmp_path):
         == load_file(str(work / "vae_checkpoint.safetensors")).keys()
     )
 
+    # The UNet checkpoint holds diffusers' EMA weights (not the raw ones) and its learning-rate schedule.
+    from safetensors import safe_open
+
+    with safe_open(str(work / "unet_checkpoint.safetensors"), framework="pt") as f:
+        schedule = json.loads(f.metadata()["lr_scheduler"])
+    assert schedule["last_epoch"] == 2
+    unet_weights = load_file(str(work / "unet_checkpoint.safetensors"))
+    raw, ema = unet_weights["unet.conv_in.weight"], unet_weights["ema_unet.conv_in.weight"]
+    assert not torch.equal(raw, ema) and (raw - ema).abs().max() < 0.1
+
     with pytest.raises(SystemExit):
         main(["--caption-dropout", "1.5"])
 
