@@ -125,3 +125,15 @@ def test_console_script_module_runs_as_a_process():
         [sys.executable, "-m", "h_classifiers.cli", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout
     assert "generate" in out and "push" in out and "reproduce" not in out
+
+
+def test_the_hit_rate_line_shows_the_strict_rate_beside_the_rate_over_valid_images():
+    """Invalid images are left out of the hit rate; printing it alone read as 100 % while half the images missed."""
+    import torch
+
+    from h_classifiers.commands._common import format_summary
+    from h_classifiers.evaluation import summarize_labels
+
+    summary = summarize_labels(torch.tensor([0, -1, 1, -1]), [0.5, 0.5], asked=[0, 0, 1, 1]) | {"seconds": 1.0}
+    line = format_summary("sample", summary, ["light", "dark"])
+    assert "asked-class hit 100.0% of valid, 50.0% strict" in line

@@ -230,5 +230,8 @@ def format_summary(name: str, summary: dict[str, Any], class_names: list[str]) -
         measured = "  ".join(f"{c} {f:.3f}" for c, f in zip(class_names, summary["fractions"]))
         measured += f"  | FD {summary['fd']:.3f}  valid {summary['valid_rate']:.1%}"
     if summary.get("hit_rate") is not None:
-        measured += f"  asked-class hit {summary['hit_rate']:.1%}"
+        # The hit rate counts valid images only; the strict one counts an invalid image as a miss.
+        measured += f"  asked-class hit {summary['hit_rate']:.1%} of valid"
+        if summary.get("hit_rate_strict") is not None:
+            measured += f", {summary['hit_rate_strict']:.1%} strict"
     return f"{name:<12} {measured}  ({summary['seconds']:.1f} s)"
