@@ -137,3 +137,41 @@ def test_the_hit_rate_line_shows_the_strict_rate_beside_the_rate_over_valid_imag
     summary = summarize_labels(torch.tensor([0, -1, 1, -1]), [0.5, 0.5], asked=[0, 0, 1, 1]) | {"seconds": 1.0}
     line = format_summary("sample", summary, ["light", "dark"])
     assert "asked-class hit 100.0% of valid, 50.0% strict" in line
+
+
+@pytest.mark.parametrize("path", ["./nope", "nope/", "some/dir/that/does/not/exist", "outputs/skin", "nope"])
+@pytest.mark.parametrize("command", ["generate", "evaluate"])
+def test_a_missing_local_classifier_fails_at_once(command, path, tmp_path, monkeypatch, capsys):
+    """No model loaded, no Hub lookup: one line saying the path does not exist."""
+    from h_classifiers.commands import _common
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("loaded something before checking the classifier path")
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()  # `outputs/skin`: its parent exists here, so it is a local path
+    monkeypatch.setattr(HClassifier, "from_pretrained", must_not_run)
+    monkeypatch.setattr(_common, "quiet_loading", must_not_run)
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, "--classifier", path])
+    assert info.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .endswith(
+            f"error: `--classifier` {path!r} does not exist (expected a directory written by `balancing-act train` / "
+            "`HClassifier.save_pretrained`, or a Hub id 'user/name')."
+        )
+    )
+
+
+def test_hub_ids_and_existing_folders_pass_the_local_path_check(tiny_classifier, tmp_path, monkeypatch):
+    from h_classifiers.commands._common import check_classifier_path, looks_local
+
+    monkeypatch.chdir(tmp_path)
+    for hub_id in ("someone/skin-h-classifier", "org/name"):
+        assert not looks_local(hub_id)
+        check_classifier_path(hub_id)
+    check_classifier_path(tiny_classifier)
+    assert looks_local("./x") and looks_local("x/") and looks_local("a/b/c") and looks_local(str(tmp_path / "x"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +183,27 @@ def quiet_loading() -> None:
     transformers_logging.disable_progress_bar()
 
 
+def looks_local(path: str) -> bool:
+    """Whether `path` names a local path rather than a Hub id ('user/name'): absolute, starting with '.' or '~',
+    ending with a separator, with more than one '/', or with a parent directory that exists here."""
+    if os.path.isabs(path) or path.startswith((".", "~")) or path.endswith(("/", os.sep)):
+        return True
+    if path.replace(os.sep, "/").count("/") > 1:  # a Hub id has at most one
+        return True
+    return os.path.isdir(os.path.dirname(path) or ".")
+
+
+def check_classifier_path(path: str, argument: str = "--classifier") -> None:
+    """A local classifier path that does not exist fails at once, before anything is loaded (no Hub lookup)."""
+    if looks_local(path) and not os.path.exists(path):
+        raise FileNotFoundError(
+            f"`{argument}` {path!r} does not exist (expected a directory written by `balancing-act train` / "
+            "`HClassifier.save_pretrained`, or a Hub id 'user/name')."
+        )
+
+
 def load_classifier(path: str):
+    check_classifier_path(path)
     from h_classifiers import HClassifier
 
     return HClassifier.from_pretrained(path)

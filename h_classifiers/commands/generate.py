@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:  # what can be checked before anything is loaded
+        _common.check_classifier_path(args.classifier)
+    except FileNotFoundError as error:
+        parser.error(str(error))
     _common.apply_threads(args)
     _common.quiet_loading()
     try:
