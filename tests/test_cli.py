@@ -175,3 +175,48 @@ def test_hub_ids_and_existing_folders_pass_the_local_path_check(tiny_classifier,
         check_classifier_path(hub_id)
     check_classifier_path(tiny_classifier)
     assert looks_local("./x") and looks_local("x/") and looks_local("a/b/c") and looks_local(str(tmp_path / "x"))
+
+
+class Loading(Exception):
+    """Raised where a command would start loading models: the arguments passed the early checks."""
+
+
+@pytest.fixture
+def stop_before_loading(monkeypatch):
+    from h_classifiers.commands import _common
+
+    def loading(*args, **kwargs):
+        raise Loading
+
+    monkeypatch.setattr(_common, "quiet_loading", loading)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "--num-images", "1"],
+        ["generate", "--num-images", "1", "--batch-size", "1"],
+        ["evaluate", "--num-images", "1", "--configurations", "vanilla,distribution"],
+    ],
+)
+def test_distribution_mode_with_one_image_is_an_argument_error(argv, stop_before_loading, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith("error: distribution mode needs --num-images >= 2 (a distribution "
+                                                 "over 1 image means nothing); steer a single image with sample mode.")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "--num-images", "1", "--mode", "sample"],
+        ["generate", "--num-images", "2", "--batch-size", "1"],
+        ["evaluate", "--num-images", "1", "--configurations", "vanilla,sample"],
+    ],
+)
+def test_other_image_counts_pass_the_early_check(argv, stop_before_loading):
+    with pytest.raises(Loading):
+        cli.main(argv)

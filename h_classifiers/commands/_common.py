@@ -202,6 +202,16 @@ def check_classifier_path(path: str, argument: str = "--classifier") -> None:
         )
 
 
+def check_distribution_images(num_images: int) -> None:
+    """The command-line rule for distribution mode, checked before anything is loaded (the one place it lives):
+    balancing a class distribution needs at least 2 images."""
+    if num_images < 2:
+        raise ValueError(
+            f"distribution mode needs --num-images >= 2 (a distribution over {num_images} image means nothing); "
+            "steer a single image with sample mode."
+        )
+
+
 def load_classifier(path: str):
     check_classifier_path(path)
     from h_classifiers import HClassifier

@@ -71,13 +71,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:  # what can be checked before anything is loaded
+        configurations = parse_configurations(args.configurations)
         _common.check_classifier_path(args.classifier)
-    except FileNotFoundError as error:
+        if "distribution" in configurations:
+            _common.check_distribution_images(args.num_images)
+    except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     _common.apply_threads(args)
     _common.quiet_loading()
     try:
-        configurations = parse_configurations(args.configurations)
         device = resolve_device(args.device)
         classifier = _common.load_classifier(args.classifier)
         class_names = list(classifier.config.class_names)

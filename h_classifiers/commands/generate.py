@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     try:  # what can be checked before anything is loaded
         _common.check_classifier_path(args.classifier)
-    except FileNotFoundError as error:
+        if args.mode == "distribution":
+            _common.check_distribution_images(args.num_images)
+    except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     _common.apply_threads(args)
     _common.quiet_loading()
