@@ -220,3 +220,57 @@ def test_distribution_mode_with_one_image_is_an_argument_error(argv, stop_before
 def test_other_image_counts_pass_the_early_check(argv, stop_before_loading):
     with pytest.raises(Loading):
         cli.main(argv)
+
+
+# Each command's required arguments, so that its parser can be run on one option at a time.
+REQUIRED_ARGUMENTS = {
+    "generate": [],
+    "evaluate": [],
+    "extract": ["--output-dir", "out"],
+    "train": ["--features-dir", "feats", "--output-dir", "out"],
+    "push": ["folder", "someone/repo"],
+}
+
+
+def command_parser(name):
+    import importlib
+
+    return importlib.import_module(f"h_classifiers.commands.{name}").build_parser()
+
+
+@pytest.mark.parametrize("command", list(REQUIRED_ARGUMENTS))
+def test_every_option_accepts_underscores_as_well_as_dashes(command):
+    parser, required = command_parser(command), REQUIRED_ARGUMENTS[command]
+    checked = 0
+    for action in parser._actions:
+        long = [s for s in action.option_strings if s.startswith("--") and "-" in s[2:]]
+        if not long:
+            continue
+        value = [] if action.nargs == 0 else [str(action.choices[0]) if action.choices else "2"]
+        dashed = parser.parse_args(required + [long[0], *value])
+        underscored = parser.parse_args(required + ["--" + long[0][2:].replace("-", "_"), *value])
+        assert vars(dashed) == vars(underscored), long[0]
+        checked += 1
+    assert checked >= 1
+    assert parser.parse_args(required + ["--output_dir=x" if command != "push" else "--commit_message=x"]) is not None
+
+
+def test_generate_and_evaluate_take_underscored_options(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--num_images", "0"])
+    assert "argument --num-images: expected a positive integer, got 0" in capsys.readouterr().err
+    args = command_parser("evaluate").parse_args(["--num_images", "8", "--batch_size=4", "--no_progress"])
+    assert (args.num_images, args.batch_size, args.no_progress) == (8, 4, True)
+    args = command_parser("train").parse_args(REQUIRED_ARGUMENTS["train"] + ["--push_to_hub", "someone/x"])
+    assert args.push_to_hub == "someone/x"
+
+
+@pytest.mark.parametrize("command", list(REQUIRED_ARGUMENTS))
+def test_every_help_text_shows_its_default(command):
+    parser = command_parser(command)
+    formatter = parser.formatter_class(prog=parser.prog)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help" and not action.required:
+            assert "default" in formatter._get_help_string(action).lower(), action.option_strings
+    text = parser.format_help()
+    assert "(default: " in text and "--num_images is --num-images" in text

@@ -10,11 +10,12 @@ import argparse
 from tqdm.auto import tqdm
 
 from h_classifiers.commands import _common
+from h_classifiers.commands._parser import CommandParser
 from h_classifiers.evaluation import CONFIGURATIONS, evaluate, load_pipeline, resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="balancing-act evaluate",
         description="Generate N images per configuration (vanilla, sample mode, distribution mode, prompt baseline) "
         "with fixed seeds and measure class fractions, FD = ||p_ref - p||_2 (one-hot labels over labelled images), "
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output-dir", default="outputs/evaluate", help="Where results go (default: outputs/evaluate)."
     )
+    parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
     _common.add_guidance_arguments(parser)
     _common.add_model_arguments(parser)
     return parser
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(str(error))
 
     spec = _common.evaluation_spec(args, target, class_prompts)
-    with tqdm(total=args.num_images * len(configurations), desc="evaluate", unit="img") as bar:
+    total = args.num_images * len(configurations)
+    with tqdm(total=total, desc="evaluate", unit="img", disable=args.no_progress) as bar:
         metadata = {
             "model": args.model,
             "classifier": args.classifier,

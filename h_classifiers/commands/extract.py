@@ -18,6 +18,7 @@ import logging
 import torch
 
 from h_classifiers.commands._common import positive_int, split_prompts
+from h_classifiers.commands._parser import CommandParser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,12 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     from h_classifiers.feature_store import STORAGE_DTYPES
     from h_classifiers.toy_world import TOY_MODEL_PATH
 
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="balancing-act extract",
         description="Record h (the UNet mid-block output) at every denoising step, from labelled image folders (DDIM "
         "inversion) or while generating (pseudo-labels from a labeller). Resumable: re-run the same command.",
     )
-    parser.add_argument("--output-dir", "--output_dir", required=True, help="Where the shards and manifest go.")
+    parser.add_argument("--output-dir", required=True, help="Where the shards and manifest go.")
     parser.add_argument(
         "--model",
         default=str(TOY_MODEL_PATH),
@@ -40,15 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
     recipe = parser.add_argument_group("recipe (give exactly one of --image-dir or --prompt)")
     recipe.add_argument(
         "--image-dir",
-        "--image_dir",
         default=None,
-        help="Inversion recipe: folder with one sub-folder of images per class.",
+        help="Inversion recipe: folder with one sub-folder of images per class (default: none).",
     )
     recipe.add_argument(
-        "--prompt", action="append", default=None, help="Generation recipe: a prompt (repeat for several; cycled)."
+        "--prompt",
+        action="append",
+        default=None,
+        help="Generation recipe: a prompt (repeat for several; cycled) (default: none).",
     )
     parser.add_argument(
-        "--num-images", "--num_images", type=positive_int, default=None, help="Generation: number of images."
+        "--num-images",
+        type=positive_int,
+        default=None,
+        help="Generation: number of images (default: none; the generation recipe needs it).",
     )
     parser.add_argument(
         "--labeller",
@@ -60,34 +66,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--class-names",
-        "--class_names",
         default=None,
         help="Comma-separated class names, in index order. Inversion: the sub-folder names (default: sorted). "
         "hf/clip labellers: required.",
     )
-    parser.add_argument("--attribute", default=None, help="Attribute name recorded in the manifest.")
+    parser.add_argument(
+        "--attribute",
+        default=None,
+        help="Attribute name recorded in the manifest (default: the labeller's, else none).",
+    )
     parser.add_argument(
         "--label-map",
-        "--label_map",
         default=None,
         help="hf labeller: 'model_label:class,...' (default: class names match model labels, case-insensitive).",
     )
     parser.add_argument(
         "--labeller-prompts",
-        "--labeller_prompts",
         default=None,
-        help="clip labeller: one text per class, '|'-separated.",
+        help="clip labeller: one text per class, '|'-separated (default: 'a photo of a <class>').",
     )
     parser.add_argument(
         "--min-confidence",
-        "--min_confidence",
         type=float,
         default=None,
-        help="hf/clip labellers: label -1 (unlabelled) below this probability.",
+        help="hf/clip labellers: label -1 (unlabelled) below this probability (default: none, every image labelled).",
     )
-    parser.add_argument(
-        "--inversion-prompt", "--inversion_prompt", default="", help="Inversion: the text condition (default: '')."
-    )
+    parser.add_argument("--inversion-prompt", default="", help="Inversion: the text condition (default: '').")
     parser.add_argument("--steps", type=positive_int, default=50, help="Denoising steps = heads (default: 50).")
     parser.add_argument(
         "--scheduler",
@@ -97,31 +101,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--guidance-scale",
-        "--guidance_scale",
         type=float,
         default=None,
         help="Classifier-free guidance (default: 7.5 for generation, 1.0 = off for inversion).",
     )
-    parser.add_argument("--negative-prompt", "--negative_prompt", default=None, help="Negative prompt.")
+    parser.add_argument("--negative-prompt", default=None, help="Negative prompt (default: none).")
     parser.add_argument(
         "--record-branch",
-        "--record_branch",
         default="cond",
         choices=list(RECORD_BRANCHES),
         help="With classifier-free guidance, which rows of [uncond; cond] to store (default: cond).",
     )
     parser.add_argument("--seed", type=int, default=0, help="Generation: image i uses seed + i (default: 0).")
-    parser.add_argument("--batch-size", "--batch_size", type=positive_int, default=16, help="Images per UNet call.")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="Images per UNet call.")
     parser.add_argument(
         "--chunk-size",
-        "--chunk_size",
         type=positive_int,
         default=256,
         help="Images per chunk, the unit of resumption (default: 256). Memory holds one chunk's h.",
     )
     parser.add_argument(
         "--storage-dtype",
-        "--storage_dtype",
         default="fp16",
         choices=list(STORAGE_DTYPES),
         help="dtype of the stored h (default: fp16).",
@@ -130,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--width", type=positive_int, default=None, help="Image width (default: the model's).")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps.")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="Model dtype (default: float32).")
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads.")
-    parser.add_argument("--no-progress", "--no_progress", action="store_true", help="Hide the progress bar.")
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)."
+    )
+    parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
     return parser
 
 

@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from h_classifiers.commands import _common
+from h_classifiers.commands._parser import CommandParser
 from h_classifiers.evaluation import (
     load_pipeline,
     make_grid,
@@ -27,7 +28,7 @@ MODES = ("distribution", "sample")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="balancing-act generate",
         description="Generate the same seeds without and with Balancing Act guidance; write a side-by-side grid and "
         "print the measured class fractions of both.",

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import argparse
 
+from h_classifiers.commands._parser import CommandParser
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="balancing-act push", description="Push a saved h-classifier folder to a Hugging Face Hub model repo."
     )
     parser.add_argument("folder", help="A folder written by `balancing-act train` (HClassifier.save_pretrained).")
     parser.add_argument("repo_id", help="Hub repo id, e.g. 'user/skin-h-classifier' (created if missing).")
     parser.add_argument("--private", action="store_true", help="Create the repo private.")
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the cached login).")
-    parser.add_argument("--commit-message", "--commit_message", default=None, help="Commit message.")
+    parser.add_argument(
+        "--commit-message", default=None, help="Commit message (default: 'Upload Balancing Act h-classifier')."
+    )
     parser.add_argument("--revision", default=None, help="Branch to push to (default: main).")
     return parser
 

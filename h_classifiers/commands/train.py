@@ -12,19 +12,20 @@ import math
 import torch
 
 from h_classifiers.commands._common import positive_int
+from h_classifiers.commands._parser import CommandParser
 
 
 def build_parser() -> argparse.ArgumentParser:
     from h_classifiers.training import BALANCE_MODES, HEAD_TYPES, TrainingConfig
 
     defaults = TrainingConfig()
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="balancing-act train",
         description="Train the per-timestep heads of an h-classifier from `balancing-act extract` shards, one "
         "timestep at a time; save it (safetensors + config + model card + metrics + plot).",
     )
-    parser.add_argument("--features-dir", "--features_dir", required=True, help="Output of `balancing-act extract`.")
-    parser.add_argument("--output-dir", "--output_dir", required=True, help="Where the classifier folder goes.")
+    parser.add_argument("--features-dir", required=True, help="Output of `balancing-act extract`.")
+    parser.add_argument("--output-dir", required=True, help="Where the classifier folder goes.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output-dir.")
     parser.add_argument(
         "--attribute",
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Attribute name (default: the manifest's). With a store of several label sets (extract with several "
         "--labeller), selects which labels to train on.",
     )
-    parser.add_argument("--base-model", "--base_model", default=None, help="Base model recorded (default: manifest).")
+    parser.add_argument("--base-model", default=None, help="Base model recorded (default: manifest).")
     parser.add_argument(
         "--head",
         default=defaults.head,
@@ -50,21 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=positive_int, default=defaults.epochs, help=f"(default: {defaults.epochs})")
     parser.add_argument(
         "--min-steps",
-        "--min_steps",
         type=positive_int,
         default=defaults.min_steps,
         help=f"At least this many optimiser steps per head; small data sets get more epochs (default: {defaults.min_steps}).",
     )
-    parser.add_argument(
-        "--learning-rate", "--learning_rate", type=float, default=defaults.learning_rate, help="AdamW learning rate."
-    )
-    parser.add_argument(
-        "--weight-decay", "--weight_decay", type=float, default=defaults.weight_decay, help="AdamW weight decay."
-    )
-    parser.add_argument("--batch-size", "--batch_size", type=positive_int, default=defaults.batch_size)
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="AdamW learning rate.")
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay.")
+    parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
     parser.add_argument(
         "--holdout-fraction",
-        "--holdout_fraction",
         type=float,
         default=defaults.holdout_fraction,
         help="Fraction of each class's images held out for the metrics (default: 0.2).",
@@ -77,16 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--branches", default=None, help="Recorded CFG branches to train on, comma-separated (default: all)."
     )
     parser.add_argument("--device", default="cpu", help="Training device (default: cpu).")
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads.")
     parser.add_argument(
-        "--push_to_hub",
+        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)."
+    )
+    parser.add_argument(
         "--push-to-hub",
         default=None,
         metavar="REPO_ID",
-        help="Push the saved folder to this Hub repo.",
+        help="Push the saved folder to this Hub repo (default: none, no push).",
     )
-    parser.add_argument("--private", action="store_true", help="With --push_to_hub: create the repo private.")
-    parser.add_argument("--no-progress", "--no_progress", action="store_true", help="Hide the progress bar.")
+    parser.add_argument("--private", action="store_true", help="With --push-to-hub: create the repo private.")
+    parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
     return parser
 
 
