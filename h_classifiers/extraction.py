@@ -4,7 +4,8 @@ Two recipes, both batched and resumable, both writing the feature store format (
 
 - `extract_from_folders`: labelled images, one sub-folder per class (class names = folder names). Each image is
   VAE-encoded (the latent distribution's mean) and inverted with deterministic DDIM (eta = 0) through the UNet with
-  an inversion prompt (classifier-free guidance off by default); h is recorded at every step.
+  an inversion prompt (classifier-free guidance off by default); h is recorded at every step
+  (`h_classifiers.inversion`).
 - `extract_from_generation`: the paper's recipe for Stable Diffusion. The pipeline generates images from prompts,
   h is recorded at every step (the conditional rows of `[uncond; cond]` by default), and a labeller
   (`h_classifiers.labellers`) labels the finished images (pseudo-labels).
@@ -30,14 +31,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline_balancing_act import MidBlockHook
-
 from .feature_store import FORMAT_VERSION, _BatchResult, _check_dtype, _prepare_output_dir, _run_chunks
 from .generation import generate_batches
+from .inversion import HRecorder, ddim_schedule, invert_and_record, list_labelled_images, load_image
 from .labellers import Labeller
 
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 RECORD_BRANCHES = ("cond", "uncond", "both")
 
 
@@ -74,18 +73,6 @@ def _timesteps_list(timesteps: torch.Tensor) -> list[float | int]:
     if values.is_floating_point():
         return [float(v) for v in values.tolist()]
     return [int(v) for v in values.tolist()]
-
-
-class _Recorder:
-    """Collects h from `MidBlockHook` calls: one entry per UNet call, moved to the CPU in the storage dtype."""
-
-    def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype
-        self.calls: list[torch.Tensor] = []
-
-    def __call__(self, h: torch.Tensor) -> None:
-        self.calls.append(h.detach().to("cpu", self.dtype))
-        return None
 
 
 def _split_branches(calls: list[torch.Tensor], n: int, cfg: bool, branches: list[str]) -> dict[str, torch.Tensor]:
@@ -125,139 +112,6 @@ def _resolution(pipe, height: int | None, width: int | None) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------------------------
 # Recipe 1: labelled folders + DDIM inversion
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def list_labelled_images(image_dir: str | os.PathLike, class_names: Sequence[str] | None = None) -> tuple[list, list]:
-    """Scans `image_dir/<class>/*.<image ext>`; returns (class names, [(relative path, class index)]) sorted."""
-    image_dir = Path(image_dir)
-    if not image_dir.is_dir():
-        raise FileNotFoundError(
-            f"`image_dir` {str(image_dir)!r} is not a directory (expected one sub-folder per class)."
-        )
-    folders = sorted(p.name for p in image_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if class_names is None:
-        class_names = folders
-    class_names = list(class_names)
-    if sorted(class_names) != folders:
-        raise ValueError(
-            f"`class_names` {class_names} must name exactly the sub-folders of `image_dir` {folders} (in any order)."
-        )
-    if len(class_names) < 2:
-        raise ValueError(f"`image_dir` must hold at least 2 class sub-folders, found {folders}.")
-    plan = []
-    for k, name in enumerate(class_names):
-        files = sorted(
-            p for p in (image_dir / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
-        if not files:
-            raise ValueError(f"Class folder {str(image_dir / name)!r} holds no image ({', '.join(IMAGE_EXTENSIONS)}).")
-        plan.extend((p.relative_to(image_dir).as_posix(), k) for p in files)
-    return class_names, plan
-
-
-def _load_image(path: Path, height: int, width: int, image_processor) -> torch.Tensor:
-    """RGB, resized to cover (height, width) and centre-cropped; the pipeline's image processor (`VaeImageProcessor`)
-    makes the float tensor [3, H, W] in [-1, 1] the VAE expects.
-
-    The resize and crop stay ours: `VaeImageProcessor.preprocess(..., resize_mode="crop")` floors the resized size
-    where this rounds it and resamples with Lanczos where this uses bicubic, so an image that needs resizing would give
-    another tensor (a 512x384 image at 32x32: max |difference| 0.13 on [-1, 1]); at the target size both agree.
-    """
-    with Image.open(path) as image:
-        image.load()
-        image = image.convert("RGB")
-    scale = max(height / image.height, width / image.width)
-    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    if size != image.size:
-        image = image.resize(size, Image.BICUBIC)
-    left, top = (image.width - width) // 2, (image.height - height) // 2
-    image = image.crop((left, top, left + width, top + height))
-    return image_processor.preprocess(image, height=height, width=width)[0]
-
-
-def _ddim_move(x: torch.Tensor, out: torch.Tensor, a_from: torch.Tensor, a_to: torch.Tensor, prediction_type: str):
-    """Deterministic DDIM move of x from noise level alpha_bar = a_from to a_to (eta = 0), in float32.
-
-    Not `diffusers.DDIMInverseScheduler` (compared in tests/test_library_replacements.py): its loop evaluates the UNet
-    at timestep t on the latent of the previous, lower level, so h would be recorded at pairs (x, t) that no generation
-    sees (relative difference up to 0.35 on the toy model); calling its `step` with the next timestep reproduces these
-    moves exactly only when the timesteps are evenly spaced by num_train_timesteps // steps (its fixed stride), and it
-    refuses "linspace" spacing and mis-steps "trailing" spacing otherwise, where this move works for any DDIM schedule.
-    """
-    x32, out32 = x.float(), out.float()
-    if prediction_type == "epsilon":
-        eps = out32
-        x0 = (x32 - (1 - a_from).sqrt() * eps) / a_from.sqrt()
-    elif prediction_type == "v_prediction":
-        x0 = a_from.sqrt() * x32 - (1 - a_from).sqrt() * out32
-        eps = a_from.sqrt() * out32 + (1 - a_from).sqrt() * x32
-    elif prediction_type == "sample":
-        x0 = out32
-        eps = (x32 - a_from.sqrt() * x0) / (1 - a_from).sqrt()
-    else:
-        raise ValueError(
-            f"Unsupported scheduler `prediction_type` {prediction_type!r} (epsilon, v_prediction, sample)."
-        )
-    return (a_to.sqrt() * x0 + (1 - a_to).sqrt() * eps).to(x.dtype)
-
-
-def ddim_schedule(pipe, num_inference_steps: int):
-    """The DDIM scheduler (from the pipeline's scheduler config) set to `num_inference_steps`."""
-    from diffusers import DDIMScheduler
-
-    # Without `_use_default_values`: from_config would otherwise reset keys a pipeline fixed (e.g. steps_offset).
-    config = {k: v for k, v in pipe.scheduler.config.items() if k != "_use_default_values"}
-    scheduler = DDIMScheduler.from_config(config)
-    scheduler.set_timesteps(num_inference_steps)
-    return scheduler
-
-
-@torch.no_grad()
-def invert_and_record(
-    pipe,
-    images: torch.Tensor,
-    scheduler,
-    prompt_embeds: torch.Tensor,
-    guidance_scale: float = 1.0,
-    storage_dtype: torch.dtype = torch.float16,
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """DDIM-inverts a batch of images ([-1, 1]); returns (h at every step in generation order, step 0 first; the
-    inverted latents at the noisiest timestep, from which a DDIM generation with eta = 0 reconstructs the images).
-
-    The clean latent is first moved to the lowest noise level of the schedule, then for each timestep t (ascending)
-    the UNet is evaluated on the inverted latent x_t at t: h is recorded there (the pair (x_t, t) a generation sees)
-    and the same prediction moves x_t to the next, noisier level. That is one UNet call more than the number of steps.
-    `prompt_embeds` is [uncond; cond] when `guidance_scale` > 1, else cond only.
-    """
-    device, unet, vae = pipe._execution_device, pipe.unet, pipe.vae
-    latents = vae.encode(images.to(device, vae.dtype)).latent_dist.mode()
-    latents = (latents - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
-    latents = latents.to(unet.dtype)
-    cfg = guidance_scale > 1.0
-    alphas = scheduler.alphas_cumprod.to(torch.float32)
-    ascending = list(reversed(scheduler.timesteps.tolist()))
-    prediction_type = scheduler.config.prediction_type
-    recorder = _Recorder(storage_dtype)
-
-    def predict(x: torch.Tensor, t) -> torch.Tensor:
-        model_in = torch.cat([x, x]) if cfg else x
-        out = unet(model_in, t, encoder_hidden_states=prompt_embeds).sample
-        if cfg:
-            uncond, cond = out.chunk(2)
-            out = uncond + guidance_scale * (cond - uncond)
-        return out
-
-    with MidBlockHook(unet, recorder):
-        out = predict(latents, ascending[0])
-        latents = _ddim_move(
-            latents, out, scheduler.final_alpha_cumprod.float(), alphas[int(ascending[0])], prediction_type
-        )
-        recorder.calls.clear()  # the first call sees the clean latent: not a recorded step
-        for j, t in enumerate(ascending):
-            out = predict(latents, t)
-            if j + 1 < len(ascending):
-                latents = _ddim_move(latents, out, alphas[int(t)], alphas[int(ascending[j + 1])], prediction_type)
-    return list(reversed(recorder.calls)), latents
 
 
 def extract_from_folders(
@@ -341,7 +195,7 @@ def extract_from_folders(
         for i in items:
             rel, label = plan[i]
             try:
-                tensors.append(_load_image(Path(image_dir) / rel, height, width, pipe.image_processor))
+                tensors.append(load_image(Path(image_dir) / rel, height, width, pipe.image_processor))
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
                 warnings.warn(f"Skipping unreadable image {rel!r}: {error}")
                 skipped.append({"index": i, "path": rel, "error": f"{type(error).__name__}: {error}"})
@@ -397,6 +251,8 @@ def extract_from_generation(
             "cond" rows (default), the "uncond" rows or "both".
         Others as in `extract_from_folders`.
     """
+    from pipeline_balancing_act import MidBlockHook
+
     output_dir = Path(output_dir)
     prompts = [prompts] if isinstance(prompts, str) else [str(p) for p in prompts]
     if not prompts:
@@ -461,7 +317,7 @@ def extract_from_generation(
 
     def process_batch(items: list[int]) -> _BatchResult:
         batch_prompts = [prompts[i % len(prompts)] for i in items]
-        recorder = _Recorder(storage_dtype)
+        recorder = HRecorder(storage_dtype)
         seen_timesteps = []
 
         def on_step_end(pipeline, step, timestep, callback_kwargs):

@@ -4,8 +4,11 @@ and the accuracy plot (accuracy.png). `training.save_classifier` writes them nex
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-from pipeline_balancing_act import HClassifier
+
+if TYPE_CHECKING:
+    from pipeline_balancing_act import HClassifier
 
 
 PLOT_NAME = "accuracy.png"

@@ -21,12 +21,15 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pipeline_balancing_act import DEFAULT_TEMPERATURE, HClassifier
+
+if TYPE_CHECKING:
+    from pipeline_balancing_act import HClassifier
 
 from .feature_store import HFeatureStore
 from .io_utils import atomic_write_json, atomic_write_text, make_temp_dir
@@ -40,6 +43,13 @@ HEAD_TYPES = ("class_mean", "logistic")
 METRICS_NAME = "metrics.json"
 # Working-memory unit for statistics and predictions: 4M values (16 MB in float32) per block of rows.
 BLOCK_ELEMENTS = 4 * 2**20
+
+
+def _pipeline():
+    """The pipeline module, imported on first use (it imports diffusers: `balancing-act train --help` stays fast)."""
+    import pipeline_balancing_act
+
+    return pipeline_balancing_act
 
 
 @dataclass
@@ -61,7 +71,7 @@ class TrainingConfig:
     holdout_fraction: float = 0.2
     balance: str = "loss"
     seed: int = 0
-    temperature: float = DEFAULT_TEMPERATURE
+    temperature: float = field(default_factory=lambda: _pipeline().DEFAULT_TEMPERATURE)
     branches: list[str] | None = None
     device: str = "cpu"
 
@@ -314,7 +324,7 @@ def train_classifier(
         logger.warning("Classes %s have no labelled image: their heads only learn to be unlikely.", missing)
     holdout_ids = stratified_holdout(labels, image_index, config.holdout_fraction, config.seed)
 
-    classifier = HClassifier(
+    classifier = _pipeline().HClassifier(
         attribute=attribute,
         class_names=class_names,
         h_shape=store.h_shape,

@@ -274,3 +274,42 @@ def test_every_help_text_shows_its_default(command):
             assert "default" in formatter._get_help_string(action).lower(), action.option_strings
     text = parser.format_help()
     assert "(default: " in text and "--num_images is --num-images" in text
+
+
+HEAVY_MODULES = ("diffusers", "transformers", "matplotlib", "pipeline_balancing_act")
+
+
+def test_help_and_argument_errors_import_no_heavy_module():
+    """`balancing-act <command> --help` and an argument error print fast and without the torchvision warnings that
+    importing diffusers / transformers prints: those are imported only once a command runs."""
+    code = (
+        "import sys\n"
+        "from h_classifiers import cli\n"
+        "runs = [[name, '--help'] for name in cli.COMMANDS]\n"
+        "runs += [['generate', '--num-images', '0'], ['generate', '--num-images', '1'], ['evaluate', '--target'],\n"
+        "         ['train', '--epochs', '0'], ['extract'], ['push'], ['generate', '--classifier', './nope']]\n"
+        "for argv in runs:\n"
+        "    try:\n"
+        "        cli.main(argv)\n"
+        "    except SystemExit as exit:\n"
+        "        assert exit.code in (0, 2), (argv, exit.code)\n"
+        "    else:\n"
+        "        raise AssertionError(argv)\n"
+        f"print('HEAVY', sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "HEAVY []" in result.stdout
+    assert "torchvision" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_generate_help_as_a_process_prints_no_warning():
+    result = subprocess.run(
+        [sys.executable, "-m", "h_classifiers.cli", "generate", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0 and "--num-images" in result.stdout
+    assert result.stderr == ""

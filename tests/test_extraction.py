@@ -11,8 +11,9 @@ from safetensors import safe_open
 from tiny_models import tiny_components
 
 from h_classifiers import MidBlockHook, toy_world
-from h_classifiers.extraction import ddim_schedule, extract_from_folders, extract_from_generation, invert_and_record
+from h_classifiers.extraction import extract_from_folders, extract_from_generation
 from h_classifiers.feature_store import CHUNK_INFO_NAME, HFeatureStore, step_file_name
+from h_classifiers.inversion import ddim_schedule, invert_and_record
 from h_classifiers.labellers import Labeller
 
 

@@ -93,7 +93,7 @@ def test_toy_report_grid_is_pixel_identical(tmp_path):
 
 
 def reference_load_image(path, height, width):
-    """extraction._load_image before the pipeline's image processor made the tensor."""
+    """extraction.load_image before the pipeline's image processor made the tensor."""
     with Image.open(path) as image:
         image.load()
         image = image.convert("RGB")
@@ -117,18 +117,18 @@ def image_processor():
 @pytest.mark.parametrize("size", [(32, 32), (64, 64), (100, 64), (47, 33), (512, 384)])
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
 def test_inversion_images_give_the_same_tensor(size, mode, image_processor, tmp_path):
-    from h_classifiers.extraction import _load_image
+    from h_classifiers.inversion import load_image
 
     path = tmp_path / "image.png"
     random_images(1, size, seed=size[0], mode=mode)[0].save(path)
     for height, width in ((32, 32), (64, 32)):
-        new = _load_image(path, height, width, image_processor)
+        new = load_image(path, height, width, image_processor)
         assert new.shape == (3, height, width) and new.dtype == torch.float32
         torch.testing.assert_close(new, reference_load_image(path, height, width), rtol=0, atol=1e-6)
 
 
 def test_the_image_processors_own_crop_would_change_resized_images(image_processor, tmp_path):
-    """Why the resize and crop stay ours (see `extraction._load_image`): at the target size the processor agrees, a
+    """Why the resize and crop stay ours (see `extraction.load_image`): at the target size the processor agrees, a
     resized image differs (it floors the resized size and resamples with Lanczos)."""
     for size, expected_equal in (((32, 32), True), ((512, 384), False)):
         path = tmp_path / f"{size[0]}.png"
@@ -179,7 +179,7 @@ def test_ddim_inverse_scheduler_reproduces_the_stored_h_only_on_evenly_spaced_sc
     from diffusers import StableDiffusionPipeline
     from tiny_models import tiny_components
 
-    from h_classifiers.extraction import ddim_schedule, invert_and_record
+    from h_classifiers.inversion import ddim_schedule, invert_and_record
 
     pipe = StableDiffusionPipeline(**tiny_components(), requires_safety_checker=False)
     images = toy_world.make_toy_dataset(3, seed=4, image_size=16).images * 2 - 1

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+from dataclasses import MISSING, fields
+from types import SimpleNamespace
 
 import torch
 
@@ -18,7 +20,8 @@ from h_classifiers.commands._parser import CommandParser
 def build_parser() -> argparse.ArgumentParser:
     from h_classifiers.training import BALANCE_MODES, HEAD_TYPES, TrainingConfig
 
-    defaults = TrainingConfig()
+    # The dataclass's plain defaults, without building a config (its temperature default imports the pipeline).
+    defaults = SimpleNamespace(**{f.name: f.default for f in fields(TrainingConfig) if f.default is not MISSING})
     parser = CommandParser(
         prog="balancing-act train",
         description="Train the per-timestep heads of an h-classifier from `balancing-act extract` shards, one "
@@ -66,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=defaults.seed, help="Split and shuffling seed (default: 0).")
     parser.add_argument(
-        "--temperature", type=float, default=defaults.temperature, help="Guidance temperature stored in the config."
+        "--temperature",
+        type=float,
+        default=None,
+        help="Guidance temperature stored in the config (default: the pipeline's DEFAULT_TEMPERATURE).",
     )
     parser.add_argument(
         "--branches", default=None, help="Recorded CFG branches to train on, comma-separated (default: all)."
@@ -101,7 +107,7 @@ def run(args: argparse.Namespace):
         holdout_fraction=args.holdout_fraction,
         balance=args.balance,
         seed=args.seed,
-        temperature=args.temperature,
+        **({"temperature": args.temperature} if args.temperature is not None else {}),
         branches=[b.strip() for b in args.branches.split(",")] if args.branches else None,
         device=args.device,
     )

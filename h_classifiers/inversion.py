@@ -1,0 +1,164 @@
+"""DDIM inversion of images: loading a labelled image folder, the DDIM schedule and its deterministic moves, and
+h recorded at every step (the first recipe of `h_classifiers.extraction`).
+
+Step index s refers to the scheduler's timesteps in generation order (s = 0 is the noisiest step).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class HRecorder:
+    """Collects h from `MidBlockHook` calls: one entry per UNet call, moved to the CPU in the storage dtype."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.calls: list[torch.Tensor] = []
+
+    def __call__(self, h: torch.Tensor) -> None:
+        self.calls.append(h.detach().to("cpu", self.dtype))
+        return None
+
+
+def list_labelled_images(image_dir: str | os.PathLike, class_names: Sequence[str] | None = None) -> tuple[list, list]:
+    """Scans `image_dir/<class>/*.<image ext>`; returns (class names, [(relative path, class index)]) sorted."""
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise FileNotFoundError(
+            f"`image_dir` {str(image_dir)!r} is not a directory (expected one sub-folder per class)."
+        )
+    folders = sorted(p.name for p in image_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if class_names is None:
+        class_names = folders
+    class_names = list(class_names)
+    if sorted(class_names) != folders:
+        raise ValueError(
+            f"`class_names` {class_names} must name exactly the sub-folders of `image_dir` {folders} (in any order)."
+        )
+    if len(class_names) < 2:
+        raise ValueError(f"`image_dir` must hold at least 2 class sub-folders, found {folders}.")
+    plan = []
+    for k, name in enumerate(class_names):
+        files = sorted(
+            p for p in (image_dir / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not files:
+            raise ValueError(f"Class folder {str(image_dir / name)!r} holds no image ({', '.join(IMAGE_EXTENSIONS)}).")
+        plan.extend((p.relative_to(image_dir).as_posix(), k) for p in files)
+    return class_names, plan
+
+
+def load_image(path: Path, height: int, width: int, image_processor) -> torch.Tensor:
+    """RGB, resized to cover (height, width) and centre-cropped; the pipeline's image processor (`VaeImageProcessor`)
+    makes the float tensor [3, H, W] in [-1, 1] the VAE expects.
+
+    The resize and crop stay ours: `VaeImageProcessor.preprocess(..., resize_mode="crop")` floors the resized size
+    where this rounds it and resamples with Lanczos where this uses bicubic, so an image that needs resizing would give
+    another tensor (a 512x384 image at 32x32: max |difference| 0.13 on [-1, 1]); at the target size both agree.
+    """
+    with Image.open(path) as image:
+        image.load()
+        image = image.convert("RGB")
+    scale = max(height / image.height, width / image.width)
+    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    if size != image.size:
+        image = image.resize(size, Image.BICUBIC)
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    image = image.crop((left, top, left + width, top + height))
+    return image_processor.preprocess(image, height=height, width=width)[0]
+
+
+def _ddim_move(x: torch.Tensor, out: torch.Tensor, a_from: torch.Tensor, a_to: torch.Tensor, prediction_type: str):
+    """Deterministic DDIM move of x from noise level alpha_bar = a_from to a_to (eta = 0), in float32.
+
+    Not `diffusers.DDIMInverseScheduler` (compared in tests/test_library_replacements.py): its loop evaluates the UNet
+    at timestep t on the latent of the previous, lower level, so h would be recorded at pairs (x, t) that no generation
+    sees (relative difference up to 0.35 on the toy model); calling its `step` with the next timestep reproduces these
+    moves exactly only when the timesteps are evenly spaced by num_train_timesteps // steps (its fixed stride), and it
+    refuses "linspace" spacing and mis-steps "trailing" spacing otherwise, where this move works for any DDIM schedule.
+    """
+    x32, out32 = x.float(), out.float()
+    if prediction_type == "epsilon":
+        eps = out32
+        x0 = (x32 - (1 - a_from).sqrt() * eps) / a_from.sqrt()
+    elif prediction_type == "v_prediction":
+        x0 = a_from.sqrt() * x32 - (1 - a_from).sqrt() * out32
+        eps = a_from.sqrt() * out32 + (1 - a_from).sqrt() * x32
+    elif prediction_type == "sample":
+        x0 = out32
+        eps = (x32 - a_from.sqrt() * x0) / (1 - a_from).sqrt()
+    else:
+        raise ValueError(
+            f"Unsupported scheduler `prediction_type` {prediction_type!r} (epsilon, v_prediction, sample)."
+        )
+    return (a_to.sqrt() * x0 + (1 - a_to).sqrt() * eps).to(x.dtype)
+
+
+def ddim_schedule(pipe, num_inference_steps: int):
+    """The DDIM scheduler (from the pipeline's scheduler config) set to `num_inference_steps`."""
+    from diffusers import DDIMScheduler
+
+    # Without `_use_default_values`: from_config would otherwise reset keys a pipeline fixed (e.g. steps_offset).
+    config = {k: v for k, v in pipe.scheduler.config.items() if k != "_use_default_values"}
+    scheduler = DDIMScheduler.from_config(config)
+    scheduler.set_timesteps(num_inference_steps)
+    return scheduler
+
+
+@torch.no_grad()
+def invert_and_record(
+    pipe,
+    images: torch.Tensor,
+    scheduler,
+    prompt_embeds: torch.Tensor,
+    guidance_scale: float = 1.0,
+    storage_dtype: torch.dtype = torch.float16,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """DDIM-inverts a batch of images ([-1, 1]); returns (h at every step in generation order, step 0 first; the
+    inverted latents at the noisiest timestep, from which a DDIM generation with eta = 0 reconstructs the images).
+
+    The clean latent is first moved to the lowest noise level of the schedule, then for each timestep t (ascending)
+    the UNet is evaluated on the inverted latent x_t at t: h is recorded there (the pair (x_t, t) a generation sees)
+    and the same prediction moves x_t to the next, noisier level. That is one UNet call more than the number of steps.
+    `prompt_embeds` is [uncond; cond] when `guidance_scale` > 1, else cond only.
+    """
+    from pipeline_balancing_act import MidBlockHook
+
+    device, unet, vae = pipe._execution_device, pipe.unet, pipe.vae
+    latents = vae.encode(images.to(device, vae.dtype)).latent_dist.mode()
+    latents = (latents - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
+    latents = latents.to(unet.dtype)
+    cfg = guidance_scale > 1.0
+    alphas = scheduler.alphas_cumprod.to(torch.float32)
+    ascending = list(reversed(scheduler.timesteps.tolist()))
+    prediction_type = scheduler.config.prediction_type
+    recorder = HRecorder(storage_dtype)
+
+    def predict(x: torch.Tensor, t) -> torch.Tensor:
+        model_in = torch.cat([x, x]) if cfg else x
+        out = unet(model_in, t, encoder_hidden_states=prompt_embeds).sample
+        if cfg:
+            uncond, cond = out.chunk(2)
+            out = uncond + guidance_scale * (cond - uncond)
+        return out
+
+    with MidBlockHook(unet, recorder):
+        out = predict(latents, ascending[0])
+        latents = _ddim_move(
+            latents, out, scheduler.final_alpha_cumprod.float(), alphas[int(ascending[0])], prediction_type
+        )
+        recorder.calls.clear()  # the first call sees the clean latent: not a recorded step
+        for j, t in enumerate(ascending):
+            out = predict(latents, t)
+            if j + 1 < len(ascending):
+                latents = _ddim_move(latents, out, alphas[int(t)], alphas[int(ascending[j + 1])], prediction_type)
+    return list(reversed(recorder.calls)), latents
