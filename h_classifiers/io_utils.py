@@ -1,4 +1,5 @@
-"""Atomic file writes shared by the tools: text, JSON, safetensors, PNG, and temporary directories.
+"""Atomic file writes shared by the tools: text, JSON, safetensors, PNG, and temporary directories (and the rule
+that tells a local path from a Hub id).
 
 Every file is written to a temporary file in the destination's directory (named `.tmp-<name>-XXXX`, so readers and
 Hub uploads can skip it), then renamed over the destination with `os.replace`: a reader never sees a half-written
@@ -89,3 +90,14 @@ def atomic_save_figure(figure, path: str | os.PathLike, dpi: float | None = None
     """A matplotlib figure as PNG, atomically."""
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=dpi)
+
+
+def looks_like_local_path(path: str | os.PathLike) -> bool:
+    """Whether `path` names a local path rather than a Hub id ('user/name'): absolute, starting with '.' or '~',
+    ending with a separator, with more than one '/', or with a parent directory that exists here."""
+    path = os.fspath(path)
+    if os.path.isabs(path) or path.startswith((".", "~")) or path.endswith(("/", os.sep)):
+        return True
+    if path.replace(os.sep, "/").count("/") > 1:  # a Hub id has at most one
+        return True
+    return os.path.isdir(os.path.dirname(path) or ".")

@@ -4,7 +4,10 @@ and the accuracy plot (accuracy.png). `training.save_classifier` writes them nex
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+from .io_utils import looks_like_local_path
 
 
 if TYPE_CHECKING:
@@ -12,6 +15,17 @@ if TYPE_CHECKING:
 
 
 PLOT_NAME = "accuracy.png"
+
+
+def public_model_name(model: str | os.PathLike | None) -> str | None:
+    """The base model as a published config or card records it: a Hub id as given, a local directory by its folder
+    name only (a local absolute path says nothing to others and shows the author's file system)."""
+    if model is None:
+        return None
+    name = os.fspath(model)
+    if looks_like_local_path(name) or os.path.isdir(name):
+        return Path(os.path.abspath(os.path.expanduser(name))).name
+    return name
 
 
 def metrics_table(metrics: list[dict], class_names: list[str]) -> str:

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 from .feature_store import HFeatureStore
 from .io_utils import atomic_write_json, atomic_write_text, make_temp_dir
-from .model_card import PLOT_NAME, model_card, plot_metrics
+from .model_card import PLOT_NAME, model_card, plot_metrics, public_model_name
 
 
 logger = logging.getLogger(__name__)
@@ -293,7 +293,8 @@ def train_classifier(
         config: `TrainingConfig` (epochs, learning rate, weight decay, balance mode, held-out fraction, seed, ...).
         attribute: the attribute name stored in the config (default: the manifest's). When the store holds several
             label sets (generation with several labellers), naming one of them trains on its labels.
-        base_model: the base model recorded in the config and the card (default: the manifest's model).
+        base_model: the base model recorded in the config and the card (default: the manifest's model); a Hub id is
+            recorded as given, a local directory by its folder name only.
     """
     config = config or TrainingConfig()
     config.validate()
@@ -312,7 +313,7 @@ def train_classifier(
     class_names = store.class_names
     num_classes = len(class_names)
     attribute = attribute or manifest.get("attribute") or "attribute"
-    base_model = base_model if base_model is not None else manifest.get("model")
+    base_model = public_model_name(base_model if base_model is not None else manifest.get("model"))
     branches = store._check_branches(config.branches)
 
     labels, image_index = store.labels(drop_unlabelled=True)
@@ -429,7 +430,7 @@ def save_classifier(result: TrainingResult, output_dir: str | os.PathLike, manif
             if not output_dir.exists():  # the new folder never landed: put the previous one back
                 os.replace(old / output_dir.name, output_dir)
             shutil.rmtree(old, ignore_errors=True)
-    logger.info("Saved the classifier to %s", output_dir)
+    logger.debug("Saved the classifier to %s", output_dir)  # the train command prints it
     return output_dir
 
 

@@ -167,7 +167,8 @@ def test_a_missing_local_classifier_fails_at_once(command, path, tmp_path, monke
 
 
 def test_hub_ids_and_existing_folders_pass_the_local_path_check(tiny_classifier, tmp_path, monkeypatch):
-    from h_classifiers.commands._common import check_classifier_path, looks_local
+    from h_classifiers.commands._common import check_classifier_path
+    from h_classifiers.io_utils import looks_like_local_path as looks_local
 
     monkeypatch.chdir(tmp_path)
     for hub_id in ("someone/skin-h-classifier", "org/name"):

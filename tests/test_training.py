@@ -156,3 +156,40 @@ def test_train_command(tmp_path, capsys):
     with pytest.raises(SystemExit):  # exists: refused with a clear argparse error
         main(["--features-dir", str(tmp_path / "feats"), "--output-dir", str(tmp_path / "clf"), "--no-progress"])
     assert "already exists" in capsys.readouterr().err
+
+
+def test_train_command_says_saved_once(tmp_path, capsys, caplog):
+    import logging
+
+    from h_classifiers.commands.train import main
+
+    caplog.set_level(logging.INFO)
+    synthetic_store(tmp_path / "feats", counts=[20, 20], separation=[4, 4, 4])
+    main(["--features-dir", str(tmp_path / "feats"), "--output-dir", str(tmp_path / "clf"), "--epochs", "1",
+          "--min-steps", "2", "--no-progress"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert (captured.out + captured.err + caplog.text).count("Saved") == 1
+
+
+def test_the_base_model_is_recorded_as_a_hub_id_or_a_folder_name(tmp_path, monkeypatch):
+    """A local path (the manifest records the absolute one) is not published in the config or the model card."""
+    from h_classifiers.model_card import public_model_name
+
+    local = tmp_path / "models" / "my-sd"
+    local.mkdir(parents=True)
+    synthetic_store(tmp_path / "feats", counts=[20, 20], separation=[4, 4, 4])
+    manifest = json.loads((tmp_path / "feats" / "manifest.json").read_text())
+    (tmp_path / "feats" / "manifest.json").write_text(json.dumps(manifest | {"model": str(local)}))
+    config = TrainingConfig(epochs=1, min_steps=2)
+    train_classifier(tmp_path / "feats", tmp_path / "clf", config, progress=False)
+    assert json.loads((tmp_path / "clf" / "config.json").read_text())["base_model"] == "my-sd"
+    assert str(tmp_path) not in (tmp_path / "clf" / "README.md").read_text()
+    result = train_classifier(tmp_path / "feats", config=config, base_model="someone/sd-15", progress=False)
+    assert result.classifier.config.base_model == "someone/sd-15"
+    monkeypatch.chdir(tmp_path)
+    assert public_model_name("./models/my-sd/") == "my-sd" and public_model_name("/elsewhere/sd15") == "sd15"
+    assert public_model_name("h_classifiers/assets/toy-sd") == "toy-sd" and public_model_name(None) is None
+    assert (
+        public_model_name("stable-diffusion-v1-5/stable-diffusion-v1-5")
+        == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    )

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from h_classifiers.evaluation import DTYPES, SCHEDULERS, EvaluationSpec, parse_target
+from h_classifiers.io_utils import looks_like_local_path
 
 
 GUIDED_BRANCHES = ("cond", "both")
@@ -183,19 +184,9 @@ def quiet_loading() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def looks_local(path: str) -> bool:
-    """Whether `path` names a local path rather than a Hub id ('user/name'): absolute, starting with '.' or '~',
-    ending with a separator, with more than one '/', or with a parent directory that exists here."""
-    if os.path.isabs(path) or path.startswith((".", "~")) or path.endswith(("/", os.sep)):
-        return True
-    if path.replace(os.sep, "/").count("/") > 1:  # a Hub id has at most one
-        return True
-    return os.path.isdir(os.path.dirname(path) or ".")
-
-
 def check_classifier_path(path: str, argument: str = "--classifier") -> None:
     """A local classifier path that does not exist fails at once, before anything is loaded (no Hub lookup)."""
-    if looks_local(path) and not os.path.exists(path):
+    if looks_like_local_path(path) and not os.path.exists(path):
         raise FileNotFoundError(
             f"`{argument}` {path!r} does not exist (expected a directory written by `balancing-act train` / "
             "`HClassifier.save_pretrained`, or a Hub id 'user/name')."
