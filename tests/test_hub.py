@@ -96,3 +96,63 @@ def test_train_rejects_a_bad_repo_id_before_training(fake_hub, tmp_path, capsys)
     with pytest.raises(SystemExit):
         main(["--features-dir", str(tmp_path / "none"), "--output-dir", str(tmp_path / "clf"), "--push_to_hub", "a b"])
     assert "not a valid Hub repo id" in capsys.readouterr().err and fake_hub.calls == []
+
+
+def connect_error():
+    """The error huggingface_hub's HTTP client raises without a network (httpx, or its fork httpx2)."""
+    import sys
+
+    import huggingface_hub.utils._http  # noqa: F401  (loads the client module)
+
+    client = sys.modules.get("httpx2") or sys.modules.get("httpx")
+    return client.ConnectError("[Errno -3] Temporary failure in name resolution")
+
+
+def test_push_without_network_ends_in_one_line(saved_classifier, monkeypatch):
+    from h_classifiers.commands.push import main
+
+    def unreachable(*args, **kwargs):
+        raise connect_error()
+
+    monkeypatch.setattr(hub.huggingface_hub, "create_repo", unreachable)
+    with pytest.raises(SystemExit) as info:
+        main([str(saved_classifier), "someone/skin"])
+    message = str(info.value.code)
+    assert "\n" not in message
+    assert message.startswith(
+        "balancing-act push: the Hugging Face Hub is unreachable, nothing was pushed to 'someone/skin'"
+    )
+    assert "Temporary failure in name resolution" in message
+
+
+def test_push_in_offline_mode_ends_in_one_line(saved_classifier, monkeypatch):
+    """The real huggingface_hub call, offline: it refuses before any connection, and that is one line too."""
+    import huggingface_hub.constants
+
+    from h_classifiers.commands.push import main
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit) as info:
+        main([str(saved_classifier), "someone/skin", "--token", "hf_not_used"])
+    assert "\n" not in str(info.value.code) and "the Hugging Face Hub is unreachable" in str(info.value.code)
+
+
+def test_train_says_the_classifier_is_saved_when_the_hub_is_unreachable(monkeypatch, tmp_path):
+    from h_classifiers.commands.train import main
+
+    def unreachable(*args, **kwargs):
+        raise connect_error()
+
+    monkeypatch.setattr(hub.huggingface_hub, "create_repo", unreachable)
+    manifest = create_store(tmp_path / "feats", [801, 1], ["a", "b"], attribute="x")
+    labels = torch.arange(20) % 2
+    h = torch.randn(2, 20, 2, 2, 2, generator=torch.Generator().manual_seed(0)) + labels.view(1, 20, 1, 1, 1)
+    finish_store(tmp_path / "feats", write_chunk(tmp_path / "feats", manifest, 0, {"cond": h}, labels))
+    with pytest.raises(SystemExit) as info:
+        main(["--features-dir", str(tmp_path / "feats"), "--output-dir", str(tmp_path / "clf"), "--epochs", "1",
+              "--min-steps", "2", "--no-progress", "--push-to-hub", "someone/x"])  # fmt: skip
+    message = str(info.value.code)
+    assert (
+        "\n" not in message and f"the classifier is saved in {tmp_path / 'clf'}, but the Hugging Face Hub" in message
+    )
+    assert (tmp_path / "clf" / "config.json").is_file()

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from h_classifiers.hub import push_classifier
+    from h_classifiers.hub import HubUnreachableError, push_classifier
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
+    except HubUnreachableError as error:
+        raise SystemExit(f"{parser.prog}: {error}") from None
     print(f"Pushed {args.folder} to {url}")
 
 

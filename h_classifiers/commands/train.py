@@ -129,9 +129,14 @@ def run(args: argparse.Namespace):
     )
     url = None
     if args.push_to_hub is not None:
-        from h_classifiers.hub import push_classifier
+        from h_classifiers.hub import HubUnreachableError, push_classifier
 
-        url = push_classifier(args.output_dir, args.push_to_hub, private=args.private or None)
+        try:
+            url = push_classifier(args.output_dir, args.push_to_hub, private=args.private or None)
+        except HubUnreachableError as error:
+            raise SystemExit(
+                f"balancing-act train: the classifier is saved in {args.output_dir}, but {error}"
+            ) from None
     return result, url
 
 
