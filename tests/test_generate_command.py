@@ -143,14 +143,16 @@ def test_generate_script_runs_from_a_checkout():
     assert "--scheduler" in result.stdout and "--target" in result.stdout
 
 
-@pytest.mark.skipif(not TOY_ASSETS, reason="the toy model and its skin classifier are not committed yet")
+@pytest.mark.skipif(not TOY_ASSETS, reason="this checkout lacks the committed toy model or its skin classifier")
 def test_main_command_on_the_toy_model(tmp_path, capsys):
-    """The README's main command with its defaults (toy model, shipped skin classifier, 50/50), fewer images/steps."""
+    """The README's main command with its defaults (toy model, shipped skin classifier, 50/50), fewer images/steps:
+    the balanced images are closer to the target than the vanilla ones from the same seeds."""
     report = generate_command.main(["--num-images", "16", "--steps", "10", "--output-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "vanilla" in out and "balanced" in out and "FD" in out
     assert report["labeller"].startswith("toy_world.ToyOracle")
-    for name in ("vanilla", "balanced"):
-        summary = report["results"][name]
+    vanilla, balanced = report["results"]["vanilla"], report["results"]["balanced"]
+    for summary in (vanilla, balanced):
         assert summary["num_images"] == 16 and summary["fractions"] is not None
+    assert balanced["fd"] < vanilla["fd"], (balanced["fractions"], vanilla["fractions"])
     assert (tmp_path / "generate_grid.png").exists()

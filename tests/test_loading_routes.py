@@ -105,10 +105,12 @@ def test_diffusion_pipeline_from_pipe_with_custom_pipeline(modules_cache):
     check_guided_pipeline(pipe)
 
 
-def test_classifier_given_as_a_path_is_loaded_and_cached(ba_pipe, tmp_path):
-    """A path string is loaded with HClassifier.from_pretrained (Hub ids take the same road) and cached."""
+def test_classifier_given_as_a_path_is_loaded_and_cached(fresh_ba_pipe, tmp_path):
+    """A path string is loaded with HClassifier.from_pretrained (Hub ids take the same road) and cached (on a pipeline
+    of its own: the shared one keeps no cache entry of this test)."""
+    pipe = fresh_ba_pipe
     tiny_classifier(seed=9).save_pretrained(tmp_path / "skin")
-    images = ba_pipe(PROMPT, generator=make_generator(0), h_classifier=str(tmp_path / "skin"), **GUIDED, **CALL).images
-    again = ba_pipe(PROMPT, generator=make_generator(0), h_classifier=tiny_classifier(seed=9), **GUIDED, **CALL).images
+    images = pipe(PROMPT, generator=make_generator(0), h_classifier=str(tmp_path / "skin"), **GUIDED, **CALL).images
+    again = pipe(PROMPT, generator=make_generator(0), h_classifier=tiny_classifier(seed=9), **GUIDED, **CALL).images
     assert np.array_equal(images, again)
-    assert torch.is_tensor(ba_pipe._h_classifier_cache[str(tmp_path / "skin")].weight)
+    assert torch.is_tensor(pipe._h_classifier_cache[str(tmp_path / "skin")].weight)

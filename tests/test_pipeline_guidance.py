@@ -337,8 +337,9 @@ def test_classifier_from_a_directory_is_loaded_once(fresh_ba_pipe, tmp_path, mon
     assert len(calls) == 1
 
 
-def test_head_lookup_reads_the_schedule_not_the_device_timestep(ba_pipe):
+def test_head_lookup_reads_the_schedule_not_the_device_timestep(fresh_ba_pipe):
     """Off the host, the hook takes the step's timestep from the schedule read once per call (no per-step sync)."""
+    ba_pipe = fresh_ba_pipe  # its scheduler is set here: not the shared pipeline's
     clf, _ = known_classifier()
     ba_pipe.scheduler.set_timesteps(3)
     ba_pipe._num_timesteps = 3
