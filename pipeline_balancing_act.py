@@ -6,13 +6,17 @@ huggingface_hub and safetensors, so that `DiffusionPipeline.from_pretrained(...,
 its own. It defines:
 
 - `HClassifier`: per-timestep linear heads over the UNet bottleneck features h (the paper's "Attribute Distribution
-  Predictor"), a diffusers `ModelMixin` + `ConfigMixin` saved as safetensors + config.json.
+  Predictor"), with a per-timestep calibration and per-class anchors in h; a diffusers `ModelMixin` + `ConfigMixin`
+  saved as safetensors + config.json.
+- `assign_classes` / `largest_remainder`: exact class counts for a batch and the min-cost assignment of images to them.
+- `BalanceState`: class counts carried across calls, so a long job in small batches ends on the target counts.
 - `MidBlockHook`: the one mechanism that reads (and optionally replaces) h = `unet.mid_block(...)`.
-- `guidance_loss`: the one guidance loss (sample / distribution mode, KL / chi-square).
+- `guidance_loss`: the one guidance loss (towards classes, or the paper's soft KL / chi-square).
 - `BalancingActPipeline`: `StableDiffusionPipeline` plus h-space guidance during denoising.
 """
 
 import copy
+import json
 import math
 import os
 import tempfile
@@ -32,25 +36,29 @@ from diffusers.utils import logging
 
 logger = logging.get_logger(__name__)
 
+# Softmax temperature of the paper's soft distribution loss (`distribution_solver="kl"` / `"chi2"`).
 DEFAULT_TEMPERATURE = 8.0
-# Default `guidance_strength` (see `BalancingActPipeline.__call__` for the update rule), chosen by the toy-world sweep
-# (docs/results/sweep.md): the lowest distribution FD and sample-mode miss rate with the valid rate kept within a point
-# of vanilla. The right value depends on the classifier's weight scale: retune it for other classifiers.
-DEFAULT_GUIDANCE_STRENGTH = 600.0
-# Probabilities of a target distribution are clamped to at least this value inside the loss, so that a one-hot
-# target (a class name) keeps KL / chi-square finite.
-TARGET_PROB_FLOOR = 1e-3
+# `guidance_strength`, in class gaps per denoising step: a strength of 1 moves an image that is surely of class a and
+# asked to be class c by the whole distance between the class anchors a -> c in h on that step, as seen in the
+# output after classifier-free guidance (see `BalancingActPipeline.__call__`).
+DEFAULT_GUIDANCE_STRENGTH = 10.0
+# The class-guidance loss aims past the decision boundary: it treats an image as of its asked class only once that
+# class leads the others by this many calibrated logits (so an image barely on the right side keeps moving).
+GUIDANCE_MARGIN = 2.0
+# A classifier without anchors (saved by an older version) moves along its calibrated head weights, scaled so that
+# going from one class's point to another's changes their calibrated logit margin by this much.
+LEGACY_CLASS_GAP = 8.0
+# Cost (in nats of calibrated log-probability) of moving an image to another class when the assignment is solved
+# again at a later step: predictions sharpen, but an image does not flip back and forth between classes.
+SWITCH_PENALTY = 1.0
 
 GUIDANCE_MODES = ("sample", "distribution")
-GUIDANCE_LOSSES = ("kl", "chi2")
+DISTRIBUTION_SOLVERS = ("assign", "kl", "chi2")
 GUIDED_BRANCHES = ("cond", "both")
 # Tolerance on the sum of a target distribution.
 TARGET_SUM_TOLERANCE = 1e-3
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The h-classifier
-# ----------------------------------------------------------------------------------------------------------------
+# Probabilities of a target are clamped to at least this inside the soft losses (KL / chi-square stay finite).
+TARGET_PROB_FLOOR = 1e-3
 
 
 def _timestep_value(timestep: int | float | torch.Tensor) -> float:
@@ -71,20 +79,37 @@ def _timestep_value(timestep: int | float | torch.Tensor) -> float:
         raise TypeError(f"`timestep` must be an int, a float or a tensor, got {type(timestep).__name__}.") from None
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The h-classifier
+# ----------------------------------------------------------------------------------------------------------------
+
+
 class HClassifier(ModelMixin, ConfigMixin):
     r"""
     Per-timestep linear heads over the flattened UNet bottleneck h: `logits = W_t @ flatten(h) + b_t`.
 
     One head per trained timestep; any scheduler's timestep (int or float, any step count) uses the head of the
-    nearest trained timestep (`head_index`).
+    nearest trained timestep (`head_index`). Two optional per-timestep parts make guidance behave the same for every
+    classifier:
+
+    - a calibration (`calibration_scale`, `calibration_bias`): `calibrated_logits = logits * scale_t + bias_t`,
+      fitted on held-out images when the heads are trained, so that softmax(calibrated_logits) estimates the
+      probability of each class of the image that will come out;
+    - class anchors (`anchors`, `[T, K, *h_shape]`, present when `anchor_source` is set): a point in h per class,
+      e.g. the class means of the training h. Guidance moves h along differences of anchors, in units of the class
+      gaps. A classifier without anchors moves along its own head weights (see `move_directions`).
 
     Args:
         attribute (`str`): Name of the attribute, e.g. `"skin"`.
         class_names (`list[str]`): The K >= 2 class names; class index = position in this list.
         h_shape (`list[int]`): The shape `[C, H, W]` of one sample's h the heads were trained on.
         timesteps (`list[int | float]`): The scheduler timesteps of the heads, in the order they were recorded.
-        temperature (`float`, defaults to 8.0): Softmax temperature used by guidance (`softmax(logits / T)`).
-        base_model (`str`, *optional*): The model the heads were trained on (Hub id or description).
+        temperature (`float`, defaults to 8.0): Softmax temperature of the paper's soft distribution loss.
+        base_model (`str`, *optional*): The model the heads were trained on (Hub id or folder name).
+        calibration_scale (`list[float]`, *optional*): Per head, the factor on the logits (temperature scaling).
+        calibration_bias (`list[list[float]]`, *optional*): Per head, K offsets added after the scale.
+        anchor_source (`str`, *optional*): How the anchors were made (`"class_mean"`, `"paired_prompts"`); `None`
+            means the classifier has no anchors.
     """
 
     config_name = "config.json"
@@ -98,6 +123,9 @@ class HClassifier(ModelMixin, ConfigMixin):
         timesteps: list[int | float] = (0,),
         temperature: float = DEFAULT_TEMPERATURE,
         base_model: str | None = None,
+        calibration_scale: list[float] | None = None,
+        calibration_bias: list[list[float]] | None = None,
+        anchor_source: str | None = None,
     ):
         super().__init__()
         class_names = [str(c) for c in class_names]
@@ -114,18 +142,66 @@ class HClassifier(ModelMixin, ConfigMixin):
         num_heads, num_classes, dim = len(timesteps), len(class_names), math.prod(h_shape)
         self.weight = torch.nn.Parameter(torch.zeros(num_heads, num_classes, dim))
         self.bias = torch.nn.Parameter(torch.zeros(num_heads, num_classes))
-        # A plain tensor, not a buffer: `.to(dtype)` must never round the timesteps.
+        if anchor_source is not None:
+            self.register_buffer("anchors", torch.zeros(num_heads, num_classes, dim))
+        # Plain tensors, not buffers: `.to(dtype)` must never round the timesteps or the calibration.
         self._timesteps = torch.tensor(timesteps, dtype=torch.float64)
+        self._calibration = self._check_calibration(calibration_scale, calibration_bias, num_heads, num_classes)
+
+    @staticmethod
+    def _check_calibration(scale: Any, bias: Any, num_heads: int, num_classes: int) -> tuple[torch.Tensor, ...]:
+        scale = torch.ones(num_heads) if scale is None else torch.as_tensor(scale, dtype=torch.float32).flatten()
+        bias = torch.zeros(num_heads, num_classes) if bias is None else torch.as_tensor(bias, dtype=torch.float32)
+        if scale.shape != (num_heads,) or bias.shape != (num_heads, num_classes):
+            raise ValueError(
+                f"`calibration_scale` must hold one number per head ({num_heads}) and `calibration_bias` one list of "
+                f"{num_classes} numbers per head; got shapes {list(scale.shape)} and {list(bias.shape)}."
+            )
+        if not (bool(torch.isfinite(scale).all()) and bool((scale > 0).all()) and bool(torch.isfinite(bias).all())):
+            raise ValueError("`calibration_scale` must be positive and finite, `calibration_bias` finite.")
+        return scale, bias
 
     @property
     def num_classes(self) -> int:
         return len(self.config.class_names)
+
+    @property
+    def has_anchors(self) -> bool:
+        return self.config.anchor_source is not None
+
+    def set_calibration(self, scale: Sequence[float], bias: Sequence[Sequence[float]]) -> None:
+        """Store a per-head calibration (`calibrated = logits * scale + bias`) in the config."""
+        self._calibration = self._check_calibration(scale, bias, len(self._timesteps), self.num_classes)
+        self.register_to_config(
+            calibration_scale=self._calibration[0].tolist(), calibration_bias=self._calibration[1].tolist()
+        )
+
+    def set_anchors(self, anchors: torch.Tensor, source: str) -> None:
+        """Store per-head class anchors `[T, K, *h_shape]` (or `[T, K, D]`) made by `source`."""
+        expected = (len(self._timesteps), self.num_classes, math.prod(self.config.h_shape))
+        anchors = torch.as_tensor(anchors).detach().float().reshape(anchors.shape[0], anchors.shape[1], -1)
+        if tuple(anchors.shape) != expected or not bool(torch.isfinite(anchors).all()):
+            raise ValueError(
+                f"`anchors` must be finite with shape [T, K, D] = {list(expected)}; got {list(anchors.shape)}."
+            )
+        if not self.has_anchors:
+            self.register_buffer("anchors", torch.zeros(expected, device=self.weight.device))
+        self.anchors.copy_(anchors)
+        self.register_to_config(anchor_source=str(source))
 
     def head_index(self, timestep: int | float | torch.Tensor) -> int:
         """Index of the head trained at the timestep nearest to `timestep` (first one on a tie)."""
         value = _timestep_value(timestep)
         distances = (self._timesteps - value).abs()
         return int(torch.argmin(distances).item())
+
+    def covers_timesteps(self, timesteps: Sequence[float]) -> bool:
+        """Whether every timestep lies within the heads' timesteps, give or take the widest gap between two heads
+        (a scheduler on another timestep scale, e.g. continuous sigmas, would map every step to one head)."""
+        heads = self._timesteps.sort().values
+        slack = float((heads[1:] - heads[:-1]).max()) if len(heads) > 1 else 1.0
+        low, high = float(heads[0]) - slack, float(heads[-1]) + slack
+        return all(low <= float(t) <= high for t in timesteps)
 
     def class_index(self, name_or_index: str | int) -> int:
         """Class name or index -> index; a clear `ValueError` for anything else."""
@@ -148,22 +224,46 @@ class HClassifier(ModelMixin, ConfigMixin):
             f"{names} or an index 0..{len(names) - 1}."
         )
 
-    def forward(self, h: torch.Tensor, timestep: int | float | torch.Tensor) -> torch.Tensor:
-        """
-        Logits `[B, K]` (float32) of the head nearest to `timestep` for h of shape `[B, C, H, W]`.
-
-        The head is used in float32 on h's device, so the classifier may stay on the CPU while the UNet runs
-        elsewhere (model offload) and h may be fp16/bf16; gradients flow to h and to the parameters.
-        """
+    def _check_h(self, h: torch.Tensor) -> None:
         expected = tuple(self.config.h_shape)
         if h.ndim != 4 or tuple(h.shape[1:]) != expected:
             raise ValueError(
                 f"h has shape {list(h.shape)} but this classifier was trained on h of shape [B, {', '.join(map(str, expected))}]."
             )
+
+    def forward(self, h: torch.Tensor, timestep: int | float | torch.Tensor) -> torch.Tensor:
+        """
+        Raw logits `[B, K]` (float32) of the head nearest to `timestep` for h of shape `[B, C, H, W]`.
+
+        The head is used in float32 on h's device (the classifier itself is not moved), so it may stay on the CPU
+        while the UNet runs elsewhere and h may be fp16/bf16; gradients flow to h and to the parameters.
+        """
+        self._check_h(h)
         index = self.head_index(timestep)
         weight = self.weight[index].to(device=h.device, dtype=torch.float32)
         bias = self.bias[index].to(device=h.device, dtype=torch.float32)
         return F.linear(h.flatten(1).float(), weight, bias)
+
+    def calibrated_logits(self, h: torch.Tensor, timestep: int | float | torch.Tensor) -> torch.Tensor:
+        """Calibrated logits `[B, K]`: softmax of them estimates the class probabilities of the final images."""
+        index = self.head_index(timestep)
+        scale, bias = (c[index].to(h.device) for c in self._calibration)
+        return self(h, timestep) * scale + bias
+
+    def move_directions(self, timestep: int | float | torch.Tensor) -> torch.Tensor:
+        """
+        The K points `[K, D]` (float32) whose differences guidance moves h along at `timestep`: the class anchors,
+        or, for a classifier without anchors, its calibrated head weights scaled so that moving from one class's
+        point to another's changes that pair's calibrated logit margin by `LEGACY_CLASS_GAP` on average.
+        """
+        index = self.head_index(timestep)
+        if self.has_anchors:
+            return self.anchors[index].float()
+        weight = self.weight[index].detach().float() * self._calibration[0][index].to(self.weight.device)
+        centred = weight - weight.mean(0)
+        pair_gaps = torch.cdist(weight[None], weight[None])[0] ** 2
+        mean_gap = pair_gaps.sum() / (self.num_classes * (self.num_classes - 1))
+        return centred * (LEGACY_CLASS_GAP / mean_gap.clamp_min(1e-12))
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
         """
@@ -190,7 +290,8 @@ class HClassifier(ModelMixin, ConfigMixin):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "HClassifier":
         """
         Load from a directory written by `save_pretrained` or from a Hub id. Only safetensors weights are read;
-        pickled checkpoints (`.pt`, `.pth`, `.bin`, `.ckpt`, ...) are refused, never unpickled.
+        pickled checkpoints (`.pt`, `.pth`, `.bin`, `.ckpt`, ...) are refused, never unpickled. Folders saved before
+        calibration and anchors existed load as classifiers without them.
         """
         path = os.fspath(pretrained_model_name_or_path)
         if os.path.isfile(path):
@@ -199,8 +300,7 @@ class HClassifier(ModelMixin, ConfigMixin):
                 "(config.json + diffusion_pytorch_model.safetensors) or a Hub id. Pickled checkpoints (.pt, .pth, "
                 ".bin, .ckpt) are refused because unpickling can run arbitrary code."
             )
-        looks_local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
-        if not os.path.isdir(path) and (looks_local or kwargs.get("local_files_only")):
+        if not os.path.isdir(path) and (_looks_local(path) or kwargs.get("local_files_only")):
             raise FileNotFoundError(
                 f"`h_classifier` {path!r} does not exist; expected a directory written by `HClassifier.save_pretrained` "
                 "or a Hub id such as 'user/repo'."
@@ -215,6 +315,178 @@ class HClassifier(ModelMixin, ConfigMixin):
                 f"Could not load `h_classifier` {path!r}: expected a directory or Hub repo with config.json and "
                 f"diffusion_pytorch_model.safetensors (written by `HClassifier.save_pretrained`). Cause: {error}"
             ) from error
+
+
+def _looks_local(path: str) -> bool:
+    """A path rather than a Hub id ('user/name'): absolute, starting with '.' or '~', ending with a separator, with
+    more than one '/', or inside a directory that exists here."""
+    if os.path.isabs(path) or path.startswith((".", "~")) or path.endswith(("/", os.sep)):
+        return True
+    if path.replace(os.sep, "/").count("/") > 1:
+        return True
+    return os.path.isdir(os.path.dirname(path) or ".")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exact class counts: apportionment, assignment, and the state carried across calls
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def largest_remainder(probabilities: Sequence[float] | torch.Tensor, total: int) -> torch.Tensor:
+    """
+    Integer counts summing to `total` in the proportions `probabilities` (Hamilton's largest-remainder method: floors
+    first, then one more for the largest remainders; ties go to the lower class index).
+    """
+    p = torch.as_tensor(probabilities, dtype=torch.float64).flatten()
+    if total < 0 or p.numel() == 0 or bool((p < 0).any()) or float(p.sum()) <= 0:
+        raise ValueError(
+            f"`largest_remainder` needs non-negative proportions and total >= 0; got {p.tolist()}, {total}."
+        )
+    raw = p / p.sum() * total
+    counts = raw.floor().long()
+    order = torch.argsort(counts.double() - raw, stable=True)  # largest remainder first
+    counts[order[: total - int(counts.sum())]] += 1
+    return counts
+
+
+def assign_classes(cost: torch.Tensor, counts: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """
+    The assignment of N rows to K classes with exactly `counts[k]` rows in class k that minimises the summed
+    `cost[i, class_i]` (an exact min-cost transportation solver).
+
+    Each row starts in its cheapest class; while a class holds too many rows, the cheapest chain of moves from an
+    over-full class to an under-full one is applied (successive shortest paths on the K classes, Bellman-Ford, since
+    moves can have negative cost). Every step keeps the assignment optimal for its current class loads, so the end
+    result is optimal. Cost: at most N chains of O(N K + K^3); small next to a UNet step for N up to a few hundred.
+    Returns a LongTensor [N] of class indices.
+    """
+    if cost.ndim != 2:
+        raise ValueError(f"`cost` must be [N, K], got shape {list(cost.shape)}.")
+    num_rows, num_classes = cost.shape
+    counts = torch.as_tensor(counts, dtype=torch.long).flatten().cpu()
+    if counts.numel() != num_classes or bool((counts < 0).any()) or int(counts.sum()) != num_rows:
+        raise ValueError(f"`counts` must be K = {num_classes} non-negative integers summing to N = {num_rows}.")
+    cost = cost.detach().to(device="cpu", dtype=torch.float64)
+    assigned = cost.argmin(1)
+    while True:
+        excess = torch.bincount(assigned, minlength=num_classes) - counts
+        if not bool((excess > 0).any()):
+            return assigned
+        # move[u, v]: cheapest change of cost when one row of class u moves to class v, and that row.
+        delta = cost - cost.gather(1, assigned[:, None])
+        move = torch.full((num_classes, num_classes), math.inf, dtype=torch.float64)
+        row_of = torch.full((num_classes, num_classes), -1, dtype=torch.long)
+        for u in range(num_classes):
+            members = (assigned == u).nonzero().flatten()
+            if len(members):
+                move[u], best = delta[members].min(0)
+                row_of[u] = members[best]
+        move.fill_diagonal_(math.inf)
+        dist = torch.where(excess > 0, 0.0, math.inf).double()
+        previous = torch.full((num_classes,), -1, dtype=torch.long)
+        for _ in range(num_classes):
+            candidate, source = (dist[:, None] + move).min(0)
+            better = candidate < dist - 1e-12
+            if not bool(better.any()):
+                break
+            dist, previous = torch.where(better, candidate, dist), torch.where(better, source, previous)
+        target = int(torch.where(excess < 0, dist, torch.full_like(dist, math.inf)).argmin())
+        while previous[target] != -1:
+            source = int(previous[target])
+            assigned[row_of[source, target]] = target
+            target = source
+
+
+class BalanceState:
+    r"""
+    Class counts of the images generated so far, for a job generated in several calls (small batches).
+
+    Pass the same state to every call (`balance_state=state`): each distribution-mode call is assigned the class
+    counts that bring the whole job closest to `target_distribution` (largest remainder over all images so far plus
+    this batch), and afterwards adds the classes its images came out as (the assigned classes, corrected by the
+    classifier's final prediction). Then the job ends on the target counts whatever the batch size, 1 included.
+
+    The state is tied to the classifiers (attribute and class names) and to marginal versus joint targets of its
+    first use. It saves to and loads from JSON, so a long job can stop and resume.
+
+    Example:
+        ```py
+        >>> state = BalanceState()
+        >>> for seed in range(0, 512, 8):
+        ...     pipe(prompt, num_images_per_prompt=8, h_classifier=skin, guidance_mode="distribution",
+        ...          target_distribution=[0.3, 0.7], balance_state=state)
+        >>> state.save("job_state.json")  # later: state = BalanceState.load("job_state.json")
+        ```
+    """
+
+    def __init__(self):
+        self.groups: list[dict[str, Any]] | None = None
+        self.counts: list[torch.Tensor] = []
+
+    @property
+    def num_images(self) -> int:
+        return int(self.counts[0].sum()) if self.counts else 0
+
+    def _check_groups(self, groups: list[dict[str, Any]]) -> None:
+        if self.groups is None:
+            self.groups = groups
+            self.counts = [torch.zeros(math.prod(len(n) for n in g["class_names"]), dtype=torch.long) for g in groups]
+        elif groups != self.groups:
+            raise ValueError(
+                f"`balance_state` holds counts for {self.groups}, but this call guides {groups}; use one state per "
+                "classifier set and target kind (marginal or joint)."
+            )
+
+    def batch_counts(
+        self, groups: list[dict[str, Any]], targets: list[torch.Tensor], num_images: int
+    ) -> list[torch.Tensor]:
+        """Per group, the class counts for the next `num_images` images that bring the job closest to the target."""
+        self._check_groups(groups)
+        result = []
+        for so_far, target in zip(self.counts, targets):
+            wanted = largest_remainder(target.flatten(), int(so_far.sum()) + num_images) - so_far
+            missing = wanted.clamp_min(0)
+            # Classes already over their share get nothing; the others share the batch in proportion to what they lack.
+            result.append(largest_remainder(missing, num_images) if int(missing.sum()) > num_images else missing)
+        return result
+
+    def update(self, groups: list[dict[str, Any]], classes: list[torch.Tensor]) -> None:
+        """Add one generated class (cell index for a joint target) per image and group."""
+        self._check_groups(groups)
+        for i, values in enumerate(classes):
+            self.counts[i] = self.counts[i] + torch.bincount(values.cpu().long(), minlength=self.counts[i].numel())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": "balancing-act-state/1", "groups": self.groups, "counts": [c.tolist() for c in self.counts]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BalanceState":
+        if not isinstance(data, dict) or data.get("format") != "balancing-act-state/1":
+            raise ValueError("Not a BalanceState: expected a dict with format 'balancing-act-state/1'.")
+        state = cls()
+        if data.get("groups") is not None:
+            state.groups = data["groups"]
+            state.counts = [torch.tensor(c, dtype=torch.long) for c in data["counts"]]
+            if len(state.counts) != len(state.groups) or any(bool((c < 0).any()) for c in state.counts):
+                raise ValueError("BalanceState: `counts` must be one list of non-negative counts per group.")
+        return state
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the state as JSON (to a temporary file next to `path`, then renamed: never half-written)."""
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".balance-state-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_dict(), f, indent=1)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "BalanceState":
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -272,52 +544,64 @@ class MidBlockHook:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The guidance loss
+# The guidance loss, and the move it makes in h
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def guidance_loss(
     logits: torch.Tensor,
-    mode: str,
     targets: torch.Tensor,
-    loss: str = "kl",
+    loss: str = "classes",
     temperature: float = DEFAULT_TEMPERATURE,
+    margin: float = GUIDANCE_MARGIN,
 ) -> torch.Tensor:
     r"""
-    The Balancing Act guidance loss over `logits` `[N, K]` (p_i = softmax(logits_i / temperature)).
+    The Balancing Act guidance loss over `logits` `[N, K]`. Its gradient with respect to the logits says how each
+    image should change; `BalancingActPipeline` turns it into a move of h (see `logit_directions`).
 
-    - `mode="sample"`: `targets` is a LongTensor `[N]` of class indices; loss = -sum_i p_i[c_i] (per sample: the
-      gradient on row i does not depend on N).
-    - `mode="distribution"`: `targets` is a probability K-vector p_ref; p_hat = mean_i p_i and
-      loss = KL(p_hat || p_ref) = sum_k p_hat_k log(p_hat_k / p_ref_k) (`loss="kl"`) or
-      chi^2 = sum_k (p_hat_k - p_ref_k)^2 / p_ref_k (`loss="chi2"`). p_ref is clamped to at least
-      `TARGET_PROB_FLOOR` so one-hot targets stay finite. The gradient on each row scales as 1/N: callers that want
-      a batch-size independent step multiply the loss by N (as `BalancingActPipeline` does).
+    - `loss="classes"`: `targets` is a LongTensor `[N]` (each image's asked or assigned class c_i) and
+      `L = sum_i CE(z_i - margin * e_{c_i}, c_i)`, the cross-entropy of calibrated logits z_i with the asked class
+      handicapped by `margin`: the gradient `softmax(z_i - margin e_c) - e_c` does not vanish for an image that is
+      confidently another class (the paper's `-p[c]` saturates there), and fades once class c leads by the margin.
+    - `loss="kl"` / `"chi2"` (the paper's distribution loss): `targets` is a probability K-vector p_ref,
+      `p_i = softmax(z_i / temperature)`, `p_hat = mean_i p_i`, and `L = N * temperature * D(p_hat, p_ref)` with D the
+      KL divergence `sum_k p_hat_k log(p_hat_k / p_ref_k)` or chi-square `sum_k (p_hat_k - p_ref_k)^2 / p_ref_k`
+      (p_ref clamped to at least `TARGET_PROB_FLOOR`). The factors N and temperature put its per-image gradient in
+      the same units as `"classes"`, whatever the batch size.
 
     Returns a 0-d float32 tensor.
     """
     if logits.ndim != 2 or logits.shape[1] < 2:
         raise ValueError(f"`logits` must have shape [N, K] with K >= 2, got {list(logits.shape)}.")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"`temperature` must be a positive number, got {temperature}.")
-    probs = torch.softmax(logits.float() / temperature, dim=1)
-    if mode == "sample":
+    logits = logits.float()
+    if loss == "classes":
         targets = torch.as_tensor(targets, device=logits.device).long().flatten()
         if targets.shape[0] != logits.shape[0]:
             raise ValueError(f"`targets` must hold one class per row ({logits.shape[0]}), got {targets.shape[0]}.")
-        return -probs.gather(1, targets[:, None]).sum()
-    if mode == "distribution":
-        p_ref = torch.as_tensor(targets, device=logits.device, dtype=torch.float32).flatten()
-        if p_ref.shape[0] != logits.shape[1]:
-            raise ValueError(f"`targets` must be a {logits.shape[1]}-vector, got {p_ref.shape[0]} entries.")
-        p_ref = p_ref.clamp_min(TARGET_PROB_FLOOR)
-        p_hat = probs.mean(dim=0)
-        if loss == "kl":
-            return (p_hat * (p_hat.clamp_min(1e-12).log() - p_ref.log())).sum()
-        if loss == "chi2":
-            return ((p_hat - p_ref) ** 2 / p_ref).sum()
-        raise ValueError(f"`loss` must be one of {list(GUIDANCE_LOSSES)}, got {loss!r}.")
-    raise ValueError(f"`mode` must be one of {list(GUIDANCE_MODES)}, got {mode!r}.")
+        handicap = margin * F.one_hot(targets, logits.shape[1]).float()
+        return F.cross_entropy(logits - handicap, targets, reduction="sum")
+    if loss not in ("kl", "chi2"):
+        raise ValueError(f"`loss` must be one of ['classes', 'kl', 'chi2'], got {loss!r}.")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"`temperature` must be a positive number, got {temperature}.")
+    p_ref = torch.as_tensor(targets, device=logits.device, dtype=torch.float32).flatten()
+    if p_ref.shape[0] != logits.shape[1]:
+        raise ValueError(f"`targets` must be a {logits.shape[1]}-vector, got {p_ref.shape[0]} entries.")
+    p_ref = p_ref.clamp_min(TARGET_PROB_FLOOR)
+    p_hat = torch.softmax(logits / temperature, dim=1).mean(dim=0)
+    if loss == "kl":
+        divergence = (p_hat * (p_hat.clamp_min(1e-12).log() - p_ref.log())).sum()
+    else:
+        divergence = ((p_hat - p_ref) ** 2 / p_ref).sum()
+    return logits.shape[0] * temperature * divergence
+
+
+def logit_directions(logits: torch.Tensor, targets: torch.Tensor, loss: str, temperature: float) -> torch.Tensor:
+    """`-d guidance_loss / d logits` `[N, K]`: how each image's logits should change (rows sum to zero)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        z = logits.detach().float().clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(guidance_loss(z, targets, loss, temperature), z)
+    return -grad
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -326,41 +610,122 @@ def guidance_loss(
 
 
 class _GuidancePlan:
-    """Validated guidance settings of one `__call__` and the per-step state the hooks share."""
+    """Validated guidance settings of one `__call__` and the per-step state the hooks share.
+
+    A "group" is what one solver balances: one classifier (marginal targets, sample mode) or all of them together
+    (a joint target over the cells of their classes).
+    """
 
     def __init__(
         self,
         classifiers: list[HClassifier],
         strengths: list[float],
-        targets: list[torch.Tensor],
         mode: str,
-        loss: str,
+        solver: str,
+        joint: bool,
+        targets: list[torch.Tensor],
         temperatures: list[float],
         steps: tuple[float, float] | list[int],
         branches: str,
         num_images: int,
-        num_steps: int,
+        timestep_values: list[float],
+        balance_state: BalanceState | None,
     ):
         self.classifiers = classifiers
         self.strengths = strengths
-        self.targets = targets  # distribution: K-vectors; sample: LongTensor [num_images]
         self.mode = mode
-        self.loss = loss
+        self.solver = solver  # "classes" for sample mode, else the distribution solver
+        self.joint = joint
+        # distribution: one probability tensor per group (joint: shaped [K_1, ..., K_n]); sample: classes per image
+        self.targets = targets
         self.temperatures = temperatures
         self.steps = steps
         self.branches = branches
         self.num_images = num_images
-        self.num_steps = num_steps  # iterations of the denoising loop (len of the scheduler's timesteps)
-        # Set by the UNet pre-hook: index of the current UNet call (= denoising loop index) and its timestep.
-        self.step_index = -1
-        self.timestep = None
-        self.timestep_values: list[float] = []
+        self.timestep_values = timestep_values  # the loop's timesteps, read from a copy of the scheduler
+        self.num_steps = len(timestep_values)
+        self.balance_state = balance_state
+        names = [list(c.config.class_names) for c in classifiers]
+        attributes = [c.config.attribute for c in classifiers]
+        if joint:
+            self.groups = [{"attributes": attributes, "class_names": names}]
+        else:
+            self.groups = [{"attributes": [a], "class_names": [n]} for a, n in zip(attributes, names)]
+        self.counts = None  # assign solver: the class (cell) counts of this batch, one LongTensor per group
+        if mode == "distribution" and solver == "assign":
+            if balance_state is not None:
+                self.counts = balance_state.batch_counts(self.groups, targets, num_images)
+            else:
+                self.counts = [largest_remainder(t.flatten(), num_images) for t in targets]
+        self.previous: list[torch.Tensor | None] = [None] * len(self.groups)  # last assignment, per group
+        self.final_classes: list[torch.Tensor] | None = None  # per group, each image's class at the last step
+        self.step_index = -1  # index of the current UNet call = denoising-loop step
+        self._heads: dict[tuple[int, int, torch.device], tuple[torch.Tensor, ...]] = {}
 
     def is_guided(self, step_index: int) -> bool:
         if isinstance(self.steps, tuple):
             start, end = self.steps
             return start * self.num_steps <= step_index < end * self.num_steps
         return step_index in self.steps
+
+    def timestep(self) -> float:
+        return self.timestep_values[min(self.step_index, self.num_steps - 1)]
+
+    def head(self, c: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(weight, bias, calibration scale, calibration bias, move directions) of classifier c's head for this step,
+        in float32 on `device`; copied once per call and head (the classifier itself stays where it is)."""
+        classifier = self.classifiers[c]
+        index = classifier.head_index(self.timestep())
+        key = (c, index, device)
+        if key not in self._heads:
+            scale, bias = (t[index] for t in classifier._calibration)
+            tensors = (classifier.weight[index], classifier.bias[index], scale, bias)
+            tensors += (classifier.move_directions(self.timestep()),)
+            self._heads[key] = tuple(t.detach().to(device=device, dtype=torch.float32) for t in tensors)
+        return self._heads[key]
+
+    def solve(self, calibrated: list[torch.Tensor], raw: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per classifier, the logit-space directions `[N, K]` of this step (see `guidance_loss`)."""
+        if self.mode == "sample":
+            return [logit_directions(z, t.to(z.device), "classes", 0) for z, t in zip(calibrated, self.targets)]
+        if self.solver != "assign":
+            directions = []
+            for z, r, target, temperature in zip(calibrated, raw, self.targets, self.temperatures):
+                if float(target.max()) == 1.0:  # one class asked of every image: sample mode towards it
+                    classes = torch.full((len(z),), int(target.argmax()), device=z.device)
+                    directions.append(logit_directions(z, classes, "classes", 0))
+                else:
+                    directions.append(logit_directions(r, target.to(r.device), self.solver, temperature))
+            return directions
+        log_probs = [torch.log_softmax(z, dim=1) for z in calibrated]
+        if self.joint:
+            cost = -log_probs[0]
+            for lp in log_probs[1:]:  # cell cost: the classifiers' costs add up (independent readings)
+                cost = (cost[:, :, None] - lp[:, None, :]).flatten(1)
+            cells = self._assign(0, cost)
+            shape = [lp.shape[1] for lp in log_probs]
+            classes = list(torch.unravel_index(cells, shape)) if len(shape) > 1 else [cells]
+        else:
+            classes = [self._assign(g, -lp) for g, lp in enumerate(log_probs)]
+        return [logit_directions(z, c.to(z.device), "classes", 0) for z, c in zip(calibrated, classes)]
+
+    def _assign(self, group: int, cost: torch.Tensor) -> torch.Tensor:
+        """The min-cost assignment of group `group`, re-solved at each guided step with a cost for switching."""
+        previous = self.previous[group]
+        if previous is not None:
+            cost = cost + SWITCH_PENALTY * (torch.arange(cost.shape[1], device=cost.device) != previous[:, None])
+        self.previous[group] = assign_classes(cost, self.counts[group]).to(cost.device)
+        return self.previous[group]
+
+    def record_final(self, calibrated: list[torch.Tensor]) -> None:
+        """Each image's predicted class (joint: cell) at this step; the last call's is what the state counts."""
+        predicted = [z.argmax(1) for z in calibrated]
+        if self.joint:
+            cells = predicted[0]
+            for z, p in zip(calibrated[1:], predicted[1:]):
+                cells = cells * z.shape[1] + p
+            predicted = [cells]
+        self.final_classes = predicted
 
 
 def _class_index(classifier: HClassifier, value: Any, argument: str) -> int:
@@ -375,28 +740,32 @@ class BalancingActPipeline(StableDiffusionPipeline):
     r"""
     Stable Diffusion with Balancing Act h-space guidance (Parihar et al., CVPR 2024).
 
-    During denoising, the UNet bottleneck h = `unet.mid_block(...)` is moved along the gradient of a guidance loss
-    computed by per-timestep linear h-classifiers (`HClassifier`), and the rest of the UNet runs on the moved h.
-    `guidance_mode="distribution"` steers the batch towards a target distribution of an attribute (debiasing);
-    `guidance_mode="sample"` steers each image towards a target class.
+    During denoising, the UNet bottleneck h = `unet.mid_block(...)` is read by per-timestep linear h-classifiers
+    (`HClassifier`) and moved towards classes, and the rest of the UNet runs on the moved h.
+    `guidance_mode="distribution"` steers the batch to a target distribution of an attribute (debiasing): by default
+    the target becomes exact class counts, assigned to the images at the least cost; `guidance_mode="sample"` steers
+    each image to a class.
 
     Everything else is `StableDiffusionPipeline`: same components, arguments, schedulers, callbacks, LoRA, offload.
-    With `guidance_mode=None` or no classifier the output is identical to `StableDiffusionPipeline`.
+    With `guidance_mode=None` the output is identical to `StableDiffusionPipeline`.
     """
 
     def _resolve_classifier(self, classifier: "HClassifier | str | os.PathLike") -> HClassifier:
         # Duck-typed: diffusers' custom_pipeline loader imports this file as a second module, whose HClassifier is a
         # different class object from `h_classifiers.HClassifier`; both must be accepted.
         if isinstance(classifier, torch.nn.Module) and all(
-            hasattr(classifier, name) for name in ("config", "head_index", "class_index")
+            hasattr(classifier, name) for name in ("config", "head_index", "calibrated_logits", "move_directions")
         ):
             return classifier
         if isinstance(classifier, (str, os.PathLike)):
             key = os.fspath(classifier)
+            # A local folder is loaded again when its files change (a classifier retrained in place).
+            files = [os.path.join(key, n) for n in ("config.json", "diffusion_pytorch_model.safetensors")]
+            stamp = tuple(os.path.getmtime(f) for f in files if os.path.isfile(f))
             cache = self.__dict__.setdefault("_h_classifier_cache", {})
-            if key not in cache:
-                cache[key] = HClassifier.from_pretrained(key).eval()
-            return cache[key]
+            if key not in cache or cache[key][0] != stamp:
+                cache[key] = (stamp, HClassifier.from_pretrained(key).eval())
+            return cache[key][1]
         raise TypeError(
             "`h_classifier` must be an HClassifier, a local directory or Hub id (str / PathLike), or a list of "
             f"those; got {type(classifier).__name__}."
@@ -444,6 +813,10 @@ class BalancingActPipeline(StableDiffusionPipeline):
                 f"`target_distribution` for the {classifier.config.attribute!r} classifier must have {len(names)} "
                 f"entries (classes {names}); got {target.numel()}."
             )
+        return BalancingActPipeline._check_probabilities(target)
+
+    @staticmethod
+    def _check_probabilities(target: torch.Tensor) -> torch.Tensor:
         if not bool(torch.isfinite(target).all()) or bool((target < 0).any()):
             raise ValueError(
                 f"`target_distribution` must hold finite, non-negative probabilities; got {target.tolist()}."
@@ -454,6 +827,19 @@ class BalancingActPipeline(StableDiffusionPipeline):
                 f"(sum {float(target.sum()):.6g})."
             )
         return target / target.sum()
+
+    @staticmethod
+    def _joint_target(value: Any, classifiers: list[HClassifier]) -> torch.Tensor | None:
+        """A joint target over the cells of several classifiers' classes: a table shaped [K_1, ..., K_n] summing to
+        1 (marginal targets, one vector per classifier, each sum to 1 instead). None when `value` is not one."""
+        shape = tuple(c.num_classes for c in classifiers)
+        try:
+            table = torch.as_tensor(value, dtype=torch.float64).float()
+        except (TypeError, ValueError, RuntimeError):
+            return None
+        if tuple(table.shape) != shape or abs(float(table.sum()) - 1.0) > TARGET_SUM_TOLERANCE:
+            return None
+        return BalancingActPipeline._check_probabilities(table.flatten()).reshape(shape)
 
     @staticmethod
     def _target_indices(value: Any, classifier: HClassifier, num_images: int) -> torch.Tensor:
@@ -487,35 +873,70 @@ class BalancingActPipeline(StableDiffusionPipeline):
             return sorted(set(steps))
         raise ValueError(f"`guidance_steps` must be {accepted}; got {guidance_steps!r}.")
 
+    @staticmethod
+    def _check_strengths(guidance_strength: Any, num_classifiers: int) -> list[float]:
+        if isinstance(guidance_strength, (list, tuple)):
+            strengths = list(guidance_strength)
+            if len(strengths) != num_classifiers:
+                raise ValueError(
+                    f"`guidance_strength` must be one number or one per classifier ({num_classifiers}); got "
+                    f"{len(strengths)} values."
+                )
+        else:
+            strengths = [guidance_strength] * num_classifiers
+        for value in strengths:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"`guidance_strength` must be finite and >= 0; got {guidance_strength!r}.")
+        return [float(v) for v in strengths]
+
+    @staticmethod
+    def _check_temperatures(classifier_temperature: Any, classifiers: list[HClassifier]) -> list[float]:
+        if classifier_temperature is None:
+            return [float(c.config.temperature) for c in classifiers]
+        if (
+            isinstance(classifier_temperature, (int, float))
+            and not isinstance(classifier_temperature, bool)
+            and math.isfinite(classifier_temperature)
+            and classifier_temperature > 0
+        ):
+            return [float(classifier_temperature)] * len(classifiers)
+        raise ValueError(f"`classifier_temperature` must be a positive number; got {classifier_temperature!r}.")
+
     def check_guidance_inputs(
         self,
         h_classifier: Any,
-        guidance_mode: str | None,
+        guidance_mode: str,
         target_distribution: Any,
         target_classes: Any,
         guidance_strength: float | list[float],
         guidance_steps: Any,
-        guidance_loss: str,
+        distribution_solver: str,
         classifier_temperature: float | None,
         guided_branches: str,
+        balance_state: BalanceState | None,
         num_images: int,
-        num_steps: int,
+        timestep_values: list[float],
         height: int,
         width: int,
     ) -> _GuidancePlan:
         """Validate our arguments (guidance active: a mode and a classifier) and load the classifiers."""
+        num_steps = len(timestep_values)
         if guidance_mode not in GUIDANCE_MODES:
             raise ValueError(f"`guidance_mode` must be None, 'sample' or 'distribution'; got {guidance_mode!r}.")
-        if guidance_loss not in GUIDANCE_LOSSES:
-            raise ValueError(f"`guidance_loss` must be one of {list(GUIDANCE_LOSSES)}; got {guidance_loss!r}.")
+        if distribution_solver not in DISTRIBUTION_SOLVERS:
+            raise ValueError(
+                f"`distribution_solver` must be one of {list(DISTRIBUTION_SOLVERS)}; got {distribution_solver!r}."
+            )
         if guided_branches not in GUIDED_BRANCHES:
             raise ValueError(f"`guided_branches` must be one of {list(GUIDED_BRANCHES)}; got {guided_branches!r}.")
-        if guidance_mode == "distribution" and num_images < 2:
-            raise ValueError(
-                "`guidance_mode='distribution'` needs at least 2 images (batch size x num_images_per_prompt): the "
-                "target is a distribution over the batch. For one image use `guidance_mode='sample'` with "
-                f"`target_classes`; got {num_images} image."
-            )
+        if balance_state is not None:
+            if not isinstance(balance_state, BalanceState) and not hasattr(balance_state, "batch_counts"):
+                raise TypeError(f"`balance_state` must be a BalanceState; got {type(balance_state).__name__}.")
+            if guidance_mode != "distribution" or distribution_solver != "assign":
+                raise ValueError(
+                    "`balance_state` counts the classes of distribution mode with `distribution_solver='assign'`; "
+                    f"got guidance_mode={guidance_mode!r}, distribution_solver={distribution_solver!r}."
+                )
         steps = self._check_steps(guidance_steps)
         if isinstance(steps, list) and steps[-1] >= num_steps:
             raise ValueError(
@@ -535,40 +956,34 @@ class BalancingActPipeline(StableDiffusionPipeline):
         if len(raw) == 0:
             raise ValueError("`h_classifier` is an empty list; give one classifier or a list of classifiers.")
         classifiers = [self._resolve_classifier(c) for c in raw]
+        strengths = self._check_strengths(guidance_strength, len(classifiers))
+        temperatures = self._check_temperatures(classifier_temperature, classifiers)
 
-        if isinstance(guidance_strength, (list, tuple)):
-            strengths = list(guidance_strength)
-            if len(strengths) != len(classifiers):
-                raise ValueError(
-                    f"`guidance_strength` must be one number or one per classifier ({len(classifiers)}); got "
-                    f"{len(strengths)} values."
-                )
-        else:
-            strengths = [guidance_strength] * len(classifiers)
-        for value in strengths:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"`guidance_strength` must be finite and >= 0; got {guidance_strength!r}.")
-
-        if classifier_temperature is None:
-            temperatures = [float(c.config.temperature) for c in classifiers]
-        elif (
-            isinstance(classifier_temperature, (int, float))
-            and not isinstance(classifier_temperature, bool)
-            and math.isfinite(classifier_temperature)
-            and classifier_temperature > 0
-        ):
-            temperatures = [float(classifier_temperature)] * len(classifiers)
-        else:
-            raise ValueError(f"`classifier_temperature` must be a positive number; got {classifier_temperature!r}.")
-
+        joint = False
         if guidance_mode == "distribution":
             if target_distribution is None:
                 raise ValueError(
                     "`guidance_mode='distribution'` needs `target_distribution`: a probability vector or a class name "
-                    "per classifier."
+                    "per classifier, or with several classifiers a joint table over their classes."
                 )
-            entries = self._per_classifier(target_distribution, "target_distribution", len(classifiers), is_list)
-            targets = [self._target_vector(v, c) for v, c in zip(entries, classifiers)]
+            table = self._joint_target(target_distribution, classifiers) if is_list else None
+            if table is not None:
+                if distribution_solver != "assign":
+                    raise ValueError(
+                        "A joint `target_distribution` (a table over the classes of several classifiers) needs "
+                        f"`distribution_solver='assign'`; got {distribution_solver!r}."
+                    )
+                joint, targets = True, [table]
+            else:
+                entries = self._per_classifier(target_distribution, "target_distribution", len(classifiers), is_list)
+                targets = [self._target_vector(v, c) for v, c in zip(entries, classifiers)]
+            one_class = all(float(t.max()) == 1.0 for t in targets)
+            if num_images < 2 and balance_state is None and not one_class:
+                raise ValueError(
+                    "`guidance_mode='distribution'` needs at least 2 images (batch size x num_images_per_prompt) or a "
+                    "`balance_state` that carries the counts across calls: the target is a distribution over images. "
+                    f"For one image of a given class use `guidance_mode='sample'`; got {num_images} image."
+                )
         else:
             if target_classes is None:
                 raise ValueError(
@@ -586,86 +1001,85 @@ class BalancingActPipeline(StableDiffusionPipeline):
                     f"{list(classifier.config.h_shape)} but this UNet gives h of shape {h_shape} at {height}x{width} "
                     "pixels; use a classifier trained for this model and resolution."
                 )
+            if not classifier.covers_timesteps(timestep_values):
+                heads = classifier._timesteps
+                raise ValueError(
+                    f"The scheduler {type(self.scheduler).__name__} runs timesteps {min(timestep_values):g}.."
+                    f"{max(timestep_values):g}, outside the {classifier.config.attribute!r} classifier's heads "
+                    f"({float(heads.min()):g}..{float(heads.max()):g}): it uses another timestep scale. Use a scheduler "
+                    "on the scale the classifier was trained on (DDIM, PNDM, DPM-Solver++, Euler, UniPC for SD 1.x/2.x)."
+                )
+            if not classifier.has_anchors:
+                logger.warning(
+                    f"`h_classifier` {classifier.config.attribute!r} has no class anchors (saved by an older version): "
+                    "guidance moves along its head weights, which can change what the head reads more than the "
+                    "image. Retrain it with `balancing-act train` to add anchors and a calibration."
+                )
+        solver = "classes" if guidance_mode == "sample" else distribution_solver
         return _GuidancePlan(
             classifiers,
-            [float(v) for v in strengths],
-            targets,
+            strengths,
             guidance_mode,
-            guidance_loss,
+            solver,
+            joint,
+            targets,
             temperatures,
             steps,
             guided_branches,
             num_images,
-            num_steps,
+            timestep_values,
+            balance_state,
         )
 
-    def _count_denoising_steps(self, num_inference_steps: int, timesteps: Any, sigmas: Any) -> int:
-        """Iterations of the denoising loop, from a copy of the scheduler (some schedulers repeat timesteps)."""
+    def _denoising_timesteps(self, num_inference_steps: int, timesteps: Any, sigmas: Any) -> list[float]:
+        """The timesteps of the denoising loop, from a copy of the scheduler (some schedulers repeat timesteps)."""
         scheduler = copy.deepcopy(self.scheduler)
-        return len(retrieve_timesteps(scheduler, num_inference_steps, "cpu", timesteps, sigmas)[0])
+        return [float(t) for t in retrieve_timesteps(scheduler, num_inference_steps, "cpu", timesteps, sigmas)[0]]
 
-    def _capture_timestep(self, plan: _GuidancePlan) -> Callable:
-        """A UNet forward pre-hook: one UNet call = one denoising-loop iteration; record its index and timestep."""
+    @staticmethod
+    def _count_unet_calls(plan: _GuidancePlan) -> Callable:
+        """A UNet forward pre-hook: one UNet call = one denoising-loop iteration."""
 
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             plan.step_index += 1
-            timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
-            if plan.step_index == 0:
-                if self._num_timesteps != plan.num_steps:
-                    raise RuntimeError(
-                        f"Expected {plan.num_steps} denoising steps from the scheduler, the pipeline runs {self._num_timesteps}."
-                    )
-                # The loop's timestep lives on the UNet's device; reading it at every step for the head lookup would
-                # be a host-device sync per step. Read the schedule once per call instead.
-                plan.timestep_values = self.scheduler.timesteps.tolist()
-            plan.timestep = timestep
-            if plan.step_index < len(plan.timestep_values):
-                scheduled = plan.timestep_values[plan.step_index]
-                on_host = not isinstance(timestep, torch.Tensor) or timestep.device.type == "cpu"
-                # On the host the check is free: use the schedule only where it is the timestep the UNet gets.
-                if not on_host or math.isclose(_timestep_value(timestep), scheduled, rel_tol=0, abs_tol=1e-4):
-                    plan.timestep = scheduled
 
         return hook
 
     def _guide_h(self, plan: _GuidancePlan) -> Callable[[torch.Tensor], torch.Tensor | None]:
-        """The mid-block hook function: h -> moved h on guided steps."""
+        """The mid-block hook function: read h every step; move it on guided steps."""
 
         def guide(h: torch.Tensor) -> torch.Tensor | None:
-            if not plan.is_guided(plan.step_index):
+            guided = plan.is_guided(plan.step_index)
+            if not guided and plan.balance_state is None:
                 return None
             cfg = self.do_classifier_free_guidance
             expected_rows = plan.num_images * (2 if cfg else 1)
             if h.shape[0] != expected_rows:
                 raise RuntimeError(f"h has {h.shape[0]} rows; expected {expected_rows} for {plan.num_images} images.")
-            first = plan.num_images if cfg and plan.branches == "cond" else 0
-            for classifier in plan.classifiers:
-                # Keep the heads where the UNet runs (this follows model offload): no per-step host-device copies.
-                if classifier.weight.device != h.device:
-                    classifier.to(h.device)
-            if plan.targets[0].device != h.device:
-                plan.targets = [target.to(h.device) for target in plan.targets]
-            with torch.inference_mode(False), torch.enable_grad():
-                h32 = h[first:].detach().float().clone().requires_grad_(True)
-                total = h32.new_zeros(())
-                for classifier, strength, target, temperature in zip(
-                    plan.classifiers, plan.strengths, plan.targets, plan.temperatures
-                ):
-                    if strength == 0:
-                        continue
-                    logits = classifier(h32, plan.timestep)
-                    if plan.mode == "sample":
-                        target = target.repeat(h32.shape[0] // plan.num_images)
-                    loss = guidance_loss(logits, plan.mode, target, plan.loss, temperature)
-                    if plan.mode == "distribution":
-                        # p_hat is a mean over N rows: scale by N so the per-row step does not depend on N.
-                        loss = loss * h32.shape[0]
-                    total = total + strength * loss
-                if not total.requires_grad:
+            first = plan.num_images if cfg else 0  # the images are the conditional rows
+            # The heads read h in float32 whatever the pipeline's dtype, also under an outer torch.autocast.
+            with torch.autocast(device_type=h.device.type, enabled=False):
+                x = h[first:].detach().flatten(1).float()
+                heads = [plan.head(c, h.device) for c in range(len(plan.classifiers))]
+                raw = [F.linear(x, weight, bias) for weight, bias, *_ in heads]
+                calibrated = [r * scale + cal_bias for r, (_, _, scale, cal_bias, _) in zip(raw, heads)]
+                plan.record_final(calibrated)
+                if not guided:
                     return None
-                (grad,) = torch.autograd.grad(total, h32)
-            moved = (h32.detach() - grad).to(h.dtype)
-            return torch.cat([h[:first], moved]) if first else moved
+                directions = plan.solve(calibrated, raw)
+                # The unconditional branch's share of a conditional-only move is amplified by the CFG scale w in
+                # the output: divide by w, so a strength means the same move of the output at any guidance_scale.
+                amplification = self.guidance_scale if cfg and plan.branches == "cond" else 1.0
+                delta = sum(
+                    strength / amplification * (g @ head[4])
+                    for strength, g, head in zip(plan.strengths, directions, heads)
+                )
+            delta = delta.reshape(plan.num_images, *h.shape[1:]).to(h.dtype)
+            if not cfg:
+                return h + delta
+            if plan.branches == "both":
+                return h + torch.cat([delta, delta])
+            return torch.cat([h[:first], h[first:] + delta])
 
         return guide
 
@@ -701,9 +1115,10 @@ class BalancingActPipeline(StableDiffusionPipeline):
         target_classes: Any = None,
         guidance_strength: float | list[float] = DEFAULT_GUIDANCE_STRENGTH,
         guidance_steps: tuple[float, float] | list[int] = (0.0, 1.0),
-        guidance_loss: str = "kl",
+        distribution_solver: str = "assign",
         classifier_temperature: float | None = None,
         guided_branches: str = "cond",
+        balance_state: BalanceState | None = None,
         **kwargs,
     ) -> StableDiffusionPipelineOutput | tuple:
         r"""
@@ -715,46 +1130,62 @@ class BalancingActPipeline(StableDiffusionPipeline):
         Args:
             h_classifier (`HClassifier`, `str`, `os.PathLike` or a list of those, *optional*):
                 The h-classifier(s) of the attribute(s) to guide: an `HClassifier`, or a local directory / Hub id
-                loaded with `HClassifier.from_pretrained` (safetensors only; loaded once and cached on the pipeline).
-                A list guides several attributes at once (losses summed); then `target_distribution`,
-                `target_classes` and (optionally) `guidance_strength` take one entry per classifier.
+                loaded with `HClassifier.from_pretrained` (safetensors only; loaded once and cached on the pipeline,
+                again when a local folder's files change). A list guides several attributes at once; then
+                `target_distribution` takes one entry per classifier (marginal targets) or one table over the cells
+                of their classes (a joint target), `target_classes` one entry per classifier, and
+                `guidance_strength` one number or one per classifier.
             guidance_mode (`str`, *optional*):
                 `None` (vanilla Stable Diffusion, bit-for-bit), `"sample"` (each image towards a class) or
                 `"distribution"` (the batch towards a distribution of classes).
             target_distribution (`list[float]`, `torch.Tensor` or `str`, *optional*):
                 Distribution mode: per classifier a probability vector over its classes (non-negative, sums to 1) or
-                the name of one class (a one-hot target). Needs at least 2 images.
+                the name of one class (then every image is guided to it, as in sample mode). With several
+                classifiers, a table shaped `[K_1, ..., K_n]` summing to 1 is a joint target over the cells of
+                their classes (e.g. skin x glasses, 2 x 2). Needs at least 2 images, or a `balance_state`.
             target_classes (`int`, `str` or `list`, *optional*):
                 Sample mode: per classifier one class (index or name) for all images, or a list of one class per
                 image (`len == batch size x num_images_per_prompt`, in the order of the output images).
             guidance_strength (`float` or `list[float]`, *optional*, defaults to `DEFAULT_GUIDANCE_STRENGTH`):
-                The step size `lambda` (one for all classifiers or one per classifier, >= 0). On each guided step,
-                each guided row i of h moves as `h_i' = h_i - lambda * grad_{h_i}(L)`, where for sample mode
-                `L = -sum_i softmax(logits_i / T)[c_i]` and for distribution mode `L = N * D(p_hat, p_ref)` with N
-                the number of rows in the statistics, so the step per image does not depend on the batch size.
-                The authors' Stable Diffusion setting (`h - 600 * grad(500 * KL)` over 2 x 4 rows) is
-                `guidance_strength = 600 * 500 / 8 = 37500` with `guided_branches="both"`.
+                How far h moves per guided step, in class gaps (one number, or one per classifier; >= 0). Each image
+                i moves as `h_i' = h_i + s / w * sum_k g_ik a_k`, where `a_k` are the classifier's class anchors at
+                this timestep, `g_i = -d L / d z_i` is the direction the guidance loss asks of the image's
+                calibrated logits z_i (rows sum to 0; for an image surely of class a asked to become c it is
+                `e_c - e_a`: a move by `s` times the gap from anchor a to anchor c), and w is `guidance_scale` when
+                only the conditional branch moves (classifier-free guidance amplifies that move by w in the output),
+                else 1. The same strength therefore means the same thing for every classifier, CFG scale and
+                batch size.
             guidance_steps (`tuple[float, float]` or `list[int]`, *optional*, defaults to `(0.0, 1.0)`):
                 Which denoising steps are guided: a tuple `(start, end)` of fractions guides loop steps i with
                 `start <= i / num_steps < end`; a list gives explicit step indices (0-based, as in
                 `callback_on_step_end`).
-            guidance_loss (`str`, *optional*, defaults to `"kl"`):
-                Distribution mode divergence: `"kl"` (KL(p_hat || p_ref), as the authors' SD code) or `"chi2"`
-                (chi-square, as their unconditional code).
+            distribution_solver (`str`, *optional*, defaults to `"assign"`):
+                Distribution mode: `"assign"` turns the target into exact class counts for the batch (largest
+                remainder), assigns each image a class by a min-cost assignment on the calibrated log-probabilities
+                (images already of a class keep it; the fewest, cheapest images change; solved again at every
+                guided step with a cost for switching), and guides each image to its class. `"kl"` / `"chi2"` are
+                the paper's soft losses on the batch mean of `softmax(logits / classifier_temperature)`.
             classifier_temperature (`float`, *optional*):
-                Softmax temperature T; defaults to each classifier's `config.temperature` (8, as the authors).
+                Softmax temperature of the soft solvers; defaults to each classifier's `config.temperature` (8, as
+                the authors). The default solver and sample mode read calibrated probabilities instead.
             guided_branches (`str`, *optional*, defaults to `"cond"`):
-                With classifier-free guidance the UNet sees `[uncond; cond]`. `"cond"` moves only the conditional rows
-                and takes statistics over the images the user gets; `"both"` moves all rows with statistics over
-                all of them (the authors' code). Without classifier-free guidance every row is an image.
+                With classifier-free guidance the UNet sees `[uncond; cond]`. `"cond"` moves only the conditional
+                rows; `"both"` moves both rows of each image by the same amount. The classifiers always read the
+                conditional rows (the images the user gets).
+            balance_state (`BalanceState`, *optional*):
+                Distribution mode with `distribution_solver="assign"`: class counts carried across calls. Each call
+                is assigned the counts that bring all images so far to the target and adds its images' classes to
+                the state. Then a job in small batches (1 included) ends on the target counts; the state saves to JSON.
 
         Examples:
             ```py
-            >>> pipe = BalancingActPipeline.from_pretrained("path/to/sd")
+            >>> from pipeline_balancing_act import BalancingActPipeline
+
+            >>> pipe = BalancingActPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
             >>> images = pipe(
-            ...     "a photo of a face",
+            ...     "a photo of a doctor",
             ...     num_images_per_prompt=8,
-            ...     h_classifier="path/to/classifiers/skin",
+            ...     h_classifier="user/gender-h-classifier",
             ...     guidance_mode="distribution",
             ...     target_distribution=[0.5, 0.5],
             ... ).images
@@ -768,8 +1199,8 @@ class BalancingActPipeline(StableDiffusionPipeline):
             raise TypeError(
                 f"BalancingActPipeline.__call__() got unexpected keyword argument(s) {unknown}; see the "
                 "StableDiffusionPipeline arguments and h_classifier, guidance_mode, target_distribution, "
-                "target_classes, guidance_strength, guidance_steps, guidance_loss, classifier_temperature, "
-                "guided_branches."
+                "target_classes, guidance_strength, guidance_steps, distribution_solver, classifier_temperature, "
+                "guided_branches, balance_state."
             )
         standard = {
             "prompt": prompt,
@@ -797,12 +1228,30 @@ class BalancingActPipeline(StableDiffusionPipeline):
             "callback_on_step_end_tensor_inputs": callback_on_step_end_tensor_inputs,
             **kwargs,
         }
-        if guidance_mode is not None and guidance_mode not in GUIDANCE_MODES:
-            raise ValueError(f"`guidance_mode` must be None, 'sample' or 'distribution'; got {guidance_mode!r}.")
-        if guidance_mode is None or h_classifier is None:
-            if guidance_mode is not None:
-                logger.warning(f"`guidance_mode={guidance_mode!r}` without `h_classifier`: no guidance is applied.")
+        if guidance_mode is None:
+            given = [
+                name
+                for name, value in (
+                    ("h_classifier", h_classifier),
+                    ("target_distribution", target_distribution),
+                    ("target_classes", target_classes),
+                    ("balance_state", balance_state),
+                )
+                if value is not None
+            ]
+            if given:
+                raise ValueError(
+                    f"{', '.join(f'`{n}`' for n in given)} given without `guidance_mode`: no guidance would be applied. "
+                    "Add guidance_mode='distribution' (with target_distribution) or guidance_mode='sample' (with "
+                    "target_classes), or drop those arguments for vanilla Stable Diffusion."
+                )
             return super().__call__(**standard)
+        if guidance_mode not in GUIDANCE_MODES:
+            raise ValueError(f"`guidance_mode` must be None, 'sample' or 'distribution'; got {guidance_mode!r}.")
+        if h_classifier is None:
+            raise ValueError(
+                f"`guidance_mode={guidance_mode!r}` needs `h_classifier`: an HClassifier, a folder or a Hub id."
+            )
 
         # Same defaults as StableDiffusionPipeline, needed before the loop for the h-shape check.
         if not height or not width:
@@ -824,18 +1273,29 @@ class BalancingActPipeline(StableDiffusionPipeline):
             target_classes,
             guidance_strength,
             guidance_steps,
-            guidance_loss,
+            distribution_solver,
             classifier_temperature,
             guided_branches,
+            balance_state,
             batch_size * (num_images_per_prompt or 1),
-            self._count_denoising_steps(num_inference_steps, timesteps, sigmas),
+            self._denoising_timesteps(num_inference_steps, timesteps, sigmas),
             height,
             width,
         )
 
-        pre_hook = self.unet.register_forward_pre_hook(self._capture_timestep(plan), with_kwargs=True)
+        pre_hook = self.unet.register_forward_pre_hook(self._count_unet_calls(plan), with_kwargs=True)
         try:
             with MidBlockHook(self.unet, self._guide_h(plan)):
-                return super().__call__(**standard)
+                output = super().__call__(**standard)
         finally:
             pre_hook.remove()
+        unet_calls = plan.step_index + 1
+        if unet_calls != plan.num_steps and not self.interrupt:
+            raise RuntimeError(
+                f"The UNet ran {unet_calls} times for {plan.num_steps} denoising steps: guidance counts UNet calls to "
+                "know the step, so a callback that calls the UNet (or skips steps) puts the guided window on the "
+                "wrong steps. Call the UNet outside the pipeline call."
+            )
+        if balance_state is not None and plan.final_classes is not None:
+            balance_state.update(plan.groups, plan.final_classes)
+        return output

@@ -601,22 +601,21 @@ def measure_guidance_step(
             "guidance_mode": arm,
             "target_distribution": kwargs.get("target_distribution"),
             "target_classes": kwargs.get("target_classes"),
-            "guidance_strength": 100.0,
+            "guidance_strength": 5.0,
             "guidance_steps": (0.0, 1.0),
-            "guidance_loss": "kl",
+            "distribution_solver": "assign",
             "classifier_temperature": None,
             "guided_branches": "cond",
+            "balance_state": None,
             "num_images": scale.num_images,
-            "num_steps": scale.steps,
+            "timestep_values": guided._denoising_timesteps(scale.steps, None, None),
             "height": size,
             "width": size,
         }
         accepted = inspect.signature(guided.check_guidance_inputs).parameters
         plan = guided.check_guidance_inputs(**{k: v for k, v in values.items() if k in accepted})
         guided._guidance_scale = scale.guidance_scale
-        guided.scheduler.set_timesteps(scale.steps, device=config.device)
-        plan.step_index, plan.num_steps = 0, scale.steps
-        plan.timestep = guided.scheduler.timesteps[0]
+        plan.step_index = 0
         hook = guided._guide_h(plan)
     except (AttributeError, TypeError) as error:
         return {"available": False, "reason": f"pipeline internals changed: {error}"}

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 if TYPE_CHECKING:
     from pipeline_balancing_act import HClassifier
 
+from .calibration import block_rows, calibration_metrics, class_means, fit_calibration
 from .feature_store import HFeatureStore
 from .io_utils import atomic_write_json, atomic_write_text, make_temp_dir
 from .model_card import PLOT_NAME, model_card, plot_metrics, public_model_name
@@ -41,8 +42,6 @@ logger = logging.getLogger(__name__)
 BALANCE_MODES = ("loss", "sampling", "none")
 HEAD_TYPES = ("class_mean", "logistic")
 METRICS_NAME = "metrics.json"
-# Working-memory unit for statistics and predictions: 4M values (16 MB in float32) per block of rows.
-BLOCK_ELEMENTS = 4 * 2**20
 
 
 def _pipeline():
@@ -154,16 +153,11 @@ def accuracy_metrics(predictions: torch.Tensor, labels: torch.Tensor, num_classe
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _block_rows(dim: int) -> int:
-    """Rows per block so that a float32 block holds about BLOCK_ELEMENTS values (working memory stays small)."""
-    return max(1, BLOCK_ELEMENTS // dim)
-
-
 def _feature_stats(x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-feature mean and std of x[rows] (x [N, D], any float dtype), float64 accumulators, a block at a time."""
     total = torch.zeros(x.shape[1], dtype=torch.float64)
     total_sq = torch.zeros_like(total)
-    block = _block_rows(x.shape[1])
+    block = block_rows(x.shape[1])
     for i in range(0, len(rows), block):
         part = x[rows[i : i + block]].to(torch.float64)
         total += part.sum(0)
@@ -231,16 +225,10 @@ def train_class_mean_head(
     """A class-mean head on the rows `rows` of x [N, D]: W_k = a * (mu_k - mean_j mu_j), with the scale a and the K
     biases fitted by (class-balanced, unless `balance="none"`) cross-entropy. Classes absent from `rows` get a zero
     direction. Returns (weight [K, D], bias [K]) acting on raw features."""
-    dim = x.shape[1]
-    sums = torch.zeros(num_classes, dim, dtype=torch.float64)
-    block = _block_rows(dim)
-    for i in range(0, len(rows), block):
-        idx = rows[i : i + block]
-        sums.index_add_(0, y[idx], x[idx].to(torch.float64))
-    counts = torch.bincount(y[rows], minlength=num_classes)
-    present = counts > 0
-    means = sums / counts.clamp_min(1)[:, None]
-    directions = torch.where(present[:, None], means - means[present].mean(0), torch.zeros_like(means)).float()
+    block = block_rows(x.shape[1])
+    present = torch.bincount(y[rows], minlength=num_classes) > 0
+    means = class_means(x, y, rows, num_classes)
+    directions = torch.where(present[:, None], means - means[present].mean(0), torch.zeros_like(means))
     # Projections [n, K] are all the 1 + K parameters need.
     z = torch.cat([x[rows[i : i + block]].float() @ directions.T for i in range(0, len(rows), block)])
     z_scale = float(z.std()) or 1.0
@@ -263,11 +251,11 @@ def train_class_mean_head(
 
 
 @torch.no_grad()
-def _predict(classifier: HClassifier, h: torch.Tensor, rows: torch.Tensor, timestep: float):
-    """Predicted classes of h[rows] with the classifier's own forward (what guidance uses), a block at a time."""
-    block = _block_rows(h[0].numel())
-    preds = [classifier(h[rows[i : i + block]], timestep).argmax(-1) for i in range(0, len(rows), block)]
-    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+def _predict(classifier: HClassifier, h: torch.Tensor, rows: torch.Tensor, timestep: float) -> torch.Tensor:
+    """Raw logits [n, K] of h[rows] with the classifier's own forward (what guidance reads), a block at a time."""
+    block = block_rows(h[0].numel())
+    logits = [classifier(h[rows[i : i + block]], timestep) for i in range(0, len(rows), block)]
+    return torch.cat(logits) if logits else torch.zeros(0, classifier.num_classes)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -335,6 +323,7 @@ def train_classifier(
     )
     generator = torch.Generator().manual_seed(config.seed)
     metrics = []
+    anchors, scales, offsets = [], [], []
     for step in tqdm(range(store.num_steps), desc="train heads", unit="step", disable=not progress):
         data = store.load_timestep(step, branches=branches)
         held = torch.isin(data.image_index, holdout_ids)
@@ -348,8 +337,14 @@ def train_classifier(
             classifier.weight[step].copy_(weight)
             classifier.bias[step].copy_(bias)
         timestep = store.timesteps[step]
-        train_preds = _predict(classifier, data.features, train_rows, timestep)
-        held_preds = _predict(classifier, data.features, held_rows, timestep)
+        anchors.append(class_means(x, data.labels, train_rows, num_classes))
+        train_preds = _predict(classifier, data.features, train_rows, timestep).argmax(-1)
+        held_logits = _predict(classifier, data.features, held_rows, timestep)
+        held_preds = held_logits.argmax(-1)
+        # Calibrated on the held-out images (the training rows would make the heads look surer than they are).
+        scale, offset = fit_calibration(held_logits, data.labels[held_rows])
+        scales.append(scale)
+        offsets.append(offset)
         train_metrics = accuracy_metrics(train_preds, data.labels[train_rows], num_classes)
         held_metrics = accuracy_metrics(held_preds, data.labels[held_rows], num_classes)
         metrics.append(
@@ -362,9 +357,12 @@ def train_classifier(
                 "accuracy": held_metrics["accuracy"],
                 "balanced_accuracy": held_metrics["balanced_accuracy"],
                 "recall": held_metrics["recall"],
+                **calibration_metrics(held_logits, data.labels[held_rows], scale, offset),
             }
         )
         del data, x
+    classifier.set_calibration(scales, offsets)
+    classifier.set_anchors(torch.stack(anchors), "class_mean")
     classifier.eval()
     summary = summarize(metrics)
     summary.update(

@@ -242,7 +242,8 @@ def as_array(images):
 
 def test_only_distribution_mode_depends_on_the_batch_size(ba_pipe, classifier):
     """Why reproduce may reuse vanilla / sample / prompt images across batch sizes, but not distribution mode."""
-    spec = make_spec(target=[0.5, 0.5], num_images=4, batch_size=4, seed=7, guidance={"guidance_strength": 200.0})
+    # 1/4 : 3/4 is [1, 3] images for a batch of 4 but [1, 1] + [0, 2] or [1, 1] for batches of 2: other assignments
+    spec = make_spec(target=[0.25, 0.75], num_images=4, batch_size=4, seed=7, guidance={"guidance_strength": 5.0})
     small = replace(spec, batch_size=2)
     runs = {}
     for configuration in ("vanilla", "sample", "prompt", "distribution"):

@@ -17,7 +17,7 @@ from diffusers import (
 )
 from tiny_models import CLASSIFIER_TIMESTEPS, H_SHAPE, tiny_classifier
 
-from pipeline_balancing_act import HClassifier, MidBlockHook, guidance_loss
+from pipeline_balancing_act import GUIDANCE_MARGIN, HClassifier, MidBlockHook, guidance_loss, logit_directions
 
 
 def test_config_and_parameter_shapes():
@@ -176,44 +176,50 @@ def test_missing_path_is_a_clear_error(tmp_path):
 # --- guidance_loss ---------------------------------------------------------------------------------------------
 
 
-def test_sample_loss_is_minus_the_sum_of_target_probabilities():
+def test_class_loss_is_the_cross_entropy_with_the_asked_class_handicapped_by_the_margin():
     logits = torch.randn(4, 3)
     targets = torch.tensor([0, 2, 1, 2])
-    probs = torch.softmax(logits / 8.0, dim=1)
-    expected = -probs[torch.arange(4), targets].sum()
-    torch.testing.assert_close(guidance_loss(logits, "sample", targets), expected)
+    shifted = logits - GUIDANCE_MARGIN * torch.nn.functional.one_hot(targets, 3)
+    expected = -torch.log_softmax(shifted, dim=1)[torch.arange(4), targets].sum()
+    torch.testing.assert_close(guidance_loss(logits, targets, "classes"), expected)
 
 
-def test_distribution_losses_match_their_formulas():
+def test_soft_losses_match_their_formulas():
     logits = torch.randn(6, 3)
     p_ref = torch.tensor([0.2, 0.3, 0.5])
     p_hat = torch.softmax(logits / 2.0, dim=1).mean(0)
     kl = (p_hat * (p_hat / p_ref).log()).sum()
     chi2 = ((p_hat - p_ref) ** 2 / p_ref).sum()
-    torch.testing.assert_close(guidance_loss(logits, "distribution", p_ref, "kl", temperature=2.0), kl)
-    torch.testing.assert_close(guidance_loss(logits, "distribution", p_ref, "chi2", temperature=2.0), chi2)
+    torch.testing.assert_close(guidance_loss(logits, p_ref, "kl", temperature=2.0), 6 * 2.0 * kl)
+    torch.testing.assert_close(guidance_loss(logits, p_ref, "chi2", temperature=2.0), 6 * 2.0 * chi2)
     # a one-hot target stays finite
-    assert math.isfinite(guidance_loss(logits, "distribution", torch.tensor([1.0, 0.0, 0.0])).item())
+    assert math.isfinite(guidance_loss(logits, torch.tensor([1.0, 0.0, 0.0]), "kl").item())
 
 
-def test_distribution_gradient_per_row_scales_as_one_over_n():
+def test_soft_loss_gradient_per_row_does_not_depend_on_the_batch_size():
     torch.manual_seed(0)
     row = torch.randn(1, 2)
     target = torch.tensor([0.7, 0.3])
-    grads = []
-    for n in (2, 8):
-        logits = row.repeat(n, 1).requires_grad_()
-        guidance_loss(logits, "distribution", target).backward()
-        grads.append(logits.grad[0])
-    torch.testing.assert_close(grads[0] * 2, grads[1] * 8)
+    grads = [logit_directions(row.repeat(n, 1), target, "kl", 8.0)[0] for n in (2, 8)]
+    assert grads[0].abs().max() > 1e-3
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_logit_directions_rows_sum_to_zero():
+    logits = torch.randn(5, 3)
+    for targets, loss in ((torch.tensor([0, 1, 2, 0, 1]), "classes"), (torch.tensor([0.2, 0.3, 0.5]), "kl")):
+        g = logit_directions(logits, targets, loss, 8.0)
+        torch.testing.assert_close(g.sum(1), torch.zeros(5), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(
     "kwargs, word",
-    [({"mode": "batch"}, "mode"), ({"loss": "l2"}, "loss"), ({"temperature": -1.0}, "temperature")],
+    [({"loss": "l2"}, "loss"), ({"temperature": -1.0}, "temperature"), ({"targets": torch.tensor([0, 1])}, "row")],
 )
 def test_guidance_loss_bad_arguments(kwargs, word):
-    args = {"mode": "distribution", "targets": torch.tensor([0.5, 0.5]), **kwargs}
+    args = {"targets": torch.tensor([0.5, 0.5]), "loss": "kl", **kwargs}
+    if word == "row":
+        args["loss"] = "classes"
     with pytest.raises(ValueError, match=word):
         guidance_loss(torch.randn(3, 2), **args)
 

@@ -113,4 +113,4 @@ def test_classifier_given_as_a_path_is_loaded_and_cached(fresh_ba_pipe, tmp_path
     images = pipe(PROMPT, generator=make_generator(0), h_classifier=str(tmp_path / "skin"), **GUIDED, **CALL).images
     again = pipe(PROMPT, generator=make_generator(0), h_classifier=tiny_classifier(seed=9), **GUIDED, **CALL).images
     assert np.array_equal(images, again)
-    assert torch.is_tensor(pipe._h_classifier_cache[str(tmp_path / "skin")].weight)
+    assert torch.is_tensor(pipe._h_classifier_cache[str(tmp_path / "skin")][1].weight)

@@ -105,8 +105,10 @@ def tiny_classifier(
     scale: float = 0.1,
     h_shape: list[int] = H_SHAPE,
     timesteps: list[int] = CLASSIFIER_TIMESTEPS,
+    anchors: bool = True,
 ) -> HClassifier:
-    """An HClassifier with random (seeded) heads of the given scale; every head is different."""
+    """An HClassifier with random (seeded) heads of the given scale; every head is different. With `anchors`, random
+    class anchors of norm about 1 per class too (without: a classifier as saved before anchors existed)."""
     classifier = HClassifier(
         attribute=attribute, class_names=list(class_names), h_shape=list(h_shape), timesteps=list(timesteps)
     )
@@ -114,6 +116,9 @@ def tiny_classifier(
     with torch.no_grad():
         classifier.weight.copy_(torch.randn(classifier.weight.shape, generator=generator) * scale)
         classifier.bias.zero_()
+    if anchors:
+        shape = classifier.weight.shape
+        classifier.set_anchors(torch.randn(shape, generator=generator) / shape[-1] ** 0.5, "random")
     return classifier.eval()
 
 
