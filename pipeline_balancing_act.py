@@ -41,7 +41,8 @@ DEFAULT_TEMPERATURE = 8.0
 # `guidance_strength`, in class gaps per denoising step: a strength of 1 moves an image that is surely of class a and
 # asked to be class c by the whole distance between the class anchors a -> c in h on that step, as seen in the
 # output after classifier-free guidance (see `BalancingActPipeline.__call__`).
-DEFAULT_GUIDANCE_STRENGTH = 10.0
+# Chosen on the toy world's tuning seeds (benchmarks/reproduce.py --sweep strength, docs/results/sweep_strength.md).
+DEFAULT_GUIDANCE_STRENGTH = 5.0
 # The class-guidance loss aims past the decision boundary: it treats an image as of its asked class only once that
 # class leads the others by this many calibrated logits (so an image barely on the right side keeps moving).
 GUIDANCE_MARGIN = 2.0

@@ -1,773 +1,694 @@
-"""The reproduction table on the toy world (and the strength / branches tuning sweep).
+"""The reproduction table on the toy world, and the sweeps that chose the defaults.
 
-Rows (toy model, neutral prompt, the shipped toy classifiers, the toy oracle as labeller): skin 50/50, skin 30/70,
-glasses 50/50, hair uniform over 3 (DDIM 25), and skin 50/50 with PNDM 50, DPM-Solver++ 20 and Euler 30 (the
-"skin 50/50 with DDIM 25" row is the first row). Configurations: vanilla, sample mode, distribution mode, prompt
-baseline, at batch 64; distribution mode again at batch 8.
+    python benchmarks/reproduce.py                                      # the table -> docs/results/
+    accelerate launch --num_processes 2 --cpu benchmarks/reproduce.py   # the same, jobs split over 2 processes
+    python benchmarks/reproduce.py --sweep strength                     # the default-strength sweep (tuning seeds)
+    python benchmarks/reproduce.py --sweep fair-diffusion               # the Fair Diffusion settings sweep
 
-Work is shared where the images cannot differ (image i always uses seed + i):
-- vanilla depends only on the scheduler and step count, so it is generated once per scheduler and labelled for
-  each row's attribute;
-- vanilla, sample mode and the prompt baseline do not couple the images of a batch, so they are generated once at
-  the first batch size; only distribution mode (whose statistic is the batch mean) is re-run at the other sizes.
-
-`--sweep` runs the tuning sweep instead: skin 50/50, DDIM 25, seeds disjoint from the table's, distribution and
-sample mode for each guidance strength and each `guided_branches` value.
+Everything runs on the toy world: the committed toy model, the neutral prompt, the toy oracle reading every
+attribute of every image from its pixels. The guided configurations use the pipeline's defaults (nothing is tuned
+per row). A job is one configuration of one row: its images (image i with seed `--seed + i`), the oracle's reading
+of all three attributes and validity, and the classes asked of each image, written to `<output>/jobs/<job>.json`
+(an existing job file is kept: an interrupted run resumes). Jobs are split over the processes of
+`accelerate launch` (`PartialState`); the main process merges them into `results.json`, `table.md` and figures.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import multiprocessing
-import os
+import hashlib
+import json
 import platform
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 
 # Run from a checkout without installing: the repository root holds pipeline_balancing_act.py and h_classifiers/.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
-from h_classifiers.commands import _common  # noqa: E402
-from h_classifiers.evaluation import (  # noqa: E402
-    EvaluationSpec,
-    load_pipeline,
-    make_grid,
-    run_configuration,
-    save_fraction_chart,
-    set_scheduler,
-    summarize_labels,
-)
 from h_classifiers.io_utils import atomic_save_image, atomic_write_json, atomic_write_text  # noqa: E402
+from h_classifiers.toy_world import ATTRIBUTES, NEUTRAL_PROMPT, TOY_CLASSIFIERS_PATH, TOY_MODEL_PATH  # noqa: E402
 
 
-# The guidance settings of the published table (chosen on the tuning sweep, seeds disjoint from the table's; see
-# docs/readme/evaluation.md). Passed explicitly so the table does not move when the pipeline's defaults change.
-TABLE_STRENGTH = 600.0
-TABLE_BRANCHES = "cond"
-TABLE_TEMPERATURE = None
-TABLE_WINDOW = (0.0, 1.0)
-TABLE_GUIDANCE_SCALE = 7.5
 TABLE_SEED = 0
-SWEEP_SEED = 1_000_000
-SWEEP_STRENGTHS = (100.0, 300.0, 600.0, 1000.0)
-SWEEP_TEMPERATURES = (8.0, 2.0)
-FULL_WINDOW = (0.0, 1.0)
-SWEEP_WINDOWS = (FULL_WINDOW,)
-
-# Targets of issue 4, section 5.
-TARGET_FD = 0.03
-TARGET_VALID_DROP = 0.01
-TARGET_HIT_RATE = 0.98
-
+TUNING_SEED = 1_000_000  # the sweeps' seeds: disjoint from the table's
+README_CLASSIFIERS = ROOT / ".work" / "readme-classifiers"  # made by benchmarks/readme_recipe.sh
 SCHEDULER_LABELS = {"ddim": "DDIM", "pndm": "PNDM", "dpm++": "DPM-Solver++", "euler": "Euler", "euler_a": "Euler a"}
-GRID_ROWS = ("skin-50-50", "hair-uniform")
-BATCH_INDEPENDENT = ("vanilla", "sample", "prompt")
+# Targets of the issue (benchmarks, not tests).
+TARGET_FD = 0.03
+TARGET_JOB_FD = 0.01
+TARGET_VALID_DROP = 0.01
+TARGET_HIT = 0.98
+TARGET_ENTANGLEMENT = 0.03
+
+
+@dataclass(frozen=True)
+class Sampler:
+    scheduler: str = "ddim"
+    steps: int = 25
+    guidance_scale: float = 7.5
+
+    @property
+    def label(self) -> str:
+        return f"{SCHEDULER_LABELS[self.scheduler]} {self.steps}, CFG {self.guidance_scale:g}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.scheduler}{self.steps}-cfg{self.guidance_scale:g}"
 
 
 @dataclass(frozen=True)
 class Row:
     name: str
-    attribute: str
-    target: tuple[float, ...]
-    scheduler: str = "ddim"
-    steps: int = 25
+    attributes: tuple[str, ...]
+    # one attribute: its class probabilities; several: a joint table (nested tuples) over their classes
+    target: tuple
+    sampler: Sampler = Sampler()
+    classifiers: str = "shipped"  # or "readme": trained by the README recipe with default settings
+    configurations: tuple[str, ...] = ("sample", "kl", "distribution", "prompt", "fair_diffusion")
+    batch_size: int = 64
+    balance_state: bool = False
 
     @property
     def title(self) -> str:
-        if len(self.target) > 2 and len(set(self.target)) == 1:
-            split = f"uniform over {len(self.target)}"
-        else:
-            split = "/".join(f"{round(100 * p)}" for p in self.target)
-        return f"{self.attribute} {split}"
-
-    @property
-    def sampler(self) -> str:
-        return f"{SCHEDULER_LABELS.get(self.scheduler, self.scheduler)} {self.steps}"
+        if len(self.attributes) > 1:
+            return " x ".join(self.attributes) + " joint"
+        t = self.target
+        split = (
+            f"uniform over {len(t)}" if len(t) > 2 and len(set(t)) == 1 else "/".join(f"{round(100 * p)}" for p in t)
+        )
+        return f"{self.attributes[0]} {split}"
 
 
+SKIN_50 = (0.5, 0.5)
+THIRD = (1 / 3, 1 / 3, 1 / 3)
 ROWS = (
-    Row("skin-50-50", "skin", (0.5, 0.5)),
-    Row("skin-30-70", "skin", (0.3, 0.7)),
-    Row("glasses-50-50", "glasses", (0.5, 0.5)),
-    Row("hair-uniform", "hair", (1 / 3, 1 / 3, 1 / 3)),
-    Row("skin-50-50-pndm50", "skin", (0.5, 0.5), "pndm", 50),
-    Row("skin-50-50-dpm20", "skin", (0.5, 0.5), "dpm++", 20),
-    Row("skin-50-50-euler30", "skin", (0.5, 0.5), "euler", 30),
+    *(Row(f"skin-{a}-{100 - a}", ("skin",), (a / 100, 1 - a / 100)) for a in (10, 30, 50, 70, 90)),
+    *(Row(f"glasses-{a}-{100 - a}", ("glasses",), (a / 100, 1 - a / 100)) for a in (20, 50, 80)),
+    Row("hair-uniform", ("hair",), THIRD),
+    Row("hair-20-40-40", ("hair",), (0.2, 0.4, 0.4)),
+    Row("hair-60-20-20", ("hair",), (0.6, 0.2, 0.2)),
+    Row("skin-x-glasses-uniform", ("skin", "glasses"), ((0.25, 0.25), (0.25, 0.25)), configurations=("distribution",)),
+    Row("skin-x-hair-uniform", ("skin", "hair"), ((1 / 6,) * 3, (1 / 6,) * 3), configurations=("distribution",)),
+    *(Row(f"skin-50-50-cfg{w:g}", ("skin",), SKIN_50, Sampler(guidance_scale=w)) for w in (1.0, 3.0, 12.0)),
+    Row("skin-50-50-pndm50", ("skin",), SKIN_50, Sampler("pndm", 50)),
+    Row("skin-50-50-dpm20", ("skin",), SKIN_50, Sampler("dpm++", 20)),
+    Row("skin-50-50-euler30", ("skin",), SKIN_50, Sampler("euler", 30)),
+    Row("skin-50-50-eulera30", ("skin",), SKIN_50, Sampler("euler_a", 30)),
+    Row(
+        "skin-50-50-readme", ("skin",), SKIN_50, classifiers="readme", configurations=("sample", "kl", "distribution")
+    ),
+    Row(
+        "glasses-50-50-readme",
+        ("glasses",),
+        SKIN_50,
+        classifiers="readme",
+        configurations=("sample", "kl", "distribution"),
+    ),
+    Row("skin-30-70-job", ("skin",), (0.3, 0.7), configurations=("distribution",), batch_size=8, balance_state=True),
+    Row("hair-uniform-job", ("hair",), THIRD, configurations=("distribution",), batch_size=8, balance_state=True),
 )
 ROWS_BY_NAME = {row.name: row for row in ROWS}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One set of images: a configuration of a row (vanilla: of a sampler, shared by its rows)."""
+
+    configuration: str
+    sampler: Sampler
+    num_images: int
+    seed: int
+    row: Row | None = None  # None for vanilla
+    settings: tuple = ()  # overrides of the pipeline defaults (sweeps), as sorted (name, value) pairs
+
+    @property
+    def key(self) -> str:
+        text = json.dumps([self.configuration, asdict(self.sampler), self.num_images, self.seed, self.settings])
+        if self.row is not None:
+            text += json.dumps([self.row.name, self.row.target, self.row.classifiers, self.row.batch_size])
+        digest = hashlib.sha1(text.encode()).hexdigest()[:10]
+        name = "vanilla" if self.row is None else f"{self.row.name}-{self.configuration}"
+        return f"{name}-{self.sampler.key}-{digest}"
+
+    @property
+    def cost(self) -> float:
+        """Relative run time, to hand out the long jobs first."""
+        factor = {"fair_diffusion": 3.0}.get(self.configuration, 1.0)
+        return factor * self.sampler.steps * self.num_images
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running a job
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Toolkit:
+    """The toy pipeline (one per scheduler), the classifiers and the oracle, loaded once per process."""
+
+    def __init__(self):
+        from h_classifiers.evaluation import load_pipeline, set_scheduler
+        from h_classifiers.toy_world import ToyOracle
+
+        self.base = load_pipeline(TOY_MODEL_PATH, "cpu", "float32")
+        self.base_config = dict(self.base.scheduler.config)
+        self._set_scheduler = set_scheduler
+        self.oracle = ToyOracle()
+        self._classifiers: dict[tuple[str, str], Any] = {}
+
+    def pipe(self, scheduler: str):
+        self._set_scheduler(self.base, scheduler, self.base_config)
+        return self.base
+
+    def classifier(self, attribute: str, source: str):
+        from pipeline_balancing_act import HClassifier
+
+        if (attribute, source) not in self._classifiers:
+            root = TOY_CLASSIFIERS_PATH if source == "shipped" else README_CLASSIFIERS
+            self._classifiers[attribute, source] = HClassifier.from_pretrained(str(root / attribute)).eval()
+        return self._classifiers[attribute, source]
+
+
+def class_prompts(attribute: str) -> list[str]:
+    from h_classifiers.toy_world import attribute_prompt
+
+    return [attribute_prompt(attribute, c) for c in ATTRIBUTES[attribute]]
+
+
+def run_job(job: Job, kit: Toolkit) -> tuple[dict[str, Any], torch.Tensor]:
+    """Generate the job's images, read them with the oracle; per image: every attribute's class, validity, asked."""
+    from h_classifiers.baselines import DEFAULT_FAIR_DIFFUSION_SETTINGS, FairDiffusion, draw_classes
+    from h_classifiers.evaluation import assign_classes
+    from h_classifiers.generation import generate_batches
+    from pipeline_balancing_act import BalanceState
+
+    pipe = kit.pipe(job.sampler.scheduler)
+    n, row = job.num_images, job.row
+    call = {
+        "num_inference_steps": job.sampler.steps,
+        "guidance_scale": job.sampler.guidance_scale,
+        **dict(job.settings),
+    }
+    prompts, per_image, asked = [NEUTRAL_PROMPT] * n, None, None
+    batch_size = row.batch_size if row is not None else 64
+    if row is not None and job.configuration != "vanilla":
+        attribute = row.attributes[0]
+        classifiers = [kit.classifier(a, row.classifiers) for a in row.attributes]
+        target = list(row.target) if len(row.attributes) == 1 else [list(r) for r in row.target]
+        if job.configuration in ("sample", "prompt"):
+            asked = assign_classes(target, n)
+        if job.configuration == "sample":
+            call.update(h_classifier=classifiers[0], guidance_mode="sample")
+            per_image = {"target_classes": asked}
+        elif job.configuration in ("distribution", "kl"):
+            call.update(h_classifier=classifiers if len(classifiers) > 1 else classifiers[0])
+            call.update(guidance_mode="distribution", target_distribution=target)
+            if job.configuration == "kl":
+                call["distribution_solver"] = "kl"
+            if row.balance_state:
+                call["balance_state"] = BalanceState()
+        elif job.configuration == "prompt":
+            prompts = [class_prompts(attribute)[k] for k in asked]
+        elif job.configuration == "fair_diffusion":
+            asked = draw_classes(target, n, job.seed)
+            per_image = {"target_classes": asked}
+            pipe = FairDiffusion(pipe, class_prompts(attribute), dict(job.settings) or DEFAULT_FAIR_DIFFUSION_SETTINGS)
+            call = {k: v for k, v in call.items() if k in ("num_inference_steps", "guidance_scale")}
+    start = time.perf_counter()
+    images = []
+    for batch in generate_batches(pipe, prompts, job.seed, batch_size, per_image, output_type="pt", **call):
+        images.append(batch.output.images)
+    seconds = time.perf_counter() - start
+    images = torch.cat(list(images)) if isinstance(images[0], torch.Tensor) else torch.stack(sum(images, []))
+    reading = kit.oracle.read(images)
+    result = {
+        "key": job.key,
+        "configuration": job.configuration,
+        "row": row.name if row is not None else None,
+        "sampler": asdict(job.sampler),
+        "num_images": n,
+        "seed": job.seed,
+        "settings": dict(job.settings),
+        "seconds": seconds,
+        "valid": reading["valid"].int().tolist(),
+        "labels": {a: reading[a].tolist() for a in ATTRIBUTES},
+        "asked": asked,
+    }
+    if row is not None and row.balance_state:
+        result["balance_state_counts"] = call["balance_state"].counts[0].tolist()
+    return result, images[:64]
+
+
+def run_jobs(jobs: list[Job], output_dir: Path, grids: set[str]) -> None:
+    """Split the jobs that have no result file yet over the processes; each writes its results atomically."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    torch.set_num_threads(1)  # the toy model's small kernels: one thread per process is fastest on a shared CPU
+    todo = sorted((j for j in jobs if not (output_dir / "jobs" / f"{j.key}.json").exists()), key=lambda j: -j.cost)
+    mine = todo[state.process_index :: state.num_processes]
+    if mine:
+        kit = Toolkit()
+        for i, job in enumerate(mine):
+            result, first_images = run_job(job, kit)
+            atomic_write_json(output_dir / "jobs" / f"{job.key}.json", result)
+            if job.key in grids:
+                save_grid(first_images, output_dir / f"grid_{grid_name(job)}.png")
+            print(
+                f"[process {state.process_index}] {i + 1}/{len(mine)} {job.key} {result['seconds']:.0f} s", flush=True
+            )
+    state.wait_for_everyone()
+
+
+def grid_name(job: Job) -> str:
+    return f"{job.row.name if job.row else 'vanilla'}_{job.configuration}"
+
+
+def save_grid(images: torch.Tensor, path: Path) -> None:
+    from PIL import Image
+
+    from h_classifiers.evaluation import make_grid
+
+    pil = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype("uint8")) for im in images]
+    atomic_save_image(make_grid(pil), path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measuring
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def fractions(labels: torch.Tensor, valid: torch.Tensor, num_classes: int) -> list[float]:
+    counts = torch.bincount(labels[valid], minlength=num_classes).double()
+    return (counts / counts.sum().clamp_min(1)).tolist()
+
+
+def measure(result: dict[str, Any], row: Row, vanilla: dict[str, Any]) -> dict[str, Any]:
+    """Fractions, FD, valid rate, hit rates and entanglement of one job against its row's target and vanilla."""
+    valid = torch.tensor(result["valid"]).bool()
+    labels = {a: torch.tensor(v) for a, v in result["labels"].items()}
+    van_valid = torch.tensor(vanilla["valid"]).bool()
+    summary = {"valid_rate": float(valid.float().mean()), "seconds": result["seconds"], "fractions": {}}
+    for a in ATTRIBUTES:
+        summary["fractions"][a] = fractions(labels[a], valid, len(ATTRIBUTES[a]))
+    if len(row.attributes) == 1:
+        target = torch.tensor(row.target, dtype=torch.float64)
+        measured = torch.tensor(summary["fractions"][row.attributes[0]], dtype=torch.float64)
+    else:
+        shape = [len(ATTRIBUTES[a]) for a in row.attributes]
+        cells = torch.zeros(shape, dtype=torch.long)
+        for i in valid.nonzero().flatten().tolist():
+            cells[tuple(int(labels[a][i]) for a in row.attributes)] += 1
+        target = torch.tensor(row.target, dtype=torch.float64).flatten()
+        measured = (cells.flatten().double() / cells.sum().clamp_min(1)).double()
+        summary["cell_fractions"] = measured.tolist()
+    summary["fd"] = float((measured - target).norm())
+    if result.get("asked") is not None:
+        hits = (labels[row.attributes[0]] == torch.tensor(result["asked"])) & valid
+        summary["hit_strict"] = float(hits.float().mean())
+        summary["hit_valid"] = float(hits.sum() / valid.sum().clamp_min(1))
+    entanglement = {}
+    for a in ATTRIBUTES:
+        if a not in row.attributes:
+            base = torch.tensor(fractions(torch.tensor(vanilla["labels"][a]), van_valid, len(ATTRIBUTES[a])))
+            entanglement[a] = float((torch.tensor(summary["fractions"][a]) - base).abs().max())
+    summary["entanglement"] = entanglement
+    summary["entanglement_max"] = max(entanglement.values()) if entanglement else None
+    if "balance_state_counts" in result:
+        target_counts = [round(p * result["num_images"]) for p in row.target]
+        summary["balance_state_counts"] = result["balance_state_counts"]
+        summary["oracle_counts"] = torch.bincount(labels[row.attributes[0]][valid], minlength=len(row.target)).tolist()
+        summary["target_counts"] = target_counts
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The table
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def table_jobs(rows: list[Row], num_images: int, seed: int) -> tuple[list[Job], dict[str, dict[str, Job]]]:
+    """Every job of the table, and per row its jobs by configuration (vanilla shared per sampler)."""
+    by_row: dict[str, dict[str, Job]] = {}
+    jobs: dict[str, Job] = {}
+    for row in rows:
+        entry = {"vanilla": Job("vanilla", row.sampler, num_images, seed)}
+        for configuration in row.configurations:
+            entry[configuration] = Job(configuration, row.sampler, num_images, seed, row)
+        by_row[row.name] = entry
+        jobs.update({job.key: job for job in entry.values()})
+    return list(jobs.values()), by_row
+
+
+def check_targets(row: Row, measured: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The issue's targets for one row: value, threshold and whether it is met (None: not applicable)."""
+    vanilla, default = measured["vanilla"], measured.get("distribution")
+    checks: dict[str, Any] = {}
+    if default is not None:
+        fd_target = TARGET_JOB_FD if row.balance_state else TARGET_FD
+        checks["distribution FD"] = (default["fd"], fd_target, default["fd"] <= fd_target)
+        drop = vanilla["valid_rate"] - default["valid_rate"]
+        checks["valid drop (points)"] = (100 * drop, 100 * TARGET_VALID_DROP, drop <= TARGET_VALID_DROP)
+        if default["entanglement_max"] is not None:
+            e = default["entanglement_max"]
+            checks["entanglement (points)"] = (100 * e, 100 * TARGET_ENTANGLEMENT, e <= TARGET_ENTANGLEMENT)
+        peer = measured.get("fair_diffusion")
+        if peer is not None:
+            better = default["fd"] < peer["fd"] and default["valid_rate"] >= peer["valid_rate"]
+            checks["beats Fair Diffusion"] = ((default["fd"], peer["fd"]), None, better)
+    sample = measured.get("sample")
+    if sample is not None:
+        checks["sample strict hit"] = (sample["hit_strict"], TARGET_HIT, sample["hit_strict"] >= TARGET_HIT)
+    return checks
+
+
+def merge(rows: list[Row], by_row: dict[str, dict[str, Job]], output_dir: Path) -> dict[str, Any]:
+    results = {}
+    for row in rows:
+        loaded = {
+            c: json.loads((output_dir / "jobs" / f"{job.key}.json").read_text()) for c, job in by_row[row.name].items()
+        }
+        measured = {c: measure(result, row, loaded["vanilla"]) for c, result in loaded.items()}
+        results[row.name] = {
+            "title": row.title,
+            "attributes": list(row.attributes),
+            "target": row.target,
+            "sampler": row.sampler.label,
+            "classifiers": row.classifiers,
+            "batch_size": row.batch_size,
+            "balance_state": row.balance_state,
+            "configurations": measured,
+            "targets": check_targets(row, measured),
+        }
+    return results
+
+
+def settings_summary() -> dict[str, Any]:
+    import pipeline_balancing_act as pba
+    from h_classifiers.baselines import DEFAULT_FAIR_DIFFUSION_SETTINGS
+
+    return {
+        "guidance_strength": pba.DEFAULT_GUIDANCE_STRENGTH,
+        "guidance_margin": pba.GUIDANCE_MARGIN,
+        "switch_penalty": pba.SWITCH_PENALTY,
+        "guided_branches": "cond",
+        "soft_solver_temperature": pba.DEFAULT_TEMPERATURE,
+        "fair_diffusion": DEFAULT_FAIR_DIFFUSION_SETTINGS,
+    }
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.1f}%"
+
+
+def _fractions(summary: dict[str, Any], row: Row) -> str:
+    if len(row.attributes) > 1:
+        return " / ".join(f"{p:.3f}" for p in summary["cell_fractions"])
+    a = row.attributes[0]
+    return " / ".join(f"{c} {p:.3f}" for c, p in zip(ATTRIBUTES[a], summary["fractions"][a]))
+
+
+def _target(row: Row) -> str:
+    flat = [p for r in row.target for p in r] if len(row.attributes) > 1 else list(row.target)
+    return " / ".join(f"{p:.3g}" for p in flat)
+
+
+CONFIG_LABELS = {
+    "vanilla": "vanilla",
+    "sample": "sample",
+    "kl": "distribution, paper's soft KL",
+    "distribution": "distribution, default (assign)",
+    "prompt": "prompt",
+    "fair_diffusion": "Fair Diffusion",
+}
+
+
+def table_markdown(report: dict[str, Any]) -> str:
+    rows = report["rows"]
+    lines = [
+        "<!-- generated by benchmarks/reproduce.py: do not edit by hand -->",
+        "# Reproduction table (toy world)",
+        "",
+        f"{report['num_images']} images per configuration (image i: seed {report['seed']} + i), prompt "
+        f"{NEUTRAL_PROMPT!r}, the toy oracle reading every image. Guided configurations use the pipeline defaults "
+        f"(`{json.dumps({k: v for k, v in report['settings'].items() if k != 'fair_diffusion'})}`); Fair Diffusion "
+        f"uses `{json.dumps(report['settings']['fair_diffusion'])}` (tuned on seeds {TUNING_SEED}+, "
+        "`fair_diffusion_sweep.md`). Fractions: over valid images; FD = ||target - fractions||_2 (joint rows: over "
+        "the cells); hit: the asked class (sample, prompt) or the drawn class (Fair Diffusion), strict = over all "
+        "images (an invalid image is a miss), then over valid images; entanglement: the largest change, in points, of "
+        "any class fraction of the attributes not guided, against vanilla. "
+        f"Wall time: {report['seconds'] / 60:.1f} min over {report['processes']} process(es) on {report['machine']}.",
+        "",
+        "| Row | Sampler | Batch | Configuration | Measured | FD | Valid | Hit (strict / valid) | Entanglement |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in rows.items():
+        row = ROWS_BY_NAME[name]
+        batch = f"{entry['batch_size']}" + (" + state" if entry["balance_state"] else "")
+        classifier = " (README-recipe classifier)" if entry["classifiers"] == "readme" else ""
+        for configuration, summary in entry["configurations"].items():
+            hit = ""
+            if "hit_strict" in summary:
+                hit = f"{_pct(summary['hit_strict'])} / {_pct(summary['hit_valid'])}"
+            ent = (
+                ""
+                if summary["entanglement_max"] is None or configuration == "vanilla"
+                else _pct(summary["entanglement_max"])
+            )
+            lines.append(
+                f"| {entry['title']}{classifier} (target {_target(row)}) | {entry['sampler']} | {batch} | "
+                f"{CONFIG_LABELS[configuration]} | {_fractions(summary, row)} | {summary['fd']:.3f} | "
+                f"{_pct(summary['valid_rate'])} | {hit} | {ent} |"
+            )
+    lines += ["", "## Targets, default settings (met / missed, and by how much)", ""]
+    lines += ["| Row | Target | Value | Threshold | Met |", "|---|---|---|---|---|"]
+    for name, entry in rows.items():
+        for check, (value, threshold, met) in entry["targets"].items():
+            if isinstance(value, tuple | list):
+                shown = f"{value[0]:.3f} vs {value[1]:.3f}"
+            else:
+                shown = f"{value:.3f}" if "points" not in check else f"{value:.1f}"
+            limit = "" if threshold is None else (f"{threshold:.3f}" if "points" not in check else f"{threshold:.1f}")
+            lines.append(
+                f"| {entry['title']} ({name}) | {check} | {shown} | {limit} | {'met' if met else '**missed**'} |"
+            )
+    jobs = [e for e in rows.values() if e["balance_state"]]
+    if jobs:
+        lines += ["", "## The 512-image job in batches of 8 with `BalanceState`", ""]
+        lines += ["| Row | Target counts | Counts in the state | Oracle counts (valid images) |", "|---|---|---|---|"]
+        for entry in jobs:
+            summary = entry["configurations"]["distribution"]
+            lines.append(
+                f"| {entry['title']} | {summary['target_counts']} | {summary['balance_state_counts']} | "
+                f"{summary['oracle_counts']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write_figures(report: dict[str, Any], output_dir: Path) -> None:
+    from h_classifiers.evaluation import save_fraction_chart
+
+    for name, entry in report["rows"].items():
+        if len(entry["attributes"]) > 1:
+            continue
+        a = entry["attributes"][0]
+        measured = {CONFIG_LABELS[c]: s["fractions"][a] for c, s in entry["configurations"].items()}
+        save_fraction_chart(
+            list(entry["target"]), measured, ATTRIBUTES[a], output_dir / f"fractions_{name}.png", entry["title"]
+        )
+
+
+def machine() -> str:
+    return f"{platform.machine()} {platform.processor() or ''}".strip()
+
+
+def run_table(args: argparse.Namespace) -> dict[str, Any] | None:
+    from accelerate import PartialState
+
+    rows = [ROWS_BY_NAME[n] for n in args.rows.split(",")] if args.rows else list(ROWS)
+    if any(r.classifiers == "readme" for r in rows) and not (README_CLASSIFIERS / "skin").is_dir():
+        raise SystemExit(
+            f"The README-recipe classifiers are missing: run benchmarks/readme_recipe.sh (-> {README_CLASSIFIERS})."
+        )
+    output_dir = Path(args.output_dir)
+    jobs, by_row = table_jobs(rows, args.num_images, args.seed)
+    grids = {by_row[r]["vanilla"].key for r in ("skin-50-50",) if r in by_row}
+    grids |= {
+        by_row[r][c].key
+        for r in ("skin-50-50", "glasses-50-50", "hair-uniform")
+        if r in by_row
+        for c in ("distribution", "fair_diffusion")
+    }
+    start = time.perf_counter()
+    run_jobs(jobs, output_dir, grids)
+    state = PartialState()
+    if not state.is_main_process:
+        return None
+    report = {
+        "num_images": args.num_images,
+        "seed": args.seed,
+        "settings": settings_summary(),
+        "seconds": time.perf_counter() - start,
+        "processes": state.num_processes,
+        "machine": machine(),
+        "rows": merge(rows, by_row, output_dir),
+    }
+    atomic_write_json(output_dir / "results.json", report)
+    atomic_write_text(output_dir / "table.md", table_markdown(report))
+    write_figures(report, output_dir)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The sweeps (tuning seeds, disjoint from the table's)
+# ----------------------------------------------------------------------------------------------------------------
+
+STRENGTH_ROWS = (
+    Row("tune-skin-50-50", ("skin",), SKIN_50, configurations=("sample", "distribution")),
+    Row("tune-skin-20-80", ("skin",), (0.2, 0.8), configurations=("distribution",)),
+    Row("tune-skin-90-10", ("skin",), (0.9, 0.1), configurations=("distribution",)),
+    Row("tune-skin-50-50-cfg3", ("skin",), SKIN_50, Sampler(guidance_scale=3.0), configurations=("distribution",)),
+    Row("tune-skin-50-50-cfg1", ("skin",), SKIN_50, Sampler(guidance_scale=1.0), configurations=("distribution",)),
+    Row("tune-glasses-50-50", ("glasses",), SKIN_50, configurations=("sample", "distribution")),
+    Row("tune-glasses-20-80", ("glasses",), (0.2, 0.8), configurations=("distribution",)),
+    Row("tune-hair-uniform", ("hair",), THIRD, configurations=("distribution",)),
+)
+FAIR_DIFFUSION_ROWS = (
+    Row("tune-skin-50-50", ("skin",), SKIN_50, configurations=("fair_diffusion",)),
+    Row("tune-glasses-50-50", ("glasses",), SKIN_50, configurations=("fair_diffusion",)),
+    Row("tune-hair-uniform", ("hair",), THIRD, configurations=("fair_diffusion",)),
+)
+STRENGTHS = (3.0, 5.0, 8.0)
+FAIR_DIFFUSION_GRID = tuple(
+    (("edit_guidance_scale", g), ("edit_threshold", t), ("edit_warmup_steps", w))
+    for g in (3.0, 5.0, 8.0)
+    for w in (2, 5)
+    for t in (0.8, 0.9)
+)
+
+
+def run_sweep(args: argparse.Namespace) -> dict[str, Any] | None:
+    from accelerate import PartialState
+
+    if args.sweep == "strength":
+        rows, grid = STRENGTH_ROWS, [(("guidance_strength", s),) for s in STRENGTHS]
+    else:
+        rows, grid = FAIR_DIFFUSION_ROWS, list(FAIR_DIFFUSION_GRID)
+    output_dir = Path(args.output_dir) / f"sweep_{args.sweep}"
+    jobs, entries = {}, []
+    for row in rows:
+        vanilla = Job("vanilla", row.sampler, args.num_images, args.seed)
+        jobs[vanilla.key] = vanilla
+        for settings in grid:
+            for configuration in row.configurations:
+                job = Job(configuration, row.sampler, args.num_images, args.seed, row, settings)
+                jobs[job.key] = job
+                entries.append((row, configuration, settings, job, vanilla))
+    start = time.perf_counter()
+    run_jobs(list(jobs.values()), output_dir, set())
+    if not PartialState().is_main_process:
+        return None
+    load = lambda job: json.loads((output_dir / "jobs" / f"{job.key}.json").read_text())  # noqa: E731
+    results = []
+    for row, configuration, settings, job, vanilla in entries:
+        summary = measure(load(job), row, load(vanilla))
+        van = measure(load(vanilla), row, load(vanilla))
+        results.append(
+            {
+                "row": row.name,
+                "configuration": configuration,
+                "settings": dict(settings),
+                **summary,
+                "vanilla_valid": van["valid_rate"],
+            }
+        )
+    report = {
+        "sweep": args.sweep,
+        "num_images": args.num_images,
+        "seed": args.seed,
+        "seconds": time.perf_counter() - start,
+        "results": results,
+    }
+    report["choice"] = choose(results)
+    atomic_write_json(Path(args.output_dir) / f"sweep_{args.sweep}.json", report)
+    atomic_write_text(Path(args.output_dir) / f"sweep_{args.sweep}.md", sweep_markdown(report))
+    return report
+
+
+def choose(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The setting with the lowest mean FD over the rows (distribution mode for the strength sweep), among those
+    whose mean valid rate is at most one point below vanilla's; without such a setting, the lowest mean FD."""
+    by_setting: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        if r["configuration"] in ("distribution", "fair_diffusion"):
+            by_setting.setdefault(json.dumps(r["settings"], sort_keys=True), []).append(r)
+    scores = []
+    for key, rs in by_setting.items():
+        mean_fd = sum(r["fd"] for r in rs) / len(rs)
+        drop = sum(r["vanilla_valid"] - r["valid_rate"] for r in rs) / len(rs)
+        scores.append((drop > TARGET_VALID_DROP, mean_fd, key, drop))
+    scores.sort()
+    _, mean_fd, key, drop = scores[0]
+    return {"settings": json.loads(key), "mean_fd": mean_fd, "mean_valid_drop": drop}
+
+
+def sweep_markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "<!-- generated by benchmarks/reproduce.py --sweep: do not edit by hand -->",
+        f"# Sweep: {report['sweep']}",
+        "",
+        f"{report['num_images']} images per setting, seeds {report['seed']}+ (disjoint from the table's). "
+        f"Choice rule (`choose`): lowest mean FD over the rows among settings whose mean valid rate is at most one "
+        f"point below vanilla's. Chosen: `{json.dumps(report['choice']['settings'])}` (mean FD "
+        f"{report['choice']['mean_fd']:.3f}, mean valid drop {100 * report['choice']['mean_valid_drop']:.1f} points). "
+        f"Wall time {report['seconds'] / 60:.1f} min.",
+        "",
+        "| Settings | Row | Configuration | FD | Valid | Vanilla valid | Hit (strict) | Entanglement |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| `{json.dumps(r['settings'])}` | {r['row']} | {r['configuration']} | {r['fd']:.3f} | "
+            f"{_pct(r['valid_rate'])} | {_pct(r['vanilla_valid'])} | {_pct(r.get('hit_strict'))} | "
+            f"{_pct(r['entanglement_max'])} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="benchmarks/reproduce.py",
-        description="Produce the reproduction table on the toy world (docs/results/), or with --sweep the tuning "
-        "sweep of guidance strength and guided_branches.",
+        description="The reproduction table on the toy world (docs/results/), or a sweep that chose a default.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    defaults = _common.toy_defaults()
-    parser.add_argument("--model", default=defaults["model"], help="The toy model directory.")
+    parser.add_argument("--rows", default="", help="Comma-separated subset of the table's rows (default: all).")
+    parser.add_argument("--num-images", type=int, default=None, help="Images per job (table 512, sweeps 256).")
     parser.add_argument(
-        "--classifiers-dir",
-        default=str(Path(defaults["classifier"]).parent),
-        help="Directory holding one h-classifier per attribute (skin/, glasses/, hair/).",
+        "--seed", type=int, default=None, help=f"First seed (table {TABLE_SEED}, sweeps {TUNING_SEED})."
     )
-    parser.add_argument("--rows", default=",".join(ROWS_BY_NAME), help="Comma-separated subset of the rows.")
-    parser.add_argument("--num-images", type=_common.positive_int, default=512, help="Images per configuration.")
-    parser.add_argument(
-        "--batch-sizes", default="64,8", help="Comma-separated batch sizes; the first is the main one (default 64,8)."
-    )
-    parser.add_argument("--strength", type=_common.non_negative_float, default=TABLE_STRENGTH)
-    parser.add_argument("--guided-branches", choices=list(_common.GUIDED_BRANCHES), default=TABLE_BRANCHES)
-    parser.add_argument(
-        "--temperature",
-        type=_common.positive_float,
-        default=TABLE_TEMPERATURE,
-        help="classifier_temperature (default: %(default)s; unset: each classifier's config.temperature).",
-    )
-    parser.add_argument(
-        "--guidance-window",
-        default="-".join(f"{x:g}" for x in TABLE_WINDOW),
-        help="guidance_steps as START-END fractions of the denoising steps (default: %(default)s).",
-    )
-    parser.add_argument("--guidance-scale", type=float, default=TABLE_GUIDANCE_SCALE)
-    parser.add_argument("--seed", type=int, default=None, help="First image seed (default: table 0, sweep 1000000).")
-    parser.add_argument(
-        "--workers", type=_common.positive_int, default=2, help="Worker processes (default: 2; 1 runs in-process)."
-    )
-    parser.add_argument(
-        "--threads", type=_common.positive_int, default=1, help="torch CPU threads per worker (default: 1)."
-    )
-    parser.add_argument("--output-dir", default="docs/results", help="Where results go (default: docs/results).")
-    parser.add_argument("--sweep", action="store_true", help="Run the tuning sweep instead of the table.")
-    parser.add_argument(
-        "--sweep-strengths",
-        default=",".join(str(s) for s in SWEEP_STRENGTHS),
-        help="Comma-separated guidance strengths for --sweep.",
-    )
-    parser.add_argument(
-        "--sweep-branches", default="cond,both", help="Comma-separated guided_branches values for --sweep."
-    )
-    parser.add_argument(
-        "--sweep-windows",
-        default=",".join("-".join(f"{x:g}" for x in w) for w in SWEEP_WINDOWS),
-        help="Comma-separated guidance_steps windows START-END for --sweep.",
-    )
-    parser.add_argument(
-        "--sweep-temperatures",
-        default=",".join(f"{t:g}" for t in SWEEP_TEMPERATURES),
-        help="Comma-separated classifier temperatures for --sweep.",
-    )
+    parser.add_argument("--output-dir", default=str(ROOT / "docs" / "results"), help="Where results go.")
+    parser.add_argument("--sweep", choices=("strength", "fair-diffusion"), default=None, help="Run a sweep instead.")
     return parser
 
 
-def parse_list(text: str, cast, argument: str, accepted: str) -> list:
-    try:
-        values = [cast(part.strip()) for part in text.split(",") if part.strip()]
-    except (ValueError, argparse.ArgumentTypeError):
-        values = []
-    if not values:
-        raise ValueError(f"`{argument}` must be {accepted}, got {text!r}.")
-    return values
-
-
-def parse_rows(text: str) -> list[Row]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ROWS_BY_NAME]
-    if unknown or not names:
-        raise ValueError(f"`--rows` must be a comma-separated subset of {list(ROWS_BY_NAME)}, got {text!r}.")
-    return [ROWS_BY_NAME[n] for n in names]
-
-
-class Toolkit:
-    """The toy model, the shipped classifiers, the oracle labellers and the explicit prompts, loaded once."""
-
-    def __init__(self, model: str, classifiers_dir: str):
-        from h_classifiers import HClassifier
-        from h_classifiers.labellers import ToyOracleLabeller
-        from h_classifiers.toy_world import ATTRIBUTES, NEUTRAL_PROMPT, attribute_prompt
-
-        self.pipe = load_pipeline(model, "cpu", "float32")
-        self.base_scheduler_config = dict(self.pipe.scheduler.config)
-        self.prompt = NEUTRAL_PROMPT
-        self.labellers = {attribute: ToyOracleLabeller(attribute) for attribute in ATTRIBUTES}
-        self.classifiers, self.class_prompts = {}, {}
-        for attribute, class_names in ATTRIBUTES.items():
-            path = Path(classifiers_dir) / attribute
-            if not path.exists():
-                continue  # only the attributes of the rows asked for are checked (`check_classifiers`)
-            classifier = HClassifier.from_pretrained(path)
-            if list(classifier.config.class_names) != class_names:
-                raise ValueError(
-                    f"The classifier at {path} has classes {classifier.config.class_names}; the toy world's "
-                    f"{attribute!r} classes are {class_names}."
-                )
-            self.classifiers[attribute] = classifier
-            self.class_prompts[attribute] = [attribute_prompt(attribute, c) for c in class_names]
-
-
-def check_classifiers(classifiers_dir: str, attributes: set[str]) -> None:
-    missing = [a for a in sorted(attributes) if not (Path(classifiers_dir) / a / "config.json").exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"`--classifiers-dir` {classifiers_dir!r} has no h-classifier for {missing} (expected <dir>/<attribute>/ "
-            "written by HClassifier.save_pretrained)."
-        )
-
-
-@dataclass(frozen=True)
-class Job:
-    """One configuration to generate and label: everything a worker process needs besides the Toolkit."""
-
-    key: str
-    configuration: str
-    scheduler: str
-    steps: int
-    attribute: str | None  # the guided / prompted attribute; None for vanilla
-    target: tuple[float, ...]
-    num_images: int
-    batch_size: int
-    seed: int
-    guidance_scale: float
-    guidance: tuple[tuple[str, Any], ...]
-    label_attributes: tuple[str, ...]
-    keep_images: int = 0  # images returned for the grids
-
-
-def execute(job: Job, toolkit: Toolkit) -> dict[str, Any]:
-    """Generate and label one job; returns labels per attribute, the asked classes, seconds and kept images."""
-    set_scheduler(toolkit.pipe, job.scheduler, config=toolkit.base_scheduler_config)
-    spec = EvaluationSpec(
-        prompt=toolkit.prompt,
-        target=list(job.target),
-        num_images=job.num_images,
-        batch_size=job.batch_size,
-        seed=job.seed,
-        num_inference_steps=job.steps,
-        guidance_scale=job.guidance_scale,
-        class_prompts=toolkit.class_prompts.get(job.attribute),
-        guidance=dict(job.guidance),
-    )
-    generation = run_configuration(toolkit.pipe, toolkit.classifiers.get(job.attribute), spec, job.configuration)
-    return {
-        "labels": {a: toolkit.labellers[a](generation.images).tolist() for a in job.label_attributes},
-        "asked": generation.asked,
-        "seconds": generation.seconds,
-        "images": generation.images[: job.keep_images],
-    }
-
-
-_WORKER_TOOLKIT: Toolkit | None = None
-
-
-def _init_worker(model: str, classifiers_dir: str, threads: int) -> None:
-    global _WORKER_TOOLKIT
-    torch.set_num_threads(threads)
-    _common.quiet_loading()
-    _WORKER_TOOLKIT = Toolkit(model, classifiers_dir)
-
-
-def _execute_in_worker(job: Job) -> dict[str, Any]:
-    return execute(job, _WORKER_TOOLKIT)
-
-
-def run_jobs(jobs: list[Job], args: argparse.Namespace, description: str) -> dict[str, dict[str, Any]]:
-    """
-    Run the jobs, in this process (`--workers 1`) or in worker processes of `--threads` threads each (on a few
-    cores, processes of one thread each beat one process of many threads). Results do not depend on the number of
-    workers: each job is deterministic from its seeds.
-    """
-    results = {}
-    # Longest first, so that the workers finish together.
-    ordered = sorted(jobs, key=lambda j: -j.steps * j.num_images * (2 if j.batch_size < 16 else 1))
-    with tqdm(total=sum(j.num_images for j in jobs), desc=description, unit="img") as bar:
-        if args.workers == 1:
-            toolkit = Toolkit(args.model, args.classifiers_dir)
-            for job in ordered:
-                results[job.key] = execute(job, toolkit)
-                bar.update(job.num_images)
-            return results
-        context = multiprocessing.get_context("spawn")
-        initargs = (args.model, args.classifiers_dir, args.threads)
-        with ProcessPoolExecutor(args.workers, context, initializer=_init_worker, initargs=initargs) as pool:
-            futures = {pool.submit(_execute_in_worker, job): job for job in ordered}
-            for future in as_completed(futures):
-                job = futures[future]
-                results[job.key] = future.result()
-                bar.update(job.num_images)
-    return results
-
-
-def measure(result: dict[str, Any], attribute: str, target: tuple[float, ...]) -> dict[str, Any]:
-    summary = summarize_labels(torch.tensor(result["labels"][attribute]), target, result["asked"])
-    summary["seconds"] = result["seconds"]
-    return summary
-
-
-def table_jobs(args: argparse.Namespace, rows: list[Row], batch_sizes: list[int], seed: int) -> list[Job]:
-    """Vanilla once per sampler (labelled for every attribute of its rows); per row sample, distribution and prompt at
-    the first batch size, distribution again at the others."""
-    guidance = guidance_settings(args.strength, args.guided_branches, args.temperature, args.window)
-    common = {"num_images": args.num_images, "seed": seed, "guidance_scale": args.guidance_scale}
-    jobs = []
-    for scheduler, steps in dict.fromkeys((r.scheduler, r.steps) for r in rows):
-        attributes = tuple(sorted({r.attribute for r in rows if (r.scheduler, r.steps) == (scheduler, steps)}))
-        keep = 64 if any(r.name in GRID_ROWS for r in rows if (r.scheduler, r.steps) == (scheduler, steps)) else 0
-        jobs.append(
-            Job(
-                f"vanilla/{scheduler}{steps}",
-                "vanilla",
-                scheduler,
-                steps,
-                None,
-                (),
-                batch_size=batch_sizes[0],
-                guidance=(),
-                label_attributes=attributes,
-                keep_images=keep,
-                **common,
-            )
-        )
-    for row in rows:
-        keep = 64 if row.name in GRID_ROWS else 0
-        for configuration in ("sample", "distribution", "prompt"):
-            jobs.append(
-                Job(
-                    f"{row.name}/{configuration}/b{batch_sizes[0]}",
-                    configuration,
-                    row.scheduler,
-                    row.steps,
-                    row.attribute,
-                    row.target,
-                    batch_size=batch_sizes[0],
-                    guidance=guidance,
-                    label_attributes=(row.attribute,),
-                    keep_images=keep,
-                    **common,
-                )
-            )
-        for batch_size in batch_sizes[1:]:
-            jobs.append(
-                Job(
-                    f"{row.name}/distribution/b{batch_size}",
-                    "distribution",
-                    row.scheduler,
-                    row.steps,
-                    row.attribute,
-                    row.target,
-                    batch_size=batch_size,
-                    guidance=guidance,
-                    label_attributes=(row.attribute,),
-                    **common,
-                )
-            )
-    return jobs
-
-
-def run_table(args: argparse.Namespace, rows: list[Row], batch_sizes: list[int], seed: int) -> dict[str, Any]:
-    from h_classifiers.toy_world import ATTRIBUTES
-
-    check_classifiers(args.classifiers_dir, {row.attribute for row in rows})
-    output_dir = Path(args.output_dir)
-    start = time.perf_counter()
-    results = run_jobs(table_jobs(args, rows, batch_sizes, seed), args, "reproduce")
-    main = batch_sizes[0]
-    report_rows = []
-    for row in rows:
-        vanilla_key = f"vanilla/{row.scheduler}{row.steps}"
-        generated = {"vanilla": results[vanilla_key]}
-        generated.update({c: results[f"{row.name}/{c}/b{main}"] for c in ("sample", "distribution", "prompt")})
-        batches = {str(main): {name: measure(r, row.attribute, row.target) for name, r in generated.items()}}
-        for batch_size in batch_sizes[1:]:
-            result = results[f"{row.name}/distribution/b{batch_size}"]
-            batches[str(batch_size)] = {"distribution": measure(result, row.attribute, row.target)}
-        report_rows.append(
-            {
-                "row": row.name,
-                "title": row.title,
-                "attribute": row.attribute,
-                "class_names": ATTRIBUTES[row.attribute],
-                "target": list(row.target),
-                "scheduler": row.scheduler,
-                "steps": row.steps,
-                "batches": batches,
-            }
-        )
-        grids = {n: r["images"] for n, r in generated.items()} if row.name in GRID_ROWS else {}
-        write_row_figures(row, report_rows[-1], grids, batch_sizes, output_dir)
-    report = {
-        "what": "Balancing Act reproduction table on the toy world (issue 4, section 5)",
-        "command": "python benchmarks/reproduce.py " + " ".join(args.argv),
-        **run_settings(args, seed, batch_sizes),
-        "guidance": dict(guidance_settings(args.strength, args.guided_branches, args.temperature, args.window)),
-        "shared_work": "vanilla is generated once per sampler and labelled for each row's attribute; vanilla, sample "
-        "mode and the prompt baseline are generated at the first batch size only (their images do not depend on it)",
-        "total_seconds": time.perf_counter() - start,
-        "rows": report_rows,
-    }
-    atomic_write_json(output_dir / "results.json", report, indent=2)
-    atomic_write_text(output_dir / "table.md", table_markdown(report))
-    return report
-
-
-def run_settings(args: argparse.Namespace, seed: int, batch_sizes: list[int]) -> dict[str, Any]:
-    import diffusers
-
-    return {
-        "model": relative(args.model),
-        "classifiers_dir": relative(args.classifiers_dir),
-        "prompt": _common.toy_defaults()["prompt"],
-        "num_images": args.num_images,
-        "batch_sizes": batch_sizes,
-        "first_seed": seed,
-        "guidance_scale": args.guidance_scale,
-        "labeller": "toy_world.ToyOracle (one-hot labels; invalid images excluded from fractions and FD)",
-        "machine": {
-            "cpu": cpu_model(),
-            "workers": args.workers,
-            "threads_per_worker": args.threads,
-            "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "python": platform.python_version(),
-        },
-    }
-
-
-def write_row_figures(
-    row: Row,
-    result: dict[str, Any],
-    images: dict[str, list[Image.Image]],
-    batch_sizes: list[int],
-    output_dir: Path,
-) -> None:
-    main = result["batches"][str(batch_sizes[0])]
-    measured = {
-        f"{name} (b{batch_sizes[0]})" if name == "distribution" else name: s["fractions"] for name, s in main.items()
-    }
-    for batch_size in batch_sizes[1:]:
-        measured[f"distribution (b{batch_size})"] = result["batches"][str(batch_size)]["distribution"]["fractions"]
-    title = f"{row.title}, {row.sampler}: class fractions of valid images (toy oracle)"
-    save_fraction_chart(row.target, measured, result["class_names"], output_dir / f"fractions_{row.name}.png", title)
-    for name, configuration_images in images.items():
-        if configuration_images:
-            atomic_save_image(make_grid(configuration_images), output_dir / f"grid_{row.name}_{name}.png")
-
-
-def relative(path: str) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _temperature(value: float | None) -> str:
-    return "the classifier's" if value is None else f"{value:g}"
-
-
-def _fractions(summary: dict[str, Any], class_names: list[str]) -> str:
-    if summary["fractions"] is None:
-        return "n/a"
-    return " / ".join(f"{c} {f:.3f}" for c, f in zip(class_names, summary["fractions"]))
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
-
-
-def _num(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
-def target_checks(result: dict[str, Any], batch_size: str) -> dict[str, bool | None]:
-    """The issue's targets for one row: distribution FD, valid rate vs vanilla, sample-mode hit rate."""
-    main = result["batches"][batch_size]
-    vanilla, distribution, sample = main["vanilla"], main["distribution"], main["sample"]
-    fd = distribution["fd"]
-    return {
-        "distribution_fd": None if fd is None else fd <= TARGET_FD,
-        "distribution_valid": distribution["valid_rate"] >= vanilla["valid_rate"] - TARGET_VALID_DROP,
-        "sample_hit": None if sample.get("hit_rate") is None else sample["hit_rate"] >= TARGET_HIT_RATE,
-    }
-
-
-def table_markdown(report: dict[str, Any]) -> str:
-    batch_sizes = [str(b) for b in report["batch_sizes"]]
-    main = batch_sizes[0]
-    lines = [
-        f'Toy world, prompt "{report["prompt"]}", {report["num_images"]} images per configuration (image i: seed '
-        f"{report['first_seed']} + i), classifier-free guidance {report['guidance_scale']}, guidance_strength "
-        f'{report["guidance"]["guidance_strength"]:g}, guided_branches "{report["guidance"]["guided_branches"]}", '
-        f"classifier_temperature {_temperature(report['guidance'].get('classifier_temperature'))}. "
-        "Fractions: one-hot toy-oracle labels over valid images; FD = ||p_ref - p||_2 over those fractions; valid: "
-        "the oracle's validity rule; seconds: generation wall time of the configuration (VAE decode included) on "
-        f"{report['machine']['cpu']}, {report['machine']['workers']} worker process(es) of "
-        f"{report['machine']['threads_per_worker']} thread(s). Hit: sample mode's asked class "
-        "(prompt baseline: the prompted class) among valid images.",
-        "",
-        f"### Batch {main}",
-        "",
-        "| Row | Scheduler | Configuration | Measured fractions | FD | Valid | Seconds | Hit |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for result in report["rows"]:
-        row = ROWS_BY_NAME.get(result["row"], Row(result["row"], result["attribute"], tuple(result["target"])))
-        for name in ("vanilla", "sample", "distribution", "prompt"):
-            s = result["batches"][main][name]
-            hit = _pct(s.get("hit_rate")) if "hit_rate" in s else ""
-            lines.append(
-                f"| {row.title} | {row.sampler} | {name} | {_fractions(s, result['class_names'])} | {_num(s['fd'])} | "
-                f"{_pct(s['valid_rate'])} | {s['seconds']:.1f} | {hit} |"
-            )
-    for batch_size in batch_sizes[1:]:
-        lines += [
-            "",
-            f"### Batch {batch_size} (distribution mode; the other configurations do not depend on the batch size)",
-            "",
-            f"| Row | Scheduler | Measured fractions | FD (b{batch_size}) | FD (b{main}) | Valid (b{batch_size}) | "
-            f"Vanilla valid | Seconds |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for result in report["rows"]:
-            row = ROWS_BY_NAME.get(result["row"], Row(result["row"], result["attribute"], tuple(result["target"])))
-            s = result["batches"][batch_size]["distribution"]
-            lines.append(
-                f"| {row.title} | {row.sampler} | {_fractions(s, result['class_names'])} | {_num(s['fd'])} | "
-                f"{_num(result['batches'][main]['distribution']['fd'])} | {_pct(s['valid_rate'])} | "
-                f"{_pct(result['batches'][main]['vanilla']['valid_rate'])} | {s['seconds']:.1f} |"
-            )
-    lines += [
-        "",
-        f"### Targets (batch {main}): distribution FD <= {TARGET_FD}, distribution valid rate at most "
-        f"{round(100 * TARGET_VALID_DROP)} point below vanilla, sample mode >= {round(100 * TARGET_HIT_RATE)}% on the "
-        "asked class",
-        "",
-        "| Row | Scheduler | Distribution FD | Valid vs vanilla | Sample hit |",
-        "|---|---|---|---|---|",
-    ]
-    mark = {True: "met", False: "**missed**", None: "n/a"}
-    for result in report["rows"]:
-        row = ROWS_BY_NAME.get(result["row"], Row(result["row"], result["attribute"], tuple(result["target"])))
-        checks = target_checks(result, main)
-        s = result["batches"][main]
-        lines.append(
-            f"| {row.title} | {row.sampler} | {_num(s['distribution']['fd'])} ({mark[checks['distribution_fd']]}) | "
-            f"{_pct(s['distribution']['valid_rate'])} vs {_pct(s['vanilla']['valid_rate'])} "
-            f"({mark[checks['distribution_valid']]}) | {_pct(s['sample'].get('hit_rate'))} "
-            f"({mark[checks['sample_hit']]}) |"
-        )
-    lines += ["", f"Total wall time: {report['total_seconds'] / 60:.1f} min.", ""]
-    return "\n".join(lines)
-
-
-def guidance_settings(
-    strength: float, branches: str, temperature: float | None, window: tuple[float, float] = FULL_WINDOW
-) -> tuple[tuple[str, Any], ...]:
-    """The pipeline's guidance arguments of one setting (temperature None: the classifier's own)."""
-    settings = (("guidance_strength", strength), ("guided_branches", branches), ("guidance_steps", tuple(window)))
-    return settings if temperature is None else settings + (("classifier_temperature", temperature),)
-
-
-def parse_window(text: str, argument: str) -> tuple[float, float]:
-    """`"0-0.3"` -> (0.0, 0.3): the fraction window of guided denoising steps."""
-    try:
-        start, end = (float(part) for part in text.split("-"))
-    except ValueError:
-        start = end = math.nan
-    if not (0 <= start < end <= 1):
-        raise ValueError(
-            f"`{argument}` must be START-END fractions with 0 <= START < END <= 1 (e.g. 0-0.3), got {text!r}."
-        )
-    return (start, end)
-
-
-def run_sweep(
-    args: argparse.Namespace,
-    seed: int,
-    batch_size: int,
-    strengths: list[float],
-    branches: list[str],
-    temperatures: list[float],
-    windows: list[tuple[float, float]],
-) -> dict[str, Any]:
-    row = ROWS_BY_NAME["skin-50-50"]
-    check_classifiers(args.classifiers_dir, {row.attribute})
-    common = {
-        "scheduler": row.scheduler,
-        "steps": row.steps,
-        "attribute": row.attribute,
-        "target": row.target,
-        "num_images": args.num_images,
-        "batch_size": batch_size,
-        "seed": seed,
-        "guidance_scale": args.guidance_scale,
-        "label_attributes": (row.attribute,),
-    }
-    settings = [(b, t, w, s) for b in branches for t in temperatures for w in windows for s in strengths]
-    jobs = [Job("vanilla", "vanilla", guidance=(), **common)]
-    for setting in settings:
-        guidance = guidance_settings(setting[3], setting[0], setting[1], setting[2])
-        for mode in ("distribution", "sample"):
-            jobs.append(Job(f"{setting}/{mode}", mode, guidance=guidance, **common))
-    start = time.perf_counter()
-    results = run_jobs(jobs, args, "sweep")
-    entries = [
-        {
-            "guidance_strength": setting[3],
-            "guided_branches": setting[0],
-            "classifier_temperature": setting[1],
-            "guidance_steps": list(setting[2]),
-            **{m: measure(results[f"{setting}/{m}"], row.attribute, row.target) for m in ("distribution", "sample")},
-        }
-        for setting in settings
-    ]
-    vanilla = measure(results["vanilla"], row.attribute, row.target)
-    report = {
-        "what": "Tuning sweep: guidance_strength x guided_branches on skin 50/50, DDIM 25 (seeds disjoint from the table)",
-        "command": "python benchmarks/reproduce.py " + " ".join(args.argv),
-        **run_settings(args, seed, [batch_size]),
-        "vanilla": vanilla,
-        "entries": entries,
-        "choice": choose_default(entries, vanilla),
-        "total_seconds": time.perf_counter() - start,
-    }
-    output_dir = Path(args.output_dir)
-    atomic_write_json(output_dir / "sweep.json", report, indent=2)
-    atomic_write_text(output_dir / "sweep.md", sweep_markdown(report))
-    return report
-
-
-SETTING_KEYS = ("guidance_strength", "guided_branches", "classifier_temperature", "guidance_steps")
-
-
-def choose_default(entries: list[dict[str, Any]], vanilla: dict[str, Any]) -> dict[str, Any]:
-    """
-    The rules that pick defaults from the sweep (no row of the table is looked at):
-    - `joint` (one setting for both modes): among settings whose valid rate stays at most one point below vanilla in
-      both modes, the lowest distribution FD + sample-mode miss rate (1 - hit rate), ties to the smaller strength;
-      if no setting keeps both valid rates, the constraint applies to distribution mode only;
-    - `distribution`: among settings whose distribution-mode valid rate stays within that point, the lowest FD;
-    - `sample`: among settings reaching the hit-rate target, the highest sample-mode valid rate (else the highest
-      hit rate).
-    """
-    floor = vanilla["valid_rate"] - TARGET_VALID_DROP
-
-    def pick(entry: dict[str, Any] | None) -> dict[str, Any] | None:
-        return None if entry is None else {key: entry[key] for key in SETTING_KEYS}
-
-    def joint_score(e: dict[str, Any]) -> tuple[float, float]:
-        return (e["distribution"]["fd"] + 1 - e["sample"]["hit_rate"], e["guidance_strength"])
-
-    measured = [e for e in entries if e["distribution"]["fd"] is not None and e["sample"].get("hit_rate") is not None]
-    feasible = [e for e in measured if e["distribution"]["valid_rate"] >= floor]
-    both_valid = [e for e in feasible if e["sample"]["valid_rate"] >= floor]
-    joint = min(both_valid or feasible, key=joint_score, default=None)
-    distribution = min(feasible, key=lambda e: (e["distribution"]["fd"], e["guidance_strength"]), default=None)
-    hitting = [e for e in measured if e["sample"]["hit_rate"] >= TARGET_HIT_RATE]
-    sample = max(
-        hitting or measured,
-        key=lambda e: (e["sample"]["valid_rate"], e["sample"]["hit_rate"]) if hitting else e["sample"]["hit_rate"],
-        default=None,
-    )
-    return {"joint": pick(joint), "distribution": pick(distribution), "sample": pick(sample)}
-
-
-def _setting(choice: dict[str, Any] | None) -> str:
-    if choice is None:
-        return "none"
-    window = "-".join(f"{x:g}" for x in choice["guidance_steps"])
-    return (
-        f'guidance_strength {choice["guidance_strength"]:g}, guided_branches "{choice["guided_branches"]}", '
-        f"classifier_temperature {_temperature(choice['classifier_temperature'])}, guidance_steps {window}"
-    )
-
-
-def sweep_markdown(report: dict[str, Any]) -> str:
-    v = report["vanilla"]
-    lines = [
-        f'Skin 50/50, DDIM 25, prompt "{report["prompt"]}", {report["num_images"]} images per setting (seeds '
-        f"{report['first_seed']} + i, disjoint from the table's), batch {report['batch_sizes'][0]}, classifier-free "
-        f"guidance {report['guidance_scale']}. Vanilla: fractions {_fractions(v, ['light', 'dark'])}, FD "
-        f"{_num(v['fd'])}, valid {_pct(v['valid_rate'])}.",
-        "",
-        "| guided_branches | classifier_temperature | guidance_steps | guidance_strength | Distribution FD | "
-        "Distribution valid | Sample hit | Sample valid |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for e in report["entries"]:
-        d, s = e["distribution"], e["sample"]
-        window = "-".join(f"{x:g}" for x in e["guidance_steps"])
-        lines.append(
-            f"| {e['guided_branches']} | {_temperature(e['classifier_temperature'])} | {window} | "
-            f"{e['guidance_strength']:g} | {_num(d['fd'])} | {_pct(d['valid_rate'])} | "
-            f"{_pct(s.get('hit_rate'))} | {_pct(s['valid_rate'])} |"
-        )
-    choice = report["choice"]
-    lines += [
-        "",
-        "Rules (`choose_default`): joint = among settings whose valid rate is at most 1 point below vanilla in both "
-        "modes, the lowest distribution FD + sample-mode miss rate; distribution = among settings whose distribution "
-        "valid rate is within that point, the lowest FD; "
-        f"sample = among settings with hit >= {round(100 * TARGET_HIT_RATE)}%, the highest sample valid rate.",
-        "",
-        f"- joint: {_setting(choice['joint'])}",
-        f"- distribution mode: {_setting(choice['distribution'])}",
-        f"- sample mode: {_setting(choice['sample'])}",
-        "",
-        f"Total wall time: {report['total_seconds'] / 60:.1f} min.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    torch.set_num_threads(args.threads)
-    _common.quiet_loading()
-    try:
-        rows = parse_rows(args.rows)
-        batch_sizes = parse_list(args.batch_sizes, _common.positive_int, "--batch-sizes", "positive integers")
-        strengths = parse_list(args.sweep_strengths, _common.non_negative_float, "--sweep-strengths", "numbers >= 0")
-        branches = parse_list(args.sweep_branches, str, "--sweep-branches", "a subset of cond,both")
-        temperatures = parse_list(
-            args.sweep_temperatures, _common.positive_float, "--sweep-temperatures", "numbers > 0"
-        )
-        windows = [parse_window(w, "--sweep-windows") for w in args.sweep_windows.split(",")]
-        args.window = parse_window(args.guidance_window, "--guidance-window")
-        if any(b not in _common.GUIDED_BRANCHES for b in branches):
-            raise ValueError(
-                f"`--sweep-branches` must be a subset of {list(_common.GUIDED_BRANCHES)}, got {branches}."
-            )
-    except ValueError as error:
-        parser.error(str(error))
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    args = build_parser().parse_args(argv)
+    unknown = [n for n in args.rows.split(",") if n and n not in ROWS_BY_NAME]
+    if unknown:
+        raise SystemExit(f"--rows: unknown rows {unknown}; rows: {', '.join(ROWS_BY_NAME)}")
     if args.sweep:
-        seed = SWEEP_SEED if args.seed is None else args.seed
-        report = run_sweep(args, seed, batch_sizes[0], strengths, branches, temperatures, windows)
-    else:
-        report = run_table(args, rows, batch_sizes, TABLE_SEED if args.seed is None else args.seed)
-    print((sweep_markdown if args.sweep else table_markdown)(report))
-    return report
+        args.num_images = args.num_images or 256
+        args.seed = TUNING_SEED if args.seed is None else args.seed
+        return run_sweep(args)
+    args.num_images = args.num_images or 512
+    args.seed = TABLE_SEED if args.seed is None else args.seed
+    return run_table(args)
 
 
 if __name__ == "__main__":

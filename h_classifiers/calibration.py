@@ -5,7 +5,8 @@
   of the image that will come out. Balanced training (the default) shifts the heads' biases away from the data's
   class frequencies; the offsets put them back, so the mean calibrated probability over a batch estimates the
   batch's class fractions.
-- `class_means`: the mean h of each class on the training images, the anchors guidance moves between.
+- `class_anchors`: the points in h guidance moves between: the class means of the training images, spread around
+  their centroid by a factor that depends on how well the classes separate (see `ANCHOR_SEPARATION`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,13 @@ BLOCK_ELEMENTS = 4 * 2**20
 # Weak Gaussian priors on log(scale) and the offsets: a perfectly separated held-out split would otherwise drive the
 # scale to infinity.
 PRIOR_PRECISION = 1e-3
+# The anchors are the class means spread around their centroid by sqrt(ANCHOR_SEPARATION / d), where d is the mean
+# separation of two classes' means in within-class standard deviations (along the line through them). A step in plain
+# class gaps is too weak for an attribute that is subtle in h (overlapping classes, small d: on the toy world,
+# glasses) and a step in plain standard deviations too strong for it (pushed past the data, h makes the attribute's
+# features out of nothing); the square root is the compromise measured on the toy world's tuning seeds
+# (docs/guidance.md). For d = ANCHOR_SEPARATION the anchors are the class means.
+ANCHOR_SEPARATION = 4.0
 
 
 def block_rows(dim: int) -> int:
@@ -84,3 +92,38 @@ def calibration_metrics(logits: torch.Tensor, labels: torch.Tensor, scale: float
         "nll_calibrated": float(F.cross_entropy(calibrated, labels)),
         "fraction_error": float((torch.softmax(calibrated, 1).mean(0) - fractions).abs().sum()),
     }
+
+
+def class_separation(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, means: torch.Tensor) -> float:
+    """Mean over the pairs of classes present of |mu_a - mu_b| / (within-class standard deviation along mu_b - mu_a,
+    averaged over the two classes), on x[rows]."""
+    y_rows = y[rows]
+    present = [k for k in range(means.shape[0]) if bool((y_rows == k).any())]
+    separations = []
+    block = block_rows(x.shape[1])
+    for i, a in enumerate(present):
+        for b in present[i + 1 :]:
+            direction = (means[b] - means[a]).double()
+            gap = float(direction.norm())
+            if gap == 0:
+                continue
+            unit = direction / gap
+            spreads = []
+            for k in (a, b):
+                members = rows[y_rows == k]
+                projection = torch.cat(
+                    [x[members[j : j + block]].double() @ unit for j in range(0, len(members), block)]
+                )
+                spreads.append(float(projection.std()) if len(projection) > 1 else 0.0)
+            spread = sum(spreads) / 2
+            if spread > 0:
+                separations.append(gap / spread)
+    return sum(separations) / len(separations) if separations else ANCHOR_SEPARATION
+
+
+def class_anchors(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The anchors of one head: the class means of x[rows], spread around their centroid (see ANCHOR_SEPARATION)."""
+    means = class_means(x, y, rows, num_classes)
+    centroid = means.mean(0)
+    factor = math.sqrt(ANCHOR_SEPARATION / class_separation(x, y, rows, means))
+    return centroid + (means - centroid) * factor

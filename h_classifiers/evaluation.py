@@ -1,13 +1,15 @@
 """Evaluation of Balancing Act guidance: generate, label, measure class fractions, FD, valid rate and time.
 
-Four configurations are compared on the same prompt and the same per-image seeds:
+Five configurations are compared on the same prompt and the same per-image seeds:
 
 - `vanilla`: the pipeline without guidance (bit-for-bit Stable Diffusion);
 - `sample`: sample guidance; image i is guided to class c_i, the c_i drawn deterministically so that the classes
   match the target distribution (`assign_classes`); the per-image hit rate on the asked class is reported;
 - `distribution`: distribution guidance toward the target, one batch at a time;
 - `prompt`: the prompt baseline: no guidance, the attribute written into the prompt (one explicit prompt per class),
-  the classes drawn as for `sample`, e.g. for a 30/70 skin target 30% "light" and 70% "dark" explicit prompts.
+  the classes drawn as for `sample`, e.g. for a 30/70 skin target 30% "light" and 70% "dark" explicit prompts;
+- `fair_diffusion`: the Fair Diffusion baseline (`baselines.FairDiffusion`): the neutral prompt, SEGA edit prompts
+  towards a class drawn at random per image from the target and away from the other classes.
 
 Measurement: a labeller (`h_classifiers.labellers`) gives each image a class index, or -1 when it cannot label it
 (the toy oracle: an invalid image). Class fractions are one-hot predictions counted over the labelled images only;
@@ -36,7 +38,7 @@ from .generation import generate_batches
 from .io_utils import atomic_save_figure, atomic_save_image, atomic_write_json
 
 
-CONFIGURATIONS = ("vanilla", "sample", "distribution", "prompt")
+CONFIGURATIONS = ("vanilla", "sample", "distribution", "prompt", "fair_diffusion")
 GUIDED_CONFIGURATIONS = {"sample": "sample", "distribution": "distribution"}
 
 # Scheduler names accepted by the command-line tools: class name in diffusers and the config overrides that make it
@@ -92,13 +94,11 @@ def parse_target(target: str | Sequence[float], class_names: Sequence[str], argu
 
 
 def class_counts(target: Sequence[float], n: int) -> list[int]:
-    """How many of `n` images each class gets: largest-remainder rounding of `n * target` (sums to n)."""
-    exact = [p * n for p in target]
-    counts = [math.floor(x) for x in exact]
-    by_remainder = sorted(range(len(exact)), key=lambda k: (counts[k] - exact[k], k))
-    for k in by_remainder[: n - sum(counts)]:
-        counts[k] += 1
-    return counts
+    """How many of `n` images each class gets: largest-remainder rounding of `n * target` (sums to n), the same
+    apportionment distribution guidance uses."""
+    from pipeline_balancing_act import largest_remainder
+
+    return largest_remainder(target, n).tolist()
 
 
 def assign_classes(target: Sequence[float], n: int) -> list[int]:
@@ -220,6 +220,8 @@ class EvaluationSpec:
     class_prompts: list[str] | None = None
     # Extra pipeline arguments for the guided configurations: guidance_strength, guided_branches, guidance_steps, ...
     guidance: dict[str, Any] = field(default_factory=dict)
+    # SEGA settings of the Fair Diffusion baseline (None: `baselines.DEFAULT_FAIR_DIFFUSION_SETTINGS`).
+    fair_diffusion: dict[str, Any] | None = None
 
 
 @dataclass
@@ -238,13 +240,22 @@ def run_configuration(
     n = spec.num_images
     common = {"num_inference_steps": spec.num_inference_steps, "guidance_scale": spec.guidance_scale}
     prompts, asked, per_image = [spec.prompt] * n, None, None
+    if configuration in ("prompt", "fair_diffusion") and (
+        not spec.class_prompts or len(spec.class_prompts) != len(spec.target)
+    ):
+        raise ValueError(
+            f"The {configuration} baseline needs one explicit prompt per class ({len(spec.target)}), got "
+            f"{spec.class_prompts}."
+        )
     if configuration == "prompt":
-        if not spec.class_prompts or len(spec.class_prompts) != len(spec.target):
-            raise ValueError(
-                f"The prompt baseline needs one explicit prompt per class ({len(spec.target)}), got {spec.class_prompts}."
-            )
         asked = assign_classes(spec.target, n)
         prompts = [spec.class_prompts[k] for k in asked]
+    elif configuration == "fair_diffusion":
+        from .baselines import DEFAULT_FAIR_DIFFUSION_SETTINGS, FairDiffusion, draw_classes
+
+        asked = draw_classes(spec.target, n, spec.seed)
+        per_image = {"target_classes": asked}
+        pipe = FairDiffusion(pipe, list(spec.class_prompts), spec.fair_diffusion or DEFAULT_FAIR_DIFFUSION_SETTINGS)
     elif configuration in GUIDED_CONFIGURATIONS:
         common.update(h_classifier=classifier, guidance_mode=GUIDED_CONFIGURATIONS[configuration], **spec.guidance)
         if configuration == "sample":

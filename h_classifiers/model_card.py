@@ -117,7 +117,9 @@ Distribution-Guided Debiasing in Diffusion Models*, CVPR 2024), for h-space guid
 - Heads: {len(cfg.timesteps)}, at the timesteps of `{(manifest.get("scheduler") or {}).get("class")}` with
   {manifest.get("num_inference_steps")} steps ({cfg.timesteps[0]:g} ... {cfg.timesteps[-1]:g}); any other scheduler's
   timestep uses the nearest head
-- Temperature for guidance: {cfg.temperature:g}
+- Calibration: {"per-step temperature and class offsets fitted on the held-out images" if cfg.calibration_scale else "none (saved before calibration existed)"}
+- Anchors (the points in h guidance moves between): {cfg.anchor_source or "none (guidance moves along the head weights)"}
+- Temperature of the paper's soft distribution loss: {cfg.temperature:g}
 
 ## Usage
 

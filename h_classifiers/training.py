@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 if TYPE_CHECKING:
     from pipeline_balancing_act import HClassifier
 
-from .calibration import block_rows, calibration_metrics, class_means, fit_calibration
+from .calibration import block_rows, calibration_metrics, class_anchors, class_means, fit_calibration
 from .feature_store import HFeatureStore
 from .io_utils import atomic_write_json, atomic_write_text, make_temp_dir
 from .model_card import PLOT_NAME, model_card, plot_metrics, public_model_name
@@ -337,7 +337,7 @@ def train_classifier(
             classifier.weight[step].copy_(weight)
             classifier.bias[step].copy_(bias)
         timestep = store.timesteps[step]
-        anchors.append(class_means(x, data.labels, train_rows, num_classes))
+        anchors.append(class_anchors(x, data.labels, train_rows, num_classes))
         train_preds = _predict(classifier, data.features, train_rows, timestep).argmax(-1)
         held_logits = _predict(classifier, data.features, held_rows, timestep)
         held_preds = held_logits.argmax(-1)
@@ -362,7 +362,7 @@ def train_classifier(
         )
         del data, x
     classifier.set_calibration(scales, offsets)
-    classifier.set_anchors(torch.stack(anchors), "class_mean")
+    classifier.set_anchors(torch.stack(anchors), "class_means_spread")
     classifier.eval()
     summary = summarize(metrics)
     summary.update(
