@@ -21,11 +21,12 @@ from typing import Any
 import torch
 
 
-def process_state():
+def process_state(cpu: bool = False):
     """The accelerate `PartialState` of a run launched in several processes (`WORLD_SIZE` > 1: `accelerate launch`,
     torchrun), else None.
 
-    On a machine without CUDA (or with `ACCELERATE_USE_CPU` set) the processes are CPU processes and talk over gloo.
+    With `cpu`, on a machine without CUDA or with `ACCELERATE_USE_CPU` set, the processes are CPU processes and talk
+    over gloo.
     Note: accelerate's own `--cpu` flag launches one process unless MPI is set up; on CPU launch with
     `accelerate launch --multi_gpu --num_processes N` (torchrun underneath), see docs/multi_gpu.md.
     """
@@ -33,7 +34,11 @@ def process_state():
         return None
     from accelerate import PartialState
 
-    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
+    cpu = (
+        cpu
+        or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        or not torch.cuda.is_available()
+    )
     state = PartialState(cpu=cpu)
     return state if state.num_processes > 1 else None
 

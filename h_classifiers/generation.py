@@ -48,6 +48,17 @@ def process_rounds(n: int, batch_size: int, state=None) -> list[tuple[range, ran
     return [(images, share_range(images, state)) for images in batch_ranges(n, batch_size * num_processes(state))]
 
 
+def check_global_rounds(n: int, batch_size: int, state=None) -> None:
+    """A global batch needs every process in every call: a ValueError when a round leaves a process without an
+    image (the same answer on every process)."""
+    if any(len(batch) == 0 for _, batch in process_rounds(n, batch_size, state)):
+        raise ValueError(
+            f"{n} images in rounds of {batch_size} x {num_processes(state)} processes leave a process without an image "
+            "in some round, and a global batch (distribution mode) needs every process in every call: use more "
+            "images or a smaller batch size."
+        )
+
+
 def image_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
     """One CPU generator per image, image i seeded `seed + i`."""
     return [torch.Generator("cpu").manual_seed(seed + i) for i in indices]
@@ -103,12 +114,8 @@ def generate_batches(
     coupled = False  # one global batch per round: the processes' calls are coupled (collectives at every step)
     if num_processes(state) > 1 and call_kwargs.get("guidance_mode") == "distribution":
         coupled = bool(call_kwargs.setdefault("global_batch", True))
-    if coupled and any(len(batch) == 0 for _, batch in rounds):
-        raise ValueError(
-            f"{num_images} images in rounds of {batch_size} x {num_processes(state)} processes leave a process without "
-            "an image in some round, and a global batch needs every process in every call: use more images or a "
-            "smaller batch size."
-        )
+    if coupled:
+        check_global_rounds(num_images, batch_size, state)
     for images, batch in rounds:
         if skip is not None and (coupled or len(batch)) and skip(images if coupled else batch):
             continue

@@ -17,6 +17,7 @@ from h_classifiers.commands import _common
 from h_classifiers.commands._parser import CommandParser
 from h_classifiers.distributed import is_main, num_processes, process_device, process_state
 from h_classifiers.evaluation import CONFIGURATIONS, evaluate, load_pipeline, resolve_device
+from h_classifiers.generation import check_global_rounds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,8 +89,10 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(str(error))
     _common.apply_threads(args)
     _common.quiet_loading()
-    state = process_state()
+    state = process_state(cpu=args.device == "cpu")
     try:
+        if "distribution" in configurations:
+            check_global_rounds(args.num_images, args.batch_size, state)
         device = process_device(state, resolve_device(args.device))
         classifier = _common.load_classifier(args.classifier)
         class_names = list(classifier.config.class_names)

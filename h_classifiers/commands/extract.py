@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> dict:
     class_names = [c.strip() for c in args.class_names.split(",")] if args.class_names else None
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    state = process_state()
+    state = process_state(cpu=args.device == "cpu")
     device = process_device(state, resolve_device(args.device))
     common = {
         "num_inference_steps": args.steps,

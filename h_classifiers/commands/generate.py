@@ -27,6 +27,7 @@ from h_classifiers.evaluation import (
     side_by_side,
     summarize_labels,
 )
+from h_classifiers.generation import check_global_rounds
 from h_classifiers.io_utils import atomic_save_image, atomic_write_json
 from h_classifiers.saved_images import ImageSet, write_manifest
 
@@ -83,8 +84,10 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(str(error))
     _common.apply_threads(args)
     _common.quiet_loading()
-    state = process_state()
+    state = process_state(cpu=args.device == "cpu")
     try:
+        if args.mode == "distribution":
+            check_global_rounds(args.num_images, args.batch_size, state)
         device = process_device(state, resolve_device(args.device))
         classifier = _common.load_classifier(args.classifier)
         class_names = list(classifier.config.class_names)
