@@ -610,6 +610,20 @@ def logit_directions(logits: torch.Tensor, targets: torch.Tensor, loss: str, tem
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _all_gather_rows(rows: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """The `rows` `[n_p, ...]` of every process, concatenated in process order (`torch.distributed.all_gather`;
+    `sizes` holds each process's n_p, and shorter ones are padded to the longest for the collective). On the gloo
+    backend the tensors travel through the CPU."""
+    import torch.distributed as dist
+
+    device = torch.device("cpu") if dist.get_backend() == "gloo" else rows.device
+    padded = torch.zeros(max(sizes), *rows.shape[1:], dtype=rows.dtype, device=device)
+    padded[: rows.shape[0]] = rows.to(device)
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)]).to(rows.device)
+
+
 class _GuidancePlan:
     """Validated guidance settings of one `__call__` and the per-step state the hooks share.
 
@@ -631,6 +645,7 @@ class _GuidancePlan:
         num_images: int,
         timestep_values: list[float],
         balance_state: BalanceState | None,
+        process_rows: list[int] | None = None,
     ):
         self.classifiers = classifiers
         self.strengths = strengths
@@ -652,12 +667,21 @@ class _GuidancePlan:
             self.groups = [{"attributes": attributes, "class_names": names}]
         else:
             self.groups = [{"attributes": [a], "class_names": [n]} for a, n in zip(attributes, names)]
+        # global batch (distribution mode): every process's number of images, in process order; this process's rows
+        # of the global batch. The counts, the assignment and the soft solvers' p_hat are over the global rows.
+        self.process_rows = process_rows
+        total = num_images
+        if process_rows is not None:
+            import torch.distributed as dist
+
+            start = sum(process_rows[: dist.get_rank()])
+            self.own_rows, total = slice(start, start + num_images), sum(process_rows)
         self.counts = None  # assign solver: the class (cell) counts of this batch, one LongTensor per group
         if mode == "distribution" and solver == "assign":
             if balance_state is not None:
-                self.counts = balance_state.batch_counts(self.groups, targets, num_images)
+                self.counts = balance_state.batch_counts(self.groups, targets, total)
             else:
-                self.counts = [largest_remainder(t.flatten(), num_images) for t in targets]
+                self.counts = [largest_remainder(t.flatten(), total) for t in targets]
         self.previous: list[torch.Tensor | None] = [None] * len(self.groups)  # last assignment, per group
         self.final_classes: list[torch.Tensor] | None = None  # per group, each image's class at the last step
         self.step_index = -1  # index of the current UNet call = denoising-loop step
@@ -686,9 +710,14 @@ class _GuidancePlan:
         return self._heads[key]
 
     def solve(self, calibrated: list[torch.Tensor], raw: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per classifier, the logit-space directions `[N, K]` of this step (see `guidance_loss`)."""
+        """Per classifier, the logit-space directions `[N, K]` of this step (see `guidance_loss`). With a global
+        batch the solvers see the rows of every process (gathered) and this process's rows are returned."""
         if self.mode == "sample":
             return [logit_directions(z, t.to(z.device), "classes", 0) for z, t in zip(calibrated, self.targets)]
+        if self.process_rows is not None:  # one all_gather of every classifier's calibrated and raw logits
+            widths = [z.shape[1] for z in calibrated + raw]
+            gathered = _all_gather_rows(torch.cat(calibrated + raw, dim=1), self.process_rows).split(widths, dim=1)
+            calibrated, raw = list(gathered[: len(calibrated)]), list(gathered[len(calibrated) :])
         if self.solver != "assign":
             directions = []
             for z, r, target, temperature in zip(calibrated, raw, self.targets, self.temperatures):
@@ -697,18 +726,19 @@ class _GuidancePlan:
                     directions.append(logit_directions(z, classes, "classes", 0))
                 else:
                     directions.append(logit_directions(r, target.to(r.device), self.solver, temperature))
-            return directions
-        log_probs = [torch.log_softmax(z, dim=1) for z in calibrated]
-        if self.joint:
-            cost = -log_probs[0]
-            for lp in log_probs[1:]:  # cell cost: the classifiers' costs add up (independent readings)
-                cost = (cost[:, :, None] - lp[:, None, :]).flatten(1)
-            cells = self._assign(0, cost)
-            shape = [lp.shape[1] for lp in log_probs]
-            classes = list(torch.unravel_index(cells, shape)) if len(shape) > 1 else [cells]
         else:
-            classes = [self._assign(g, -lp) for g, lp in enumerate(log_probs)]
-        return [logit_directions(z, c.to(z.device), "classes", 0) for z, c in zip(calibrated, classes)]
+            log_probs = [torch.log_softmax(z, dim=1) for z in calibrated]
+            if self.joint:
+                cost = -log_probs[0]
+                for lp in log_probs[1:]:  # cell cost: the classifiers' costs add up (independent readings)
+                    cost = (cost[:, :, None] - lp[:, None, :]).flatten(1)
+                cells = self._assign(0, cost)
+                shape = [lp.shape[1] for lp in log_probs]
+                classes = list(torch.unravel_index(cells, shape)) if len(shape) > 1 else [cells]
+            else:
+                classes = [self._assign(g, -lp) for g, lp in enumerate(log_probs)]
+            directions = [logit_directions(z, c.to(z.device), "classes", 0) for z, c in zip(calibrated, classes)]
+        return directions if self.process_rows is None else [d[self.own_rows] for d in directions]
 
     def _assign(self, group: int, cost: torch.Tensor) -> torch.Tensor:
         """The min-cost assignment of group `group`, re-solved at each guided step with a cost for switching."""
@@ -919,9 +949,20 @@ class BalancingActPipeline(StableDiffusionPipeline):
         timestep_values: list[float],
         height: int,
         width: int,
+        global_batch: bool = False,
     ) -> _GuidancePlan:
         """Validate our arguments (guidance active: a mode and a classifier) and load the classifiers."""
         num_steps = len(timestep_values)
+        if not isinstance(global_batch, bool):
+            raise TypeError(f"`global_batch` must be True or False; got {global_batch!r}.")
+        if global_batch and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise ValueError(
+                "`global_batch=True` computes the guidance statistics over the batches of all processes, but "
+                "torch.distributed is not initialised in this process. Launch every process with `accelerate launch` "
+                "(and create `accelerate.PartialState()`), or call `torch.distributed.init_process_group`, then make "
+                "the same call on every process; or drop `global_batch` for a single process."
+            )
+        process_rows = None  # global batch, distribution mode: every process's number of images, in process order
         if guidance_mode not in GUIDANCE_MODES:
             raise ValueError(f"`guidance_mode` must be None, 'sample' or 'distribution'; got {guidance_mode!r}.")
         if distribution_solver not in DISTRIBUTION_SOLVERS:
@@ -979,11 +1020,15 @@ class BalancingActPipeline(StableDiffusionPipeline):
                 entries = self._per_classifier(target_distribution, "target_distribution", len(classifiers), is_list)
                 targets = [self._target_vector(v, c) for v, c in zip(entries, classifiers)]
             one_class = all(float(t.max()) == 1.0 for t in targets)
-            if num_images < 2 and balance_state is None and not one_class:
+            if global_batch:  # the call's first collective
+                count = torch.tensor([num_images], device=self._execution_device)
+                process_rows = _all_gather_rows(count, [1] * torch.distributed.get_world_size()).tolist()
+            total = sum(process_rows) if process_rows else num_images
+            if total < 2 and balance_state is None and not one_class:
                 raise ValueError(
                     "`guidance_mode='distribution'` needs at least 2 images (batch size x num_images_per_prompt) or a "
                     "`balance_state` that carries the counts across calls: the target is a distribution over images. "
-                    f"For one image of a given class use `guidance_mode='sample'`; got {num_images} image."
+                    f"For one image of a given class use `guidance_mode='sample'`; got {total} image."
                 )
         else:
             if target_classes is None:
@@ -1030,6 +1075,7 @@ class BalancingActPipeline(StableDiffusionPipeline):
             num_images,
             timestep_values,
             balance_state,
+            process_rows,
         )
 
     def _denoising_timesteps(self, num_inference_steps: int, timesteps: Any, sigmas: Any) -> list[float]:
@@ -1120,6 +1166,7 @@ class BalancingActPipeline(StableDiffusionPipeline):
         classifier_temperature: float | None = None,
         guided_branches: str = "cond",
         balance_state: BalanceState | None = None,
+        global_batch: bool = False,
         **kwargs,
     ) -> StableDiffusionPipelineOutput | tuple:
         r"""
@@ -1177,6 +1224,16 @@ class BalancingActPipeline(StableDiffusionPipeline):
                 Distribution mode with `distribution_solver="assign"`: class counts carried across calls. Each call
                 is assigned the counts that bring all images so far to the target and adds its images' classes to
                 the state. Then a job in small batches (1 included) ends on the target counts; the state saves to JSON.
+            global_batch (`bool`, *optional*, defaults to `False`):
+                Distribution mode across processes (e.g. `accelerate launch`, one pipeline per GPU): when `True`,
+                the guidance statistics are computed over the images of every process's call, as if they were one
+                batch: at each guided step every process's logits are gathered (`torch.distributed.all_gather`),
+                the target counts are those of the global number of images, the assignment (or the soft solvers'
+                batch mean) is solved on all of them, identically on every process, and each process moves its own
+                images. A `balance_state` then counts the classes of every process's images and stays the same on
+                all of them. Needs torch.distributed initialised and the same call on every process (same
+                arguments; each its own prompts and generators, in process order). Sample mode has no batch
+                statistics and is unaffected. `False` (default): a single process, torch.distributed is not used.
 
         Examples:
             ```py
@@ -1201,7 +1258,7 @@ class BalancingActPipeline(StableDiffusionPipeline):
                 f"BalancingActPipeline.__call__() got unexpected keyword argument(s) {unknown}; see the "
                 "StableDiffusionPipeline arguments and h_classifier, guidance_mode, target_distribution, "
                 "target_classes, guidance_strength, guidance_steps, distribution_solver, classifier_temperature, "
-                "guided_branches, balance_state."
+                "guided_branches, balance_state, global_batch."
             )
         standard = {
             "prompt": prompt,
@@ -1237,6 +1294,7 @@ class BalancingActPipeline(StableDiffusionPipeline):
                     ("target_distribution", target_distribution),
                     ("target_classes", target_classes),
                     ("balance_state", balance_state),
+                    ("global_batch", global_batch or None),
                 )
                 if value is not None
             ]
@@ -1282,6 +1340,7 @@ class BalancingActPipeline(StableDiffusionPipeline):
             self._denoising_timesteps(num_inference_steps, timesteps, sigmas),
             height,
             width,
+            global_batch,
         )
 
         pre_hook = self.unet.register_forward_pre_hook(self._count_unet_calls(plan), with_kwargs=True)
@@ -1298,5 +1357,8 @@ class BalancingActPipeline(StableDiffusionPipeline):
                 "wrong steps. Call the UNet outside the pipeline call."
             )
         if balance_state is not None and plan.final_classes is not None:
-            balance_state.update(plan.groups, plan.final_classes)
+            final = plan.final_classes
+            if plan.process_rows is not None:  # every process's images, so the state stays the same on all of them
+                final = [_all_gather_rows(classes, plan.process_rows) for classes in final]
+            balance_state.update(plan.groups, final)
         return output

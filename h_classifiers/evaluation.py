@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
+from .distributed import gather_indexed, is_main
 from .generation import generate_batches
 from .io_utils import atomic_save_figure, atomic_save_image, atomic_write_json
 
@@ -192,16 +193,20 @@ def generate_images(
     batch_size: int,
     per_image: dict[str, Sequence[Any]] | None = None,
     progress: Callable[[int], None] | None = None,
+    state=None,
     **call_kwargs: Any,
 ) -> tuple[list[Image.Image], float]:
     """
     Generate one image per prompt in batches (`generation.generate_batches`: image i uses a generator seeded with
     `seed + i`; `per_image` values such as `target_classes` are sliced per batch; `call_kwargs` go to every pipeline
-    call). Returns the PIL images and the wall time in seconds.
+    call). Returns the PIL images and the wall time in seconds. With an accelerate `state` of several processes each
+    generates its share and every process gets all the images, in order (`distributed.gather_indexed`).
     """
     start = time.perf_counter()
-    batches = generate_batches(pipe, prompts, seed, batch_size, per_image, progress, output_type="pil", **call_kwargs)
-    images = [image for batch in batches for image in batch.output.images]
+    batches = generate_batches(
+        pipe, prompts, seed, batch_size, per_image, progress, state=state, output_type="pil", **call_kwargs
+    )
+    images = gather_indexed(((i, im) for batch in batches for i, im in zip(batch.indices, batch.output.images)), state)
     return images, time.perf_counter() - start
 
 
@@ -232,9 +237,15 @@ class Generation:
 
 
 def run_configuration(
-    pipe, classifier, spec: EvaluationSpec, configuration: str, progress: Callable[[int], None] | None = None
+    pipe,
+    classifier,
+    spec: EvaluationSpec,
+    configuration: str,
+    progress: Callable[[int], None] | None = None,
+    **options: Any,
 ) -> Generation:
-    """Generate `spec.num_images` images for one configuration (see the module docstring)."""
+    """Generate `spec.num_images` images for one configuration (see the module docstring). `options` go to
+    `generation.generate_batches` (`state` for several processes, `skip`, `on_batch`)."""
     if configuration not in CONFIGURATIONS:
         raise ValueError(f"`configuration` must be one of {list(CONFIGURATIONS)}, got {configuration!r}.")
     n = spec.num_images
@@ -263,7 +274,9 @@ def run_configuration(
             per_image = {"target_classes": asked}
         else:
             common["target_distribution"] = list(spec.target)
-    images, seconds = generate_images(pipe, prompts, spec.seed, spec.batch_size, per_image, progress, **common)
+    images, seconds = generate_images(
+        pipe, prompts, spec.seed, spec.batch_size, per_image, progress, **options, **common
+    )
     return Generation(images, seconds, asked)
 
 
@@ -277,23 +290,25 @@ def evaluate(
     class_names: Sequence[str] | None = None,
     progress: Callable[[int], None] | None = None,
     metadata: dict[str, Any] | None = None,
+    state=None,
 ) -> dict[str, Any]:
     """
     Run and measure each configuration. Returns `{**metadata, "spec": ..., "class_names": ..., "results":
     {configuration: summary}}`; with `output_dir`, also writes `results.json`, `grid_<configuration>.png` and
-    `fractions.png` there.
+    `fractions.png` there. With an accelerate `state` of several processes, the processes share the generation and
+    every one measures all the images (gathered), as one process would; the main process writes the files.
     """
     class_names = list(class_names or getattr(classifier, "config", {}).get("class_names", []))
     results = {}
     grids = {}
     for configuration in configurations:
-        generation = run_configuration(pipe, classifier, spec, configuration, progress)
+        generation = run_configuration(pipe, classifier, spec, configuration, progress, state=state)
         summary = summarize_labels(labeller(generation.images), spec.target, generation.asked)
         summary["seconds"] = generation.seconds
         results[configuration] = summary
         grids[configuration] = generation.images
     report = {**(metadata or {}), "spec": asdict(spec), "class_names": class_names, "results": results}
-    if output_dir is not None:
+    if output_dir is not None and is_main(state):
         write_outputs(report, grids, output_dir)
     return report
 

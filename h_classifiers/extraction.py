@@ -11,7 +11,9 @@ Two recipes, both batched and resumable, both writing the feature store format (
   (`h_classifiers.labellers`) labels the finished images (pseudo-labels).
 
 Images are assigned to chunks by their position in a fixed plan (the sorted file list, or the seed/prompt list), so
-a resumed run writes exactly the shards an uninterrupted run writes.
+a resumed run writes exactly the shards an uninterrupted run writes. With several processes (`state`, an accelerate
+`PartialState`: `accelerate launch ... -m h_classifiers.cli extract`) the pending chunks are shared between them, each
+process writes its own chunks and the main process the manifest: the store is the one a single process writes.
 
 Step index s refers to the scheduler's timesteps in generation order (s = 0 is the noisiest step), in both recipes.
 """
@@ -131,6 +133,7 @@ def extract_from_folders(
     height: int | None = None,
     width: int | None = None,
     progress: bool = True,
+    state=None,
 ) -> dict:
     """Recipe 1: labelled image folders -> DDIM inversion -> h at every step. Returns the manifest.
 
@@ -143,6 +146,7 @@ def extract_from_folders(
         record_branch: with guidance, which rows of [uncond; cond] to store: "cond", "uncond" or "both".
         chunk_size: images per chunk (the unit of resumption); `batch_size`: images per UNet call.
         dtype: storage dtype, "fp16" (default) or "fp32".
+        state: an accelerate `PartialState` of several processes (each makes its share of the chunks), or None.
     Unreadable or corrupt images are skipped with a warning and listed in the manifest ("skipped").
     """
     output_dir = Path(output_dir)
@@ -184,7 +188,7 @@ def extract_from_folders(
         "attribute": attribute,
         "label_source": "folders",
     }
-    manifest = _prepare_output_dir(output_dir, run)
+    manifest = _prepare_output_dir(output_dir, run, state)
     device = pipe._execution_device
     cond, uncond = pipe.encode_prompt(
         inversion_prompt, device, 1, do_classifier_free_guidance=cfg, negative_prompt=negative_prompt
@@ -209,7 +213,7 @@ def extract_from_folders(
         labels = torch.tensor([r["label"] for r in records], dtype=torch.long)
         return _BatchResult(_split_branches(calls, n, cfg, branches), labels, records, skipped)
 
-    return _run_chunks(output_dir, manifest, plan, chunk_size, batch_size, process_batch, progress, "invert")
+    return _run_chunks(output_dir, manifest, plan, chunk_size, batch_size, process_batch, progress, "invert", state)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,6 +238,7 @@ def extract_from_generation(
     height: int | None = None,
     width: int | None = None,
     progress: bool = True,
+    state=None,
 ) -> dict:
     """Recipe 2: generate with `pipe`, record h at every step, pseudo-label the images with `labeller`.
 
@@ -312,7 +317,7 @@ def extract_from_generation(
             if item.attribute is not None
         },
     }
-    manifest = _prepare_output_dir(output_dir, run)
+    manifest = _prepare_output_dir(output_dir, run, state)
     plan = list(range(num_images))
 
     def process_batch(items: list[int]) -> _BatchResult:
@@ -358,4 +363,4 @@ def extract_from_generation(
         ]
         return _BatchResult(_split_branches(recorder.calls, len(items), cfg, branches), labels, records, [])
 
-    return _run_chunks(output_dir, manifest, plan, chunk_size, batch_size, process_batch, progress, "generate")
+    return _run_chunks(output_dir, manifest, plan, chunk_size, batch_size, process_batch, progress, "generate", state)

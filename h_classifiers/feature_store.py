@@ -37,6 +37,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from .distributed import is_main, share, wait
 from .io_utils import atomic_save_file, atomic_write_json, make_temp_dir
 
 
@@ -279,8 +280,9 @@ def _check_dtype(dtype: str) -> torch.dtype:
     return STORAGE_DTYPES[dtype]
 
 
-def _prepare_output_dir(output_dir: Path, run: dict) -> dict:
-    """Creates the output directory or checks a previous run's manifest; returns the manifest to continue."""
+def _prepare_output_dir(output_dir: Path, run: dict, state=None) -> dict:
+    """Creates the output directory or checks a previous run's manifest; returns the manifest to continue. With
+    several processes (an accelerate `state`) all check, then the main process prepares while the others wait."""
     manifest_path = output_dir / MANIFEST_NAME
     if manifest_path.is_file():
         previous = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -298,6 +300,10 @@ def _prepare_output_dir(output_dir: Path, run: dict) -> dict:
                 "or new directory."
             )
         manifest = dict(run, h_shape=None, complete=False)
+    wait(state)
+    if not is_main(state):
+        wait(state)
+        return manifest
     (output_dir / CHUNKS_DIR).mkdir(parents=True, exist_ok=True)
     # Leftovers of an interrupted run: partial chunks and temporary files (ours, named .tmp-*).
     for leftover in list((output_dir / CHUNKS_DIR).glob(".tmp-*")) + list(output_dir.glob(".tmp-*")):
@@ -306,6 +312,7 @@ def _prepare_output_dir(output_dir: Path, run: dict) -> dict:
         else:
             leftover.unlink(missing_ok=True)
     atomic_write_json(manifest_path, manifest)
+    wait(state)
     return manifest
 
 
@@ -451,17 +458,22 @@ def _run_chunks(
     process_batch: Callable[[list[int]], _BatchResult],
     progress: bool,
     desc: str,
+    state=None,
 ) -> dict:
+    """Makes the chunks not yet complete. Several processes (an accelerate `state`): the pending chunks, listed by all
+    before any is written, are shared between them (`distributed.share`); each process writes its own chunks and the
+    main process the manifest, so the store is the one a single process writes."""
     num_chunks = math.ceil(len(plan) / chunk_size)
     done = {int(CHUNK_PATTERN.match(p.name).group(1)) for p in completed_chunks(output_dir)}
+    wait(state)
     done_items = sum(min(chunk_size, len(plan) - c * chunk_size) for c in done if c < num_chunks)
-    if done:
+    if done and is_main(state):
         logger.info("Resuming %s: %d of %d chunks already complete.", output_dir, len(done), num_chunks)
-    bar = tqdm(total=len(plan), initial=done_items, desc=desc, unit="img", disable=not progress)
+    mine = share([c for c in range(num_chunks) if c not in done], state)
+    total = done_items + sum(min(chunk_size, len(plan) - c * chunk_size) for c in mine)
+    bar = tqdm(total=total, initial=done_items, desc=desc, unit="img", disable=not progress or not is_main(state))
     try:
-        for c in range(num_chunks):
-            if c in done:
-                continue
+        for c in mine:
             items = list(range(c * chunk_size, min((c + 1) * chunk_size, len(plan))))
             results = []
             for start in range(0, len(items), batch_size):
@@ -469,10 +481,16 @@ def _run_chunks(
                 results.append(process_batch(batch))
                 bar.update(len(batch))
             _write_chunk(output_dir, c, results, manifest["branches"], manifest["timesteps"], manifest["dtype"])
-            manifest = _refresh_manifest(output_dir, manifest, complete=False)
+            if is_main(state):
+                manifest = _refresh_manifest(output_dir, manifest, complete=False)
     finally:
         bar.close()
+    wait(state)
+    if not is_main(state):
+        wait(state)
+        return json.loads((output_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
     manifest = _refresh_manifest(output_dir, manifest, complete=True)
+    wait(state)
     if manifest["num_skipped"]:
         warnings.warn(
             f"{manifest['num_skipped']} image(s) could not be read and were skipped (see manifest 'skipped')."

@@ -80,10 +80,10 @@ def atomic_save_file(tensors: dict, path: str | os.PathLike, metadata: dict[str,
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
-def atomic_save_image(image, path: str | os.PathLike) -> None:
-    """A PIL image as PNG, atomically."""
+def atomic_save_image(image, path: str | os.PathLike, **save_kwargs: Any) -> None:
+    """A PIL image as PNG, atomically (`save_kwargs` go to `Image.save`, e.g. `pnginfo`)."""
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format="PNG", **save_kwargs)
 
 
 def atomic_save_figure(figure, path: str | os.PathLike, dpi: float | None = None) -> None:

@@ -19,6 +19,7 @@ RESEARCH_TOOLS = {
     "reproduce": "reproduce.py",
     "train_toy": "train_toy_model.py",
     "toy_report": "toy_report.py",
+    "bench_multiprocess": "bench_multiprocess.py",
 }
 MAX_MODULE_LINES = 500
 

@@ -111,6 +111,7 @@ def test_call_signature_extends_stable_diffusion(ba_pipe):
         "classifier_temperature",
         "guided_branches",
         "balance_state",
+        "global_batch",
     ]
     assert BalancingActPipeline._callback_tensor_inputs == StableDiffusionPipeline._callback_tensor_inputs
 

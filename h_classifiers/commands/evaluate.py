@@ -1,6 +1,10 @@
 """`balancing-act evaluate`: vanilla / sample / distribution / prompt baseline, measured with a labeller.
 
 Writes `results.json`, a grid PNG per configuration and `fractions.png` (measured vs target) to `--output-dir`.
+
+Several processes / GPUs: `accelerate launch --num_processes N -m h_classifiers.cli evaluate ...` shares each
+configuration's images between the processes (rounds of N x --batch-size; distribution mode guides each round as one
+global batch) and gathers them all before measuring, so the metrics are those of one process making the same images.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ from tqdm.auto import tqdm
 
 from h_classifiers.commands import _common
 from h_classifiers.commands._parser import CommandParser
+from h_classifiers.distributed import is_main, num_processes, process_device, process_state
 from h_classifiers.evaluation import CONFIGURATIONS, evaluate, load_pipeline, resolve_device
+from h_classifiers.generation import check_global_rounds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
         "world's explicit prompts; otherwise required for 'prompt').",
     )
     parser.add_argument("--num-images", type=_common.positive_int, default=512, help="Images per configuration.")
-    parser.add_argument("--batch-size", type=_common.positive_int, default=64, help="Images per pipeline call.")
+    parser.add_argument(
+        "--batch-size", type=_common.positive_int, default=64, help="Images per pipeline call in each process."
+    )
     parser.add_argument("--seed", type=int, default=0, help="Image i uses seed + i in every configuration.")
     parser.add_argument(
         "--output-dir", default="outputs/evaluate", help="Where results go (default: outputs/evaluate)."
@@ -81,8 +89,11 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(str(error))
     _common.apply_threads(args)
     _common.quiet_loading()
+    state = process_state(cpu=args.device == "cpu")
     try:
-        device = resolve_device(args.device)
+        if "distribution" in configurations:
+            check_global_rounds(args.num_images, args.batch_size, state)
+        device = process_device(state, resolve_device(args.device))
         classifier = _common.load_classifier(args.classifier)
         class_names = list(classifier.config.class_names)
         target = _common.resolve_target(args.target, classifier)
@@ -101,16 +112,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     spec = _common.evaluation_spec(args, target, class_prompts)
     total = args.num_images * len(configurations)
-    with tqdm(total=total, desc="evaluate", unit="img", disable=args.no_progress) as bar:
+    with tqdm(total=total, desc="evaluate", unit="img", disable=args.no_progress or not is_main(state)) as bar:
         metadata = {
             "model": args.model,
             "classifier": args.classifier,
             "scheduler": args.scheduler,
             "labeller": labeller.source,
+            "num_processes": num_processes(state),
         }
         report = evaluate(
-            pipe, classifier, spec, labeller, configurations, args.output_dir, class_names, bar.update, metadata
+            pipe, classifier, spec, labeller, configurations, args.output_dir, class_names, bar.update, metadata, state
         )
+    if not is_main(state):
+        return report
     for name, summary in report["results"].items():
         print(_common.format_summary(name, summary, class_names))
     print(f"results: {args.output_dir}/results.json")

@@ -7,7 +7,9 @@ Two recipes (see `h_classifiers.extraction`):
     # generation with pseudo-labels from a labeller
     balancing-act extract --prompt "a photo of a face" --num-images 3000 --labeller toy:skin --output-dir feats/skin
 
-Re-running the same command after an interruption resumes it (completed chunks are kept).
+Re-running the same command after an interruption resumes it (completed chunks are kept). Several processes / GPUs:
+`accelerate launch --num_processes N -m h_classifiers.cli extract ...` shares the chunks between the processes (give
+at least N chunks: --chunk-size <= images / N); the shards and manifest are those of one process.
 """
 
 from __future__ import annotations
@@ -150,6 +152,7 @@ def parse_label_map(text: str | None) -> dict[str, str] | None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    from h_classifiers.distributed import process_device, process_state
     from h_classifiers.evaluation import load_pipeline, resolve_device
     from h_classifiers.extraction import extract_from_folders, extract_from_generation
     from h_classifiers.labellers import labeller_from_spec
@@ -159,7 +162,8 @@ def run(args: argparse.Namespace) -> dict:
     class_names = [c.strip() for c in args.class_names.split(",")] if args.class_names else None
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    state = process_state(cpu=args.device == "cpu")
+    device = process_device(state, resolve_device(args.device))
     common = {
         "num_inference_steps": args.steps,
         "negative_prompt": args.negative_prompt,
@@ -170,6 +174,7 @@ def run(args: argparse.Namespace) -> dict:
         "height": args.height,
         "width": args.width,
         "progress": not args.no_progress,
+        "state": state,
     }
     if args.image_dir is not None:
         unused = [name for name in ("num_images", "labeller") if getattr(args, name) is not None]
@@ -223,6 +228,10 @@ def main(argv: list[str] | None = None) -> None:
         manifest = run(args)
     except (ValueError, FileNotFoundError, TypeError) as error:
         parser.error(str(error))
+    from h_classifiers.distributed import is_main, process_state
+
+    if not is_main(process_state()):  # the main process reports the merged store
+        return
     counts = ", ".join(f"{k} {v}" for k, v in manifest["class_counts"].items())
     print(
         f"{manifest['num_images']} images x {len(manifest['timesteps'])} steps, h {manifest['h_shape']} "

@@ -2,17 +2,23 @@
 
 With no arguments it runs on the committed toy model with the shipped skin classifier, distribution mode toward
 50/50, and measures both sets of images with the toy world's pixel oracle.
+
+Several processes / GPUs: `accelerate launch --num_processes N -m h_classifiers.cli generate ...` (docs/multi_gpu.md).
+Image i keeps seed --seed + i; each round of --batch-size x N images is shared between the processes and, in
+distribution mode, guided as one global batch. `--save-images DIR` writes every image and a manifest, and resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from h_classifiers.commands import _common
 from h_classifiers.commands._parser import CommandParser
+from h_classifiers.distributed import is_main, num_processes, process_device, process_state, wait
 from h_classifiers.evaluation import (
     load_pipeline,
     make_grid,
@@ -21,7 +27,9 @@ from h_classifiers.evaluation import (
     side_by_side,
     summarize_labels,
 )
+from h_classifiers.generation import check_global_rounds
 from h_classifiers.io_utils import atomic_save_image, atomic_write_json
+from h_classifiers.saved_images import ImageSet, write_manifest
 
 
 MODES = ("distribution", "sample")
@@ -48,10 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=_common.positive_int,
         default=64,
-        help="Images per pipeline call (default: 64); distribution mode balances each batch.",
+        help="Images per pipeline call in each process (default: 64); distribution mode balances each batch (with N "
+        "processes: each global batch of N x --batch-size images).",
     )
     parser.add_argument("--seed", type=int, default=0, help="Image i uses seed + i, in both sets (default: 0).")
     parser.add_argument("--output-dir", default="outputs", help="Where the grid and results go (default: outputs/).")
+    parser.add_argument(
+        "--save-images",
+        default=None,
+        metavar="DIR",
+        help="Also write every image as DIR/<set>/<index>_seed<seed>.png and DIR/manifest.jsonl; running the same "
+        "command again resumes (default: images not saved).",
+    )
     _common.add_guidance_arguments(parser)
     _common.add_model_arguments(parser)
     return parser
@@ -68,8 +84,11 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(str(error))
     _common.apply_threads(args)
     _common.quiet_loading()
+    state = process_state(cpu=args.device == "cpu")
     try:
-        device = resolve_device(args.device)
+        if args.mode == "distribution":
+            check_global_rounds(args.num_images, args.batch_size, state)
+        device = process_device(state, resolve_device(args.device))
         classifier = _common.load_classifier(args.classifier)
         class_names = list(classifier.config.class_names)
         target = _common.resolve_target(args.target, classifier)
@@ -80,27 +99,57 @@ def main(argv: list[str] | None = None) -> dict:
 
     spec = _common.evaluation_spec(args, target)
     start = time.perf_counter()
-    runs = {"vanilla": run_configuration(pipe, classifier, spec, "vanilla")}
-    runs["balanced"] = run_configuration(pipe, classifier, spec, args.mode)
+    runs, images, saved = {}, {}, {}
+    for name, configuration in (("vanilla", "vanilla"), ("balanced", args.mode)):
+        options, reading = {"state": state}, contextlib.nullcontext()
+        if args.save_images is not None:
+            settings = saved_settings(args, target, configuration, state)
+            try:
+                saved[name] = ImageSet(
+                    args.save_images,
+                    name,
+                    [spec.prompt] * spec.num_images,
+                    spec.seed,
+                    settings,
+                    state,
+                    args.batch_size,
+                )
+            except ValueError as error:
+                parser.error(str(error))
+            options.update(saved[name].generation_options(pipe, classifier))
+            reading = saved[name].reading
+        with reading:
+            runs[name] = run_configuration(pipe, classifier, spec, configuration, **options)
+        images[name] = runs[name].images  # every process's images, gathered
+    wait(state)
+    if not is_main(state):
+        return None
+    for name, image_set in saved.items():  # resumed runs: the images made earlier come from the files
+        records, images[name] = image_set.load()
+        saved[name] = records
 
     output_dir = Path(args.output_dir)
     grid_path = output_dir / "generate_grid.png"
     panels = [
-        ("vanilla", make_grid(runs["vanilla"].images)),
-        (f"balanced ({args.mode} mode)", make_grid(runs["balanced"].images)),
+        ("vanilla", make_grid(images["vanilla"])),
+        (f"balanced ({args.mode} mode)", make_grid(images["balanced"])),
     ]
     atomic_save_image(side_by_side(panels), grid_path)
 
-    results = {}
+    results, manifest = {}, []
     print(
         f"attribute {classifier.config.attribute!r}, classes {class_names}, target "
         f"{[round(p, 3) for p in target]}, {args.num_images} images, {args.scheduler} {args.steps} steps"
     )
     for name, run in runs.items():
+        labels = labeller(images[name]) if labeller is not None else None
         if labeller is not None:
-            summary = summarize_labels(labeller(run.images), target, run.asked)
+            summary = summarize_labels(labels, target, run.asked)
         else:
-            summary = {"num_images": len(run.images)}
+            summary = {"num_images": len(images[name])}
+        manifest += [
+            predicted(record, labels, j, labeller, class_names) for j, record in enumerate(saved.get(name, []))
+        ]
         summary["seconds"] = run.seconds
         results[name] = summary
         if labeller is not None:
@@ -115,12 +164,49 @@ def main(argv: list[str] | None = None) -> dict:
         "labeller": getattr(labeller, "source", None),
         "class_names": class_names,
         "spec": asdict(spec),
+        "num_processes": num_processes(state),
         "results": results,
         "total_seconds": time.perf_counter() - start,
     }
+    if saved:
+        report["save_images"] = str(write_manifest(args.save_images, manifest))
     atomic_write_json(output_dir / "generate_results.json", report, indent=2)
     print(f"grid: {grid_path}  (left: vanilla, right: balanced, same seeds)")
+    if saved:
+        print(f"images: {args.save_images}/{{vanilla,balanced}}/, manifest: {report['save_images']}")
     return report
+
+
+def saved_settings(args: argparse.Namespace, target: list[float], configuration: str, state) -> dict:
+    """What defines the saved images of a set: a resumed run must match it (`saved_images.ImageSet`)."""
+    settings = {
+        "configuration": configuration,
+        "model": args.model,
+        "prompt": args.prompt,
+        "num_images": args.num_images,
+        "seed": args.seed,
+        "scheduler": args.scheduler,
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "dtype": args.dtype,
+    }
+    if configuration != "vanilla":
+        settings.update(classifier=args.classifier, target=target, guidance=_common.guidance_kwargs(args))
+    if configuration == "distribution":  # the images of a global batch depend on its size
+        settings["global_batch_size"] = args.batch_size * num_processes(state)
+    return settings
+
+
+def predicted(record: dict, labels, j: int, labeller, class_names: list[str]) -> dict:
+    """A manifest line: the image's record and its predicted class (the labeller's, else the h-classifier's
+    reading at the last step; None for an image the labeller cannot label)."""
+    line = dict(record)
+    if labeller is not None:
+        k = int(labels[j])
+        line.update(predicted_class=class_names[k] if k >= 0 else None, predicted_by=labeller.source)
+    elif "classifier_class" in record:
+        line.update(predicted_class=record["classifier_class"], predicted_by="h-classifier (last step)")
+    return line
 
 
 if __name__ == "__main__":
