@@ -678,10 +678,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     unknown = [n for n in args.rows.split(",") if n and n not in ROWS_BY_NAME]
     if unknown:
-        raise SystemExit(f"--rows: unknown rows {unknown}; rows: {', '.join(ROWS_BY_NAME)}")
+        parser.error(f"--rows: unknown rows {unknown}; rows: {', '.join(ROWS_BY_NAME)}")
     if args.sweep:
         args.num_images = args.num_images or 256
         args.seed = TUNING_SEED if args.seed is None else args.seed

@@ -199,10 +199,17 @@ def test_unknown_configuration_and_missing_class_prompts_are_refused():
 
 def test_evaluate_measures_each_configuration_and_writes_json_and_pngs(tmp_path):
     spec = make_spec(num_images=30, seed=0)
+    configurations = ["vanilla", "sample", "distribution", "prompt"]  # Fair Diffusion needs a real pipeline
     report = evaluate(
-        RecordingPipe(), "clf", spec, seed_parity_labeller, output_dir=tmp_path, class_names=["light", "dark"]
+        RecordingPipe(),
+        "clf",
+        spec,
+        seed_parity_labeller,
+        configurations,
+        output_dir=tmp_path,
+        class_names=["light", "dark"],
     )
-    assert list(report["results"]) == ["vanilla", "sample", "distribution", "prompt"]
+    assert list(report["results"]) == configurations
     # Seeds 0..29: multiples of 5 are unlabelled (6), the rest alternate classes by parity.
     expected = [sum(1 for s in range(30) if s % 5 and s % 2 == k) for k in (0, 1)]
     for summary in report["results"].values():

@@ -1,4 +1,4 @@
-"""`generate`, `evaluate` and `reproduce` end to end: on a tiny Stable Diffusion saved to disk, and on the committed
+"""`generate` and `evaluate` end to end: on a tiny Stable Diffusion saved to disk, and on the committed
 toy model with its shipped classifier (the README's main command)."""
 
 import json
@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 from tiny_models import tiny_classifier, tiny_sd_pipeline
 
-from benchmarks import reproduce as reproduce_command
 from h_classifiers.commands import evaluate as evaluate_command
 from h_classifiers.commands import generate as generate_command
 from h_classifiers.toy_world import TOY_CLASSIFIERS_PATH, TOY_MODEL_PATH
@@ -69,7 +68,9 @@ def test_evaluate_command_on_a_tiny_model(tiny_assets, tmp_path):
     argv += ["--num-images", "4", "--batch-size", "2", "--steps", "2", "--labeller", "toy:skin", "--threads", "1"]
     argv += ["--class-prompts", "a light face|a dark face", "--target", "0.25,0.75", "--output-dir", str(tmp_path)]
     report = evaluate_command.main(argv)
-    assert list(report["results"]) == ["vanilla", "sample", "distribution", "prompt"]
+    assert list(report["results"]) == ["vanilla", "sample", "distribution", "prompt", "fair_diffusion"]
+    # Fair Diffusion's hit rate: the class drawn for each image
+    assert "hit_rate" in report["results"]["fair_diffusion"]
     assert all(s["num_images"] == 4 for s in report["results"].values())
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["spec"]["target"] == [0.25, 0.75] and saved["labeller"].startswith("toy_world")
@@ -81,59 +82,6 @@ def test_evaluate_needs_class_prompts_for_the_prompt_baseline(tiny_assets, capsy
     with pytest.raises(SystemExit):
         evaluate_command.main(argv + ["--labeller", "toy:skin"])
     assert "--class-prompts" in capsys.readouterr().err
-
-
-def test_reproduce_writes_the_table_json_and_figures(tiny_assets, tmp_path):
-    argv = ["--model", str(tiny_assets / "sd"), "--classifiers-dir", str(tiny_assets / "classifiers")]
-    argv += ["--rows", "skin-50-50", "--num-images", "4", "--batch-sizes", "4,2", "--workers", "1"]
-    argv += ["--output-dir", str(tmp_path)]
-    report = reproduce_command.main(argv + ["--strength", "30"])
-    (row,) = report["rows"]
-    assert set(row["batches"]) == {"4", "2"}
-    assert set(row["batches"]["4"]) == {"vanilla", "sample", "distribution", "prompt"}
-    assert set(row["batches"]["2"]) == {"distribution"}
-    assert report["guidance"]["guidance_strength"] == 30.0
-    assert report["guidance"]["guided_branches"] == reproduce_command.TABLE_BRANCHES
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["rows"][0]["batches"]["4"]["sample"]["num_images"] == 4
-    table = (tmp_path / "table.md").read_text()
-    assert "| skin 50/50 | DDIM 25 | distribution |" in table and "### Batch 2" in table
-    for name in ("fractions_skin-50-50", "grid_skin-50-50_vanilla", "grid_skin-50-50_distribution"):
-        assert (tmp_path / f"{name}.png").exists()
-
-
-def test_reproduce_sweep_gives_the_same_numbers_in_worker_processes(tiny_assets, tmp_path):
-    argv = ["--model", str(tiny_assets / "sd"), "--classifiers-dir", str(tiny_assets / "classifiers"), "--sweep"]
-    argv += [
-        "--num-images",
-        "2",
-        "--batch-sizes",
-        "2",
-        "--sweep-strengths",
-        "0,20",
-        "--sweep-branches",
-        "cond",
-        "--sweep-temperatures",
-        "8",
-        "--sweep-windows",
-        "0-1",
-    ]
-    reports = {}
-    for workers in ("1", "2"):
-        out = tmp_path / workers
-        reports[workers] = reproduce_command.main(argv + ["--workers", workers, "--output-dir", str(out)])
-        assert "| cond | 8 | 0-1 | 20 |" in (out / "sweep.md").read_text()
-    report = reports["2"]
-    assert [e["guidance_strength"] for e in report["entries"]] == [0.0, 20.0]
-    assert report["first_seed"] == reproduce_command.SWEEP_SEED
-
-    def without_seconds(entries):
-        return [
-            {m: {k: v for k, v in s.items() if k != "seconds"} if isinstance(s, dict) else s for m, s in e.items()}
-            for e in entries
-        ]
-
-    assert without_seconds(reports["1"]["entries"]) == without_seconds(reports["2"]["entries"])
 
 
 def test_generate_script_runs_from_a_checkout():

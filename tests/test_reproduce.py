@@ -1,0 +1,92 @@
+"""benchmarks/reproduce.py: the measures of the table, the choice rule of the sweeps, and a tiny end-to-end run."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import reproduce
+from h_classifiers.toy_world import TOY_MODEL_PATH
+
+
+def fake_result(skin, glasses, valid, asked=None, hair=None):
+    n = len(skin)
+    return {
+        "valid": valid,
+        "labels": {"skin": skin, "glasses": glasses, "hair": hair or [0] * n},
+        "asked": asked,
+        "seconds": 1.0,
+        "num_images": n,
+    }
+
+
+def test_measure_fractions_fd_hits_and_entanglement():
+    row = reproduce.Row("r", ("skin",), (0.5, 0.5))
+    vanilla = fake_result([0, 0, 0, 1], [0, 0, 1, 1], [1, 1, 1, 1])
+    # 4 images, the last invalid: skin 2 light / 1 dark over the valid ones, glasses 1/3 with (vanilla 1/2)
+    result = fake_result([0, 1, 0, 1], [0, 0, 1, 1], [1, 1, 1, 0], asked=[0, 1, 1, 1])
+    summary = reproduce.measure(result, row, vanilla)
+    assert summary["fractions"]["skin"] == pytest.approx([2 / 3, 1 / 3])
+    assert summary["fd"] == pytest.approx(((2 / 3 - 0.5) ** 2 * 2) ** 0.5)
+    assert summary["valid_rate"] == 0.75
+    assert summary["hit_strict"] == 0.5 and summary["hit_valid"] == pytest.approx(2 / 3)  # the invalid hit is a miss
+    assert summary["entanglement"]["glasses"] == pytest.approx(0.5 - 1 / 3)
+    assert summary["entanglement"]["hair"] == 0.0
+
+
+def test_measure_joint_rows_over_the_cells():
+    row = reproduce.Row("j", ("skin", "glasses"), ((0.25, 0.25), (0.25, 0.25)))
+    result = fake_result([0, 0, 1, 1], [0, 1, 0, 1], [1, 1, 1, 1])
+    summary = reproduce.measure(result, row, result)
+    assert summary["cell_fractions"] == [0.25, 0.25, 0.25, 0.25] and summary["fd"] == 0.0
+
+
+def test_the_sweeps_choice_keeps_the_valid_rate_then_takes_the_lowest_fd():
+    def entry(strength, fd, valid):
+        settings = {"guidance_strength": strength}
+        return {
+            "configuration": "distribution",
+            "settings": settings,
+            "fd": fd,
+            "valid_rate": valid,
+            "vanilla_valid": 0.9,
+        }
+
+    results = [entry(3, 0.05, 0.9), entry(5, 0.02, 0.895), entry(8, 0.01, 0.85)]
+    assert reproduce.choose(results)["settings"] == {"guidance_strength": 5}
+
+
+def test_job_keys_share_vanilla_per_sampler_and_differ_per_row():
+    jobs, by_row = reproduce.table_jobs(
+        [reproduce.ROWS_BY_NAME["skin-50-50"], reproduce.ROWS_BY_NAME["glasses-50-50"]], 4, 0
+    )
+    assert by_row["skin-50-50"]["vanilla"].key == by_row["glasses-50-50"]["vanilla"].key
+    assert by_row["skin-50-50"]["distribution"].key != by_row["glasses-50-50"]["distribution"].key
+    assert len(jobs) == 1 + 2 * 5
+
+
+def test_reproduce_rejects_unknown_rows(capsys):
+    with pytest.raises(SystemExit):
+        reproduce.main(["--rows", "skin-50-50,skin-99-1"])
+    assert "--rows" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (TOY_MODEL_PATH / "model_index.json").exists(), reason="the committed toy model is missing")
+def test_a_tiny_table_on_the_toy_model_writes_results_table_and_figures(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        report = reproduce.main(["--rows", "skin-50-50", "--num-images", "4", "--output-dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    row = report["rows"]["skin-50-50"]
+    assert set(row["configurations"]) == {"vanilla", "sample", "kl", "distribution", "prompt", "fair_diffusion"}
+    assert all(len(json.loads(p.read_text())["valid"]) == 4 for p in (tmp_path / "jobs").iterdir())
+    table = (tmp_path / "table.md").read_text()
+    assert "distribution, default (assign)" in table and "Fair Diffusion" in table
+    assert (tmp_path / "fractions_skin-50-50.png").exists() and (
+        tmp_path / "grid_skin-50-50_distribution.png"
+    ).exists()
+    # a second run finds every job done and only merges
+    before = {p.name: p.stat().st_mtime for p in (tmp_path / "jobs").iterdir()}
+    reproduce.main(["--rows", "skin-50-50", "--num-images", "4", "--output-dir", str(tmp_path)])
+    assert before == {p.name: p.stat().st_mtime for p in (tmp_path / "jobs").iterdir()}
