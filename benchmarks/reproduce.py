@@ -245,14 +245,15 @@ def run_job(job: Job, kit: Toolkit) -> tuple[dict[str, Any], torch.Tensor]:
     return result, images[:64]
 
 
-def run_jobs(jobs: list[Job], output_dir: Path, grids: set[str]) -> None:
+def run_jobs(jobs: list[Job], output_dir: Path, grids: set[str]):
     """Split the jobs that have no result file yet over the processes; each writes its results atomically."""
-    from accelerate import PartialState
+    from h_classifiers.distributed import num_processes, process_index, process_state, wait
 
-    state = PartialState()
+    state = process_state(cpu=True)  # None for one process
     torch.set_num_threads(1)  # the toy model's small kernels: one thread per process is fastest on a shared CPU
     todo = sorted((j for j in jobs if not (output_dir / "jobs" / f"{j.key}.json").exists()), key=lambda j: -j.cost)
-    mine = todo[state.process_index :: state.num_processes]
+    wait(state)  # every process has listed the jobs to do before any writes one
+    mine = todo[process_index(state) :: num_processes(state)]
     if mine:
         kit = Toolkit()
         for i, job in enumerate(mine):
@@ -261,9 +262,10 @@ def run_jobs(jobs: list[Job], output_dir: Path, grids: set[str]) -> None:
             if job.key in grids:
                 save_grid(first_images, output_dir / f"grid_{grid_name(job)}.png")
             print(
-                f"[process {state.process_index}] {i + 1}/{len(mine)} {job.key} {result['seconds']:.0f} s", flush=True
+                f"[process {process_index(state)}] {i + 1}/{len(mine)} {job.key} {result['seconds']:.0f} s", flush=True
             )
-    state.wait_for_everyone()
+    wait(state)
+    return state
 
 
 def grid_name(job: Job) -> str:
@@ -509,7 +511,7 @@ def machine() -> str:
 
 
 def run_table(args: argparse.Namespace) -> dict[str, Any] | None:
-    from accelerate import PartialState
+    from h_classifiers.distributed import is_main, num_processes
 
     rows = [ROWS_BY_NAME[n] for n in args.rows.split(",")] if args.rows else list(ROWS)
     if any(r.classifiers == "readme" for r in rows) and not (README_CLASSIFIERS / "skin").is_dir():
@@ -526,16 +528,15 @@ def run_table(args: argparse.Namespace) -> dict[str, Any] | None:
         for c in ("distribution", "fair_diffusion")
     }
     start = time.perf_counter()
-    run_jobs(jobs, output_dir, grids)
-    state = PartialState()
-    if not state.is_main_process:
+    state = run_jobs(jobs, output_dir, grids)
+    if not is_main(state):
         return None
     report = {
         "num_images": args.num_images,
         "seed": args.seed,
         "settings": settings_summary(),
         "seconds": time.perf_counter() - start,
-        "processes": state.num_processes,
+        "processes": num_processes(state),
         "machine": machine(),
         "rows": merge(rows, by_row, output_dir),
     }
@@ -574,7 +575,7 @@ FAIR_DIFFUSION_GRID = tuple(
 
 
 def run_sweep(args: argparse.Namespace) -> dict[str, Any] | None:
-    from accelerate import PartialState
+    from h_classifiers.distributed import is_main
 
     if args.sweep == "strength":
         rows, grid = STRENGTH_ROWS, [(("guidance_strength", s),) for s in STRENGTHS]
@@ -591,8 +592,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any] | None:
                 jobs[job.key] = job
                 entries.append((row, configuration, settings, job, vanilla))
     start = time.perf_counter()
-    run_jobs(list(jobs.values()), output_dir, set())
-    if not PartialState().is_main_process:
+    if not is_main(run_jobs(list(jobs.values()), output_dir, set())):
         return None
     load = lambda job: json.loads((output_dir / "jobs" / f"{job.key}.json").read_text())  # noqa: E731
     results = []
