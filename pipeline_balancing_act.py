@@ -109,8 +109,8 @@ class HClassifier(ModelMixin, ConfigMixin):
         base_model (`str`, *optional*): The model the heads were trained on (Hub id or folder name).
         calibration_scale (`list[float]`, *optional*): Per head, the factor on the logits (temperature scaling).
         calibration_bias (`list[list[float]]`, *optional*): Per head, K offsets added after the scale.
-        anchor_source (`str`, *optional*): How the anchors were made (`"class_mean"`, `"paired_prompts"`); `None`
-            means the classifier has no anchors.
+        anchor_source (`str`, *optional*): How the anchors were made (`balancing-act train` writes
+            `"class_means_spread"`); `None` means the classifier has no anchors.
     """
 
     config_name = "config.json"
@@ -1114,8 +1114,9 @@ class BalancingActPipeline(StableDiffusionPipeline):
                 if not guided:
                     return None
                 directions = plan.solve(calibrated, raw)
-                # The unconditional branch's share of a conditional-only move is amplified by the CFG scale w in
-                # the output: divide by w, so a strength means the same move of the output at any guidance_scale.
+                # With classifier-free guidance the output is e_u + w (e_c - e_u): a move of the conditional rows alone
+                # reaches it amplified by w. Divide by w, so a strength means the same change of the output at any
+                # guidance_scale.
                 amplification = self.guidance_scale if cfg and plan.branches == "cond" else 1.0
                 delta = sum(
                     strength / amplification * (g @ head[4])

@@ -589,6 +589,8 @@ def measure_guidance_step(
     Uses the pipeline's internals (`check_guidance_inputs`, `_guide_h`); reports why when they are not there.
     `classifier` replaces the scale's classifier (e.g. one already moved to the GPU).
     """
+    from pipeline_balancing_act import DEFAULT_GUIDANCE_STRENGTH
+
     guided = scale.guided
     rows = scale.num_images * (2 if scale.guidance_scale > 1 else 1)
     try:
@@ -601,7 +603,7 @@ def measure_guidance_step(
             "guidance_mode": arm,
             "target_distribution": kwargs.get("target_distribution"),
             "target_classes": kwargs.get("target_classes"),
-            "guidance_strength": 5.0,
+            "guidance_strength": DEFAULT_GUIDANCE_STRENGTH,
             "guidance_steps": (0.0, 1.0),
             "distribution_solver": "assign",
             "classifier_temperature": None,

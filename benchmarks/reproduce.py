@@ -8,8 +8,8 @@
 Everything runs on the toy world: the committed toy model, the neutral prompt, the toy oracle reading every
 attribute of every image from its pixels. The guided configurations use the pipeline's defaults (nothing is tuned
 per row). A job is one configuration of one row: its images (image i with seed `--seed + i`), the oracle's reading
-of all three attributes and validity, and the classes asked of each image, written to `<output>/jobs/<job>.json`
-(an existing job file is kept: an interrupted run resumes). Jobs are split over the processes of
+of all three attributes and validity, and the classes asked of each image, written to `<jobs dir>/<job>.json`
+(default `.work/reproduce-jobs/`; an existing job file is kept: an interrupted run resumes, and a rerun only merges). Jobs are split over the processes of
 `accelerate launch` (`PartialState`); the main process merges them into `results.json`, `table.md` and figures.
 """
 
@@ -184,7 +184,7 @@ def class_prompts(attribute: str) -> list[str]:
 def run_job(job: Job, kit: Toolkit) -> tuple[dict[str, Any], torch.Tensor]:
     """Generate the job's images, read them with the oracle; per image: every attribute's class, validity, asked."""
     from h_classifiers.baselines import DEFAULT_FAIR_DIFFUSION_SETTINGS, FairDiffusion, draw_classes
-    from h_classifiers.evaluation import assign_classes
+    from h_classifiers.evaluation import asked_classes
     from h_classifiers.generation import generate_batches
     from pipeline_balancing_act import BalanceState
 
@@ -202,7 +202,7 @@ def run_job(job: Job, kit: Toolkit) -> tuple[dict[str, Any], torch.Tensor]:
         classifiers = [kit.classifier(a, row.classifiers) for a in row.attributes]
         target = list(row.target) if len(row.attributes) == 1 else [list(r) for r in row.target]
         if job.configuration in ("sample", "prompt"):
-            asked = assign_classes(target, n)
+            asked = asked_classes(target, n)
         if job.configuration == "sample":
             call.update(h_classifier=classifiers[0], guidance_mode="sample")
             per_image = {"target_classes": asked}
@@ -245,31 +245,27 @@ def run_job(job: Job, kit: Toolkit) -> tuple[dict[str, Any], torch.Tensor]:
     return result, images[:64]
 
 
-def run_jobs(jobs: list[Job], output_dir: Path, grids: set[str]):
+def run_jobs(jobs: list[Job], jobs_dir: Path, output_dir: Path, grids: dict[str, list[str]]):
     """Split the jobs that have no result file yet over the processes; each writes its results atomically."""
     from h_classifiers.distributed import num_processes, process_index, process_state, wait
 
     state = process_state(cpu=True)  # None for one process
     torch.set_num_threads(1)  # the toy model's small kernels: one thread per process is fastest on a shared CPU
-    todo = sorted((j for j in jobs if not (output_dir / "jobs" / f"{j.key}.json").exists()), key=lambda j: -j.cost)
+    todo = sorted((j for j in jobs if not (jobs_dir / f"{j.key}.json").exists()), key=lambda j: -j.cost)
     wait(state)  # every process has listed the jobs to do before any writes one
     mine = todo[process_index(state) :: num_processes(state)]
     if mine:
         kit = Toolkit()
         for i, job in enumerate(mine):
             result, first_images = run_job(job, kit)
-            atomic_write_json(output_dir / "jobs" / f"{job.key}.json", result)
-            if job.key in grids:
-                save_grid(first_images, output_dir / f"grid_{grid_name(job)}.png")
+            atomic_write_json(jobs_dir / f"{job.key}.json", result)
+            for name in grids.get(job.key, ()):
+                save_grid(first_images, output_dir / f"grid_{name}.png")
             print(
                 f"[process {process_index(state)}] {i + 1}/{len(mine)} {job.key} {result['seconds']:.0f} s", flush=True
             )
     wait(state)
     return state
-
-
-def grid_name(job: Job) -> str:
-    return f"{job.row.name if job.row else 'vanilla'}_{job.configuration}"
 
 
 def save_grid(images: torch.Tensor, path: Path) -> None:
@@ -370,12 +366,10 @@ def check_targets(row: Row, measured: dict[str, dict[str, Any]]) -> dict[str, An
     return checks
 
 
-def merge(rows: list[Row], by_row: dict[str, dict[str, Job]], output_dir: Path) -> dict[str, Any]:
+def merge(rows: list[Row], by_row: dict[str, dict[str, Job]], jobs_dir: Path) -> dict[str, Any]:
     results = {}
     for row in rows:
-        loaded = {
-            c: json.loads((output_dir / "jobs" / f"{job.key}.json").read_text()) for c, job in by_row[row.name].items()
-        }
+        loaded = {c: json.loads((jobs_dir / f"{job.key}.json").read_text()) for c, job in by_row[row.name].items()}
         measured = {c: measure(result, row, loaded["vanilla"]) for c, result in loaded.items()}
         results[row.name] = {
             "title": row.title,
@@ -520,15 +514,12 @@ def run_table(args: argparse.Namespace) -> dict[str, Any] | None:
         )
     output_dir = Path(args.output_dir)
     jobs, by_row = table_jobs(rows, args.num_images, args.seed)
-    grids = {by_row[r]["vanilla"].key for r in ("skin-50-50",) if r in by_row}
-    grids |= {
-        by_row[r][c].key
-        for r in ("skin-50-50", "glasses-50-50", "hair-uniform")
-        if r in by_row
-        for c in ("distribution", "fair_diffusion")
-    }
+    grids: dict[str, list[str]] = {}  # job key -> names of the grids of its first 64 images
+    for r in ("skin-50-50", "glasses-50-50", "hair-uniform"):
+        for c in ("vanilla", "distribution", "fair_diffusion") if r in by_row else ():
+            grids.setdefault(by_row[r][c].key, []).append(f"{r}_{c}")
     start = time.perf_counter()
-    state = run_jobs(jobs, output_dir, grids)
+    state = run_jobs(jobs, Path(args.jobs_dir), output_dir, grids)
     if not is_main(state):
         return None
     report = {
@@ -538,12 +529,29 @@ def run_table(args: argparse.Namespace) -> dict[str, Any] | None:
         "seconds": time.perf_counter() - start,
         "processes": num_processes(state),
         "machine": machine(),
-        "rows": merge(rows, by_row, output_dir),
+        "rows": merge(rows, by_row, Path(args.jobs_dir)),
     }
     atomic_write_json(output_dir / "results.json", report)
     atomic_write_text(output_dir / "table.md", table_markdown(report))
     write_figures(report, output_dir)
+    write_front_page_figure(output_dir)
     return report
+
+
+def write_front_page_figure(output_dir: Path) -> None:
+    """vanilla_vs_balanced.png: the first 64 seeds of skin 50/50, vanilla next to distribution mode's defaults."""
+    from PIL import Image
+
+    from h_classifiers.evaluation import side_by_side
+
+    paths = [output_dir / f"grid_skin-50-50_{c}.png" for c in ("vanilla", "distribution")]
+    if all(p.exists() for p in paths):
+        with Image.open(paths[0]) as vanilla, Image.open(paths[1]) as balanced:
+            panels = [
+                ("vanilla", vanilla.convert("RGB")),
+                ("balanced: 50/50 light/dark skin", balanced.convert("RGB")),
+            ]
+            atomic_save_image(side_by_side(panels), output_dir / "vanilla_vs_balanced.png")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -581,7 +589,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any] | None:
         rows, grid = STRENGTH_ROWS, [(("guidance_strength", s),) for s in STRENGTHS]
     else:
         rows, grid = FAIR_DIFFUSION_ROWS, list(FAIR_DIFFUSION_GRID)
-    output_dir = Path(args.output_dir) / f"sweep_{args.sweep}"
+    jobs_dir = Path(args.jobs_dir)
     jobs, entries = {}, []
     for row in rows:
         vanilla = Job("vanilla", row.sampler, args.num_images, args.seed)
@@ -592,9 +600,9 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any] | None:
                 jobs[job.key] = job
                 entries.append((row, configuration, settings, job, vanilla))
     start = time.perf_counter()
-    if not is_main(run_jobs(list(jobs.values()), output_dir, set())):
+    if not is_main(run_jobs(list(jobs.values()), jobs_dir, Path(args.output_dir), {})):
         return None
-    load = lambda job: json.loads((output_dir / "jobs" / f"{job.key}.json").read_text())  # noqa: E731
+    load = lambda job: json.loads((jobs_dir / f"{job.key}.json").read_text())  # noqa: E731
     results = []
     for row, configuration, settings, job, vanilla in entries:
         summary = measure(load(job), row, load(vanilla))
@@ -673,6 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=None, help=f"First seed (table {TABLE_SEED}, sweeps {TUNING_SEED})."
     )
     parser.add_argument("--output-dir", default=str(ROOT / "docs" / "results"), help="Where results go.")
+    parser.add_argument(
+        "--jobs-dir", default=str(ROOT / ".work" / "reproduce-jobs"), help="Where each job's per-image results go."
+    )
     parser.add_argument("--sweep", choices=("strength", "fair-diffusion"), default=None, help="Run a sweep instead.")
     return parser
 

@@ -11,26 +11,32 @@ from typing import TYPE_CHECKING
 __all__ = [
     "DEFAULT_GUIDANCE_STRENGTH",
     "DEFAULT_TEMPERATURE",
-    "GUIDANCE_LOSSES",
+    "DISTRIBUTION_SOLVERS",
     "GUIDANCE_MODES",
     "GUIDED_BRANCHES",
+    "BalanceState",
     "BalancingActPipeline",
     "HClassifier",
     "MidBlockHook",
+    "assign_classes",
     "guidance_loss",
+    "largest_remainder",
 ]
 
 if TYPE_CHECKING:
     from pipeline_balancing_act import (
         DEFAULT_GUIDANCE_STRENGTH,
         DEFAULT_TEMPERATURE,
-        GUIDANCE_LOSSES,
+        DISTRIBUTION_SOLVERS,
         GUIDANCE_MODES,
         GUIDED_BRANCHES,
+        BalanceState,
         BalancingActPipeline,
         HClassifier,
         MidBlockHook,
+        assign_classes,
         guidance_loss,
+        largest_remainder,
     )
 
 

@@ -73,7 +73,7 @@ def fit_calibration(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, 
         return loss
 
     optimizer.step(closure)
-    scale = float(log_scale.exp())
+    scale = float(log_scale.detach().exp())
     if not math.isfinite(scale) or not bool(torch.isfinite(bias).all()):
         return 1.0, [0.0] * num_classes
     return scale, bias.detach().tolist()

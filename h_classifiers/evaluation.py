@@ -4,7 +4,7 @@ Five configurations are compared on the same prompt and the same per-image seeds
 
 - `vanilla`: the pipeline without guidance (bit-for-bit Stable Diffusion);
 - `sample`: sample guidance; image i is guided to class c_i, the c_i drawn deterministically so that the classes
-  match the target distribution (`assign_classes`); the per-image hit rate on the asked class is reported;
+  match the target distribution (`asked_classes`); the per-image hit rate on the asked class is reported;
 - `distribution`: distribution guidance toward the target, one batch at a time;
 - `prompt`: the prompt baseline: no guidance, the attribute written into the prompt (one explicit prompt per class),
   the classes drawn as for `sample`, e.g. for a 30/70 skin target 30% "light" and 70% "dark" explicit prompts;
@@ -102,7 +102,7 @@ def class_counts(target: Sequence[float], n: int) -> list[int]:
     return largest_remainder(target, n).tolist()
 
 
-def assign_classes(target: Sequence[float], n: int) -> list[int]:
+def asked_classes(target: Sequence[float], n: int) -> list[int]:
     """
     A deterministic class per image whose counts match `target` (`class_counts`), interleaved so that any run of
     consecutive images (a batch) also follows the target closely.
@@ -259,7 +259,7 @@ def run_configuration(
             f"{spec.class_prompts}."
         )
     if configuration == "prompt":
-        asked = assign_classes(spec.target, n)
+        asked = asked_classes(spec.target, n)
         prompts = [spec.class_prompts[k] for k in asked]
     elif configuration == "fair_diffusion":
         from .baselines import DEFAULT_FAIR_DIFFUSION_SETTINGS, FairDiffusion, draw_classes
@@ -270,7 +270,7 @@ def run_configuration(
     elif configuration in GUIDED_CONFIGURATIONS:
         common.update(h_classifier=classifier, guidance_mode=GUIDED_CONFIGURATIONS[configuration], **spec.guidance)
         if configuration == "sample":
-            asked = assign_classes(spec.target, n)
+            asked = asked_classes(spec.target, n)
             per_image = {"target_classes": asked}
         else:
             common["target_distribution"] = list(spec.target)

@@ -9,7 +9,9 @@ on the same side.
 
 Outputs (written to a temporary directory next to `output_dir`, then renamed into place):
 `config.json` + `diffusion_pytorch_model.safetensors` (`HClassifier.save_pretrained`), `README.md` (model card),
-`metrics.json` (per-timestep accuracy and balanced accuracy), `accuracy.png` (plot).
+`metrics.json` (per timestep: held-out accuracy, balanced accuracy and per-class recall, train accuracy, and the
+calibration's effect: held-out negative log-likelihood before and after, and the error of the mean calibrated
+probability against the class fractions), `accuracy.png` (plot).
 """
 
 from __future__ import annotations
@@ -57,9 +59,8 @@ class TrainingConfig:
 
     # "logistic": a free linear head per timestep trained by cross-entropy (the paper's). "class_mean": each class's
     # weight is the direction of its mean h from the mean of the class means, with one scale and K biases fitted by
-    # cross-entropy: less accurate for subtle attributes, but its gradient follows how the classes really differ in h,
-    # so guidance moves the images instead of fooling the head (on the toy skin attribute: 50/50 reached, where the
-    # logistic head saturates near 67/33).
+    # cross-entropy (fewer parameters, less accurate for subtle attributes). Guidance reads either head (calibrated)
+    # and moves h between the class anchors, which do not depend on the head type.
     head: str = "logistic"
     epochs: int = 40
     # Small data sets get more epochs: at least this many optimiser steps per head.

@@ -15,7 +15,7 @@ from PIL import Image
 
 from h_classifiers.evaluation import (
     EvaluationSpec,
-    assign_classes,
+    asked_classes,
     class_counts,
     class_fractions,
     evaluate,
@@ -78,13 +78,13 @@ def test_class_counts_follow_the_target(target, n):
     counts = class_counts(target, n)
     assert sum(counts) == n
     assert all(abs(c - p * n) < 1 for c, p in zip(counts, target))
-    classes = assign_classes(target, n)
+    classes = asked_classes(target, n)
     assert [classes.count(k) for k in range(len(target))] == counts
 
 
 def test_assigned_classes_are_interleaved_so_every_batch_follows_the_target():
     target = [0.3, 0.7]
-    classes = assign_classes(target, 512)
+    classes = asked_classes(target, 512)
     for start in range(0, 512, 8):
         batch = classes[start : start + 8]
         assert abs(batch.count(0) - 0.3 * 8) <= 1.5
@@ -163,7 +163,7 @@ def test_prompt_baseline_draws_classes_to_match_the_target():
     spec = make_spec(num_images=50)
     generation = run_configuration(pipe, None, spec, "prompt")
     prompts = [p for call in pipe.calls for p in call["prompt"]]
-    assert len(prompts) == 50 and generation.asked == assign_classes(spec.target, 50)
+    assert len(prompts) == 50 and generation.asked == asked_classes(spec.target, 50)
     assert prompts.count("a dark face") == 35 and prompts.count("a light face") == 15
     assert [spec.class_prompts[k] for k in generation.asked] == prompts
     assert all("guidance_mode" not in call for call in pipe.calls)
@@ -175,7 +175,7 @@ def test_sample_mode_passes_one_target_class_per_image():
     spec = make_spec()
     generation = run_configuration(pipe, classifier, spec, "sample")
     passed = [c for call in pipe.calls for c in call["target_classes"]]
-    assert passed == generation.asked == assign_classes(spec.target, 20)
+    assert passed == generation.asked == asked_classes(spec.target, 20)
     for call in pipe.calls:
         assert call["guidance_mode"] == "sample" and call["h_classifier"] is classifier
         assert call["guidance_strength"] == 1.5 and len(call["target_classes"]) == len(call["prompt"])

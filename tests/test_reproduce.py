@@ -74,8 +74,18 @@ def test_reproduce_rejects_unknown_rows(capsys):
 @pytest.mark.skipif(not (TOY_MODEL_PATH / "model_index.json").exists(), reason="the committed toy model is missing")
 def test_a_tiny_table_on_the_toy_model_writes_results_table_and_figures(tmp_path):
     threads = torch.get_num_threads()
+    argv = [
+        "--rows",
+        "skin-50-50",
+        "--num-images",
+        "4",
+        "--output-dir",
+        str(tmp_path),
+        "--jobs-dir",
+        str(tmp_path / "jobs"),
+    ]
     try:
-        report = reproduce.main(["--rows", "skin-50-50", "--num-images", "4", "--output-dir", str(tmp_path)])
+        report = reproduce.main(argv)
     finally:
         torch.set_num_threads(threads)
     row = report["rows"]["skin-50-50"]
@@ -88,5 +98,5 @@ def test_a_tiny_table_on_the_toy_model_writes_results_table_and_figures(tmp_path
     ).exists()
     # a second run finds every job done and only merges
     before = {p.name: p.stat().st_mtime for p in (tmp_path / "jobs").iterdir()}
-    reproduce.main(["--rows", "skin-50-50", "--num-images", "4", "--output-dir", str(tmp_path)])
+    reproduce.main(argv)
     assert before == {p.name: p.stat().st_mtime for p in (tmp_path / "jobs").iterdir()}

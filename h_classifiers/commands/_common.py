@@ -115,13 +115,24 @@ def add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
         "class name.",
     )
     parser.add_argument(
-        "--strength", type=non_negative_float, default=None, help="guidance_strength (default: the pipeline's)."
+        "--strength",
+        type=non_negative_float,
+        default=None,
+        help="guidance_strength, in class gaps per guided step (default: the pipeline's DEFAULT_GUIDANCE_STRENGTH).",
+    )
+    parser.add_argument(
+        "--solver",
+        default=None,
+        choices=["assign", "kl", "chi2"],
+        help="distribution_solver: exact counts assigned to images (assign), or the paper's soft KL / chi-square "
+        "(default: the pipeline's, assign).",
     )
     parser.add_argument(
         "--temperature",
         type=positive_float,
         default=None,
-        help="classifier_temperature: softmax temperature of the classifier (default: its config.temperature).",
+        help="classifier_temperature of the soft solvers (--solver kl / chi2; default: the classifier's "
+        "config.temperature).",
     )
     parser.add_argument(
         "--guided-branches",
@@ -140,6 +151,8 @@ def guidance_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["guided_branches"] = args.guided_branches
     if args.temperature is not None:
         kwargs["classifier_temperature"] = args.temperature
+    if args.solver is not None:
+        kwargs["distribution_solver"] = args.solver
     return kwargs
 
 

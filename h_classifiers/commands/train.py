@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(HEAD_TYPES),
         help="'logistic' (default): a free linear head per timestep trained by cross-entropy (the paper's). "
         "'class_mean': weights along the class-mean directions of h, scale and biases fitted by cross-entropy "
-        "(less accurate when the attribute is subtle, but guidance cannot fool it as easily; see the README).",
+        "(fewer parameters, less accurate when the attribute is subtle). Either way guidance reads the calibrated "
+        "head and moves h between the class anchors (docs/training.md).",
     )
     parser.add_argument(
         "--balance",
@@ -72,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--temperature",
         type=float,
         default=None,
-        help="Guidance temperature stored in the config (default: the pipeline's DEFAULT_TEMPERATURE).",
+        help="Softmax temperature of the paper's soft distribution loss (distribution_solver kl / chi2), stored in "
+        "the config (default: the pipeline's DEFAULT_TEMPERATURE).",
     )
     parser.add_argument(
         "--branches", default=None, help="Recorded CFG branches to train on, comma-separated (default: all)."
