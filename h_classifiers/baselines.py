@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 
-# SEGA settings, tuned on the toy world on seeds disjoint from the reproduction table's (benchmarks/reproduce.py
-# --tune-fair-diffusion writes the sweep); documented with the table.
+# SEGA settings, chosen on the toy world on seeds disjoint from the reproduction table's
+# (`benchmarks/reproduce.py --sweep fair-diffusion`, docs/results/sweep_fair-diffusion.md).
 DEFAULT_FAIR_DIFFUSION_SETTINGS: dict[str, Any] = {
-    "edit_guidance_scale": 5.0,
-    "edit_warmup_steps": 2,
+    "edit_guidance_scale": 8.0,
+    "edit_warmup_steps": 5,
     "edit_threshold": 0.9,
     "edit_momentum_scale": 0.1,
     "edit_mom_beta": 0.4,

@@ -5,7 +5,8 @@ Five configurations are compared on the same prompt and the same per-image seeds
 - `vanilla`: the pipeline without guidance (bit-for-bit Stable Diffusion);
 - `sample`: sample guidance; image i is guided to class c_i, the c_i drawn deterministically so that the classes
   match the target distribution (`asked_classes`); the per-image hit rate on the asked class is reported;
-- `distribution`: distribution guidance toward the target, one batch at a time;
+- `distribution`: distribution guidance toward the target; when the images take several batches, a `BalanceState`
+  carries the class counts from batch to batch so that the whole run lands on the target;
 - `prompt`: the prompt baseline: no guidance, the attribute written into the prompt (one explicit prompt per class),
   the classes drawn as for `sample`, e.g. for a 30/70 skin target 30% "light" and 70% "dark" explicit prompts;
 - `fair_diffusion`: the Fair Diffusion baseline (`baselines.FairDiffusion`): the neutral prompt, SEGA edit prompts
@@ -274,6 +275,11 @@ def run_configuration(
             per_image = {"target_classes": asked}
         else:
             common["target_distribution"] = list(spec.target)
+            if n > spec.batch_size and common.get("distribution_solver", "assign") == "assign":
+                # Several calls: carry the counts, so the whole run (not each batch) lands on the target.
+                from pipeline_balancing_act import BalanceState
+
+                common["balance_state"] = BalanceState()
     images, seconds = generate_images(
         pipe, prompts, spec.seed, spec.batch_size, per_image, progress, **options, **common
     )

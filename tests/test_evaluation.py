@@ -261,3 +261,22 @@ def test_only_distribution_mode_depends_on_the_batch_size(ba_pipe, classifier):
             assert abs(a - b).max() <= 1, configuration  # equal up to float rounding of batched kernels
     assert abs(runs["sample"][0] - runs["vanilla"][0]).max() > 8  # the guidance did move the images
     assert abs(runs["distribution"][0] - runs["distribution"][1]).max() > 1
+
+
+def test_distribution_mode_carries_the_counts_across_batches(monkeypatch, ba_pipe, classifier):
+    """With more images than one batch, every call of a run gets the same BalanceState (the run lands on the target)."""
+    states = []
+    call = type(ba_pipe).__call__
+
+    def recording_call(pipe, *args, **kwargs):
+        states.append(kwargs.get("balance_state"))
+        return call(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(type(ba_pipe), "__call__", recording_call)
+    spec = make_spec(target=[0.5, 0.5], num_images=4, batch_size=2, seed=3)
+    run_configuration(ba_pipe, classifier, spec, "distribution")
+    assert len(states) == 2 and states[0] is not None and states[0] is states[1]
+    assert states[0].num_images == 4
+    states.clear()
+    run_configuration(ba_pipe, classifier, replace(spec, batch_size=4), "distribution")
+    assert states == [None]  # one batch: nothing to carry

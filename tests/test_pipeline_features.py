@@ -161,14 +161,11 @@ def test_deprecated_callback_arguments_are_passed_through(ba_pipe):
     assert steps == [0, 1, 2]
 
 
-def test_guidance_with_model_cpu_offload(fresh_ba_pipe):
-    """The accelerate offload hooks wrap the UNet's forward; our hooks must still see every call."""
-    pytest.importorskip("accelerate")
-    pipe = fresh_ba_pipe
-    try:
-        pipe.enable_model_cpu_offload(device="cpu")
-    except Exception as error:  # pragma: no cover - depends on the accelerate / diffusers versions
-        pytest.skip(f"model CPU offload is not available on CPU here: {error}")
+def run_offloaded(pipe, device: str):
+    """Guided sample-mode call under model CPU offload; returns (recorder, images, classifier)."""
+    pipe.enable_model_cpu_offload(device=device)
+    assert hasattr(pipe.unet, "_hf_hook")  # the UNet's forward is wrapped by accelerate's offload hook
+    clf = tiny_classifier()
     with HRecorder(pipe.unet) as rec:
         images = pipe(
             PROMPT,
@@ -176,12 +173,37 @@ def test_guidance_with_model_cpu_offload(fresh_ba_pipe):
             num_images_per_prompt=2,
             output_type="np",
             generator=make_generator(0),
-            h_classifier=tiny_classifier(),
-            **GUIDED,
+            h_classifier=clf,
+            guidance_mode="sample",
+            target_classes=[1, 0],
+            guidance_strength=5.0,
         ).images
-    assert len(rec.before) == 3 and all(not torch.equal(b, a) for b, a in zip(rec.before, rec.after))
+    return rec, images, clf
+
+
+def check_offloaded_guidance(pipe, rec, images, clf):
+    assert len(rec.before) == 3
+    for before, after, t in zip(rec.before, rec.after, rec.timesteps):
+        # the heads were copied to h's device for the call; the classifier itself stayed on the CPU
+        h = before[2:].float().cpu()
+        g = logit_directions(clf.calibrated_logits(h, t), torch.tensor([1, 0]), "classes", 1.0)
+        delta = 5.0 / 7.5 * (g @ clf.move_directions(t))
+        torch.testing.assert_close(after[2:].cpu(), h + delta.reshape(h.shape), rtol=1e-4, atol=1e-5)
+    assert clf.weight.device.type == "cpu"
     assert np.isfinite(images).all()
     assert hooks_are_removed(pipe)
+
+
+def test_guidance_with_model_cpu_offload(fresh_ba_pipe):
+    """The accelerate offload hooks wrap the UNet's forward; our hooks still see every call and move h exactly."""
+    check_offloaded_guidance(fresh_ba_pipe, *run_offloaded(fresh_ba_pipe, "cpu"))
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device: the UNet runs there, the classifier not"
+)
+def test_guidance_with_model_cpu_offload_to_a_gpu(fresh_ba_pipe):
+    check_offloaded_guidance(fresh_ba_pipe, *run_offloaded(fresh_ba_pipe, "cuda"))
 
 
 def test_lora_weights_load_and_guidance_runs(tmp_path):
