@@ -76,6 +76,18 @@ def test_trains_above_chance_and_saves_the_hub_layout(tmp_path, head):
     accuracy = (loaded(data.features, TIMESTEPS[2]).argmax(-1) == data.labels).float().mean()
     assert accuracy > 0.97
     torch.testing.assert_close(loaded.weight, result.classifier.weight)
+    # Guidance's parts: a calibration per head fitted on the held-out rows, and the class anchors of every head.
+    assert (
+        len(config_json["calibration_scale"]) == len(TIMESTEPS)
+        and config_json["anchor_source"] == "class_means_spread"
+    )
+    assert all(m["nll_calibrated"] <= m["nll_raw"] + 1e-6 for m in metrics["per_step"])
+    assert loaded.anchors.shape == (len(TIMESTEPS), 3, int(torch.tensor(H_SHAPE).prod()))
+    means = torch.stack([data.features.flatten(1)[data.labels == k].float().mean(0) for k in range(3)])
+    # the anchors sit on the lines through the class means (spread around their centroid), in the same order
+    centred_anchors, centred_means = loaded.anchors[2] - loaded.anchors[2].mean(0), means - means.mean(0)
+    cosine = torch.nn.functional.cosine_similarity(centred_anchors, centred_means, dim=1)
+    assert (cosine > 0.95).all()
 
 
 @pytest.mark.parametrize("head", ["logistic", "class_mean"])
