@@ -359,7 +359,7 @@ def assign_classes(cost: torch.Tensor, counts: Sequence[int] | torch.Tensor) -> 
     over-full class to an under-full one is applied (successive shortest paths on the K classes, Bellman-Ford, since
     moves can have negative cost). Every step keeps the assignment optimal for its current class loads, so the end
     result is optimal. Cost: at most N chains of O(N K + K^3); small next to a UNet step for N up to a few hundred.
-    Returns a LongTensor [N] of class indices.
+    Two classes have a closed form (the rows that gain most by being class 1). Returns a LongTensor [N] of classes.
     """
     if cost.ndim != 2:
         raise ValueError(f"`cost` must be [N, K], got shape {list(cost.shape)}.")
@@ -368,6 +368,10 @@ def assign_classes(cost: torch.Tensor, counts: Sequence[int] | torch.Tensor) -> 
     if counts.numel() != num_classes or bool((counts < 0).any()) or int(counts.sum()) != num_rows:
         raise ValueError(f"`counts` must be K = {num_classes} non-negative integers summing to N = {num_rows}.")
     cost = cost.detach().to(device="cpu", dtype=torch.float64)
+    if num_classes == 2:  # closed form: the counts[1] rows that gain the most by being class 1 rather than class 0
+        assigned = torch.zeros(num_rows, dtype=torch.long)
+        assigned[torch.argsort(cost[:, 1] - cost[:, 0], stable=True)[: int(counts[1])]] = 1
+        return assigned
     assigned = cost.argmin(1)
     while True:
         excess = torch.bincount(assigned, minlength=num_classes) - counts
