@@ -45,6 +45,14 @@ def share(pipe):
     return pipe
 
 
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    """Commands set torch's thread count (`--threads`); every test leaves it as it found it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def sd_pipe():
     """A tiny StableDiffusionPipeline (shared: do not modify its components in a test; checked after each test)."""

@@ -126,14 +126,6 @@ def test_helpers_for_one_process_and_for_several():
 N = 6
 
 
-@pytest.fixture(autouse=True)
-def keep_thread_count():
-    """The commands set torch's thread count (`--threads`); restore it for the other tests."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def save_images_argv(images_dir, output_dir, *extra):
     argv = ["--num-images", str(N), "--batch-size", "3", "--steps", "3", "--threads", "1", "--seed", "10"]
     return argv + ["--output-dir", str(output_dir), "--save-images", str(images_dir), *extra]

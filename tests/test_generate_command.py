@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 from tiny_models import tiny_classifier, tiny_sd_pipeline
 
@@ -20,14 +19,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TOY_ASSETS = (TOY_MODEL_PATH / "model_index.json").exists() and (
     TOY_CLASSIFIERS_PATH / "skin" / "config.json"
 ).exists()
-
-
-@pytest.fixture(autouse=True)
-def keep_thread_count():
-    """The commands set torch's thread count (`--threads`); restore it for the other tests."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -34,14 +34,6 @@ N = 8
 STEPS = 3
 
 
-@pytest.fixture(autouse=True)
-def keep_thread_count():
-    """The commands set torch's thread count (`--threads`); restore it for the other tests."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

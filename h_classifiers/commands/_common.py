@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +215,45 @@ def check_distribution_images(num_images: int) -> None:
             f"distribution mode needs --num-images >= 2 (a distribution over {num_images} image means nothing); "
             "steer a single image with sample mode."
         )
+
+
+@dataclass
+class Run:
+    """What `generate` and `evaluate` start from: the processes, the device, the classifier and the target."""
+
+    state: Any  # accelerate PartialState of a multi-process run, else None
+    device: torch.device
+    classifier: Any
+    class_names: list[str]
+    target: list[float]
+
+
+def start_run(parser: argparse.ArgumentParser, args: argparse.Namespace, distribution: bool) -> Run:
+    """The start `generate` and `evaluate` share: the checks that need nothing loaded (one argparse error each), the
+    thread count, the processes of `accelerate launch`, then the classifier and the target. `distribution`: the
+    run guides distribution mode (at least 2 images; whole rounds of a global batch)."""
+    from h_classifiers.distributed import process_device, process_state
+    from h_classifiers.evaluation import resolve_device
+    from h_classifiers.generation import check_global_rounds
+
+    try:
+        check_classifier_path(args.classifier)
+        if distribution:
+            check_distribution_images(args.num_images)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    apply_threads(args)
+    quiet_loading()
+    state = process_state(cpu=args.device == "cpu")
+    try:
+        if distribution:
+            check_global_rounds(args.num_images, args.batch_size, state)
+        device = process_device(state, resolve_device(args.device))
+        classifier = load_classifier(args.classifier)
+        target = resolve_target(args.target, classifier)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        parser.error(str(error))
+    return Run(state, device, classifier, list(classifier.config.class_names), target)
 
 
 def load_classifier(path: str):

@@ -15,9 +15,8 @@ from tqdm.auto import tqdm
 
 from h_classifiers.commands import _common
 from h_classifiers.commands._parser import CommandParser
-from h_classifiers.distributed import is_main, num_processes, process_device, process_state
-from h_classifiers.evaluation import CONFIGURATIONS, evaluate, load_pipeline, resolve_device
-from h_classifiers.generation import check_global_rounds
+from h_classifiers.distributed import is_main, num_processes
+from h_classifiers.evaluation import CONFIGURATIONS, evaluate, load_pipeline
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,21 +81,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     try:  # what can be checked before anything is loaded
         configurations = parse_configurations(args.configurations)
-        _common.check_classifier_path(args.classifier)
-        if "distribution" in configurations:
-            _common.check_distribution_images(args.num_images)
-    except (ValueError, FileNotFoundError) as error:
+    except ValueError as error:
         parser.error(str(error))
-    _common.apply_threads(args)
-    _common.quiet_loading()
-    state = process_state(cpu=args.device == "cpu")
+    run = _common.start_run(parser, args, distribution="distribution" in configurations)
+    state, device, classifier, class_names, target = run.state, run.device, run.classifier, run.class_names, run.target
     try:
-        if "distribution" in configurations:
-            check_global_rounds(args.num_images, args.batch_size, state)
-        device = process_device(state, resolve_device(args.device))
-        classifier = _common.load_classifier(args.classifier)
-        class_names = list(classifier.config.class_names)
-        target = _common.resolve_target(args.target, classifier)
         class_prompts = default_class_prompts(args, classifier)
         if "prompt" in configurations and (class_prompts is None or len(class_prompts) != len(class_names)):
             raise ValueError(

@@ -18,16 +18,14 @@ from pathlib import Path
 
 from h_classifiers.commands import _common
 from h_classifiers.commands._parser import CommandParser
-from h_classifiers.distributed import is_main, num_processes, process_device, process_state, wait
+from h_classifiers.distributed import is_main, num_processes, wait
 from h_classifiers.evaluation import (
     load_pipeline,
     make_grid,
-    resolve_device,
     run_configuration,
     side_by_side,
     summarize_labels,
 )
-from h_classifiers.generation import check_global_rounds
 from h_classifiers.io_utils import atomic_save_image, atomic_write_json
 from h_classifiers.saved_images import ImageSet, write_manifest
 
@@ -76,22 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:  # what can be checked before anything is loaded
-        _common.check_classifier_path(args.classifier)
-        if args.mode == "distribution":
-            _common.check_distribution_images(args.num_images)
-    except (ValueError, FileNotFoundError) as error:
-        parser.error(str(error))
-    _common.apply_threads(args)
-    _common.quiet_loading()
-    state = process_state(cpu=args.device == "cpu")
+    run = _common.start_run(parser, args, distribution=args.mode == "distribution")
+    state, device, classifier, class_names, target = run.state, run.device, run.classifier, run.class_names, run.target
     try:
-        if args.mode == "distribution":
-            check_global_rounds(args.num_images, args.batch_size, state)
-        device = process_device(state, resolve_device(args.device))
-        classifier = _common.load_classifier(args.classifier)
-        class_names = list(classifier.config.class_names)
-        target = _common.resolve_target(args.target, classifier)
         labeller = _common.build_labeller(args, classifier, device)
         pipe = load_pipeline(args.model, device, args.dtype, args.scheduler)
     except (ValueError, FileNotFoundError, OSError) as error:
