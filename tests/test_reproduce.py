@@ -95,3 +95,25 @@ def test_a_tiny_table_on_the_toy_model_writes_results_table_and_figures(tmp_path
     before = {p.name: p.stat().st_mtime for p in (tmp_path / "jobs").iterdir()}
     reproduce.main(argv)
     assert before == {p.name: p.stat().st_mtime for p in (tmp_path / "jobs").iterdir()}
+
+
+def test_the_reach_sweep_asks_every_class_and_reports_what_was_reached_without_a_choice():
+    rows = {row.name: row for row in reproduce.REACH_ROWS}
+    assert set(rows) == {f"reach-{a}-{c}" for a, classes in reproduce.ATTRIBUTES.items() for c in classes}
+    assert rows["reach-hair-red"].target == (0.0, 0.0, 1.0) and rows["reach-hair-red"].configurations == ("sample",)
+    result = {
+        "row": "reach-glasses-without",
+        "configuration": "sample",
+        "settings": {"guidance_strength": 5.0},
+        "fd": 0.2,
+        "valid_rate": 0.9,
+        "vanilla_valid": 0.95,
+        "hit_strict": 0.7,
+        "hit_valid": 0.75,
+        "reached": 0.75,
+        "vanilla_reached": 0.6,
+        "entanglement_max": 0.05,
+    }
+    report = {"sweep": "reach", "num_images": 8, "seed": 1, "seconds": 60.0, "results": [result]}
+    table = reproduce.sweep_markdown(report)
+    assert "Chosen" not in table and "75.0% (60.0%)" in table and "70.0% / 75.0%" in table
