@@ -10,19 +10,25 @@ its own. It defines:
   saved as safetensors + config.json.
 - `assign_classes` / `largest_remainder`: exact class counts for a batch and the min-cost assignment of images to them.
 - `BalanceState`: class counts carried across calls, so a long job in small batches ends on the target counts.
-- `MidBlockHook`: the one mechanism that reads (and optionally replaces) h = `unet.mid_block(...)`.
-- `guidance_loss`: the one guidance loss (towards classes, or the paper's soft KL / chi-square).
+- `MidBlockHook`: the one mechanism that reads (and optionally replaces) h = `unet.mid_block(...)`, for the calls
+  of the thread (context) that activated it only, also inside a `torch.compile`d UNet.
+- `guidance_loss`: the one guidance loss (towards classes, or the paper's soft KL / chi-square), and
+  `logit_directions`, its gradient in closed form.
 - `BalancingActPipeline`: `StableDiffusionPipeline` plus h-space guidance during denoising.
 """
 
-import copy
+import contextvars
+import inspect
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -30,7 +36,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.image_processor import PipelineImageInput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline, retrieve_timesteps
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 from diffusers.utils import logging
 
 
@@ -43,12 +49,12 @@ DEFAULT_TEMPERATURE = 8.0
 # output after classifier-free guidance (see `BalancingActPipeline.__call__`).
 # Chosen on the toy world's tuning seeds (benchmarks/reproduce.py --sweep strength, docs/results/sweep_strength.md).
 DEFAULT_GUIDANCE_STRENGTH = 5.0
+# Largest accepted `guidance_strength`: far past it h leaves the range the decoder was trained on and the images turn
+# to colour noise (docs/guidance.md, "Strength", gives the range that keeps images intact).
+MAX_GUIDANCE_STRENGTH = 50.0
 # The class-guidance loss aims past the decision boundary: it treats an image as of its asked class only once that
 # class leads the others by this many calibrated logits (so an image barely on the right side keeps moving).
 GUIDANCE_MARGIN = 2.0
-# A classifier without anchors (saved by an older version) moves along its calibrated head weights, scaled so that
-# going from one class's point to another's changes their calibrated logit margin by this much.
-LEGACY_CLASS_GAP = 8.0
 # Cost (in nats of calibrated log-probability) of moving an image to another class when the assignment is solved
 # again at a later step: predictions sharpen, but an image does not flip back and forth between classes.
 SWITCH_PENALTY = 1.0
@@ -98,7 +104,9 @@ class HClassifier(ModelMixin, ConfigMixin):
       probability of each class of the image that will come out;
     - class anchors (`anchors`, `[T, K, *h_shape]`, present when `anchor_source` is set): a point in h per class,
       e.g. the class means of the training h. Guidance moves h along differences of anchors, in units of the class
-      gaps. A classifier without anchors moves along its own head weights (see `move_directions`).
+      gaps.
+
+    `balancing-act train` writes both. Guidance needs both: a classifier without them is refused (`check_guidance_ready`).
 
     Args:
         attribute (`str`): Name of the attribute, e.g. `"skin"`.
@@ -251,48 +259,76 @@ class HClassifier(ModelMixin, ConfigMixin):
         scale, bias = (c[index].to(h.device) for c in self._calibration)
         return self(h, timestep) * scale + bias
 
+    @property
+    def is_calibrated(self) -> bool:
+        return self.config.calibration_scale is not None and self.config.calibration_bias is not None
+
+    def check_guidance_ready(self) -> None:
+        """Raise a one-line `ValueError` unless this classifier has the calibration and class anchors guidance needs."""
+        missing = [name for name, ok in (("calibration", self.is_calibrated), ("anchors", self.has_anchors)) if not ok]
+        if missing:
+            raise ValueError(
+                f"h-classifier {self.config.attribute!r} has no {' and no '.join(missing)} (saved by an older version): "
+                "retrain it with `balancing-act train --features-dir <its features> --output-dir <folder>`."
+            )
+
     def move_directions(self, timestep: int | float | torch.Tensor) -> torch.Tensor:
-        """
-        The K points `[K, D]` (float32) whose differences guidance moves h along at `timestep`: the class anchors,
-        or, for a classifier without anchors, its calibrated head weights scaled so that moving from one class's
-        point to another's changes that pair's calibrated logit margin by `LEGACY_CLASS_GAP` on average.
-        """
-        index = self.head_index(timestep)
-        if self.has_anchors:
-            return self.anchors[index].float()
-        weight = self.weight[index].detach().float() * self._calibration[0][index].to(self.weight.device)
-        centred = weight - weight.mean(0)
-        pair_gaps = torch.cdist(weight[None], weight[None])[0] ** 2
-        mean_gap = pair_gaps.sum() / (self.num_classes * (self.num_classes - 1))
-        return centred * (LEGACY_CLASS_GAP / mean_gap.clamp_min(1e-12))
+        """The K class anchors `[K, D]` (float32) of the head nearest to `timestep`: guidance moves h along their
+        differences."""
+        self.check_guidance_ready()
+        return self.anchors[self.head_index(timestep)].float()
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
         """
-        `ModelMixin.save_pretrained` (safetensors + config.json), each file written to a temporary name in
-        `save_directory` then renamed, so an interrupted save never leaves a half-written file. With
-        `push_to_hub=True` the saved classifier is then uploaded with `push_to_hub` (`repo_id`, `commit_message`,
-        `private`, `token`, `create_pr` are passed to it).
+        `ModelMixin.save_pretrained` (safetensors + config.json) as one unit: the classifier is written to a new
+        folder next to `save_directory`, the other files of an existing `save_directory` (a model card, metrics) are
+        carried over, and the new folder then takes the old one's place by two renames (the old one is put back if
+        the second fails). An interrupted save leaves the old classifier or the new one, never a config of one with
+        the weights of the other. With `push_to_hub=True` the saved classifier is then uploaded with
+        `push_to_hub` (`repo_id`, `commit_message`, `private`, `token`, `create_pr` are passed to it).
         """
         if kwargs.get("safe_serialization", True) is False:
             raise ValueError("`safe_serialization=False` is not supported: HClassifier weights are safetensors.")
         hub_kwargs = {
             k: kwargs.pop(k) for k in ("repo_id", "commit_message", "private", "token", "create_pr") if k in kwargs
         }
-        os.makedirs(save_directory, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=save_directory, prefix=".tmp-") as tmp:
-            super().save_pretrained(tmp, **kwargs)
-            for name in os.listdir(tmp):
-                os.replace(os.path.join(tmp, name), os.path.join(save_directory, name))
+        target = os.path.abspath(save_directory)
+        parent, name = os.path.split(target)
+        os.makedirs(parent, exist_ok=True)
+        new = tempfile.mkdtemp(dir=parent, prefix=f".{name}.new-")
+        try:
+            super().save_pretrained(new, **kwargs)
+            if os.path.isdir(target):
+                for entry in os.listdir(target):
+                    if not os.path.exists(os.path.join(new, entry)):
+                        source = os.path.join(target, entry)
+                        carry = shutil.copytree if os.path.isdir(source) else shutil.copy2
+                        carry(source, os.path.join(new, entry))
+                old = tempfile.mkdtemp(dir=parent, prefix=f".{name}.old-")
+                os.rename(target, os.path.join(old, name))
+                try:
+                    os.rename(new, target)
+                except BaseException:
+                    os.rename(os.path.join(old, name), target)  # put the previous classifier back
+                    raise
+                finally:
+                    if os.path.isdir(target):
+                        shutil.rmtree(old)
+            else:
+                os.rename(new, target)
+        finally:
+            if os.path.isdir(new):
+                shutil.rmtree(new)
         if push_to_hub:
-            repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.abspath(save_directory)))
+            repo_id = hub_kwargs.pop("repo_id", name)
             self.push_to_hub(repo_id, **hub_kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "HClassifier":
         """
         Load from a directory written by `save_pretrained` or from a Hub id. Only safetensors weights are read;
-        pickled checkpoints (`.pt`, `.pth`, `.bin`, `.ckpt`, ...) are refused, never unpickled. Folders saved before
-        calibration and anchors existed load as classifiers without them.
+        pickled checkpoints (`.pt`, `.pth`, `.bin`, `.ckpt`, ...) are refused, never unpickled. A classifier saved
+        without calibration or anchors (by an older version) is refused with how to retrain it.
         """
         path = os.fspath(pretrained_model_name_or_path)
         if os.path.isfile(path):
@@ -301,7 +337,7 @@ class HClassifier(ModelMixin, ConfigMixin):
                 "(config.json + diffusion_pytorch_model.safetensors) or a Hub id. Pickled checkpoints (.pt, .pth, "
                 ".bin, .ckpt) are refused because unpickling can run arbitrary code."
             )
-        if not os.path.isdir(path) and (_looks_local(path) or kwargs.get("local_files_only")):
+        if not os.path.isdir(path) and (looks_like_local_path(path) or kwargs.get("local_files_only")):
             raise FileNotFoundError(
                 f"`h_classifier` {path!r} does not exist; expected a directory written by `HClassifier.save_pretrained` "
                 "or a Hub id such as 'user/repo'."
@@ -310,20 +346,23 @@ class HClassifier(ModelMixin, ConfigMixin):
             raise ValueError("`use_safetensors=False` is not supported: HClassifier loads safetensors weights only.")
         kwargs["use_safetensors"] = True
         try:
-            return super().from_pretrained(path, **kwargs)
+            classifier = super().from_pretrained(path, **kwargs)
         except (OSError, EnvironmentError) as error:
             raise OSError(
                 f"Could not load `h_classifier` {path!r}: expected a directory or Hub repo with config.json and "
                 f"diffusion_pytorch_model.safetensors (written by `HClassifier.save_pretrained`). Cause: {error}"
             ) from error
+        classifier.check_guidance_ready()
+        return classifier
 
 
-def _looks_local(path: str) -> bool:
-    """A path rather than a Hub id ('user/name'): absolute, starting with '.' or '~', ending with a separator, with
-    more than one '/', or inside a directory that exists here."""
+def looks_like_local_path(path: str | os.PathLike) -> bool:
+    """Whether `path` names a local path rather than a Hub id ('user/name'): absolute, starting with '.' or '~',
+    ending with a separator, with more than one '/', or with a parent directory that exists here."""
+    path = os.fspath(path)
     if os.path.isabs(path) or path.startswith((".", "~")) or path.endswith(("/", os.sep)):
         return True
-    if path.replace(os.sep, "/").count("/") > 1:
+    if path.replace(os.sep, "/").count("/") > 1:  # a Hub id has at most one
         return True
     return os.path.isdir(os.path.dirname(path) or ".")
 
@@ -350,52 +389,83 @@ def largest_remainder(probabilities: Sequence[float] | torch.Tensor, total: int)
     return counts
 
 
-def assign_classes(cost: torch.Tensor, counts: Sequence[int] | torch.Tensor) -> torch.Tensor:
+def assign_classes(cost: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
     """
     The assignment of N rows to K classes with exactly `counts[k]` rows in class k that minimises the summed
-    `cost[i, class_i]` (an exact min-cost transportation solver).
+    `cost[i, class_i]` (an exact min-cost transportation solver). Returns a LongTensor [N] on `cost`'s device.
 
-    Each row starts in its cheapest class; while a class holds too many rows, the cheapest chain of moves from an
-    over-full class to an under-full one is applied (successive shortest paths on the K classes, Bellman-Ford, since
-    moves can have negative cost). Every step keeps the assignment optimal for its current class loads, so the end
-    result is optimal. Cost: at most N chains of O(N K + K^3); small next to a UNet step for N up to a few hundred.
-    Two classes have a closed form (the rows that gain most by being class 1). Returns a LongTensor [N] of classes.
+    - Two classes have a closed form (the `counts[1]` rows that gain the most by being class 1), computed on `cost`'s
+      device without reading any value on the host: no host-device synchronisation.
+    - K >= 3 (and joint cells) are solved on the host (`_transport_on_host`): one copy of the cost to the host.
     """
     if cost.ndim != 2:
         raise ValueError(f"`cost` must be [N, K], got shape {list(cost.shape)}.")
     num_rows, num_classes = cost.shape
-    counts = torch.as_tensor(counts, dtype=torch.long).flatten().cpu()
-    if counts.numel() != num_classes or bool((counts < 0).any()) or int(counts.sum()) != num_rows:
+    counts = [int(c) for c in counts]
+    if len(counts) != num_classes or min(counts) < 0 or sum(counts) != num_rows:
         raise ValueError(f"`counts` must be K = {num_classes} non-negative integers summing to N = {num_rows}.")
-    cost = cost.detach().to(device="cpu", dtype=torch.float64)
-    if num_classes == 2:  # closed form: the counts[1] rows that gain the most by being class 1 rather than class 0
-        assigned = torch.zeros(num_rows, dtype=torch.long)
-        assigned[torch.argsort(cost[:, 1] - cost[:, 0], stable=True)[: int(counts[1])]] = 1
-        return assigned
-    assigned = cost.argmin(1)
+    if num_classes == 2:
+        # rank of each row by its gain from class 1 (stable: ties keep row order); the first counts[1] are class 1
+        order = torch.argsort(cost[:, 1] - cost[:, 0], stable=True)
+        return (torch.argsort(order) < counts[1]).long()
+    solution = _transport_on_host(cost.detach().to(device="cpu", dtype=torch.float64).numpy(), np.array(counts))
+    return torch.from_numpy(solution).to(cost.device, non_blocking=True)
+
+
+# Rounds of class-price updates that start the host solver close to the optimal assignment.
+PRICE_ROUNDS = 3
+
+
+def _transport_on_host(cost: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """
+    Exact min-cost assignment with class counts, in numpy. Any assignment "each row to its cheapest class after
+    subtracting a price per class" is optimal for the class counts it happens to have, so the solver (1) sets the
+    prices: each update makes one class's count right given the others (a quantile of the rows' gaps), a few rounds
+    over the classes; (2) repairs the remaining excess by successive shortest paths on the K classes (Bellman-Ford,
+    since moves can have negative cost), each keeping the assignment optimal for its loads.
+    """
+    num_rows, num_classes = cost.shape
+    prices = np.zeros(num_classes)
+    for _ in range(PRICE_ROUNDS):
+        for k in range(num_classes):
+            others = cost - prices
+            others[:, k] = np.inf
+            gap = cost[:, k] - others.min(1)  # a row prefers k exactly when its gap is below k's price
+            need = counts[k]
+            if need == 0:
+                prices[k] = gap.min() - 1.0
+            elif need == num_rows:
+                prices[k] = gap.max() + 1.0
+            else:
+                part = np.partition(gap, (need - 1, need))
+                prices[k] = 0.5 * (part[need - 1] + part[need])
+    assigned = np.argmin(cost - prices, axis=1)
+    rows, classes = np.arange(num_rows), np.arange(num_classes)
     while True:
-        excess = torch.bincount(assigned, minlength=num_classes) - counts
-        if not bool((excess > 0).any()):
+        excess = np.bincount(assigned, minlength=num_classes) - counts
+        if not (excess > 0).any():
             return assigned
         # move[u, v]: cheapest change of cost when one row of class u moves to class v, and that row.
-        delta = cost - cost.gather(1, assigned[:, None])
-        move = torch.full((num_classes, num_classes), math.inf, dtype=torch.float64)
-        row_of = torch.full((num_classes, num_classes), -1, dtype=torch.long)
+        delta = cost - cost[rows, assigned][:, None]
+        move = np.full((num_classes, num_classes), np.inf)
+        row_of = np.zeros((num_classes, num_classes), dtype=np.int64)
         for u in range(num_classes):
-            members = (assigned == u).nonzero().flatten()
+            members = np.flatnonzero(assigned == u)
             if len(members):
-                move[u], best = delta[members].min(0)
-                row_of[u] = members[best]
-        move.fill_diagonal_(math.inf)
-        dist = torch.where(excess > 0, 0.0, math.inf).double()
-        previous = torch.full((num_classes,), -1, dtype=torch.long)
+                best = members[delta[members].argmin(0)]
+                move[u], row_of[u] = delta[best, classes], best
+        np.fill_diagonal(move, np.inf)
+        dist = np.where(excess > 0, 0.0, np.inf)
+        previous = np.full(num_classes, -1)
         for _ in range(num_classes):
-            candidate, source = (dist[:, None] + move).min(0)
+            candidates = dist[:, None] + move
+            source = candidates.argmin(0)
+            candidate = candidates[source, classes]
             better = candidate < dist - 1e-12
-            if not bool(better.any()):
+            if not better.any():
                 break
-            dist, previous = torch.where(better, candidate, dist), torch.where(better, source, previous)
-        target = int(torch.where(excess < 0, dist, torch.full_like(dist, math.inf)).argmin())
+            dist, previous = np.where(better, candidate, dist), np.where(better, source, previous)
+        target = int(np.argmin(np.where(excess < 0, dist, np.inf)))
         while previous[target] != -1:
             source = int(previous[target])
             assigned[row_of[source, target]] = target
@@ -498,11 +568,56 @@ class BalanceState:
 # h capture / replacement
 # ----------------------------------------------------------------------------------------------------------------
 
+# The h functions active in this thread (asyncio task, contextvars context): (module, fn) pairs in activation order.
+# The hook on a module reads them, so an activation acts only for the calls made where it was set, and another
+# thread running the same (shared) UNet at the same time is left alone.
+_ACTIVE_H_FUNCTIONS: contextvars.ContextVar[tuple[tuple[torch.nn.Module, Callable], ...]] = contextvars.ContextVar(
+    "balancing_act_h_functions", default=()
+)
+
+
+@torch.compiler.disable
+def _h_dispatch_hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+    """The one forward hook Balancing Act puts on a module (`unet.mid_block`): passes h to the functions active for
+    that module in the calling context, and returns the h they made (None: unchanged). `torch.compiler.disable`
+    makes a compiled UNet break its graph here and call the hook at every run, so what the hook does can change
+    from call to call without recompiling."""
+    active = _ACTIVE_H_FUNCTIONS.get()
+    if not active:
+        return None
+    h = output
+    for owner, fn in active:
+        if owner is not module:
+            continue
+        if not isinstance(h, torch.Tensor):
+            raise TypeError(f"`{type(module).__name__}` returned {type(h).__name__}; expected a tensor h.")
+        new = fn(h)
+        if new is not None:
+            if not isinstance(new, torch.Tensor) or new.shape != h.shape:
+                raise ValueError(
+                    f"An h function must return None or a tensor of h's shape {list(h.shape)}, got "
+                    f"{list(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__}."
+                )
+            h = new
+    return None if h is output else h
+
+
+def install_h_hook(module: torch.nn.Module) -> None:
+    """Put the dispatch hook on `module` once. It does nothing until a `MidBlockHook` activates a function for the
+    calling context; installed before `torch.compile` traces the UNet, it stays part of the compiled UNet."""
+    if _h_dispatch_hook not in module._forward_hooks.values():
+        module.register_forward_hook(_h_dispatch_hook)
+
 
 class MidBlockHook:
     r"""
-    Context manager: while active, every `unet.mid_block` output h is passed to `fn(h)`; a returned tensor replaces
-    h for the rest of the UNet (up blocks), `None` keeps it. The hook is removed on exit, also on an exception.
+    Context manager: while active, every `unet.mid_block` output h computed in this thread (context) is passed to
+    `fn(h)`; a returned tensor replaces h for the rest of the UNet (up blocks), `None` keeps it. Deactivated on exit,
+    also on an exception. Calls of the same UNet from other threads are not seen. Several activations on one UNet run
+    in the order they were entered, each on the h the previous one returned.
+
+    Works with a compiled UNet (`torch.compile`) as long as the UNet was compiled after the hook was first installed
+    (`BalancingActPipeline` installs it when it is created, or call `install_h_hook(unet.mid_block)`).
 
     Example (recording h):
         ```py
@@ -518,38 +633,27 @@ class MidBlockHook:
             raise ValueError("`unet` has no `mid_block`; h-space guidance needs a UNet with a mid block.")
         self.mid_block = mid_block
         self.fn = fn
-        self._handle = None
-
-    def _hook(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
-        if not isinstance(output, torch.Tensor):
-            raise TypeError(f"`unet.mid_block` returned {type(output).__name__}; expected a tensor h.")
-        new = self.fn(output)
-        if new is None:
-            return None
-        if not isinstance(new, torch.Tensor) or new.shape != output.shape:
-            raise ValueError(
-                f"The mid-block hook function must return None or a tensor of h's shape {list(output.shape)}, got "
-                f"{list(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__}."
-            )
-        return new
+        self._entry: tuple[torch.nn.Module, Callable] | None = None
 
     def __enter__(self) -> "MidBlockHook":
-        if self._handle is not None:
+        if self._entry is not None:
             raise RuntimeError("This MidBlockHook is already active.")
-        self._handle = self.mid_block.register_forward_hook(self._hook)
+        install_h_hook(self.mid_block)
+        self._entry = (self.mid_block, self.fn)
+        _ACTIVE_H_FUNCTIONS.set((*_ACTIVE_H_FUNCTIONS.get(), self._entry))
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.remove()
 
     def remove(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        if self._entry is not None:
+            _ACTIVE_H_FUNCTIONS.set(tuple(e for e in _ACTIVE_H_FUNCTIONS.get() if e is not self._entry))
+            self._entry = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The guidance loss, and the move it makes in h
+# The guidance loss, and the direction it asks of the logits
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -561,8 +665,9 @@ def guidance_loss(
     margin: float = GUIDANCE_MARGIN,
 ) -> torch.Tensor:
     r"""
-    The Balancing Act guidance loss over `logits` `[N, K]`. Its gradient with respect to the logits says how each
-    image should change; `BalancingActPipeline` turns it into a move of h (see `logit_directions`).
+    The Balancing Act guidance loss over `logits` `[N, K]`: the documented objective. Guidance follows its negative
+    gradient with respect to the logits, computed in closed form by `logit_directions`, and turns it into a move of
+    h (see `BalancingActPipeline.__call__`, `guidance_strength`).
 
     - `loss="classes"`: `targets` is a LongTensor `[N]` (each image's asked or assigned class c_i) and
       `L = sum_i CE(z_i - margin * e_{c_i}, c_i)`, the cross-entropy of calibrated logits z_i with the asked class
@@ -576,6 +681,52 @@ def guidance_loss(
 
     Returns a 0-d float32 tensor.
     """
+    logits, targets = _check_loss_inputs(logits, targets, loss, temperature)
+    if loss == "classes":
+        return F.cross_entropy(logits - margin * _one_hot(targets, logits.shape[1]), targets, reduction="sum")
+    p_hat = torch.softmax(logits / temperature, dim=1).mean(dim=0)
+    if loss == "kl":
+        divergence = (p_hat * (p_hat.clamp_min(1e-12).log() - targets.log())).sum()
+    else:
+        divergence = ((p_hat - targets) ** 2 / targets).sum()
+    return logits.shape[0] * temperature * divergence
+
+
+def logit_directions(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    loss: str = "classes",
+    temperature: float = DEFAULT_TEMPERATURE,
+    margin: float = GUIDANCE_MARGIN,
+) -> torch.Tensor:
+    """
+    `-d guidance_loss / d logits` `[N, K]` (float32) in closed form: how each image's logits should change; rows sum
+    to zero. With `p_i = softmax(z_i / T)`, `p_hat` their mean and `a = dD / dp_hat` (KL: `log p_hat - log p_ref + 1`,
+    chi-square: `2 (p_hat - p_ref) / p_ref`), the soft losses give `-p_ij (a_j - sum_k p_ik a_k)`; the class loss
+    gives `e_c - softmax(z - margin e_c)`. No autograd and no value read on the host.
+    """
+    logits, targets = _check_loss_inputs(logits, targets, loss, temperature)
+    if loss == "classes":
+        asked = _one_hot(targets, logits.shape[1])
+        return asked - torch.softmax(logits - margin * asked, dim=1)
+    p = torch.softmax(logits / temperature, dim=1)
+    p_hat = p.mean(dim=0)
+    if loss == "kl":  # the derivative of p log(max(p, 1e-12)): the clamp passes no gradient below 1e-12
+        slope = p_hat.clamp_min(1e-12).log() - targets.log() + (p_hat >= 1e-12).float()
+    else:
+        slope = 2.0 * (p_hat - targets) / targets
+    return -p * (slope - (p * slope).sum(dim=1, keepdim=True))
+
+
+def _one_hot(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
+    # a comparison, not F.one_hot, which checks the class range on the host (a device synchronisation on CUDA)
+    return (classes[:, None] == torch.arange(num_classes, device=classes.device)).float()
+
+
+def _check_loss_inputs(
+    logits: torch.Tensor, targets: torch.Tensor, loss: str, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shapes and values the loss needs (checked on shapes only: nothing here reads a device value)."""
     if logits.ndim != 2 or logits.shape[1] < 2:
         raise ValueError(f"`logits` must have shape [N, K] with K >= 2, got {list(logits.shape)}.")
     logits = logits.float()
@@ -583,8 +734,7 @@ def guidance_loss(
         targets = torch.as_tensor(targets, device=logits.device).long().flatten()
         if targets.shape[0] != logits.shape[0]:
             raise ValueError(f"`targets` must hold one class per row ({logits.shape[0]}), got {targets.shape[0]}.")
-        handicap = margin * F.one_hot(targets, logits.shape[1]).float()
-        return F.cross_entropy(logits - handicap, targets, reduction="sum")
+        return logits, targets
     if loss not in ("kl", "chi2"):
         raise ValueError(f"`loss` must be one of ['classes', 'kl', 'chi2'], got {loss!r}.")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
@@ -592,25 +742,11 @@ def guidance_loss(
     p_ref = torch.as_tensor(targets, device=logits.device, dtype=torch.float32).flatten()
     if p_ref.shape[0] != logits.shape[1]:
         raise ValueError(f"`targets` must be a {logits.shape[1]}-vector, got {p_ref.shape[0]} entries.")
-    p_ref = p_ref.clamp_min(TARGET_PROB_FLOOR)
-    p_hat = torch.softmax(logits / temperature, dim=1).mean(dim=0)
-    if loss == "kl":
-        divergence = (p_hat * (p_hat.clamp_min(1e-12).log() - p_ref.log())).sum()
-    else:
-        divergence = ((p_hat - p_ref) ** 2 / p_ref).sum()
-    return logits.shape[0] * temperature * divergence
-
-
-def logit_directions(logits: torch.Tensor, targets: torch.Tensor, loss: str, temperature: float) -> torch.Tensor:
-    """`-d guidance_loss / d logits` `[N, K]`: how each image's logits should change (rows sum to zero)."""
-    with torch.inference_mode(False), torch.enable_grad():
-        z = logits.detach().float().clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(guidance_loss(z, targets, loss, temperature), z)
-    return -grad
+    return logits, p_ref.clamp_min(TARGET_PROB_FLOOR)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The pipeline
+# One guided call: its settings and its per-call state
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -628,139 +764,265 @@ def _all_gather_rows(rows: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
     return torch.cat([part[:n] for part, n in zip(parts, sizes)]).to(rows.device)
 
 
-class _GuidancePlan:
-    """Validated guidance settings of one `__call__` and the per-step state the hooks share.
+def _fmt(values: Any) -> str:
+    """Numbers for an error message, without float32 noise (0.6, not 0.6000000238418579)."""
+    values = values.tolist() if isinstance(values, torch.Tensor) else values
+    if isinstance(values, (list, tuple)):
+        return "[" + ", ".join(_fmt(v) for v in values) + "]"
+    return f"{values:.6g}" if isinstance(values, float) else str(values)
 
-    A "group" is what one solver balances: one classifier (marginal targets, sample mode) or all of them together
-    (a joint target over the cells of their classes).
+
+@dataclass(frozen=True)
+class GuidanceSettings:
+    """What a guided call asked for, validated, with its classifiers loaded; nothing in it changes during the call.
+
+    A "group" is what one solver balances: one classifier (marginal targets, sample mode) or all of them together (a
+    joint target over the cells of their classes).
     """
 
-    def __init__(
+    classifiers: tuple[HClassifier, ...]
+    mode: str  # "sample" or "distribution"
+    solver: str  # "classes" in sample mode, else the distribution solver
+    joint: bool
+    # distribution: per group a probability tensor (joint: shaped [K_1, ..., K_n]); sample: per classifier a list of
+    # class indices, one for every image or one per image
+    targets: tuple[Any, ...]
+    strengths: tuple[float, ...]
+    temperatures: tuple[float, ...]
+    steps: tuple[float, float] | tuple[int, ...]
+    branches: str
+    balance_state: BalanceState | None
+    global_batch: bool
+
+    @property
+    def groups(self) -> list[dict[str, Any]]:
+        names = [list(c.config.class_names) for c in self.classifiers]
+        attributes = [c.config.attribute for c in self.classifiers]
+        if self.joint:
+            return [{"attributes": attributes, "class_names": names}]
+        return [{"attributes": [a], "class_names": [n]} for a, n in zip(attributes, names)]
+
+    def one_class(self, group: int) -> int | None:
+        """Distribution mode: the class asked of every image when the target puts all its mass on one class."""
+        target = self.targets[group].flatten()
+        return int(target.argmax()) if float(target.max()) == 1.0 else None
+
+    def is_guided(self, step: int, num_steps: int) -> bool:
+        if len(self.steps) == 2 and isinstance(self.steps[0], float):
+            start, end = self.steps
+            return start * num_steps <= step < end * num_steps
+        return step in self.steps
+
+
+class _GuidanceRun:
+    """
+    The state of one guided call: the heads on the device, the class counts of the batch, the last assignment, the
+    step the denoising loop is at. `start` builds it once the pipeline knows the batch, the image size and the
+    timesteps (before the first step); `on_h` is the call's h function (read h, move it on guided steps) and
+    `end_step` runs after every step of the loop, from the loop's own step index.
+
+    Everything the steps need goes to the device in `start`; a step reads no device value on the host, except the
+    one copy of the cost matrix to the host solver for K >= 3 classes (or joint cells) with the default solver.
+    """
+
+    def __init__(self, settings: GuidanceSettings, unet_compiled: bool):
+        self.settings = settings
+        self.unet_compiled = unet_compiled
+        self.started = False
+
+    def start(
         self,
-        classifiers: list[HClassifier],
-        strengths: list[float],
-        mode: str,
-        solver: str,
-        joint: bool,
-        targets: list[torch.Tensor],
-        temperatures: list[float],
-        steps: tuple[float, float] | list[int],
-        branches: str,
         num_images: int,
-        timestep_values: list[float],
-        balance_state: BalanceState | None,
-        process_rows: list[int] | None = None,
-    ):
-        self.classifiers = classifiers
-        self.strengths = strengths
-        self.mode = mode
-        self.solver = solver  # "classes" for sample mode, else the distribution solver
-        self.joint = joint
-        # distribution: one probability tensor per group (joint: shaped [K_1, ..., K_n]); sample: classes per image
-        self.targets = targets
-        self.temperatures = temperatures
-        self.steps = steps
-        self.branches = branches
-        self.num_images = num_images
-        self.timestep_values = timestep_values  # the loop's timesteps, read from a copy of the scheduler
-        self.num_steps = len(timestep_values)
-        self.balance_state = balance_state
-        names = [list(c.config.class_names) for c in classifiers]
-        attributes = [c.config.attribute for c in classifiers]
-        if joint:
-            self.groups = [{"attributes": attributes, "class_names": names}]
-        else:
-            self.groups = [{"attributes": [a], "class_names": [n]} for a, n in zip(attributes, names)]
-        # global batch (distribution mode): every process's number of images, in process order; this process's rows
-        # of the global batch. The counts, the assignment and the soft solvers' p_hat are over the global rows.
-        self.process_rows = process_rows
-        total = num_images
+        timesteps: list[float],
+        cfg: bool,
+        guidance_scale: float,
+        device: torch.device,
+        process_rows: list[int] | None,
+    ) -> None:
+        settings = self.settings
+        self.num_images, self.num_steps, self.cfg = num_images, len(timesteps), cfg
+        self.rows = num_images * (2 if cfg else 1)
+        # With classifier-free guidance the output is e_u + w (e_c - e_u): a move of the conditional rows alone
+        # reaches it amplified by w. Divide by w, so a strength means the same change of the output at any scale.
+        amplification = guidance_scale if cfg and settings.branches == "cond" else 1.0
+        self.step_sizes = [strength / amplification for strength in settings.strengths]
+        self.guided = [settings.is_guided(i, self.num_steps) for i in range(self.num_steps)]
+        last = self.num_steps - 1
+        self.reads = [g or (settings.balance_state is not None and i == last) for i, g in enumerate(self.guided)]
+        # Per classifier: the heads of the steps that read h, stacked once on the device; per step its row.
+        self.head_row: list[list[int]] = []
+        self.heads: list[tuple[torch.Tensor, ...]] = []
+        for classifier in settings.classifiers:
+            indices = [classifier.head_index(t) if read else 0 for t, read in zip(timesteps, self.reads)]
+            used = sorted({i for i, read in zip(indices, self.reads) if read})
+            self.head_row.append([used.index(i) if read else -1 for i, read in zip(indices, self.reads)])
+            rows = torch.tensor(used)
+            scale, bias = classifier._calibration
+            parts = (classifier.weight, classifier.bias, scale[:, None], bias, classifier.anchors)
+            self.heads.append(tuple(p.detach()[rows].to(device=device, dtype=torch.float32) for p in parts))
+        # Global batch (distribution mode): each process's number of images, in process order, and this process's
+        # rows of the global batch. The counts, the assignment and the soft solvers' p_hat are over the global rows.
+        self.process_rows, self.own_rows, total = process_rows, slice(0, num_images), num_images
         if process_rows is not None:
             import torch.distributed as dist
 
-            start = sum(process_rows[: dist.get_rank()])
-            self.own_rows, total = slice(start, start + num_images), sum(process_rows)
-        self.counts = None  # assign solver: the class (cell) counts of this batch, one LongTensor per group
-        if mode == "distribution" and solver == "assign":
-            if balance_state is not None:
-                self.counts = balance_state.batch_counts(self.groups, targets, total)
-            else:
-                self.counts = [largest_remainder(t.flatten(), total) for t in targets]
-        self.previous: list[torch.Tensor | None] = [None] * len(self.groups)  # last assignment, per group
-        self.final_classes: list[torch.Tensor] | None = None  # per group, each image's class at the last step
-        self.step_index = -1  # index of the current UNet call = denoising-loop step
-        self._heads: dict[tuple[int, int, torch.device], tuple[torch.Tensor, ...]] = {}
+            first = sum(process_rows[: dist.get_rank()])
+            self.own_rows, total = slice(first, first + num_images), sum(process_rows)
+        self.counts: list[list[int]] | None = None
+        self.class_targets: list[torch.Tensor | None] = []  # per group: each (global) image's class, when fixed
+        if settings.mode == "sample":
+            for classes in settings.targets:
+                classes = classes * num_images if len(classes) == 1 else classes
+                self.class_targets.append(torch.tensor(classes, device=device))
+        else:
+            for group in range(len(settings.targets)):
+                fixed = settings.one_class(group)
+                self.class_targets.append(None if fixed is None else torch.full((total,), fixed, device=device))
+            if settings.solver == "assign":
+                state = settings.balance_state
+                counts = [largest_remainder(t.flatten(), total) for t in settings.targets]
+                if state is not None:
+                    counts = state.batch_counts(settings.groups, list(settings.targets), total)
+                self.counts = [c.tolist() for c in counts]
+        self.soft_targets = [t.flatten().to(device) for t in settings.targets] if settings.mode != "sample" else []
+        self.previous: list[torch.Tensor | None] = [None] * len(settings.targets)
+        self.final_classes: list[torch.Tensor] | None = None
+        self.step_index, self.calls_in_step, self.started = 0, 0, True
 
-    def is_guided(self, step_index: int) -> bool:
-        if isinstance(self.steps, tuple):
-            start, end = self.steps
-            return start * self.num_steps <= step_index < end * self.num_steps
-        return step_index in self.steps
+    # -- the h function ---------------------------------------------------------------------------------------------
 
-    def timestep(self) -> float:
-        return self.timestep_values[min(self.step_index, self.num_steps - 1)]
+    def on_h(self, h: torch.Tensor) -> torch.Tensor | None:
+        """Read h at this step (calibrated logits of the conditional rows); on a guided step return the moved h."""
+        if not self.started:
+            raise RuntimeError("The UNet ran before the guided call had prepared its latents.")
+        self.calls_in_step += 1
+        step = self.step_index
+        if step >= self.num_steps or not self.reads[step]:
+            return None
+        if h.shape[0] != self.rows:
+            raise RuntimeError(f"h has {h.shape[0]} rows; expected {self.rows} for {self.num_images} images.")
+        first = self.num_images if self.cfg else 0  # the images are the conditional rows
+        # The heads read h in float32 whatever the pipeline's dtype, also under an outer torch.autocast.
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            x = h[first:].detach().flatten(1).float()
+            heads = [[part[rows[step]] for part in parts] for parts, rows in zip(self.heads, self.head_row)]
+            raw = [F.linear(x, weight, bias) for weight, bias, *_ in heads]
+            calibrated = [r * scale + cal_bias for r, (_, _, scale, cal_bias, _) in zip(raw, heads)]
+            self.final_classes = self._predicted_classes(calibrated)
+            if not self.guided[step]:
+                return None
+            directions = self._directions(calibrated, raw)
+            delta = sum(size * (g @ head[4]) for size, g, head in zip(self.step_sizes, directions, heads))
+        delta = delta.reshape(self.num_images, *h.shape[1:]).to(h.dtype)
+        if not self.cfg:
+            return h + delta
+        if self.settings.branches == "both":
+            return h + torch.cat([delta, delta])
+        return torch.cat([h[:first], h[first:] + delta])
 
-    def head(self, c: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """(weight, bias, calibration scale, calibration bias, move directions) of classifier c's head for this step,
-        in float32 on `device`; copied once per call and head (the classifier itself stays where it is)."""
-        classifier = self.classifiers[c]
-        index = classifier.head_index(self.timestep())
-        key = (c, index, device)
-        if key not in self._heads:
-            scale, bias = (t[index] for t in classifier._calibration)
-            tensors = (classifier.weight[index], classifier.bias[index], scale, bias)
-            tensors += (classifier.move_directions(self.timestep()),)
-            self._heads[key] = tuple(t.detach().to(device=device, dtype=torch.float32) for t in tensors)
-        return self._heads[key]
-
-    def solve(self, calibrated: list[torch.Tensor], raw: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per classifier, the logit-space directions `[N, K]` of this step (see `guidance_loss`). With a global
-        batch the solvers see the rows of every process (gathered) and this process's rows are returned."""
-        if self.mode == "sample":
-            return [logit_directions(z, t.to(z.device), "classes", 0) for z, t in zip(calibrated, self.targets)]
+    def _directions(self, calibrated: list[torch.Tensor], raw: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per classifier, the logit-space directions `[N, K]` of this step (`logit_directions`). With a global batch
+        the solvers see the rows of every process (gathered) and this process's rows are returned."""
+        settings = self.settings
+        if settings.mode == "sample":
+            return [logit_directions(z, c) for z, c in zip(calibrated, self.class_targets)]
         if self.process_rows is not None:  # one all_gather of every classifier's calibrated and raw logits
             widths = [z.shape[1] for z in calibrated + raw]
             gathered = _all_gather_rows(torch.cat(calibrated + raw, dim=1), self.process_rows).split(widths, dim=1)
             calibrated, raw = list(gathered[: len(calibrated)]), list(gathered[len(calibrated) :])
-        if self.solver != "assign":
+        if settings.solver != "assign":
             directions = []
-            for z, r, target, temperature in zip(calibrated, raw, self.targets, self.temperatures):
-                if float(target.max()) == 1.0:  # one class asked of every image: sample mode towards it
-                    classes = torch.full((len(z),), int(target.argmax()), device=z.device)
-                    directions.append(logit_directions(z, classes, "classes", 0))
+            for z, r, fixed, target, temperature in zip(
+                calibrated, raw, self.class_targets, self.soft_targets, settings.temperatures
+            ):
+                if fixed is not None:  # one class asked of every image: sample mode towards it
+                    directions.append(logit_directions(z, fixed))
                 else:
-                    directions.append(logit_directions(r, target.to(r.device), self.solver, temperature))
+                    directions.append(logit_directions(r, target, settings.solver, temperature))
         else:
-            log_probs = [torch.log_softmax(z, dim=1) for z in calibrated]
-            if self.joint:
-                cost = -log_probs[0]
-                for lp in log_probs[1:]:  # cell cost: the classifiers' costs add up (independent readings)
-                    cost = (cost[:, :, None] - lp[:, None, :]).flatten(1)
-                cells = self._assign(0, cost)
-                shape = [lp.shape[1] for lp in log_probs]
-                classes = list(torch.unravel_index(cells, shape)) if len(shape) > 1 else [cells]
+            cost = [-torch.log_softmax(z, dim=1) for z in calibrated]
+            if settings.joint:
+                cells = cost[0]
+                for c in cost[1:]:  # cell cost: the classifiers' costs add up (independent readings)
+                    cells = (cells[:, :, None] + c[:, None, :]).flatten(1)
+                assigned = self._assign(0, cells)
+                shape = [c.shape[1] for c in cost]
+                classes = list(torch.unravel_index(assigned, shape)) if len(shape) > 1 else [assigned]
             else:
-                classes = [self._assign(g, -lp) for g, lp in enumerate(log_probs)]
-            directions = [logit_directions(z, c.to(z.device), "classes", 0) for z, c in zip(calibrated, classes)]
-        return directions if self.process_rows is None else [d[self.own_rows] for d in directions]
+                classes = [self._assign(g, c) for g, c in enumerate(cost)]
+            directions = [logit_directions(z, c) for z, c in zip(calibrated, classes)]
+        return [d[self.own_rows] for d in directions]
 
     def _assign(self, group: int, cost: torch.Tensor) -> torch.Tensor:
         """The min-cost assignment of group `group`, re-solved at each guided step with a cost for switching."""
+        fixed = self.class_targets[group]
+        if fixed is not None:
+            return fixed
         previous = self.previous[group]
         if previous is not None:
-            cost = cost + SWITCH_PENALTY * (torch.arange(cost.shape[1], device=cost.device) != previous[:, None])
-        self.previous[group] = assign_classes(cost, self.counts[group]).to(cost.device)
+            cost = cost + SWITCH_PENALTY * (1.0 - _one_hot(previous, cost.shape[1]))
+        self.previous[group] = assign_classes(cost, self.counts[group])
         return self.previous[group]
 
-    def record_final(self, calibrated: list[torch.Tensor]) -> None:
-        """Each image's predicted class (joint: cell) at this step; the last call's is what the state counts."""
+    def _predicted_classes(self, calibrated: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each image's predicted class (joint: cell) at this step; the last reading is what the state counts."""
         predicted = [z.argmax(1) for z in calibrated]
-        if self.joint:
-            cells = predicted[0]
-            for z, p in zip(calibrated[1:], predicted[1:]):
-                cells = cells * z.shape[1] + p
-            predicted = [cells]
-        self.final_classes = predicted
+        if not self.settings.joint:
+            return predicted
+        cells = predicted[0]
+        for z, p in zip(calibrated[1:], predicted[1:]):
+            cells = cells * z.shape[1] + p
+        return [cells]
+
+    # -- the loop ---------------------------------------------------------------------------------------------------
+
+    def step_callback(self, callback: Callable | None) -> Callable:
+        """A `callback_on_step_end` that runs the caller's callback, then `end_step` with the loop's step index."""
+
+        def on_step_end(pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+            outputs = callback(pipe, step, timestep, callback_kwargs) if callback is not None else {}
+            self.end_step(step)
+            return outputs
+
+        return on_step_end
+
+    def end_step(self, step: int) -> None:
+        """After loop step `step`: h must have been read exactly once in it (else the step was not guided as asked)."""
+        calls, self.calls_in_step = self.calls_in_step, 0
+        if calls == 0:
+            cause = (
+                "the UNet is compiled and its graph was traced before Balancing Act's hook was installed on "
+                "`unet.mid_block`: create the BalancingActPipeline (or call `install_h_hook(unet.mid_block)`) before "
+                "`torch.compile`, or call `torch.compiler.reset()` before this call"
+                if self.unet_compiled
+                else "`unet.mid_block` did not run or its forward hooks were bypassed"
+            )
+            raise RuntimeError(
+                f"Balancing Act's hook did not run at denoising step {step}, so h was not guided: {cause}."
+            )
+        if calls > 1:
+            raise RuntimeError(
+                f"The UNet ran {calls} times in denoising step {step}; guidance reads and moves h once per step. A "
+                "callback (or other code in this call's thread) that runs the UNet during the call puts guidance on "
+                "the wrong h: run the UNet outside the pipeline call."
+            )
+        self.step_index = step + 1
+
+    def finish(self) -> None:
+        """After the loop: add this call's final classes to the `balance_state` (every process's, in a global batch)."""
+        state = self.settings.balance_state
+        if state is None or self.final_classes is None:
+            return
+        final = self.final_classes
+        if self.process_rows is not None:  # every process's images, so the state stays the same on all of them
+            final = [_all_gather_rows(classes, self.process_rows) for classes in final]
+        state.update(self.settings.groups, final)
+
+
+# The guided call in progress in this context, and the pipeline that runs it (read by `prepare_latents`).
+_CURRENT_RUN: contextvars.ContextVar[tuple[Any, _GuidanceRun] | None] = contextvars.ContextVar(
+    "balancing_act_run", default=None
+)
 
 
 def _class_index(classifier: HClassifier, value: Any, argument: str) -> int:
@@ -769,6 +1031,19 @@ def _class_index(classifier: HClassifier, value: Any, argument: str) -> int:
         return classifier.class_index(value)
     except ValueError as error:
         raise ValueError(f"`{argument}`: {error}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pipeline
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# The arguments of `StableDiffusionPipeline.__call__`, passed on as they are (read from it, not copied).
+_STABLE_DIFFUSION_ARGUMENTS = tuple(
+    name
+    for name, parameter in inspect.signature(StableDiffusionPipeline.__call__).parameters.items()
+    if name != "self" and parameter.kind is not inspect.Parameter.VAR_KEYWORD
+)
 
 
 class BalancingActPipeline(StableDiffusionPipeline):
@@ -781,16 +1056,26 @@ class BalancingActPipeline(StableDiffusionPipeline):
     the target becomes exact class counts, assigned to the images at the least cost; `guidance_mode="sample"` steers
     each image to a class.
 
-    Everything else is `StableDiffusionPipeline`: same components, arguments, schedulers, callbacks, LoRA, offload.
-    With `guidance_mode=None` the output is identical to `StableDiffusionPipeline`.
+    Everything else is `StableDiffusionPipeline`: same components, arguments, schedulers, callbacks, LoRA, offload,
+    `torch.compile` (without `fullgraph=True`). With `guidance_mode=None` the output is identical to
+    `StableDiffusionPipeline`. Guidance acts only on the call that asked for it: other pipelines sharing these
+    components (`from_pipe`), in other threads, run unguided at the same time.
     """
+
+    def register_modules(self, **kwargs) -> None:
+        super().register_modules(**kwargs)
+        # The h hook goes on the UNet when the pipeline is made, so that a UNet compiled afterwards contains it.
+        unet = kwargs.get("unet")
+        if getattr(unet, "mid_block", None) is not None:
+            install_h_hook(unet.mid_block)
 
     def _resolve_classifier(self, classifier: "HClassifier | str | os.PathLike") -> HClassifier:
         # Duck-typed: diffusers' custom_pipeline loader imports this file as a second module, whose HClassifier is a
         # different class object from `h_classifiers.HClassifier`; both must be accepted.
         if isinstance(classifier, torch.nn.Module) and all(
-            hasattr(classifier, name) for name in ("config", "head_index", "calibrated_logits", "move_directions")
+            hasattr(classifier, name) for name in ("config", "head_index", "calibrated_logits", "check_guidance_ready")
         ):
+            classifier.check_guidance_ready()
             return classifier
         if isinstance(classifier, (str, os.PathLike)):
             key = os.fspath(classifier)
@@ -854,11 +1139,11 @@ class BalancingActPipeline(StableDiffusionPipeline):
     def _check_probabilities(target: torch.Tensor) -> torch.Tensor:
         if not bool(torch.isfinite(target).all()) or bool((target < 0).any()):
             raise ValueError(
-                f"`target_distribution` must hold finite, non-negative probabilities; got {target.tolist()}."
+                f"`target_distribution` must hold finite, non-negative probabilities; got {_fmt(target)}."
             )
         if abs(float(target.sum()) - 1.0) > TARGET_SUM_TOLERANCE:
             raise ValueError(
-                f"`target_distribution` must sum to 1 (tolerance {TARGET_SUM_TOLERANCE}); got {target.tolist()} "
+                f"`target_distribution` must sum to 1 (tolerance {TARGET_SUM_TOLERANCE:g}); got {_fmt(target)} "
                 f"(sum {float(target.sum()):.6g})."
             )
         return target / target.sum()
@@ -877,20 +1162,17 @@ class BalancingActPipeline(StableDiffusionPipeline):
         return BalancingActPipeline._check_probabilities(table.flatten()).reshape(shape)
 
     @staticmethod
-    def _target_indices(value: Any, classifier: HClassifier, num_images: int) -> torch.Tensor:
+    def _target_indices(value: Any, classifier: HClassifier) -> list[int]:
+        """Sample mode: one class index for every image, or one per image (its length is checked against the batch
+        when the call starts)."""
         if not isinstance(value, str) and getattr(value, "ndim", 1) > 0 and hasattr(value, "__len__"):
-            if len(value) != num_images:
-                raise ValueError(
-                    f"`target_classes` must be one class for all images or a list of one class per image "
-                    f"({num_images} images = batch size x num_images_per_prompt); got a list of {len(value)}."
-                )
-            indices = [_class_index(classifier, v, "target_classes") for v in value]
-        else:
-            indices = [_class_index(classifier, value, "target_classes")] * num_images
-        return torch.tensor(indices, dtype=torch.long)
+            if len(value) == 0:
+                raise ValueError("`target_classes` is an empty list; give one class for all images or one per image.")
+            return [_class_index(classifier, v, "target_classes") for v in value]
+        return [_class_index(classifier, value, "target_classes")]
 
     @staticmethod
-    def _check_steps(guidance_steps: Any) -> tuple[float, float] | list[int]:
+    def _check_steps(guidance_steps: Any) -> tuple[float, float] | tuple[int, ...]:
         accepted = "a fraction window (start, end) with 0 <= start < end <= 1, or a non-empty list of step indices"
         if isinstance(guidance_steps, tuple):
             if len(guidance_steps) != 2 or not all(
@@ -905,7 +1187,7 @@ class BalancingActPipeline(StableDiffusionPipeline):
             steps = guidance_steps.tolist() if isinstance(guidance_steps, torch.Tensor) else list(guidance_steps)
             if len(steps) == 0 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in steps):
                 raise ValueError(f"`guidance_steps` must be {accepted}; got {guidance_steps!r}.")
-            return sorted(set(steps))
+            return tuple(sorted(set(steps)))
         raise ValueError(f"`guidance_steps` must be {accepted}; got {guidance_steps!r}.")
 
     @staticmethod
@@ -920,8 +1202,15 @@ class BalancingActPipeline(StableDiffusionPipeline):
         else:
             strengths = [guidance_strength] * num_classifiers
         for value in strengths:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"`guidance_strength` must be finite and >= 0; got {guidance_strength!r}.")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0 <= value <= MAX_GUIDANCE_STRENGTH  # also refuses nan
+            ):
+                raise ValueError(
+                    f"`guidance_strength` must be a number from 0 to {MAX_GUIDANCE_STRENGTH:g} (class gaps per guided "
+                    f"step; default {DEFAULT_GUIDANCE_STRENGTH:g}); got {_fmt(guidance_strength)}."
+                )
         return [float(v) for v in strengths]
 
     @staticmethod
@@ -940,7 +1229,7 @@ class BalancingActPipeline(StableDiffusionPipeline):
     def check_guidance_inputs(
         self,
         h_classifier: Any,
-        guidance_mode: str,
+        guidance_mode: str | None,
         target_distribution: Any,
         target_classes: Any,
         guidance_strength: float | list[float],
@@ -949,26 +1238,47 @@ class BalancingActPipeline(StableDiffusionPipeline):
         classifier_temperature: float | None,
         guided_branches: str,
         balance_state: BalanceState | None,
-        num_images: int,
-        timestep_values: list[float],
-        height: int,
-        width: int,
-        global_batch: bool = False,
-    ) -> _GuidancePlan:
-        """Validate our arguments (guidance active: a mode and a classifier) and load the classifiers."""
-        num_steps = len(timestep_values)
-        if not isinstance(global_batch, bool):
-            raise TypeError(f"`global_batch` must be True or False; got {global_batch!r}.")
-        if global_batch and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            raise ValueError(
-                "`global_batch=True` computes the guidance statistics over the batches of all processes, but "
-                "torch.distributed is not initialised in this process. Launch every process with `accelerate launch` "
-                "(and create `accelerate.PartialState()`), or call `torch.distributed.init_process_group`, then make "
-                "the same call on every process; or drop `global_batch` for a single process."
-            )
-        process_rows = None  # global batch, distribution mode: every process's number of images, in process order
+        global_batch: bool,
+    ) -> None:
+        """Validate the Balancing Act arguments, as `check_inputs` does the others: no file, Hub or process is touched.
+        What needs the classifiers (class names, shapes) is checked by `prepare_guidance`, what needs the batch and
+        the timesteps when the call starts."""
+        if guidance_mode is None:
+            given = [
+                name
+                for name, value in (
+                    ("h_classifier", h_classifier),
+                    ("target_distribution", target_distribution),
+                    ("target_classes", target_classes),
+                    ("balance_state", balance_state),
+                    ("global_batch", global_batch or None),
+                )
+                if value is not None
+            ]
+            if given:
+                raise ValueError(
+                    f"{', '.join(f'`{n}`' for n in given)} given without `guidance_mode`: no guidance would be applied. "
+                    "Add guidance_mode='distribution' (with target_distribution) or guidance_mode='sample' (with "
+                    "target_classes), or drop those arguments for vanilla Stable Diffusion."
+                )
+            return
         if guidance_mode not in GUIDANCE_MODES:
             raise ValueError(f"`guidance_mode` must be None, 'sample' or 'distribution'; got {guidance_mode!r}.")
+        if h_classifier is None or (isinstance(h_classifier, (list, tuple)) and len(h_classifier) == 0):
+            raise ValueError(
+                f"`guidance_mode={guidance_mode!r}` needs `h_classifier`: an HClassifier, a folder or a Hub id (or a "
+                "non-empty list of them)."
+            )
+        if guidance_mode == "distribution" and target_distribution is None:
+            raise ValueError(
+                "`guidance_mode='distribution'` needs `target_distribution`: a probability vector or a class name per "
+                "classifier, or with several classifiers a joint table over their classes."
+            )
+        if guidance_mode == "sample" and target_classes is None:
+            raise ValueError(
+                "`guidance_mode='sample'` needs `target_classes`: a class (name or index) for all images or a list of "
+                "one class per image."
+            )
         if distribution_solver not in DISTRIBUTION_SOLVERS:
             raise ValueError(
                 f"`distribution_solver` must be one of {list(DISTRIBUTION_SOLVERS)}; got {distribution_solver!r}."
@@ -983,35 +1293,47 @@ class BalancingActPipeline(StableDiffusionPipeline):
                     "`balance_state` counts the classes of distribution mode with `distribution_solver='assign'`; "
                     f"got guidance_mode={guidance_mode!r}, distribution_solver={distribution_solver!r}."
                 )
-        steps = self._check_steps(guidance_steps)
-        if isinstance(steps, list) and steps[-1] >= num_steps:
+        if not isinstance(global_batch, bool):
+            raise TypeError(f"`global_batch` must be True or False; got {global_batch!r}.")
+        if global_batch and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             raise ValueError(
-                f"`guidance_steps` holds step index {steps[-1]} but this call has {num_steps} denoising steps "
-                f"(indices 0..{num_steps - 1})."
+                "`global_batch=True` computes the guidance statistics over the batches of all processes, but "
+                "torch.distributed is not initialised in this process. Launch every process with `accelerate launch` "
+                "(and create `accelerate.PartialState()`), or call `torch.distributed.init_process_group`, then make "
+                "the same call on every process; or drop `global_batch` for a single process."
             )
-        if isinstance(steps, tuple) and not any(
-            steps[0] * num_steps <= i < steps[1] * num_steps for i in range(num_steps)
-        ):
+        num_classifiers = len(h_classifier) if isinstance(h_classifier, (list, tuple)) else 1
+        self._check_steps(guidance_steps)
+        self._check_strengths(guidance_strength, num_classifiers)
+        self._check_temperatures(classifier_temperature, [])
+        context = getattr(self.unet, "dynamo_ctx", None)  # set by torch.compile on the module it returns
+        if getattr(context, "fullgraph", False) or getattr(context, "error_on_graph_break", False):
             raise ValueError(
-                f"`guidance_steps` window {steps} selects none of the {num_steps} denoising steps (step i is guided "
-                "when start <= i / num_steps < end); widen the window or give step indices."
+                "The UNet was compiled with `fullgraph=True`, but Balancing Act reads and moves h in a hook on "
+                "`unet.mid_block` that runs outside the compiled graph (one graph break per UNet call). Compile "
+                "without `fullgraph=True`, e.g. `pipe.unet = torch.compile(pipe.unet)`."
             )
 
+    def prepare_guidance(
+        self,
+        h_classifier: Any,
+        guidance_mode: str,
+        target_distribution: Any,
+        target_classes: Any,
+        guidance_strength: float | list[float],
+        guidance_steps: Any,
+        distribution_solver: str,
+        classifier_temperature: float | None,
+        guided_branches: str,
+        balance_state: BalanceState | None,
+        global_batch: bool,
+    ) -> GuidanceSettings:
+        """Load the classifiers (folders, Hub ids; cached on the pipeline) and check the targets against their
+        classes. Call after `check_guidance_inputs`."""
         is_list = isinstance(h_classifier, (list, tuple))
-        raw = list(h_classifier) if is_list else [h_classifier]
-        if len(raw) == 0:
-            raise ValueError("`h_classifier` is an empty list; give one classifier or a list of classifiers.")
-        classifiers = [self._resolve_classifier(c) for c in raw]
-        strengths = self._check_strengths(guidance_strength, len(classifiers))
-        temperatures = self._check_temperatures(classifier_temperature, classifiers)
-
+        classifiers = [self._resolve_classifier(c) for c in (h_classifier if is_list else [h_classifier])]
         joint = False
         if guidance_mode == "distribution":
-            if target_distribution is None:
-                raise ValueError(
-                    "`guidance_mode='distribution'` needs `target_distribution`: a probability vector or a class name "
-                    "per classifier, or with several classifiers a joint table over their classes."
-                )
             table = self._joint_target(target_distribution, classifiers) if is_list else None
             if table is not None:
                 if distribution_solver != "assign":
@@ -1023,117 +1345,88 @@ class BalancingActPipeline(StableDiffusionPipeline):
             else:
                 entries = self._per_classifier(target_distribution, "target_distribution", len(classifiers), is_list)
                 targets = [self._target_vector(v, c) for v, c in zip(entries, classifiers)]
-            one_class = all(float(t.max()) == 1.0 for t in targets)
-            if global_batch:  # the call's first collective
-                count = torch.tensor([num_images], device=self._execution_device)
-                process_rows = _all_gather_rows(count, [1] * torch.distributed.get_world_size()).tolist()
-            total = sum(process_rows) if process_rows else num_images
-            if total < 2 and balance_state is None and not one_class:
-                raise ValueError(
-                    "`guidance_mode='distribution'` needs at least 2 images (batch size x num_images_per_prompt) or a "
-                    "`balance_state` that carries the counts across calls: the target is a distribution over images. "
-                    f"For one image of a given class use `guidance_mode='sample'`; got {total} image."
-                )
         else:
-            if target_classes is None:
-                raise ValueError(
-                    "`guidance_mode='sample'` needs `target_classes`: a class (name or index) for all images or a list "
-                    "of one class per image."
-                )
             entries = self._per_classifier(target_classes, "target_classes", len(classifiers), is_list)
-            targets = [self._target_indices(v, c, num_images) for v, c in zip(entries, classifiers)]
+            targets = [self._target_indices(v, c) for v, c in zip(entries, classifiers)]
+        return GuidanceSettings(
+            classifiers=tuple(classifiers),
+            mode=guidance_mode,
+            solver="classes" if guidance_mode == "sample" else distribution_solver,
+            joint=joint,
+            targets=tuple(targets),
+            strengths=tuple(self._check_strengths(guidance_strength, len(classifiers))),
+            temperatures=tuple(self._check_temperatures(classifier_temperature, classifiers)),
+            steps=self._check_steps(guidance_steps),
+            branches=guided_branches,
+            balance_state=balance_state,
+            global_batch=global_batch,
+        )
 
+    def _start_guidance(self, run: _GuidanceRun, num_images: int, height: int, width: int, device: Any) -> None:
+        """Check the guided call against its batch, image size and timesteps, as resolved by
+        `StableDiffusionPipeline.__call__`, then build its per-call state (before the first step). The global batch's
+        collective comes last, after everything that can fail."""
+        settings = run.settings
+        timesteps = [float(t) for t in self.scheduler.timesteps.cpu()]  # once per call, before the loop
+        num_steps = len(timesteps)
+        if isinstance(settings.steps[0], int) and settings.steps[-1] >= num_steps:
+            raise ValueError(
+                f"`guidance_steps` holds step index {settings.steps[-1]} but this call has {num_steps} denoising steps "
+                f"(indices 0..{num_steps - 1})."
+            )
+        if not any(settings.is_guided(i, num_steps) for i in range(num_steps)):
+            raise ValueError(
+                f"`guidance_steps` window {settings.steps} selects none of the {num_steps} denoising steps (step i is "
+                "guided when start <= i / num_steps < end); widen the window or give step indices."
+            )
+        if settings.mode == "sample":
+            for classes in settings.targets:
+                if len(classes) not in (1, num_images):
+                    raise ValueError(
+                        f"`target_classes` must be one class for all images or a list of one class per image "
+                        f"({num_images} images = batch size x num_images_per_prompt); got a list of {len(classes)}."
+                    )
         h_shape = self.mid_block_h_shape(height, width)
-        for classifier in classifiers:
+        for classifier in settings.classifiers:
             if list(classifier.config.h_shape) != h_shape:
                 raise ValueError(
                     f"`h_classifier` {classifier.config.attribute!r} was trained on h of shape "
                     f"{list(classifier.config.h_shape)} but this UNet gives h of shape {h_shape} at {height}x{width} "
                     "pixels; use a classifier trained for this model and resolution."
                 )
-            if not classifier.covers_timesteps(timestep_values):
+            if not classifier.covers_timesteps(timesteps):
                 heads = classifier._timesteps
                 raise ValueError(
-                    f"The scheduler {type(self.scheduler).__name__} runs timesteps {min(timestep_values):g}.."
-                    f"{max(timestep_values):g}, outside the {classifier.config.attribute!r} classifier's heads "
+                    f"The scheduler {type(self.scheduler).__name__} runs timesteps {min(timesteps):g}.."
+                    f"{max(timesteps):g}, outside the {classifier.config.attribute!r} classifier's heads "
                     f"({float(heads.min()):g}..{float(heads.max()):g}): it uses another timestep scale. Use a scheduler "
                     "on the scale the classifier was trained on (DDIM, PNDM, DPM-Solver++, Euler, UniPC for SD 1.x/2.x)."
                 )
-            if not classifier.has_anchors:
-                logger.warning(
-                    f"`h_classifier` {classifier.config.attribute!r} has no class anchors (saved by an older version): "
-                    "guidance moves along its head weights, which can change what the head reads more than the "
-                    "image. Retrain it with `balancing-act train` to add anchors and a calibration."
-                )
-        solver = "classes" if guidance_mode == "sample" else distribution_solver
-        return _GuidancePlan(
-            classifiers,
-            strengths,
-            guidance_mode,
-            solver,
-            joint,
-            targets,
-            temperatures,
-            steps,
-            guided_branches,
-            num_images,
-            timestep_values,
-            balance_state,
-            process_rows,
+        one_class = settings.mode == "distribution" and all(
+            settings.one_class(g) is not None for g in range(len(settings.targets))
         )
+        process_rows = None
+        if settings.global_batch and settings.mode == "distribution":  # the call's first collective
+            count = torch.tensor([num_images], device=device)
+            process_rows = _all_gather_rows(count, [1] * torch.distributed.get_world_size()).tolist()
+        total = sum(process_rows) if process_rows else num_images
+        if settings.mode == "distribution" and total < 2 and settings.balance_state is None and not one_class:
+            raise ValueError(
+                "`guidance_mode='distribution'` needs at least 2 images (batch size x num_images_per_prompt) or a "
+                "`balance_state` that carries the counts across calls: the target is a distribution over images. "
+                f"For one image of a given class use `guidance_mode='sample'`; got {total} image."
+            )
+        run.start(num_images, timesteps, self.do_classifier_free_guidance, self.guidance_scale, device, process_rows)
 
-    def _denoising_timesteps(self, num_inference_steps: int, timesteps: Any, sigmas: Any) -> list[float]:
-        """The timesteps of the denoising loop, from a copy of the scheduler (some schedulers repeat timesteps)."""
-        scheduler = copy.deepcopy(self.scheduler)
-        return [float(t) for t in retrieve_timesteps(scheduler, num_inference_steps, "cpu", timesteps, sigmas)[0]]
-
-    @staticmethod
-    def _count_unet_calls(plan: _GuidancePlan) -> Callable:
-        """A UNet forward pre-hook: one UNet call = one denoising-loop iteration."""
-
-        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            plan.step_index += 1
-
-        return hook
-
-    def _guide_h(self, plan: _GuidancePlan) -> Callable[[torch.Tensor], torch.Tensor | None]:
-        """The mid-block hook function: read h every step; move it on guided steps."""
-
-        def guide(h: torch.Tensor) -> torch.Tensor | None:
-            guided = plan.is_guided(plan.step_index)
-            if not guided and plan.balance_state is None:
-                return None
-            cfg = self.do_classifier_free_guidance
-            expected_rows = plan.num_images * (2 if cfg else 1)
-            if h.shape[0] != expected_rows:
-                raise RuntimeError(f"h has {h.shape[0]} rows; expected {expected_rows} for {plan.num_images} images.")
-            first = plan.num_images if cfg else 0  # the images are the conditional rows
-            # The heads read h in float32 whatever the pipeline's dtype, also under an outer torch.autocast.
-            with torch.autocast(device_type=h.device.type, enabled=False):
-                x = h[first:].detach().flatten(1).float()
-                heads = [plan.head(c, h.device) for c in range(len(plan.classifiers))]
-                raw = [F.linear(x, weight, bias) for weight, bias, *_ in heads]
-                calibrated = [r * scale + cal_bias for r, (_, _, scale, cal_bias, _) in zip(raw, heads)]
-                plan.record_final(calibrated)
-                if not guided:
-                    return None
-                directions = plan.solve(calibrated, raw)
-                # With classifier-free guidance the output is e_u + w (e_c - e_u): a move of the conditional rows alone
-                # reaches it amplified by w. Divide by w, so a strength means the same change of the output at any
-                # guidance_scale.
-                amplification = self.guidance_scale if cfg and plan.branches == "cond" else 1.0
-                delta = sum(
-                    strength / amplification * (g @ head[4])
-                    for strength, g, head in zip(plan.strengths, directions, heads)
-                )
-            delta = delta.reshape(plan.num_images, *h.shape[1:]).to(h.dtype)
-            if not cfg:
-                return h + delta
-            if plan.branches == "both":
-                return h + torch.cat([delta, delta])
-            return torch.cat([h[:first], h[first:] + delta])
-
-        return guide
+    def prepare_latents(self, batch_size, num_channels_latents, height, width, dtype, device, generator, latents=None):
+        # `StableDiffusionPipeline.__call__` calls this once, after it has resolved the batch size, the image size and
+        # the scheduler's timesteps: where a guided call is checked against them and starts, before the first step.
+        current = _CURRENT_RUN.get()
+        if current is not None and current[0] is self and not current[1].started:
+            self._start_guidance(current[1], batch_size, height, width, device)
+        return super().prepare_latents(
+            batch_size, num_channels_latents, height, width, dtype, device, generator, latents
+        )
 
     @torch.no_grad()
     def __call__(
@@ -1257,80 +1550,8 @@ class BalancingActPipeline(StableDiffusionPipeline):
         Returns:
             [`~pipelines.stable_diffusion.StableDiffusionPipelineOutput`] or `tuple`, as `StableDiffusionPipeline`.
         """
-        unknown = sorted(set(kwargs) - {"callback", "callback_steps"})
-        if unknown:
-            raise TypeError(
-                f"BalancingActPipeline.__call__() got unexpected keyword argument(s) {unknown}; see the "
-                "StableDiffusionPipeline arguments and h_classifier, guidance_mode, target_distribution, "
-                "target_classes, guidance_strength, guidance_steps, distribution_solver, classifier_temperature, "
-                "guided_branches, balance_state, global_batch."
-            )
-        standard = {
-            "prompt": prompt,
-            "height": height,
-            "width": width,
-            "num_inference_steps": num_inference_steps,
-            "timesteps": timesteps,
-            "sigmas": sigmas,
-            "guidance_scale": guidance_scale,
-            "negative_prompt": negative_prompt,
-            "num_images_per_prompt": num_images_per_prompt,
-            "eta": eta,
-            "generator": generator,
-            "latents": latents,
-            "prompt_embeds": prompt_embeds,
-            "negative_prompt_embeds": negative_prompt_embeds,
-            "ip_adapter_image": ip_adapter_image,
-            "ip_adapter_image_embeds": ip_adapter_image_embeds,
-            "output_type": output_type,
-            "return_dict": return_dict,
-            "cross_attention_kwargs": cross_attention_kwargs,
-            "guidance_rescale": guidance_rescale,
-            "clip_skip": clip_skip,
-            "callback_on_step_end": callback_on_step_end,
-            "callback_on_step_end_tensor_inputs": callback_on_step_end_tensor_inputs,
-            **kwargs,
-        }
-        if guidance_mode is None:
-            given = [
-                name
-                for name, value in (
-                    ("h_classifier", h_classifier),
-                    ("target_distribution", target_distribution),
-                    ("target_classes", target_classes),
-                    ("balance_state", balance_state),
-                    ("global_batch", global_batch or None),
-                )
-                if value is not None
-            ]
-            if given:
-                raise ValueError(
-                    f"{', '.join(f'`{n}`' for n in given)} given without `guidance_mode`: no guidance would be applied. "
-                    "Add guidance_mode='distribution' (with target_distribution) or guidance_mode='sample' (with "
-                    "target_classes), or drop those arguments for vanilla Stable Diffusion."
-                )
-            return super().__call__(**standard)
-        if guidance_mode not in GUIDANCE_MODES:
-            raise ValueError(f"`guidance_mode` must be None, 'sample' or 'distribution'; got {guidance_mode!r}.")
-        if h_classifier is None:
-            raise ValueError(
-                f"`guidance_mode={guidance_mode!r}` needs `h_classifier`: an HClassifier, a folder or a Hub id."
-            )
-
-        # Same defaults as StableDiffusionPipeline, needed before the loop for the h-shape check.
-        if not height or not width:
-            sample_size = self.unet.config.sample_size
-            size = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
-            height, width = size[0] * self.vae_scale_factor, size[1] * self.vae_scale_factor
-        if isinstance(prompt, str):
-            batch_size = 1
-        elif isinstance(prompt, list):
-            batch_size = len(prompt)
-        elif prompt_embeds is not None:
-            batch_size = prompt_embeds.shape[0]
-        else:
-            batch_size = 1  # StableDiffusionPipeline.check_inputs reports the missing prompt
-        plan = self.check_guidance_inputs(
+        arguments = locals()
+        self.check_guidance_inputs(
             h_classifier,
             guidance_mode,
             target_distribution,
@@ -1341,29 +1562,43 @@ class BalancingActPipeline(StableDiffusionPipeline):
             classifier_temperature,
             guided_branches,
             balance_state,
-            batch_size * (num_images_per_prompt or 1),
-            self._denoising_timesteps(num_inference_steps, timesteps, sigmas),
-            height,
-            width,
             global_batch,
         )
+        unknown = sorted(set(kwargs) - {"callback", "callback_steps"})
+        if unknown:
+            raise TypeError(
+                f"BalancingActPipeline.__call__() got unexpected keyword argument(s) {unknown}; see the "
+                "StableDiffusionPipeline arguments and h_classifier, guidance_mode, target_distribution, "
+                "target_classes, guidance_strength, guidance_steps, distribution_solver, classifier_temperature, "
+                "guided_branches, balance_state, global_batch."
+            )
+        standard = {name: arguments[name] for name in _STABLE_DIFFUSION_ARGUMENTS} | kwargs
+        if guidance_mode is None:
+            return super().__call__(**standard)
 
-        pre_hook = self.unet.register_forward_pre_hook(self._count_unet_calls(plan), with_kwargs=True)
+        settings = self.prepare_guidance(
+            h_classifier,
+            guidance_mode,
+            target_distribution,
+            target_classes,
+            guidance_strength,
+            guidance_steps,
+            distribution_solver,
+            classifier_temperature,
+            guided_branches,
+            balance_state,
+            global_batch,
+        )
+        run = _GuidanceRun(settings, unet_compiled=hasattr(self.unet, "_orig_mod"))
+        # The loop tells the run where it is: our step-end callback, around the caller's.
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            standard["callback_on_step_end_tensor_inputs"] = callback_on_step_end.tensor_inputs
+        standard["callback_on_step_end"] = run.step_callback(callback_on_step_end)
+        token = _CURRENT_RUN.set((self, run))
         try:
-            with MidBlockHook(self.unet, self._guide_h(plan)):
+            with MidBlockHook(self.unet, run.on_h):
                 output = super().__call__(**standard)
         finally:
-            pre_hook.remove()
-        unet_calls = plan.step_index + 1
-        if unet_calls != plan.num_steps and not self.interrupt:
-            raise RuntimeError(
-                f"The UNet ran {unet_calls} times for {plan.num_steps} denoising steps: guidance counts UNet calls to "
-                "know the step, so a callback that calls the UNet (or skips steps) puts the guided window on the "
-                "wrong steps. Call the UNet outside the pipeline call."
-            )
-        if balance_state is not None and plan.final_classes is not None:
-            final = plan.final_classes
-            if plan.process_rows is not None:  # every process's images, so the state stays the same on all of them
-                final = [_all_gather_rows(classes, plan.process_rows) for classes in final]
-            balance_state.update(plan.groups, final)
+            _CURRENT_RUN.reset(token)
+        run.finish()
         return output

@@ -19,6 +19,7 @@ torch.set_num_threads(1)
 
 from tiny_models import tiny_classifier, tiny_components, tiny_sd_pipeline  # noqa: E402
 
+import pipeline_balancing_act as pba  # noqa: E402
 from pipeline_balancing_act import BalancingActPipeline  # noqa: E402
 
 
@@ -35,7 +36,10 @@ def shared_state(pipe) -> dict:
         "progress_bar": dict(getattr(pipe, "_progress_bar_config", {})),
         "classifier_cache": dict(getattr(pipe, "_h_classifier_cache", {})),
         "unet": (unet.dtype, unet.device, len(unet._forward_hooks), len(unet._forward_pre_hooks)),
-        "mid_block_hooks": len(unet.mid_block._forward_hooks),
+        # Balancing Act's dispatch hook stays on the mid block once installed (dormant); any other hook, or an h
+        # function left active after a call, is a leak.
+        "mid_block_hooks": [h for h in unet.mid_block._forward_hooks.values() if h is not pba._h_dispatch_hook],
+        "active_h_functions": pba._ACTIVE_H_FUNCTIONS.get(),
         "offload_or_lora": (hasattr(unet, "_hf_hook"), getattr(unet, "peft_config", None) is not None),
     }
 

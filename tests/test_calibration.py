@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -77,7 +78,7 @@ def test_calibration_and_anchors_round_trip_through_save_pretrained(tmp_path):
     torch.testing.assert_close(loaded.calibrated_logits(h, 999), clf(h, 999) * 0.5 + torch.tensor([0.0, 0.25]))
 
 
-def test_a_classifier_saved_before_calibration_and_anchors_still_loads(tmp_path):
+def test_a_classifier_saved_before_calibration_and_anchors_is_refused_with_how_to_retrain_it(tmp_path):
     clf = tiny_classifier(anchors=False)
     clf.save_pretrained(tmp_path / "old")
     config_path = tmp_path / "old" / "config.json"
@@ -85,11 +86,56 @@ def test_a_classifier_saved_before_calibration_and_anchors_still_loads(tmp_path)
     for key in ("calibration_scale", "calibration_bias", "anchor_source"):
         config.pop(key)  # the keys an earlier version did not write
     config_path.write_text(json.dumps(config))
-    loaded = HClassifier.from_pretrained(tmp_path / "old")
-    assert not loaded.has_anchors and loaded.config.calibration_scale is None
-    h = torch.randn(2, *H_SHAPE, generator=make_generator(3))
-    torch.testing.assert_close(loaded.calibrated_logits(h, 500), clf(h, 500))  # identity calibration
-    assert loaded.move_directions(500).shape == (2, math.prod(H_SHAPE))
+    with pytest.raises(ValueError) as error:
+        HClassifier.from_pretrained(tmp_path / "old")
+    message = str(error.value)
+    assert "\n" not in message and "no calibration and no anchors" in message and "balancing-act train" in message
+
+
+def test_save_pretrained_replaces_config_and_weights_as_one_unit(tmp_path, monkeypatch):
+    """A save that fails half-way (config written, weights not) leaves the previous classifier whole; a save that
+    succeeds keeps the folder's other files (model card, metrics)."""
+    from diffusers.models.modeling_utils import ModelMixin
+
+    folder = tmp_path / "skin"
+    old = tiny_classifier(seed=1)
+    old.save_pretrained(folder)
+    (folder / "README.md").write_text("card")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def crash_after_the_config(self, directory, **kwargs):
+        self.save_config(directory)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ModelMixin, "save_pretrained", crash_after_the_config)
+    with pytest.raises(OSError, match="disk full"):
+        tiny_classifier(seed=2, class_names=("a", "b")).save_pretrained(folder)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["skin"]  # no temporary folder left behind
+    # a failure while the files take their place (here: the second rename or replace of the save) changes nothing
+    moves = []
+    real_rename, real_replace = os.rename, os.replace
+
+    def failing_second_move(real):
+        def move(source, destination):
+            moves.append(destination)
+            if len(moves) == 2:
+                raise OSError("interrupted")
+            return real(source, destination)
+
+        return move
+
+    monkeypatch.setattr(os, "rename", failing_second_move(real_rename))
+    monkeypatch.setattr(os, "replace", failing_second_move(real_replace))
+    with pytest.raises(OSError, match="interrupted"):
+        tiny_classifier(seed=2, class_names=("a", "b")).save_pretrained(folder)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    new = tiny_classifier(seed=2)
+    new.save_pretrained(folder)
+    assert (folder / "README.md").read_text() == "card"
+    torch.testing.assert_close(HClassifier.from_pretrained(folder).weight, new.weight)
 
 
 def test_bad_calibration_is_refused():

@@ -15,7 +15,7 @@ from diffusers import (
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
-from tiny_models import CLASSIFIER_TIMESTEPS, H_SHAPE, tiny_classifier
+from tiny_models import CLASSIFIER_TIMESTEPS, H_SHAPE, guidance_is_off, tiny_classifier
 
 from pipeline_balancing_act import GUIDANCE_MARGIN, HClassifier, MidBlockHook, guidance_loss, logit_directions
 
@@ -244,14 +244,14 @@ def test_mid_block_hook_captures_replaces_and_is_removed(sd_pipe):
         with pytest.raises(RuntimeError, match="boom"):
             with MidBlockHook(unet, lambda h: None):
                 raise RuntimeError("boom")
-    assert len(unet.mid_block._forward_hooks) == 0
+    assert guidance_is_off(unet)
 
 
 def test_mid_block_hook_rejects_a_wrong_replacement(sd_pipe):
     with torch.no_grad(), MidBlockHook(sd_pipe.unet, lambda h: h[:, :3]):
         with pytest.raises(ValueError, match="shape"):
             sd_pipe.unet(torch.randn(1, 4, 8, 8), 10, encoder_hidden_states=torch.randn(1, 77, 32))
-    assert len(sd_pipe.unet.mid_block._forward_hooks) == 0
+    assert guidance_is_off(sd_pipe.unet)
 
 
 def test_save_with_push_to_hub_saves_then_uploads(tmp_path, monkeypatch):

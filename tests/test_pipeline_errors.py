@@ -7,6 +7,7 @@ import pytest
 import torch
 from tiny_models import make_generator, tiny_classifier
 
+import pipeline_balancing_act as pba
 from pipeline_balancing_act import HClassifier
 
 
@@ -30,7 +31,8 @@ def unet_calls(ba_pipe):
     handle = ba_pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(1))
     yield calls
     handle.remove()
-    assert len(ba_pipe.unet.mid_block._forward_hooks) == 0
+    assert list(ba_pipe.unet.mid_block._forward_hooks.values()) == [pba._h_dispatch_hook]  # dormant, installed once
+    assert pba._ACTIVE_H_FUNCTIONS.get() == ()
     assert len(ba_pipe.unet._forward_pre_hooks) == 0
 
 

@@ -311,27 +311,17 @@ def test_joint_target_assigns_cells_and_moves_each_classifier_to_its_part_of_the
 
 
 def test_marginal_targets_for_several_classifiers_each_get_exact_counts(ba_pipe):
-    """The plan of a marginal multi-classifier target: one count vector per classifier, from the largest remainder."""
+    """The counts of a marginal multi-classifier target: one count vector per classifier, from the largest remainder."""
     skin = tiny_classifier(seed=1)
     hair = tiny_classifier(class_names=("none", "black", "red"), attribute="hair", seed=2)
-    plan = ba_pipe.check_guidance_inputs(
-        [skin, hair],
-        "distribution",
-        [[0.5, 0.5], [0.2, 0.4, 0.4]],
-        None,
-        1.0,
-        (0.0, 1.0),
-        "assign",
-        None,
-        "cond",
-        None,
-        5,
-        [999.0, 500.0, 1.0],
-        16,
-        16,
-    )
-    assert not plan.joint
-    assert [c.tolist() for c in plan.counts] == [[3, 2], [1, 2, 2]]
+    settings = ba_pipe.prepare_guidance(
+        [skin, hair], "distribution", [[0.5, 0.5], [0.2, 0.4, 0.4]], None, 1.0, (0.0, 1.0), "assign", None, "cond",
+        None, False,
+    )  # fmt: skip
+    run = pba._GuidanceRun(settings, unet_compiled=False)
+    run.start(5, [999.0, 500.0, 1.0], False, 1.0, torch.device("cpu"), None)
+    assert not settings.joint
+    assert run.counts == [[3, 2], [1, 2, 2]]
 
 
 def test_joint_table_is_told_apart_from_marginal_targets():
@@ -371,23 +361,17 @@ def test_guidance_steps_select_the_guided_steps(ba_pipe, guidance_steps, guided)
     assert moved == guided
 
 
-def test_a_classifier_without_anchors_moves_along_its_weights_by_the_legacy_gap(ba_pipe, caplog):
-    clf, u = known_classifier(anchors=False)
-    with HRecorder(ba_pipe.unet) as rec:
-        run(
-            ba_pipe,
-            num_inference_steps=1,
-            guidance_scale=1.0,
-            num_images_per_prompt=2,
-            h_classifier=clf,
-            guidance_mode="sample",
-            target_classes="dark",
-            guidance_strength=1.0,
-        )
-    before, after = rec.before[0], rec.after[0]
-    # weights (calibrated) point along u; one unit of pull changes the calibrated margin by LEGACY_CLASS_GAP
-    change = margin_dark(after, u) - margin_dark(before, u)
-    torch.testing.assert_close(change, pba.LEGACY_CLASS_GAP * pull(before, u, torch.ones(2, dtype=torch.long)))
+@pytest.mark.parametrize("missing", ["anchors", "calibration"])
+def test_a_classifier_without_calibration_or_anchors_is_refused_with_how_to_retrain_it(ba_pipe, tmp_path, missing):
+    clf, _ = known_classifier(anchors=missing != "anchors")
+    if missing == "calibration":
+        clf.register_to_config(calibration_scale=None, calibration_bias=None)
+    kwargs = {"num_images_per_prompt": 2, "guidance_mode": "sample", "target_classes": 1}
+    with pytest.raises(ValueError, match=f"has no {missing} .*retrain it with `balancing-act train"):
+        run(ba_pipe, h_classifier=clf, **kwargs)
+    clf.save_pretrained(tmp_path / "old")
+    with pytest.raises(ValueError, match=f"has no {missing} .*retrain it with `balancing-act train"):
+        HClassifier.from_pretrained(tmp_path / "old")
 
 
 def test_the_classifier_passed_in_is_not_moved_or_cast(ba_pipe, monkeypatch):
@@ -403,13 +387,13 @@ def test_heads_read_in_float32_under_an_outer_autocast(ba_pipe, monkeypatch):
     """Under a bfloat16 autocast the heads still compute in float32 (autocast would run the linear layer in bf16)."""
     clf, _ = known_classifier()
     dtypes = []
-    solve = pba._GuidancePlan.solve
+    directions = pba._GuidanceRun._directions
 
-    def recording_solve(plan, calibrated, raw):
+    def recording_directions(run, calibrated, raw):
         dtypes.extend(t.dtype for t in calibrated + raw)
-        return solve(plan, calibrated, raw)
+        return directions(run, calibrated, raw)
 
-    monkeypatch.setattr(pba._GuidancePlan, "solve", recording_solve)
+    monkeypatch.setattr(pba._GuidanceRun, "_directions", recording_directions)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         run(
             ba_pipe,
@@ -455,7 +439,7 @@ def test_a_callback_that_calls_the_unet_is_an_error(ba_pipe):
         pipe.unet(latents, timestep, encoder_hidden_states=embeds)
         return callback_kwargs
 
-    with pytest.raises(RuntimeError, match="UNet ran 6 times for 3 denoising steps"):
+    with pytest.raises(RuntimeError, match="UNet ran 2 times in denoising step 0"):
         run(
             ba_pipe,
             guidance_scale=1.0,

@@ -11,6 +11,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+import pipeline_balancing_act as pba
 from pipeline_balancing_act import HClassifier, MidBlockHook
 
 
@@ -107,8 +108,9 @@ def tiny_classifier(
     timesteps: list[int] = CLASSIFIER_TIMESTEPS,
     anchors: bool = True,
 ) -> HClassifier:
-    """An HClassifier with random (seeded) heads of the given scale; every head is different. With `anchors`, random
-    class anchors of norm about 1 per class too (without: a classifier as saved before anchors existed)."""
+    """An HClassifier with random (seeded) heads of the given scale; every head is different. With `anchors`, an
+    identity calibration and random class anchors of norm about 1 per class too (without: a classifier as saved
+    before calibration and anchors existed, which guidance refuses)."""
     classifier = HClassifier(
         attribute=attribute, class_names=list(class_names), h_shape=list(h_shape), timesteps=list(timesteps)
     )
@@ -118,6 +120,7 @@ def tiny_classifier(
         classifier.bias.zero_()
     if anchors:
         shape = classifier.weight.shape
+        classifier.set_calibration([1.0] * shape[0], [[0.0] * shape[1]] * shape[0])
         classifier.set_anchors(torch.randn(shape, generator=generator) / shape[-1] ** 0.5, "random")
     return classifier.eval()
 
@@ -160,3 +163,15 @@ class HRecorder:
         self._mid.__exit__(*exc_info)
         for handle in self._handles:
             handle.remove()
+
+
+def guidance_is_off(unet) -> bool:
+    """Nothing of a guided call is left on `unet`: its mid block carries at most Balancing Act's dormant dispatch hook
+    (installed once, it does nothing until a call activates it), no h function is active in this thread, and the UNet
+    has no pre-hook."""
+    hooks = list(unet.mid_block._forward_hooks.values())
+    return (
+        hooks in ([], [pba._h_dispatch_hook])
+        and pba._ACTIVE_H_FUNCTIONS.get() == ()
+        and len(unet._forward_pre_hooks) == 0
+    )
