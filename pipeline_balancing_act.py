@@ -408,8 +408,8 @@ def assign_classes(cost: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         # rank of each row by its gain from class 1 (stable: ties keep row order); the first counts[1] are class 1
         order = torch.argsort(cost[:, 1] - cost[:, 0], stable=True)
         return (torch.argsort(order) < counts[1]).long()
-    solution = _transport_on_host(cost.detach().to(device="cpu", dtype=torch.float64).numpy(), np.array(counts))
-    return torch.from_numpy(solution).to(cost.device, non_blocking=True)
+    solution = _transport_on_host(cost.detach().cpu().double().numpy(), np.array(counts))  # the one copy to the host
+    return torch.as_tensor(solution).to(cost.device, non_blocking=True)
 
 
 # Rounds of class-price updates that start the host solver close to the optimal assignment.
@@ -1046,21 +1046,19 @@ _STABLE_DIFFUSION_ARGUMENTS = tuple(
 )
 
 
-class BalancingActPipeline(StableDiffusionPipeline):
+class BalancingActMixin:
     r"""
-    Stable Diffusion with Balancing Act h-space guidance (Parihar et al., CVPR 2024).
-
-    During denoising, the UNet bottleneck h = `unet.mid_block(...)` is read by per-timestep linear h-classifiers
-    (`HClassifier`) and moved towards classes, and the rest of the UNet runs on the moved h.
-    `guidance_mode="distribution"` steers the batch to a target distribution of an attribute (debiasing): by default
-    the target becomes exact class counts, assigned to the images at the least cost; `guidance_mode="sample"` steers
-    each image to a class.
-
-    Everything else is `StableDiffusionPipeline`: same components, arguments, schedulers, callbacks, LoRA, offload,
-    `torch.compile` (without `fullgraph=True`). With `guidance_mode=None` the output is identical to
-    `StableDiffusionPipeline`. Guidance acts only on the call that asked for it: other pipelines sharing these
-    components (`from_pipe`), in other threads, run unguided at the same time.
+    The Balancing Act guidance of a diffusers pipeline, shared by every pipeline that offers it: the h hook installed
+    on the UNet when the pipeline is made, the classifiers, the checks of the arguments (`check_guidance_inputs`,
+    pure), their preparation (`prepare_guidance`), and the start of a guided call (`start_guidance`). A pipeline
+    subclasses it before its diffusers base class and, in its `__call__`, activates `_GuidanceRun.on_h` with a
+    `MidBlockHook` and calls `_GuidanceRun.end_step` after every step of its loop.
     """
+
+    # Pixels per latent pixel (a latent diffusion pipeline's VAE factor); 1 for a pixel-space model.
+    @property
+    def h_scale_factor(self) -> int:
+        return getattr(self, "vae_scale_factor", 1)
 
     def register_modules(self, **kwargs) -> None:
         super().register_modules(**kwargs)
@@ -1095,7 +1093,7 @@ class BalancingActPipeline(StableDiffusionPipeline):
         """The per-sample shape [C, H, W] of h = `unet.mid_block` output for images of `height` x `width`."""
         if self.unet.mid_block is None:
             raise ValueError("This UNet has no mid block; Balancing Act guidance needs one.")
-        size = [int(height) // self.vae_scale_factor, int(width) // self.vae_scale_factor]
+        size = [int(height) // self.h_scale_factor, int(width) // self.h_scale_factor]
         for block in self.unet.down_blocks:
             if getattr(block, "downsamplers", None):
                 # Downsample2D: 3x3 conv, stride 2, padding 1 -> ceil(n / 2).
@@ -1362,10 +1360,20 @@ class BalancingActPipeline(StableDiffusionPipeline):
             global_batch=global_batch,
         )
 
-    def _start_guidance(self, run: _GuidanceRun, num_images: int, height: int, width: int, device: Any) -> None:
-        """Check the guided call against its batch, image size and timesteps, as resolved by
-        `StableDiffusionPipeline.__call__`, then build its per-call state (before the first step). The global batch's
-        collective comes last, after everything that can fail."""
+    def start_guidance(
+        self,
+        run: _GuidanceRun,
+        num_images: int,
+        height: int,
+        width: int,
+        device: Any,
+        cfg: bool = False,
+        guidance_scale: float = 1.0,
+    ) -> None:
+        """Check a guided call against its batch, image size and the scheduler's timesteps (set for this call), then
+        build its per-call state, before the first step. `cfg`: the UNet sees `[uncond; cond]` rows, and moves of the
+        conditional rows are amplified by `guidance_scale`. The global batch's collective comes last, after
+        everything that can fail."""
         settings = run.settings
         timesteps = [float(t) for t in self.scheduler.timesteps.cpu()]  # once per call, before the loop
         num_steps = len(timesteps)
@@ -1416,14 +1424,32 @@ class BalancingActPipeline(StableDiffusionPipeline):
                 "`balance_state` that carries the counts across calls: the target is a distribution over images. "
                 f"For one image of a given class use `guidance_mode='sample'`; got {total} image."
             )
-        run.start(num_images, timesteps, self.do_classifier_free_guidance, self.guidance_scale, device, process_rows)
+        run.start(num_images, timesteps, cfg, guidance_scale, device, process_rows)
+
+
+class BalancingActPipeline(BalancingActMixin, StableDiffusionPipeline):
+    r"""
+    Stable Diffusion with Balancing Act h-space guidance (Parihar et al., CVPR 2024).
+
+    During denoising, the UNet bottleneck h = `unet.mid_block(...)` is read by per-timestep linear h-classifiers
+    (`HClassifier`) and moved towards classes, and the rest of the UNet runs on the moved h.
+    `guidance_mode="distribution"` steers the batch to a target distribution of an attribute (debiasing): by default
+    the target becomes exact class counts, assigned to the images at the least cost; `guidance_mode="sample"` steers
+    each image to a class.
+
+    Everything else is `StableDiffusionPipeline`: same components, arguments, schedulers, callbacks, LoRA, offload,
+    `torch.compile` (without `fullgraph=True`). With `guidance_mode=None` the output is identical to
+    `StableDiffusionPipeline`. Guidance acts only on the call that asked for it: other pipelines sharing these
+    components (`from_pipe`), in other threads, run unguided at the same time.
+    """
 
     def prepare_latents(self, batch_size, num_channels_latents, height, width, dtype, device, generator, latents=None):
         # `StableDiffusionPipeline.__call__` calls this once, after it has resolved the batch size, the image size and
         # the scheduler's timesteps: where a guided call is checked against them and starts, before the first step.
         current = _CURRENT_RUN.get()
         if current is not None and current[0] is self and not current[1].started:
-            self._start_guidance(current[1], batch_size, height, width, device)
+            cfg, scale = self.do_classifier_free_guidance, self.guidance_scale
+            self.start_guidance(current[1], batch_size, height, width, device, cfg, scale)
         return super().prepare_latents(
             batch_size, num_channels_latents, height, width, dtype, device, generator, latents
         )

@@ -126,6 +126,13 @@ def save_grid(rows: list[tuple[str, torch.Tensor]], path: Path, columns: int, sc
     atomic_save_image(grid, path)
 
 
+def repository_relative(path: Path) -> str:
+    """A path inside this repository as written from its root (committed reports name no folder of the machine)."""
+    root = Path(__file__).resolve().parent.parent
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(root)) if resolved.is_relative_to(root) else str(path)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Measure the toy model's prompts with the oracle; write JSON and a grid.")
     p.add_argument("--model", type=Path, default=TOY_MODEL_PATH, help="Diffusers directory of the toy model.")
@@ -151,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     pipe = load_toy_pipeline(args.model)
     oracle = ToyOracle()
     report = {
-        "model": str(args.model),
+        "model": repository_relative(args.model),
         "scheduler": type(pipe.scheduler).__name__,
         "num_inference_steps": args.steps,
         "guidance_scale": args.guidance_scale,

@@ -16,6 +16,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -76,27 +78,57 @@ def _boolean_index(args) -> bool:
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
 
 
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
 class HostSyncCounter(TorchFunctionMode):
     """While active, counts (in `events`, the operation names in call order) every tensor operation that would make
     the host wait for a CUDA device: value reads (`item`, `tolist`, `numpy`, `bool`/`int`/`float` of a tensor, which
     is also what Python control flow on a tensor does), copies to the host (`cpu`, `to("cpu")`), and operations whose
-    output size depends on values (`nonzero`, `unique`, `masked_select`, boolean-mask indexing)."""
+    output size depends on values (`nonzero`, `unique`, `masked_select`, boolean-mask indexing).
+
+    Tensors the counter saw being made on the host (a copy to the host, a tensor built from Python or numpy data
+    without a device, and what is computed from host tensors only) are known to live there: reading them again costs
+    nothing, so one copy to the host followed by `numpy()` counts once. Every other tensor is taken to be on the
+    device, as it would be on a GPU machine."""
 
     def __init__(self):
         super().__init__()
         self.events: list[str] = []
+        self._host: dict[int, torch.Tensor] = {}  # id -> tensor (kept alive, so that an id is never reused)
 
     @property
     def count(self) -> int:
         return len(self.events)
 
+    def _on_host(self, tensor: Any) -> bool:
+        return isinstance(tensor, torch.Tensor) and self._host.get(id(tensor)) is tensor
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = SYNC_METHODS.get(func)
-        if name is not None:
-            self.events.append(name)
-        elif func in _COPIES and _copies_to_host(func, args, kwargs):
-            self.events.append("copy to host")
-        elif func in _INDEXING and _boolean_index(args):
-            self.events.append("boolean index")
-        return func(*args, **kwargs)
+        inputs = _tensors(list(args)) + _tensors(list(kwargs.values()))
+        source = args[0] if args else None
+        event = SYNC_METHODS.get(func)
+        if event is None and func in _COPIES and _copies_to_host(func, args, kwargs):
+            event = "copy to host"
+        elif event is None and func in _INDEXING and _boolean_index(args):
+            event = "boolean index"
+        if event is not None and not (
+            self._on_host(source) and (func is not torch.Tensor.copy_ or self._on_host(args[1]))
+        ):
+            self.events.append(event)
+        result = func(*args, **kwargs)
+        if event in ("cpu", "copy to host") and result is source:
+            # On this CPU-only machine the "copy" is the tensor itself; on CUDA it is a new host tensor, and the
+            # source stays on the device: return an alias to mark as host, leaving the source as it was.
+            result = result.view_as(result)
+        made_on_host = not inputs and _is_host(kwargs.get("device", "cpu"))
+        if event in ("cpu", "copy to host") or made_on_host or (inputs and all(self._on_host(t) for t in inputs)):
+            for tensor in _tensors(result):
+                self._host[id(tensor)] = tensor
+        return result
