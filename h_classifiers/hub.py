@@ -1,4 +1,6 @@
-"""Push a saved h-classifier folder to the Hugging Face Hub (`create_repo` + `upload_folder`).
+"""Push to the Hugging Face Hub: a saved h-classifier folder (`create_repo` + `upload_folder`), or the pipeline file
+as a Hub repository's `pipeline.py` (`create_repo` + `upload_file`), which diffusers loads with
+`DiffusionPipeline.from_pretrained(model, custom_pipeline="user/repo", trust_remote_code=True)`.
 
 The token comes from the `token` argument, else huggingface_hub's usual sources (the `HF_TOKEN` environment variable
 or a cached `hf auth login`).
@@ -6,6 +8,8 @@ or a cached `hf auth login`).
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -18,6 +22,9 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 REQUIRED_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 # Never upload pickles or temporary files that might sit next to the classifier.
 IGNORE_PATTERNS = ["*.pt", "*.pth", "*.bin", "*.ckpt", "*.pkl", ".tmp-*", ".old-*"]
+# diffusers' name for the custom pipeline file of a Hub repository (`custom_pipeline="user/repo"`).
+HUB_PIPELINE_FILE = "pipeline.py"
+PIPELINE_MODULE = "pipeline_balancing_act"
 
 
 class HubUnreachableError(ConnectionError):
@@ -50,6 +57,29 @@ def check_classifier_folder(folder: str | os.PathLike) -> Path:
     return folder
 
 
+def check_repo_id(repo_id: str) -> str:
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(
+            f"`repo_id` {repo_id!r} is not a valid Hub repo id ('user/name' or 'name'): {error}"
+        ) from None
+    return repo_id
+
+
+@contextlib.contextmanager
+def hub_errors(repo_id: str):
+    """Turns "no connection" (see `connection_errors`) inside the block into one `HubUnreachableError` line."""
+    try:
+        yield
+    except connection_errors() as error:  # evaluated after the raise: the HTTP client's module is loaded by then
+        cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise HubUnreachableError(
+            f"the Hugging Face Hub is unreachable, nothing was pushed to {repo_id!r} ({cause}); check the network "
+            "(and HF_HUB_OFFLINE), then push again."
+        ) from None
+
+
 def push_classifier(
     folder: str | os.PathLike,
     repo_id: str,
@@ -60,13 +90,8 @@ def push_classifier(
 ) -> str:
     """Creates (if needed) the model repo `repo_id` and uploads `folder` to it. Returns the repo URL."""
     folder = check_classifier_folder(folder)
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        raise ValueError(
-            f"`repo_id` {repo_id!r} is not a valid Hub repo id ('user/name' or 'name'): {error}"
-        ) from None
-    try:
+    check_repo_id(repo_id)
+    with hub_errors(repo_id):
         url = huggingface_hub.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
         huggingface_hub.upload_folder(
             repo_id=repo_id,
@@ -77,10 +102,45 @@ def push_classifier(
             commit_message=commit_message or "Upload Balancing Act h-classifier",
             ignore_patterns=IGNORE_PATTERNS,
         )
-    except connection_errors() as error:  # evaluated after the raise: the HTTP client's module is loaded by then
-        cause = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise HubUnreachableError(
-            f"the Hugging Face Hub is unreachable, nothing was pushed to {repo_id!r} ({cause}); check the network "
-            "(and HF_HUB_OFFLINE), then push again."
-        ) from None
+    return str(url)
+
+
+def pipeline_file() -> Path:
+    """The path of the installed `pipeline_balancing_act.py` (found without importing it: no diffusers import)."""
+    spec = importlib.util.find_spec(PIPELINE_MODULE)
+    if spec is None or spec.origin is None or not Path(spec.origin).is_file():
+        raise FileNotFoundError(
+            f"`{PIPELINE_MODULE}.py` is not importable here: install this repository (`pip install -e .`) or run "
+            "from its root."
+        )
+    return Path(spec.origin)
+
+
+def push_pipeline(
+    repo_id: str,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str | None = None,
+    revision: str | None = None,
+    file: str | os.PathLike | None = None,
+) -> str:
+    """Creates (if needed) the model repo `repo_id` and uploads the pipeline file (`file`, default: the installed
+    `pipeline_balancing_act.py`) to it as `pipeline.py`, the file diffusers loads for
+    `DiffusionPipeline.from_pretrained(model, custom_pipeline=repo_id, trust_remote_code=True)`. Returns the repo URL.
+    """
+    file = pipeline_file() if file is None else Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"`file` {str(file)!r} is not a file (expected {PIPELINE_MODULE}.py).")
+    check_repo_id(repo_id)
+    with hub_errors(repo_id):
+        url = huggingface_hub.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
+        huggingface_hub.upload_file(
+            path_or_fileobj=str(file),
+            path_in_repo=HUB_PIPELINE_FILE,
+            repo_id=repo_id,
+            repo_type="model",
+            token=token,
+            revision=revision,
+            commit_message=commit_message or f"Upload the Balancing Act pipeline as {HUB_PIPELINE_FILE}",
+        )
     return str(url)

@@ -1,4 +1,7 @@
-"""Pushing a classifier to the Hub: everything up to the huggingface_hub calls (patched; no network)."""
+"""Pushing a classifier or the pipeline file to the Hub: everything up to the huggingface_hub calls (patched; no
+network)."""
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,12 +22,17 @@ class FakeHub:
         self.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
         return "commit"
 
+    def upload_file(self, **kwargs):
+        self.calls.append(("upload_file", kwargs["repo_id"], kwargs))
+        return "commit"
+
 
 @pytest.fixture
 def fake_hub(monkeypatch):
     fake = FakeHub()
     monkeypatch.setattr(hub.huggingface_hub, "create_repo", fake.create_repo)
     monkeypatch.setattr(hub.huggingface_hub, "upload_folder", fake.upload_folder)
+    monkeypatch.setattr(hub.huggingface_hub, "upload_file", fake.upload_file)
     return fake
 
 
@@ -156,3 +164,96 @@ def test_train_says_the_classifier_is_saved_when_the_hub_is_unreachable(monkeypa
         "\n" not in message and f"the classifier is saved in {tmp_path / 'clf'}, but the Hugging Face Hub" in message
     )
     assert (tmp_path / "clf" / "config.json").is_file()
+
+
+def test_push_pipeline_uploads_the_pipeline_file_as_pipeline_py(fake_hub):
+    from tiny_models import ROOT
+
+    url = hub.push_pipeline("someone/balancing-act", token="hf_x")
+    assert url == "https://huggingface.co/someone/balancing-act"
+    (name, repo, create), (name2, repo2, upload) = fake_hub.calls
+    assert (name, repo, name2, repo2) == (
+        "create_repo",
+        "someone/balancing-act",
+        "upload_file",
+        "someone/balancing-act",
+    )
+    assert create["exist_ok"] and create["repo_type"] == "model" and create["token"] == "hf_x"
+    # diffusers loads `custom_pipeline="user/repo"` from the repo's `pipeline.py`
+    assert upload["path_in_repo"] == "pipeline.py" and upload["repo_type"] == "model" and upload["token"] == "hf_x"
+    assert Path(upload["path_or_fileobj"]).resolve() == (ROOT / "pipeline_balancing_act.py").resolve()
+
+
+def test_push_pipeline_refuses_bad_input_before_any_call(fake_hub, tmp_path):
+    with pytest.raises(ValueError, match="not a valid Hub repo id"):
+        hub.push_pipeline("bad repo id")
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        hub.push_pipeline("someone/x", file=tmp_path / "missing.py")
+    assert fake_hub.calls == []
+
+
+def test_push_command_with_pipeline_only(fake_hub, capsys):
+    from h_classifiers.commands.push import main
+
+    main(["--pipeline", "someone/balancing-act", "--private"])
+    assert [c[:2] for c in fake_hub.calls] == [
+        ("create_repo", "someone/balancing-act"),
+        ("upload_file", "someone/balancing-act"),
+    ]
+    assert fake_hub.calls[0][2]["private"] is True and fake_hub.calls[1][2]["path_in_repo"] == "pipeline.py"
+    assert 'custom_pipeline="someone/balancing-act", trust_remote_code=True' in capsys.readouterr().out
+
+
+def test_push_command_with_classifier_and_pipeline(fake_hub, saved_classifier):
+    from h_classifiers.commands.push import main
+
+    main([str(saved_classifier), "someone/skin", "--pipeline", "someone/skin"])
+    assert [c[:2] for c in fake_hub.calls] == [
+        ("create_repo", "someone/skin"),
+        ("upload_folder", "someone/skin"),
+        ("create_repo", "someone/skin"),
+        ("upload_file", "someone/skin"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "nothing to push"),
+        (["folder-only"], "give both FOLDER and REPO_ID"),
+        (["--pipeline", "bad id"], "not a valid Hub repo id"),
+    ],
+)
+def test_push_command_refuses_incomplete_arguments_before_any_call(fake_hub, saved_classifier, capsys, argv, message):
+    from h_classifiers.commands.push import main
+
+    if argv[:1] == ["--pipeline"]:  # a bad pipeline repo id stops the classifier's push too
+        argv = [str(saved_classifier), "someone/skin", *argv]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err and fake_hub.calls == []
+
+
+def test_push_help_names_only_its_own_options(capsys):
+    from h_classifiers.commands.push import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "--pipeline" in text and "--num_images" not in text and "--num-images" not in text
+    assert text.rstrip().endswith("--commit_message is --commit-message.")
+
+
+def test_push_pipeline_without_network_ends_in_one_line(monkeypatch):
+    from h_classifiers.commands.push import main
+
+    def unreachable(*args, **kwargs):
+        raise connect_error()
+
+    monkeypatch.setattr(hub.huggingface_hub, "create_repo", unreachable)
+    with pytest.raises(SystemExit) as info:
+        main(["--pipeline", "someone/balancing-act"])
+    message = str(info.value.code)
+    assert "\n" not in message and message.startswith(
+        "balancing-act push: the Hugging Face Hub is unreachable, nothing was pushed to 'someone/balancing-act'"
+    )

@@ -1,8 +1,10 @@
-"""The ways a user gets a BalancingActPipeline, all offline: custom_pipeline (local file, community name), from_pipe."""
+"""The ways a user gets a BalancingActPipeline, all offline: custom_pipeline (local file, directory holding
+`pipeline.py`, Hub repository holding `pipeline.py`, community name), from_pipe."""
 
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from diffusers.utils import dynamic_modules_utils
 from huggingface_hub import constants as hub_constants
+from huggingface_hub.errors import OfflineModeIsEnabled
 from tiny_models import ROOT, make_generator, tiny_classifier, tiny_sd_pipeline
 
 from pipeline_balancing_act import BalancingActPipeline
@@ -17,7 +20,7 @@ from pipeline_balancing_act import BalancingActPipeline
 
 PIPELINE_FILE = ROOT / "pipeline_balancing_act.py"
 PROMPT = "a photo of a face"
-GUIDED = {"guidance_mode": "distribution", "target_distribution": [0.5, 0.5], "guidance_strength": 100.0}
+GUIDED = {"guidance_mode": "distribution", "target_distribution": [0.5, 0.5], "guidance_strength": 50.0}
 CALL = {"num_inference_steps": 2, "num_images_per_prompt": 2, "output_type": "np"}
 
 
@@ -62,25 +65,69 @@ def test_custom_pipeline_local_file_needs_trust_remote_code(model_dir, modules_c
         DiffusionPipeline.from_pretrained(model_dir, custom_pipeline=str(PIPELINE_FILE))
 
 
-def test_custom_pipeline_community_name_from_the_mirror_cache(model_dir, modules_cache, tmp_path, monkeypatch):
-    """`custom_pipeline="balancing_act"` resolves `v<version>/balancing_act.py` in the community mirror dataset."""
-    import diffusers
+def test_custom_pipeline_directory_holding_pipeline_py(model_dir, modules_cache, tmp_path):
+    """A directory is looked up for `pipeline.py` (what `balancing-act push --pipeline` names the file)."""
+    folder = tmp_path / "my_pipeline"
+    folder.mkdir()
+    shutil.copy(PIPELINE_FILE, folder / "pipeline.py")
+    pipe = DiffusionPipeline.from_pretrained(model_dir, custom_pipeline=str(folder), trust_remote_code=True)
+    assert type(pipe).__module__ == "diffusers_modules.local.pipeline"
+    check_guided_pipeline(pipe)
 
-    version = diffusers.__version__
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def offline_hub_cache(tmp_path, monkeypatch, repo_folder: str, file_in_snapshot: str):
+    """A Hub cache (HF_HOME in tmp_path) whose repo `repo_folder` holds the pipeline file at `file_in_snapshot` of its
+    `main` revision; the Hub is offline (HF_HUB_OFFLINE), so files can only come from this cache."""
     hf_home = tmp_path / "hf_home"
     hub_cache = hf_home / "hub"
-    repo = hub_cache / "datasets--diffusers--community-pipelines-mirror"
-    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = hub_cache / repo_folder
     (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    snapshot = repo / "snapshots" / commit / f"v{version}"
-    snapshot.mkdir(parents=True)
-    shutil.copy(PIPELINE_FILE, snapshot / "balancing_act.py")
-
+    (repo / "refs" / "main").write_text(COMMIT)
+    target = repo / "snapshots" / COMMIT / file_in_snapshot
+    target.parent.mkdir(parents=True)
+    shutil.copy(PIPELINE_FILE, target)
     monkeypatch.setenv("HF_HOME", str(hf_home))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(hub_cache))
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+
+
+def test_custom_pipeline_hub_repo_holding_pipeline_py(model_dir, modules_cache, tmp_path, monkeypatch):
+    """`custom_pipeline="user/repo"` loads the repo's `pipeline.py` (what `balancing-act push --pipeline user/repo`
+    uploads), from the Hub cache."""
+    offline_hub_cache(tmp_path, monkeypatch, "models--user--repo", "pipeline.py")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        DiffusionPipeline.from_pretrained(model_dir, custom_pipeline="user/repo")
+    # diffusers 0.42 asks the Hub for the repo's commit (`model_info`) even when the file is cached, so this route
+    # needs the network: offline it fails ...
+    with pytest.raises(OfflineModeIsEnabled):
+        DiffusionPipeline.from_pretrained(model_dir, custom_pipeline="user/repo", trust_remote_code=True)
+    # ... and with the Hub's answer given here (the cached commit), everything else comes from the cache.
+    asked = []
+    monkeypatch.setattr(
+        dynamic_modules_utils,
+        "model_info",
+        lambda repo_id, revision=None, token=None: asked.append(repo_id) or SimpleNamespace(sha=COMMIT),
+    )
+    pipe = DiffusionPipeline.from_pretrained(model_dir, custom_pipeline="user/repo", trust_remote_code=True)
+    assert asked == ["user/repo"]
+    assert type(pipe).__module__ == f"diffusers_modules.local.user--repo.{COMMIT}.pipeline"
+    check_guided_pipeline(pipe)
+
+
+def test_custom_pipeline_community_name_from_the_mirror_cache(model_dir, modules_cache, tmp_path, monkeypatch):
+    """`custom_pipeline="balancing_act"` resolves `v<version>/balancing_act.py` in the community mirror dataset
+    (diffusers/community-pipelines-mirror, a copy of diffusers' examples/community folder). The file is not there:
+    this test puts it in a local cache of the mirror, to check that the file loads by that route once it is."""
+    import diffusers
+
+    version = diffusers.__version__
+    offline_hub_cache(
+        tmp_path, monkeypatch, "datasets--diffusers--community-pipelines-mirror", f"v{version}/balancing_act.py"
+    )
     # diffusers asks PyPI for its release list first: tests never touch the network.
     monkeypatch.setattr(dynamic_modules_utils, "get_diffusers_versions", lambda: [version])
 

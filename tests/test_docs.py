@@ -1,0 +1,166 @@
+"""The documentation stands alone: every relative link of README.md and docs/ resolves to a file (and heading) in the
+repository, and no page or generated JSON under docs/ holds an absolute path of the machine that wrote it."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
+DOC_FILES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "docs").rglob("*.json")])
+
+FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
+CODE_SPAN = re.compile(r"(`+)(?:(?!\1).)+?\1", re.DOTALL)
+# [text](target "title") and ![alt](target); reference definitions `[name]: target`
+INLINE_LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+REFERENCE_LINK = re.compile(r"^\s{0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s|$)", re.MULTILINE)
+# `../x` written outside a link (in a code span, say): it names a file too
+PARENT_PATH = re.compile(r"(?<![\w./-])((?:\.\./)+[\w./-]*\w)")
+SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
+# An absolute path of a build machine: /work/..., /tmp/..., /root/..., /home/... (not inside a URL or a relative path)
+MACHINE_PATH = re.compile(r"(?<![\w.:/~-])/(?:work|tmp|root|home)/")
+
+
+def prose(text: str) -> str:
+    """The Markdown text without fenced code blocks and code spans (their brackets are not links)."""
+    return CODE_SPAN.sub("", FENCE.sub("", text))
+
+
+def links(page: Path) -> list[str]:
+    text = prose(page.read_text(encoding="utf-8"))
+    return INLINE_LINK.findall(text) + REFERENCE_LINK.findall(text)
+
+
+def heading_anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces as dashes, repeats numbered."""
+    anchors, seen = set(), {}
+    for line in FENCE.sub("", page.read_text(encoding="utf-8")).splitlines():
+        match = re.match(r"^\s{0,3}#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if not match:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", match.group(1).strip().lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        anchors.add(slug if count == 0 else f"{slug}-{count}")
+    return anchors
+
+
+def relative(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+def test_the_pages_are_found():
+    names = {relative(page) for page in PAGES}
+    assert {"README.md", "docs/usage.md", "docs/guidance.md", "docs/results.md"} <= names
+
+
+def broken_links(page: Path, root: Path = ROOT) -> list[str]:
+    """The relative links of `page` that do not resolve to a file inside `root` (or to a heading of a page)."""
+    broken = []
+    for target in links(page):
+        if SCHEME.match(target) or target.startswith("//"):
+            continue  # a URL (http, https, mailto): public, not checked offline
+        path, _, anchor = target.partition("#")
+        resolved = (page.parent / path).resolve() if path else page
+        if resolved != root and root not in resolved.parents:
+            broken.append(f"{target} (outside the repository)")
+        elif not resolved.exists():
+            broken.append(f"{target} (no such file)")
+        elif anchor and resolved.suffix == ".md" and anchor not in heading_anchors(resolved):
+            broken.append(f"{target} (no heading #{anchor} in {resolved.relative_to(root).as_posix()})")
+    for target in PARENT_PATH.findall(FENCE.sub("", page.read_text(encoding="utf-8"))):
+        resolved = (page.parent / target).resolve()
+        if resolved != root and root not in resolved.parents:
+            broken.append(f"{target} (outside the repository)")
+        elif not resolved.exists():
+            broken.append(f"{target} (no such file)")
+    return broken
+
+
+@pytest.mark.parametrize("page", PAGES, ids=relative)
+def test_every_relative_link_resolves_inside_the_repository(page):
+    broken = broken_links(page)
+    assert not broken, f"{relative(page)}: {broken}"
+
+
+@pytest.mark.parametrize("path", DOC_FILES, ids=relative)
+def test_no_absolute_path_of_a_build_machine(path):
+    found = [
+        f"line {number}: {line.strip()[:120]}"
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+        if MACHINE_PATH.search(line)
+    ]
+    assert not found, f"{relative(path)} holds absolute paths of the machine that wrote it: {found}"
+
+
+def test_the_checks_catch_what_they_name(tmp_path):
+    """The checks themselves, on a repository made here: a missing file, a link out of the repository, a missing
+    heading and a machine path are found; URLs, code, and good links and anchors are not."""
+    root = tmp_path / "repo"
+    (root / "docs" / "results").mkdir(parents=True)
+    (root / "README.md").write_text("# Title\n\n## In Python\n\n## In Python\n")
+    (root / "docs" / "results" / "plot.png").write_bytes(b"")
+    (tmp_path / "outside.md").write_text("# Outside\n")
+    page = root / "docs" / "page.md"
+    page.write_text(
+        "# A page\n[ok](../README.md) [ok](../README.md#in-python) [ok](../README.md#in-python-1) [self](#a-page)\n"
+        "![img](results/plot.png) [web](https://example.org/a) [mail](mailto:a@example.org)\n"
+        "[gone](missing.md) [out](../../outside.md) [anchor](../README.md#no-such-heading) [self](#nowhere)\n"
+        "`[code](nowhere.md)`\n```bash\n[fenced](nowhere.md) ../../fenced.md\n```\n[ref]: missing-ref.md\n"
+        "Read `../../shared/METHOD.md` or `../shared/METHOD.md` first; `../README.md` is fine.\n"
+    )
+    assert broken_links(page, root) == [
+        "missing.md (no such file)",
+        "../../outside.md (outside the repository)",
+        "../README.md#no-such-heading (no heading #no-such-heading in README.md)",
+        "#nowhere (no heading #nowhere in docs/page.md)",
+        "missing-ref.md (no such file)",
+        "../../outside.md (outside the repository)",
+        "../../shared/METHOD.md (outside the repository)",
+        "../shared/METHOD.md (no such file)",
+    ]
+    assert MACHINE_PATH.search('"model": "/work/main/h_classifiers/assets/toy-sd"')
+    assert MACHINE_PATH.search("--output /tmp/report.json") and MACHINE_PATH.search("(/home/user/x)")
+    assert not MACHINE_PATH.search("https://example.org/home/x, .work/toy-sd, ~/home/x, docs/tmp/x")
+
+
+RESULTS_ROW = re.compile(
+    r"^\| (skin|glasses|hair|joint) \| (\d+): [^|]+ \| ([\d.]+)–([\d.]+) \| ([\d.]+)–([\d.]+) \| "
+    r"([-+]?[\d.]+) to ([-+]?[\d.]+) points \|$",
+    re.MULTILINE,
+)
+
+
+def test_readme_results_quote_every_row_of_the_generated_results():
+    """The README's Results table: per attribute, the range over all its rows of docs/results/results.json (written by
+    benchmarks/reproduce.py) of the default's FD, vanilla's FD and the valid rate against vanilla."""
+    import json
+
+    rows = json.loads((ROOT / "docs" / "results" / "results.json").read_text(encoding="utf-8"))["rows"]
+    groups = {}
+    for row in rows.values():
+        groups.setdefault("joint" if len(row["attributes"]) > 1 else row["attributes"][0], []).append(
+            row["configurations"]
+        )
+    expected = {}
+    for attribute, configurations in groups.items():
+        default = [c["distribution"]["fd"] for c in configurations]
+        vanilla = [c["vanilla"]["fd"] for c in configurations]
+        valid = [100 * (c["distribution"]["valid_rate"] - c["vanilla"]["valid_rate"]) for c in configurations]
+        expected[attribute] = (
+            str(len(configurations)),
+            f"{min(default):.3f}",
+            f"{max(default):.3f}",
+            f"{min(vanilla):.3f}",
+            f"{max(vanilla):.3f}",
+            f"{min(valid):+.1f}",
+            f"{max(valid):+.1f}",
+        )
+    quoted = {}
+    for match in RESULTS_ROW.finditer((ROOT / "README.md").read_text(encoding="utf-8")):
+        attribute, *values = match.groups()
+        values[-2:] = [f"{float(v):+.1f}" for v in values[-2:]]
+        quoted[attribute] = tuple(values)
+    assert quoted == expected
