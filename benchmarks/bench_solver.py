@@ -13,7 +13,6 @@ median and 95th percentile. Targets: at most 2 ms for K = 3 and 5 ms for a 2 x 3
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys

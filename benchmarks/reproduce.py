@@ -34,6 +34,13 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from h_classifiers.io_utils import atomic_save_image, atomic_write_json, atomic_write_text  # noqa: E402
+from h_classifiers.metrics import (  # noqa: E402
+    TARGET_FD,
+    class_counts,
+    class_fractions,
+    fairness_discrepancy,
+    hit_rates,
+)
 from h_classifiers.toy_world import ATTRIBUTES, NEUTRAL_PROMPT, TOY_CLASSIFIERS_PATH, TOY_MODEL_PATH  # noqa: E402
 
 
@@ -41,8 +48,7 @@ TABLE_SEED = 0
 TUNING_SEED = 1_000_000  # the sweeps' seeds: disjoint from the table's
 README_CLASSIFIERS = ROOT / ".work" / "readme-classifiers"  # made by benchmarks/readme_recipe.sh
 SCHEDULER_LABELS = {"ddim": "DDIM", "pndm": "PNDM", "dpm++": "DPM-Solver++", "euler": "Euler", "euler_a": "Euler a"}
-# Targets of the issue (benchmarks, not tests).
-TARGET_FD = 0.03
+# The project's targets, measured here (benchmarks, not tests); the FD target is `metrics.TARGET_FD`.
 TARGET_JOB_FD = 0.01
 TARGET_VALID_DROP = 0.01
 TARGET_HIT = 0.98
@@ -185,8 +191,8 @@ def class_prompts(attribute: str) -> list[str]:
 def run_job(job: Job, kit: Toolkit) -> tuple[dict[str, Any], torch.Tensor]:
     """Generate the job's images, read them with the oracle; per image: every attribute's class, validity, asked."""
     from h_classifiers.baselines import DEFAULT_FAIR_DIFFUSION_SETTINGS, FairDiffusion, draw_classes
-    from h_classifiers.evaluation import asked_classes
     from h_classifiers.generation import generate_batches
+    from h_classifiers.metrics import asked_classes
     from pipeline_balancing_act import BalanceState
 
     pipe = kit.pipe(job.sampler.scheduler)
@@ -248,10 +254,11 @@ def run_job(job: Job, kit: Toolkit) -> tuple[dict[str, Any], torch.Tensor]:
 
 def run_jobs(jobs: list[Job], jobs_dir: Path, output_dir: Path, grids: dict[str, list[str]]):
     """Split the jobs that have no result file yet over the processes; each writes its results atomically."""
+    from h_classifiers.commands._common import apply_threads
     from h_classifiers.distributed import num_processes, process_index, process_state, wait
 
     state = process_state(cpu=True)  # None for one process
-    torch.set_num_threads(1)  # the toy model's small kernels: one thread per process is fastest on a shared CPU
+    apply_threads(None, TOY_MODEL_PATH)  # the commands' thread policy for the toy model (one thread per process)
     todo = sorted((j for j in jobs if not (jobs_dir / f"{j.key}.json").exists()), key=lambda j: -j.cost)
     wait(state)  # every process has listed the jobs to do before any writes one
     mine = todo[process_index(state) :: num_processes(state)]
@@ -283,9 +290,9 @@ def save_grid(images: torch.Tensor, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def fractions(labels: torch.Tensor, valid: torch.Tensor, num_classes: int) -> list[float]:
-    counts = torch.bincount(labels[valid], minlength=num_classes).double()
-    return (counts / counts.sum().clamp_min(1)).tolist()
+def fractions(labels: Any, valid: torch.Tensor, num_classes: int) -> list[float]:
+    """`metrics.class_fractions` over the valid images; zeros when there is none."""
+    return class_fractions(labels, num_classes, valid) or [0.0] * num_classes
 
 
 def measure(result: dict[str, Any], row: Row, vanilla: dict[str, Any]) -> dict[str, Any]:
@@ -297,21 +304,23 @@ def measure(result: dict[str, Any], row: Row, vanilla: dict[str, Any]) -> dict[s
     for a in ATTRIBUTES:
         summary["fractions"][a] = fractions(labels[a], valid, len(ATTRIBUTES[a]))
     if len(row.attributes) == 1:
-        target = torch.tensor(row.target, dtype=torch.float64)
-        measured = torch.tensor(summary["fractions"][row.attributes[0]], dtype=torch.float64)
+        target = list(row.target)
+        measured = summary["fractions"][row.attributes[0]]
     else:
+        # A joint row: one "class" per cell of the attributes' classes (row-major, as the target table flattens).
         shape = [len(ATTRIBUTES[a]) for a in row.attributes]
-        cells = torch.zeros(shape, dtype=torch.long)
-        for i in valid.nonzero().flatten().tolist():
-            cells[tuple(int(labels[a][i]) for a in row.attributes)] += 1
-        target = torch.tensor(row.target, dtype=torch.float64).flatten()
-        measured = (cells.flatten().double() / cells.sum().clamp_min(1)).double()
-        summary["cell_fractions"] = measured.tolist()
-    summary["fd"] = float((measured - target).norm())
+        cells = torch.zeros(len(valid), dtype=torch.long)
+        for a, size in zip(row.attributes, shape):
+            cells = cells * size + labels[a].long()
+        target = torch.tensor(row.target, dtype=torch.float64).flatten().tolist()
+        measured = fractions(cells, valid, len(target))
+        summary["cell_fractions"] = measured
+    summary["fd"] = fairness_discrepancy(target, measured)
     if result.get("asked") is not None:
-        hits = (labels[row.attributes[0]] == torch.tensor(result["asked"])) & valid
-        summary["hit_strict"] = float(hits.float().mean())
-        summary["hit_valid"] = float(hits.sum() / valid.sum().clamp_min(1))
+        # The asked class of the row's attribute; an invalid image is a miss in the strict rate.
+        asked_labels = torch.where(valid, labels[row.attributes[0]], -1)
+        hit_valid, hit_strict = hit_rates(asked_labels, result["asked"])
+        summary["hit_strict"], summary["hit_valid"] = hit_strict, hit_valid or 0.0
     entanglement = {}
     for a in ATTRIBUTES:
         if a not in row.attributes:
@@ -320,7 +329,8 @@ def measure(result: dict[str, Any], row: Row, vanilla: dict[str, Any]) -> dict[s
     summary["entanglement"] = entanglement
     summary["entanglement_max"] = max(entanglement.values()) if entanglement else None
     if "balance_state_counts" in result:
-        target_counts = [round(p * result["num_images"]) for p in row.target]
+        # The counts distribution guidance aims at: the pipeline's largest-remainder apportionment (sums to n).
+        target_counts = class_counts(row.target, result["num_images"])
         summary["balance_state_counts"] = result["balance_state_counts"]
         summary["oracle_counts"] = torch.bincount(labels[row.attributes[0]][valid], minlength=len(row.target)).tolist()
         summary["target_counts"] = target_counts
@@ -346,7 +356,7 @@ def table_jobs(rows: list[Row], num_images: int, seed: int) -> tuple[list[Job], 
 
 
 def check_targets(row: Row, measured: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The issue's targets for one row: value, threshold and whether it is met (None: not applicable)."""
+    """The project's targets for one row: value, threshold and whether it is met (None: not applicable)."""
     vanilla, default = measured["vanilla"], measured.get("distribution")
     checks: dict[str, Any] = {}
     if default is not None:
@@ -359,8 +369,10 @@ def check_targets(row: Row, measured: dict[str, dict[str, Any]]) -> dict[str, An
             checks["entanglement (points)"] = (100 * e, 100 * TARGET_ENTANGLEMENT, e <= TARGET_ENTANGLEMENT)
         peer = measured.get("fair_diffusion")
         if peer is not None:
+            # Lower FD at no lower valid rate: both are shown (FDs, then valid rates).
             better = default["fd"] < peer["fd"] and default["valid_rate"] >= peer["valid_rate"]
-            checks["beats Fair Diffusion"] = ((default["fd"], peer["fd"]), None, better)
+            shown = (default["fd"], peer["fd"], default["valid_rate"], peer["valid_rate"])
+            checks["beats Fair Diffusion"] = (shown, None, better)
     sample = measured.get("sample")
     if sample is not None:
         checks["sample strict hit"] = (sample["hit_strict"], TARGET_HIT, sample["hit_strict"] >= TARGET_HIT)
@@ -468,7 +480,9 @@ def table_markdown(report: dict[str, Any]) -> str:
     for name, entry in rows.items():
         for check, (value, threshold, met) in entry["targets"].items():
             if isinstance(value, tuple | list):
-                shown = f"{value[0]:.3f} vs {value[1]:.3f}"
+                shown = f"FD {value[0]:.3f} vs {value[1]:.3f}"
+                if len(value) == 4:  # results written before the valid rates were part of the check have two
+                    shown += f", valid {_pct(value[2])} vs {_pct(value[3])}"
             else:
                 shown = f"{value:.3f}" if "points" not in check else f"{value:.1f}"
             limit = "" if threshold is None else (f"{threshold:.3f}" if "points" not in check else f"{threshold:.1f}")
@@ -717,6 +731,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    from h_classifiers.commands._parser import silence_known_notices
+
+    silence_known_notices()
     parser = build_parser()
     args = parser.parse_args(argv)
     unknown = [n for n in args.rows.split(",") if n and n not in ROWS_BY_NAME]

@@ -58,6 +58,8 @@ class FairDiffusion:
         if not (len(prompt) == len(generator) == len(target_classes)):
             raise ValueError("`prompt`, `generator` and `target_classes` need one entry per image.")
         images: list[Any] = [None] * len(prompt)
+        # What the safety checker flagged, per image (None when no checker ran), as the pipeline outputs report it.
+        flagged: list[bool] | None = [False] * len(prompt)
         for k in sorted(set(target_classes)):
             rows = [i for i, c in enumerate(target_classes) if c == k]
             others = [p for j, p in enumerate(self.class_prompts) if j != k]
@@ -71,6 +73,12 @@ class FairDiffusion:
             )
             for i, image in zip(rows, output.images):
                 images[i] = image
+            detected = getattr(output, "nsfw_content_detected", None)
+            if detected is None:
+                flagged = None
+            elif flagged is not None:
+                for i, flag in zip(rows, detected):
+                    flagged[i] = bool(flag)
         if kwargs.get("output_type") in ("pt", "np") and len(images):
             images = torch.stack(images) if kwargs["output_type"] == "pt" else np.stack(images)
-        return SimpleNamespace(images=images)
+        return SimpleNamespace(images=images, nsfw_content_detected=flagged)

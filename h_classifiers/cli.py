@@ -49,6 +49,9 @@ def load_command(name: str):
 
 
 def main(argv: list[str] | None = None) -> None:
+    from h_classifiers.commands._parser import silence_known_notices
+
+    silence_known_notices()  # every command, also those that do not call it themselves
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())

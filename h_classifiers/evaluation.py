@@ -12,11 +12,13 @@ Five configurations are compared on the same prompt and the same per-image seeds
 - `fair_diffusion`: the Fair Diffusion baseline (`baselines.FairDiffusion`): the neutral prompt, SEGA edit prompts
   towards a class drawn at random per image from the target and away from the other classes.
 
-Measurement: a labeller (`h_classifiers.labellers`) gives each image a class index, or -1 when it cannot label it
-(the toy oracle: an invalid image). Class fractions are one-hot predictions counted over the labelled images only;
-fairness discrepancy FD = || p_ref - p_measured ||_2 over those fractions; the valid rate is the fraction of images
-labelled (for the toy oracle: the oracle's validity rule); seconds is the wall time of generation (VAE decode
-included, labelling excluded).
+Measurement (the measures are defined in `h_classifiers.metrics`): a labeller (`h_classifiers.labellers`) gives each
+image a class index, or -1 when it cannot label it (the toy oracle: an invalid image). Class fractions are one-hot
+predictions counted over the labelled images only; fairness discrepancy FD = || p_ref - p_measured ||_2 over those
+fractions; the valid rate is the fraction of images labelled (for the toy oracle: the oracle's validity rule); seconds
+is the wall time of generation (VAE decode included, labelling excluded). An image the model's safety checker blacked
+out counts as unlabelled, and their number is reported (`num_blacked_out`). A configuration meets the target when its
+FD is at most `TARGET_FD`.
 
 Image i of a run always uses the seed `seed + i` (one generator per image), so a configuration's images do not depend
 on the batch size unless the guidance does (only distribution mode couples the images of a batch).
@@ -39,6 +41,19 @@ from .distributed import gather_indexed, is_main
 from .generation import generate_batches
 from .io_utils import atomic_save_figure, atomic_save_image, atomic_write_json
 
+# Targets and measures live in `metrics`; these names stay importable from here.
+from .metrics import TARGET_FD as TARGET_FD
+from .metrics import asked_classes as asked_classes
+from .metrics import check_target_values as check_target_values
+from .metrics import class_counts as class_counts
+from .metrics import class_fractions as class_fractions
+from .metrics import fairness_discrepancy as fairness_discrepancy
+from .metrics import format_probabilities as format_probabilities
+from .metrics import hit_rates as hit_rates
+from .metrics import parse_target as parse_target
+from .metrics import summarize_labels as summarize_labels
+from .metrics import target_verdicts as target_verdicts
+
 
 CONFIGURATIONS = ("vanilla", "sample", "distribution", "prompt", "fair_diffusion")
 GUIDED_CONFIGURATIONS = {"sample": "sample", "distribution": "distribution"}
@@ -53,120 +68,6 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
 }
-
-TARGET_SUM_TOLERANCE = 1e-3
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Targets and class assignment
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def parse_target(target: str | Sequence[float], class_names: Sequence[str], argument: str = "target") -> list[float]:
-    """
-    A target distribution over `class_names` from a K-vector, a comma-separated string of K numbers ("0.3,0.7"),
-    `"uniform"`, or a class name (one-hot). Raises a ValueError naming `argument` and what is accepted.
-    """
-    names = list(class_names)
-    accepted = (
-        f"{len(names)} comma-separated probabilities summing to 1 (one per class of {names}), 'uniform', "
-        "or one class name"
-    )
-    if isinstance(target, str):
-        text = target.strip()
-        if text == "uniform":
-            return [1.0 / len(names)] * len(names)
-        if text in names:
-            return [1.0 if name == text else 0.0 for name in names]
-        try:
-            values = [float(part) for part in text.split(",")]
-        except ValueError:
-            raise ValueError(f"`{argument}` {target!r} is not valid; accepted: {accepted}.") from None
-    else:
-        values = [float(v) for v in target]
-    if len(values) != len(names):
-        raise ValueError(
-            f"`{argument}` has {len(values)} values but there are {len(names)} classes; accepted: {accepted}."
-        )
-    if any(math.isnan(v) or v < 0 for v in values):
-        raise ValueError(f"`{argument}` {values} has a negative or NaN value; accepted: {accepted}.")
-    if abs(sum(values) - 1.0) > TARGET_SUM_TOLERANCE:
-        raise ValueError(f"`{argument}` {values} sums to {sum(values):.4g}, not 1; accepted: {accepted}.")
-    return values
-
-
-def class_counts(target: Sequence[float], n: int) -> list[int]:
-    """How many of `n` images each class gets: largest-remainder rounding of `n * target` (sums to n), the same
-    apportionment distribution guidance uses."""
-    from pipeline_balancing_act import largest_remainder
-
-    return largest_remainder(target, n).tolist()
-
-
-def asked_classes(target: Sequence[float], n: int) -> list[int]:
-    """
-    A deterministic class per image whose counts match `target` (`class_counts`), interleaved so that any run of
-    consecutive images (a batch) also follows the target closely.
-    """
-    slots = []
-    for k, count in enumerate(class_counts(target, n)):
-        slots += [((j + 0.5) / count, k) for j in range(count)]
-    return [k for _, k in sorted(slots)]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Metrics
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def class_fractions(labels: torch.Tensor, num_classes: int) -> list[float] | None:
-    """One-hot class fractions over the labelled images (label >= 0); None when no image is labelled."""
-    labels = torch.as_tensor(labels).long()
-    labelled = labels[labels >= 0]
-    if labelled.numel() == 0:
-        return None
-    counts = torch.bincount(labelled, minlength=num_classes)
-    if counts.numel() > num_classes:
-        raise ValueError(f"A label is out of range for {num_classes} classes: {int(labelled.max())}.")
-    return (counts.double() / labelled.numel()).tolist()
-
-
-def fairness_discrepancy(p_ref: Sequence[float], p_measured: Sequence[float]) -> float:
-    """FD = || p_ref - p_measured ||_2."""
-    if len(p_ref) != len(p_measured):
-        raise ValueError(f"`p_ref` has {len(p_ref)} classes but `p_measured` has {len(p_measured)}.")
-    return math.sqrt(sum((a - b) ** 2 for a, b in zip(p_ref, p_measured)))
-
-
-def summarize_labels(
-    labels: torch.Tensor, target: Sequence[float], asked: Sequence[int] | None = None
-) -> dict[str, Any]:
-    """
-    Counts, fractions (over labelled images), FD to `target`, valid rate, and, when `asked` classes are given, the
-    hit rate (labelled images of the asked class / labelled images) and the strict hit rate (invalid = miss).
-    """
-    labels = torch.as_tensor(labels).long().flatten()
-    num_classes = len(target)
-    valid = labels >= 0
-    n, num_valid = labels.numel(), int(valid.sum())
-    fractions = class_fractions(labels, num_classes)
-    summary = {
-        "num_images": n,
-        "num_valid": num_valid,
-        "valid_rate": num_valid / n if n else None,
-        "counts": torch.bincount(labels[valid], minlength=num_classes).tolist(),
-        "fractions": fractions,
-        "fd": fairness_discrepancy(target, fractions) if fractions is not None else None,
-    }
-    if asked is not None:
-        asked = torch.as_tensor(list(asked)).long()
-        if asked.shape != labels.shape:
-            raise ValueError(f"`asked` has {asked.numel()} classes for {n} images.")
-        hits = int(((labels == asked) & valid).sum())
-        summary["hit_rate"] = hits / num_valid if num_valid else None
-        summary["hit_rate_strict"] = hits / n if n else None
-    return summary
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Pipeline helpers
@@ -187,6 +88,15 @@ def set_scheduler(pipe, name: str, config: dict[str, Any] | None = None, **overr
     pipe.scheduler = scheduler_class.from_config(config or pipe.scheduler.config, **{**defaults, **overrides})
 
 
+def nsfw_flags(output: Any) -> list[bool | None]:
+    """Per image of a pipeline output: whether its safety checker blacked it out (`nsfw_content_detected`); None for
+    every image when no safety checker ran."""
+    flags = getattr(output, "nsfw_content_detected", None)
+    if flags is None:
+        return [None] * len(output.images)
+    return [bool(flag) for flag in flags]
+
+
 def generate_images(
     pipe,
     prompts: Sequence[str],
@@ -196,19 +106,31 @@ def generate_images(
     progress: Callable[[int], None] | None = None,
     state=None,
     **call_kwargs: Any,
-) -> tuple[list[Image.Image], float]:
+) -> tuple[list[Image.Image], float, list[int] | None]:
     """
     Generate one image per prompt in batches (`generation.generate_batches`: image i uses a generator seeded with
     `seed + i`; `per_image` values such as `target_classes` are sliced per batch; `call_kwargs` go to every pipeline
-    call). Returns the PIL images and the wall time in seconds. With an accelerate `state` of several processes each
+    call). Returns the PIL images, the wall time in seconds and the indices of the images the pipeline's safety
+    checker blacked out (None when no safety checker ran). With an accelerate `state` of several processes each
     generates its share and every process gets all the images, in order (`distributed.gather_indexed`).
     """
     start = time.perf_counter()
     batches = generate_batches(
         pipe, prompts, seed, batch_size, per_image, progress, state=state, output_type="pil", **call_kwargs
     )
-    images = gather_indexed(((i, im) for batch in batches for i, im in zip(batch.indices, batch.output.images)), state)
-    return images, time.perf_counter() - start
+    gathered = gather_indexed(
+        (
+            (i, (i, image, flag))  # the index travels with the image: a resumed run gathers only some indices
+            for batch in batches
+            for i, image, flag in zip(batch.indices, batch.output.images, nsfw_flags(batch.output))
+        ),
+        state,
+    )
+    seconds = time.perf_counter() - start
+    images = [image for _, image, _ in gathered]
+    checked = any(flag is not None for _, _, flag in gathered)
+    blacked_out = [i for i, _, flag in gathered if flag] if checked else None
+    return images, seconds, blacked_out
 
 
 @dataclass
@@ -235,6 +157,8 @@ class Generation:
     images: list[Image.Image]
     seconds: float
     asked: list[int] | None  # the class asked of each image (sample mode, prompt baseline), else None
+    # The indices of the images the safety checker blacked out (None: the pipeline has no safety checker).
+    blacked_out: list[int] | None = None
 
 
 def run_configuration(
@@ -280,10 +204,10 @@ def run_configuration(
                 from pipeline_balancing_act import BalanceState
 
                 common["balance_state"] = BalanceState()
-    images, seconds = generate_images(
+    images, seconds, blacked_out = generate_images(
         pipe, prompts, spec.seed, spec.batch_size, per_image, progress, **options, **common
     )
-    return Generation(images, seconds, asked)
+    return Generation(images, seconds, asked, blacked_out)
 
 
 def evaluate(
@@ -309,11 +233,13 @@ def evaluate(
     grids = {}
     for configuration in configurations:
         generation = run_configuration(pipe, classifier, spec, configuration, progress, state=state)
-        summary = summarize_labels(labeller(generation.images), spec.target, generation.asked)
+        labels = labeller(generation.images)
+        summary = summarize_labels(labels, spec.target, generation.asked, generation.blacked_out)
         summary["seconds"] = generation.seconds
         results[configuration] = summary
         grids[configuration] = generation.images
     report = {**(metadata or {}), "spec": asdict(spec), "class_names": class_names, "results": results}
+    report["verdict"] = target_verdicts(results)
     if output_dir is not None and is_main(state):
         write_outputs(report, grids, output_dir)
     return report
@@ -375,14 +301,13 @@ def save_fraction_chart(
     title: str = "",
 ) -> None:
     """Bar chart PNG: per class, the target fraction next to each configuration's measured fraction."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The object API needs no pyplot backend, so the library never changes the caller's matplotlib backend.
+    from matplotlib.figure import Figure
 
     series = [("target", list(target))] + [(name, list(f)) for name, f in measured.items() if f is not None]
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(class_names) * len(series) / 3, 3.2))
+    fig = Figure(figsize=(1.6 + 1.4 * len(class_names) * len(series) / 3, 3.2))
+    ax = fig.subplots()
     for j, (name, values) in enumerate(series):
         xs = [k + (j - (len(series) - 1) / 2) * width for k in range(len(class_names))]
         ax.bar(xs, values, width, label=name, color="black" if name == "target" else None)
@@ -392,10 +317,7 @@ def save_fraction_chart(
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, ncols=min(len(series), 5), loc="upper center", bbox_to_anchor=(0.5, -0.12))
     fig.tight_layout()
-    try:
-        atomic_save_figure(fig, path, dpi=110)
-    finally:
-        plt.close(fig)
+    atomic_save_figure(fig, path, dpi=110)
 
 
 def write_outputs(
@@ -442,11 +364,13 @@ def load_pipeline(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "float32",
     scheduler: str | None = None,
+    safety_checker: bool = True,
 ):
     """
-    A `BalancingActPipeline` from a Stable Diffusion 1.x/2.x directory or Hub id, without safety checker, on
-    `device` in `dtype`, optionally with the named scheduler (`SCHEDULERS`); its progress bar is off (callers show
-    their own).
+    A `BalancingActPipeline` from a Stable Diffusion 1.x/2.x directory or Hub id on `device` in `dtype`, optionally
+    with the named scheduler (`SCHEDULERS`); its progress bar is off (callers show their own). The model's own safety
+    checker is kept (a model that declares none, like the toy model, loads without one and without a warning);
+    `safety_checker=False` loads the model without it.
     """
     from pipeline_balancing_act import BalancingActPipeline
 
@@ -461,8 +385,14 @@ def load_pipeline(
                 f"`model` {model!r} is not a diffusers Stable Diffusion directory (no model_index.json); pass a local "
                 "directory saved with `save_pretrained` or a Hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'."
             )
-    pipe = BalancingActPipeline.from_pretrained(model, dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    pipe = BalancingActPipeline.from_pretrained(model, dtype=dtype, **safety_checker_kwargs(safety_checker))
     if scheduler is not None:
         set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def safety_checker_kwargs(keep: bool) -> dict[str, Any]:
+    """`from_pretrained` arguments: none to keep the model's safety checker, or those that drop it without the
+    warning diffusers gives for a checker removed by hand."""
+    return {} if keep else {"safety_checker": None, "requires_safety_checker": False}

@@ -21,6 +21,7 @@ Step index s refers to the scheduler's timesteps in generation order (s = 0 is t
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -29,13 +30,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
+from .evaluation import nsfw_flags
 from .feature_store import FORMAT_VERSION, _BatchResult, _check_dtype, _prepare_output_dir, _run_chunks
 from .generation import generate_batches
 from .inversion import HRecorder, ddim_schedule, invert_and_record, list_labelled_images, load_image
+from .io_utils import json_default
 from .labellers import Labeller
 
 
@@ -55,15 +57,9 @@ def _check_positive_int(name: str, value: Any) -> int:
 
 def _scheduler_info(scheduler) -> dict:
     config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
-    return json.loads(json.dumps({"class": type(scheduler).__name__, "config": config}, default=_json_default))
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        return value.tolist()
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    return str(value)
+    # A value of a custom scheduler's config that JSON cannot hold is recorded as its text rather than failing.
+    encode = functools.partial(json_default, fallback=str)
+    return json.loads(json.dumps({"class": type(scheduler).__name__, "config": config}, default=encode))
 
 
 def _model_name(pipe) -> str:
@@ -351,14 +347,16 @@ def extract_from_generation(
                 f"timestep {timesteps}; this scheduler/pipeline calls the UNet differently."
             )
         every = [item(output.images) for item in labellers]
-        flagged = getattr(output, "nsfw_content_detected", None)
-        if flagged is not None:
-            flags = torch.tensor([bool(f) for f in flagged])
-            every = [torch.where(flags, torch.full_like(labels, -1), labels) for labels in every]
+        # An image the safety checker blacked out is unlabelled (its h stays), and its record says so.
+        flags = [bool(flag) for flag in nsfw_flags(output)]
+        if any(flags):
+            blacked = torch.tensor(flags)
+            every = [torch.where(blacked, torch.full_like(labels, -1), labels) for labels in every]
         labels = every[0]
         records = [
             {"index": i, "prompt": p, "seed": seed + i, "label": int(every[0][j])}
             | ({"labels": {a: int(lab[j]) for a, lab in zip(attributes, every)}} if attributes[0] is not None else {})
+            | ({"blacked_out": True} if flags[j] else {})
             for j, (i, p) in enumerate(zip(items, batch_prompts))
         ]
         return _BatchResult(_split_branches(recorder.calls, len(items), cfg, branches), labels, records, [])

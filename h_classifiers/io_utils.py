@@ -1,5 +1,5 @@
-"""Atomic file writes shared by the tools: text, JSON, safetensors, PNG, and temporary directories (and the rule
-that tells a local path from a Hub id).
+"""Atomic file writes shared by the tools: text, JSON (with the one JSON encoder of the package), safetensors, PNG,
+and temporary directories. (The rule that tells a local path from a Hub id is the pipeline's `looks_like_local_path`.)
 
 Every file is written to a temporary file in the destination's directory (named `.tmp-<name>-XXXX`, so readers and
 Hub uploads can skip it), then renamed over the destination with `os.replace`: a reader never sees a half-written
@@ -13,7 +13,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +59,33 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def json_default(value: Any) -> Any:
-    """JSON for the values our reports hold besides the JSON types: tensors and arrays as lists, paths as strings."""
+# The directory that holds the package (a checkout's root): paths inside it are written relative to it.
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def portable_path(path: str | os.PathLike) -> str:
+    """`path` as a report records it: a path inside `PACKAGE_ROOT` (the toy model, the shipped classifiers) relative
+    to it, so that a written file shows no absolute path of the machine that wrote it; anything else (a Hub id,
+    another path) unchanged."""
+    text = os.fspath(path)
+    if not os.path.isabs(text) and not os.path.exists(text):
+        return text  # a Hub id, or a relative path as given
+    try:
+        return Path(text).resolve().relative_to(PACKAGE_ROOT).as_posix()
+    except ValueError:
+        return text
+
+
+def json_default(value: Any, fallback: Callable[[Any], Any] | None = None) -> Any:
+    """The package's one JSON encoder (`json.dumps(..., default=json_default)`) for the values our files hold besides
+    the JSON types: tensors, numpy arrays and numpy scalars as lists / numbers, paths as strings. Anything else is a
+    TypeError, unless `fallback` converts it (e.g. `functools.partial(json_default, fallback=str)`)."""
     if hasattr(value, "tolist"):  # torch.Tensor, numpy arrays and scalars
         return value.tolist()
     if isinstance(value, os.PathLike):
         return os.fspath(value)
+    if fallback is not None:
+        return fallback(value)
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
@@ -90,14 +111,3 @@ def atomic_save_figure(figure, path: str | os.PathLike, dpi: float | None = None
     """A matplotlib figure as PNG, atomically."""
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=dpi)
-
-
-def looks_like_local_path(path: str | os.PathLike) -> bool:
-    """Whether `path` names a local path rather than a Hub id ('user/name'): absolute, starting with '.' or '~',
-    ending with a separator, with more than one '/', or with a parent directory that exists here."""
-    path = os.fspath(path)
-    if os.path.isabs(path) or path.startswith((".", "~")) or path.endswith(("/", os.sep)):
-        return True
-    if path.replace(os.sep, "/").count("/") > 1:  # a Hub id has at most one
-        return True
-    return os.path.isdir(os.path.dirname(path) or ".")

@@ -1,5 +1,6 @@
-"""What a trained h-classifier folder says about itself: the model card (README.md), its per-timestep metrics table
-and the accuracy plot (accuracy.png). `training.save_classifier` writes them next to the weights."""
+"""What a trained h-classifier folder says about itself: the model card (README.md, a `huggingface_hub.ModelCard`
+whose metadata is a `ModelCardData`), its per-timestep metrics table and the accuracy plot (accuracy.png).
+`training.save_classifier` writes them next to the weights."""
 
 from __future__ import annotations
 
@@ -7,19 +8,25 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .io_utils import looks_like_local_path
-
 
 if TYPE_CHECKING:
+    from huggingface_hub import ModelCard, ModelCardData
+
     from pipeline_balancing_act import HClassifier
 
 
 PLOT_NAME = "accuracy.png"
+# The card's metadata: the classifier heads are this project's work, under its license.
+CARD_LICENSE = "apache-2.0"
+CARD_LIBRARY = "diffusers"
+CARD_TAGS = ("balancing-act", "h-classifier", "debiasing", "stable-diffusion")
 
 
 def public_model_name(model: str | os.PathLike | None) -> str | None:
     """The base model as a published config or card records it: a Hub id as given, a local directory by its folder
     name only (a local absolute path says nothing to others and shows the author's file system)."""
+    from pipeline_balancing_act import looks_like_local_path
+
     if model is None:
         return None
     name = os.fspath(model)
@@ -44,13 +51,12 @@ def metrics_table(metrics: list[dict], class_names: list[str]) -> str:
 
 
 def plot_metrics(metrics: list[dict], path: str | os.PathLike, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The object API needs no pyplot backend, so the library never changes the caller's matplotlib backend.
+    from matplotlib.figure import Figure
 
     steps = [m["step"] for m in metrics]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    ax = fig.subplots()
     ax.plot(steps, [m["accuracy"] for m in metrics], label="held-out accuracy")
     ax.plot(steps, [m["balanced_accuracy"] for m in metrics], label="held-out balanced accuracy")
     ax.plot(steps, [m["train_accuracy"] for m in metrics], label="train accuracy", linestyle=":")
@@ -62,10 +68,38 @@ def plot_metrics(metrics: list[dict], path: str | os.PathLike, title: str) -> No
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
-def model_card(classifier: HClassifier, metrics: list[dict], summary: dict, manifest: dict) -> str:
+def hub_base_model(base_model: str | None) -> str | None:
+    """The `base_model` of the card's metadata: a Hub id 'owner/name' only (the Hub rejects a card whose base_model
+    names no model; a local folder name such as the toy model's says nothing there)."""
+    if not base_model or base_model.count("/") != 1:
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(base_model)
+    except HFValidationError:
+        return None
+    return base_model
+
+
+def card_data(classifier: HClassifier) -> ModelCardData:
+    from huggingface_hub import ModelCardData
+
+    return ModelCardData(
+        base_model=hub_base_model(classifier.config.base_model),
+        license=CARD_LICENSE,
+        library_name=CARD_LIBRARY,
+        tags=list(CARD_TAGS),
+    )
+
+
+def model_card(classifier: HClassifier, metrics: list[dict], summary: dict, manifest: dict) -> ModelCard:
+    """The classifier's model card: metadata from `card_data`, then what the heads are, how to use them, their
+    training data, held-out accuracy per step, intended use and limits."""
+    from huggingface_hub import ModelCard
+
     cfg = classifier.config
     prompts = manifest.get("prompts") or []
     if manifest.get("recipe") == "generation":
@@ -98,16 +132,7 @@ def model_card(classifier: HClassifier, metrics: list[dict], summary: dict, mani
             f"steps), batch {training.get('batch_size')}, features standardised during training (folded back into "
             "the saved heads)."
         )
-    return f"""---
-library_name: diffusers
-tags:
-- balancing-act
-- h-classifier
-- debiasing
-- stable-diffusion
----
-
-# h-classifier: `{cfg.attribute}` ({", ".join(cfg.class_names)})
+    body = f"""# h-classifier: `{cfg.attribute}` ({", ".join(cfg.class_names)})
 
 Per-timestep linear heads over the UNet mid-block output h (the "Attribute Distribution Predictor" of *Balancing Act:
 Distribution-Guided Debiasing in Diffusion Models*, CVPR 2024), for h-space guidance with `BalancingActPipeline`.
@@ -165,3 +190,4 @@ of each image (sample guidance), and measuring it on h. Not a classifier of real
 - Early (noisiest) steps are the least accurate; accuracy was measured on held-out images of the same source only.
 - The attribute classes are a simplification chosen for this classifier; they are not a statement about people.
 """
+    return ModelCard(f"---\n{card_data(classifier).to_yaml()}\n---\n\n{body}")

@@ -417,7 +417,9 @@ def save_classifier(result: TrainingResult, output_dir: str | os.PathLike, manif
         plot_metrics(
             result.metrics, tmp / PLOT_NAME, f"h-classifier '{result.classifier.config.attribute}' {class_names}"
         )
-        atomic_write_text(tmp / "README.md", model_card(result.classifier, result.metrics, result.summary, manifest))
+        atomic_write_text(
+            tmp / "README.md", str(model_card(result.classifier, result.metrics, result.summary, manifest))
+        )
         if output_dir.exists():
             old = make_temp_dir(output_dir.parent, f".old-{output_dir.name}-")
             os.replace(output_dir, old / output_dir.name)

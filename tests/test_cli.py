@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_models import tiny_classifier as make_tiny_classifier
 
 from h_classifiers import HClassifier, cli
 
@@ -15,10 +16,9 @@ ALL_COMMANDS = ["generate", "extract", "train", "evaluate", "push"]
 
 @pytest.fixture
 def tiny_classifier(tmp_path):
+    """A loadable skin classifier (light, dark) for the tests of argument errors."""
     path = tmp_path / "clf"
-    HClassifier(
-        attribute="skin", class_names=["light", "dark"], h_shape=[4, 2, 2], timesteps=[1, 500]
-    ).save_pretrained(path)
+    make_tiny_classifier().save_pretrained(path)
     return str(path)
 
 
@@ -168,7 +168,7 @@ def test_a_missing_local_classifier_fails_at_once(command, path, tmp_path, monke
 
 def test_hub_ids_and_existing_folders_pass_the_local_path_check(tiny_classifier, tmp_path, monkeypatch):
     from h_classifiers.commands._common import check_classifier_path
-    from h_classifiers.io_utils import looks_like_local_path as looks_local
+    from pipeline_balancing_act import looks_like_local_path as looks_local
 
     monkeypatch.chdir(tmp_path)
     for hub_id in ("someone/skin-h-classifier", "org/name"):
@@ -274,7 +274,7 @@ def test_every_help_text_shows_its_default(command):
         if action.option_strings and action.dest != "help" and not action.required:
             assert "default" in formatter._get_help_string(action).lower(), action.option_strings
     text = parser.format_help()
-    assert "(default: " in text and "--num_images is --num-images" in text
+    assert "(default: " in text and "Options also accept underscores" in text
 
 
 HEAVY_MODULES = ("diffusers", "transformers", "matplotlib", "pipeline_balancing_act")
@@ -288,7 +288,8 @@ def test_help_and_argument_errors_import_no_heavy_module():
         "from h_classifiers import cli\n"
         "runs = [[name, '--help'] for name in cli.COMMANDS]\n"
         "runs += [['generate', '--num-images', '0'], ['generate', '--num-images', '1'], ['evaluate', '--target'],\n"
-        "         ['train', '--epochs', '0'], ['extract'], ['push'], ['generate', '--classifier', './nope']]\n"
+        "         ['train', '--epochs', '0'], ['extract'], ['push'],\n"
+        "         ['extract', '--output-dir', 'o', '--threads', '0']]\n"
         "for argv in runs:\n"
         "    try:\n"
         "        cli.main(argv)\n"
@@ -314,3 +315,197 @@ def test_generate_help_as_a_process_prints_no_warning():
     )
     assert result.returncode == 0 and "--num-images" in result.stdout
     assert result.stderr == ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --target: negative-looking values, early checks against the classifier's classes, readable numbers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """Loading a classifier or starting the run is an error: the argument must be refused before."""
+    from h_classifiers.commands import _common
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("loaded something before checking the target")
+
+    monkeypatch.setattr(HClassifier, "from_pretrained", must_not_run)
+    monkeypatch.setattr(_common, "quiet_loading", must_not_run)
+
+
+@pytest.mark.parametrize("form", [["--target", "-0.2,1.2"], ["--target=-0.2,1.2"], ["--target", "-.2,1.2"]])
+@pytest.mark.parametrize("command", ["generate", "evaluate"])
+def test_a_negative_target_reaches_our_check_and_says_why(command, form, tiny_classifier, nothing_loads, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, "--classifier", tiny_classifier, *form])
+    assert info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "expected one argument" not in last
+    assert "`--target`" in last and "probabilities must be non-negative" in last and "'uniform'" in last
+
+
+def test_negative_values_of_other_options_still_parse():
+    args = command_parser("generate").parse_args(["--seed", "-3", "--guidance-scale", "-1.5", "--target", "-1,2"])
+    assert (args.seed, args.guidance_scale, args.target) == (-3, -1.5, "-1,2")
+    with pytest.raises(SystemExit):  # a flag is still a flag: `-1` is not swallowed by an option that takes none
+        command_parser("evaluate").parse_args(["--no-progress", "-1"])
+
+
+@pytest.mark.parametrize(
+    "target, fragment",
+    [
+        ("0.2,0.3,0.5", "has 3 values but there are 2 classes"),  # needs the class names: read from config.json
+        ("0.5,0.6", "sums to 1.1, not 1"),
+        ("light,dark", "is not valid"),
+    ],
+)
+def test_a_bad_target_is_refused_before_the_classifier_loads(target, fragment, tiny_classifier, nothing_loads, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["generate", "--classifier", tiny_classifier, "--target", target])
+    assert info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert fragment in last and "['light', 'dark']" in last
+
+
+def test_a_hub_classifier_target_is_checked_as_far_as_it_can_be_before_loading(nothing_loads, capsys):
+    """A Hub id has no local config.json: the numbers are still checked before anything is downloaded."""
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--classifier", "someone/skin-classifier", "--target", "0.5,0.6"])
+    assert "`--target` [0.5, 0.6] sums to 1.1, not 1" in capsys.readouterr().err
+
+
+def test_a_good_target_passes_the_early_check(tiny_classifier, stop_before_loading):
+    with pytest.raises(Loading):
+        cli.main(["generate", "--classifier", tiny_classifier, "--target", "0.3,0.7"])
+
+
+@pytest.mark.parametrize(
+    "option, value, accepted",
+    [("--guided-branches", "all", "['cond', 'both']"), ("--solver", "ot", "['assign', 'kl', 'chi2']")],
+)
+def test_guidance_choices_are_the_pipelines_and_checked_before_loading(option, value, accepted, nothing_loads, capsys):
+    import pipeline_balancing_act as pba
+
+    assert accepted in (str(list(pba.GUIDED_BRANCHES)), str(list(pba.DISTRIBUTION_SOLVERS)))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["generate", option, value])
+    assert info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith(f"error: `{option}` must be one of {accepted}, got {value!r}.")
+
+
+def test_run_time_argument_errors_as_a_process_print_one_line_and_no_third_party_notice():
+    """These checks import the pipeline (its constants): the transformers torchvision notice must not show."""
+    code = (
+        "from h_classifiers import cli\n"
+        "for argv in (['generate', '--classifier', './nope'], ['generate', '--target', '-0.2,1.2']):\n"
+        "    try:\n"
+        "        cli.main(argv)\n"
+        "    except SystemExit as exit:\n"
+        "        assert exit.code == 2, (argv, exit.code)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if not line.startswith(("usage:", " "))]
+    assert len(errors) == 2, result.stderr
+    assert "'./nope' does not exist" in errors[0] and "probabilities must be non-negative" in errors[1]
+
+
+def test_the_torchvision_notice_is_dropped_and_nothing_else():
+    import logging
+
+    from h_classifiers.commands._parser import silence_known_notices
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    logger = logging.getLogger("transformers.utils.import_utils")
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        silence_known_notices()
+        silence_known_notices()  # idempotent
+        logger.warning("`CLIPImageProcessor` requires torchvision (not installed); falling back to `X`.")
+        logger.warning("some other warning")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["some other warning"]
+
+
+def test_the_numpy_copy_warning_of_diffusers_schedulers_is_filtered_precisely():
+    import warnings
+
+    from h_classifiers.commands._parser import silence_known_notices
+
+    message = "__array__ implementation doesn't accept a copy keyword, so passing copy=False failed."
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        silence_known_notices()
+        warnings.warn_explicit(message, DeprecationWarning, "s.py", 1, module="diffusers.schedulers.scheduling_ddim")
+        warnings.warn_explicit(message, DeprecationWarning, "m.py", 1, module="mymodule")
+        warnings.warn_explicit("other", DeprecationWarning, "s.py", 2, module="diffusers.schedulers.scheduling_ddim")
+    assert [(str(w.message), w.filename) for w in caught] == [(message, "m.py"), ("other", "s.py")]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One thread policy for every command
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def thread_calls(monkeypatch):
+    """Records torch.set_num_threads and stops each command right after its thread setting."""
+    import torch
+
+    import h_classifiers.distributed
+    import h_classifiers.training
+    from h_classifiers.commands import _common
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+
+    def loading(*args, **kwargs):
+        raise Loading
+
+    monkeypatch.setattr(_common, "quiet_loading", loading)  # generate, evaluate
+    monkeypatch.setattr(h_classifiers.distributed, "process_state", loading)  # extract
+    monkeypatch.setattr(h_classifiers.training, "train_classifier", loading)  # train
+    return calls
+
+
+def command_argv(command, model, tmp_path):
+    """Each command on `model` (train: features extracted from it)."""
+    import json
+
+    if command in ("generate", "evaluate"):
+        return [command, "--model", model, "--num-images", "4"]
+    if command == "extract":
+        return [command, "--model", model, "--output-dir", str(tmp_path / "h"), "--prompt", "a", "--num-images", "2"]
+    features = tmp_path / "features"
+    features.mkdir(exist_ok=True)
+    (features / "manifest.json").write_text(json.dumps({"model": model}))
+    return [command, "--features-dir", str(features), "--output-dir", str(tmp_path / "clf")]
+
+
+@pytest.mark.parametrize("command", ["generate", "evaluate", "extract", "train"])
+def test_every_command_has_the_same_thread_default(command, thread_calls, tmp_path):
+    from h_classifiers.toy_world import TOY_MODEL_PATH
+
+    other_model = tmp_path / "some-sd"
+    other_model.mkdir()
+    runs = [(str(TOY_MODEL_PATH), [], [1]), (str(other_model), [], []), (str(TOY_MODEL_PATH), ["--threads", "3"], [3])]
+    for model, extra, expected in runs:
+        thread_calls.clear()
+        with pytest.raises(Loading):
+            cli.main(command_argv(command, model, tmp_path) + extra)
+        assert thread_calls == expected, (command, model, extra)
+
+
+def test_every_command_states_the_same_thread_policy():
+    names = ("generate", "evaluate", "extract", "train")
+    texts = {name: command_parser(name)._option_string_actions["--threads"].help for name in names}
+    assert len(set(texts.values())) == 1 and "toy model" in texts["extract"]

@@ -24,6 +24,7 @@ from h_classifiers.evaluation import (
     parse_target,
     run_configuration,
     summarize_labels,
+    target_verdicts,
 )
 from h_classifiers.generation import batch_ranges
 
@@ -280,3 +281,93 @@ def test_distribution_mode_carries_the_counts_across_batches(monkeypatch, ba_pip
     states.clear()
     run_configuration(ba_pipe, classifier, replace(spec, batch_size=4), "distribution")
     assert states == [None]  # one batch: nothing to carry
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Readable targets, one definition of the measures, verdicts, safety checker, plots without a backend
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_target_errors_show_float32_values_readably():
+    with pytest.raises(ValueError) as info:
+        parse_target(torch.tensor([0.6, 0.5]), ["light", "dark"], argument="--target")
+    message = str(info.value)
+    assert "[0.6, 0.5] sums to 1.1" in message and "0.6000000238" not in message
+
+
+def test_a_negative_target_says_probabilities_must_be_non_negative():
+    with pytest.raises(ValueError, match=r"`--target` \[-0.2, 1.2\]: probabilities must be non-negative"):
+        parse_target("-0.2,1.2", ["light", "dark"], argument="--target")
+
+
+def test_the_target_tolerance_is_the_pipelines(monkeypatch):
+    import pipeline_balancing_act as pba
+
+    assert parse_target("0.5,0.5009", ["a", "b"]) == [0.5, 0.5009]  # within 1e-3
+    monkeypatch.setattr(pba, "TARGET_SUM_TOLERANCE", 1e-4)
+    with pytest.raises(ValueError, match="sums to"):
+        parse_target("0.5,0.5009", ["a", "b"])
+
+
+def test_class_fractions_over_the_images_kept_and_the_toy_worlds_fractions_use_them():
+    from h_classifiers import toy_world
+
+    labels = torch.tensor([0, 1, 1, 0, -1])
+    assert class_fractions(labels, 2, keep=[True, True, True, False, True]) == pytest.approx([1 / 3, 2 / 3])
+    assert class_fractions(labels, 2, keep=[False] * 5) is None
+    read = {"skin": torch.tensor([0, 1, 1, 1]), "glasses": torch.tensor([0, 0, 1, 0]), "hair": torch.tensor([2] * 4)}
+    read["valid"] = torch.tensor([True, True, False, False])
+    assert toy_world.class_fractions(read)["skin"] == [0.25, 0.75]
+    valid_only = toy_world.class_fractions(read, only_valid=True)
+    assert valid_only["skin"] == [0.5, 0.5] and valid_only["hair"] == [0.0, 0.0, 1.0]
+    read["valid"][:] = False
+    assert toy_world.class_fractions(read, only_valid=True)["glasses"] == [0.0, 0.0]
+
+
+def test_verdicts_say_which_configurations_met_the_target_and_which_came_closest():
+    results = {
+        "vanilla": {"fd": 0.30},
+        "sample": {"fd": 0.02},
+        "distribution": {"fd": 0.01},
+        "prompt": {"fd": None},
+    }
+    verdict = target_verdicts(results, threshold=0.03)
+    assert verdict["met"] == {"vanilla": False, "sample": True, "distribution": True, "prompt": None}
+    assert verdict["closest"] == "distribution" and verdict["threshold_fd"] == 0.03
+    assert target_verdicts({"vanilla": {"fd": None}})["closest"] is None
+
+
+class FlaggingPipe(RecordingPipe):
+    """A pipeline whose safety checker flags every image with an even seed."""
+
+    def __call__(self, prompt, generator, output_type, **kwargs):
+        output = super().__call__(prompt, generator, output_type, **kwargs)
+        output.nsfw_content_detected = [g.initial_seed() % 2 == 0 for g in generator]
+        return output
+
+
+def test_evaluate_reports_the_images_the_safety_checker_blacked_out():
+    report = evaluate(FlaggingPipe(), None, make_spec(num_images=10, seed=0), seed_parity_labeller, ["vanilla"])
+    summary = report["results"]["vanilla"]
+    assert summary["num_blacked_out"] == 5 and summary["counts"][0] == 0  # even seeds (class 0) blacked out
+    assert report["verdict"]["closest"] == "vanilla"
+    unchecked = evaluate(RecordingPipe(), None, make_spec(), seed_parity_labeller, ["vanilla"])
+    assert "num_blacked_out" not in unchecked["results"]["vanilla"]  # no safety checker ran: nothing to report
+
+
+def test_the_plots_need_no_matplotlib_backend(tmp_path, monkeypatch):
+    """Library code never calls `matplotlib.use` (it would change the caller's backend)."""
+    import matplotlib
+
+    from h_classifiers.evaluation import save_fraction_chart
+    from h_classifiers.model_card import plot_metrics
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("matplotlib.use called by library code")
+
+    monkeypatch.setattr(matplotlib, "use", must_not_run)
+    save_fraction_chart([0.5, 0.5], {"vanilla": [0.3, 0.7]}, ["light", "dark"], tmp_path / "f.png", "title")
+    metric = {"step": 0, "accuracy": 0.5, "balanced_accuracy": 0.5, "train_accuracy": 0.6}
+    plot_metrics([metric, metric | {"step": 1}], tmp_path / "a.png", "title")
+    for name in ("f.png", "a.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

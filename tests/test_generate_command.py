@@ -12,6 +12,7 @@ from tiny_models import tiny_classifier, tiny_sd_pipeline
 
 from h_classifiers.commands import evaluate as evaluate_command
 from h_classifiers.commands import generate as generate_command
+from h_classifiers.evaluation import TARGET_FD
 from h_classifiers.toy_world import TOY_CLASSIFIERS_PATH, TOY_MODEL_PATH
 
 
@@ -54,11 +55,25 @@ def test_generate_sample_mode_with_a_labeller(tiny_assets, tmp_path, capsys):
     assert "balanced" in capsys.readouterr().out
 
 
-def test_evaluate_command_on_a_tiny_model(tiny_assets, tmp_path):
+def test_evaluate_command_on_a_tiny_model(tiny_assets, tmp_path, capsys):
     argv = ["--model", str(tiny_assets / "sd"), "--classifier", str(tiny_assets / "classifiers" / "skin")]
     argv += ["--num-images", "4", "--batch-size", "2", "--steps", "2", "--labeller", "toy:skin", "--threads", "1"]
     argv += ["--class-prompts", "a light face|a dark face", "--target", "0.25,0.75", "--output-dir", str(tmp_path)]
     report = evaluate_command.main(argv)
+    # What was asked, and per configuration whether the target was met and which came closest.
+    out = capsys.readouterr().out
+    assert "attribute 'skin', classes ['light', 'dark'], target [0.25, 0.75], 4 images per configuration" in out
+    assert f"target met (FD <= {TARGET_FD:g}):" in out
+    verdict = report["verdict"]
+    for name, met in verdict["met"].items():
+        shown = "not measured" if met is None else "met" if met else "missed"
+        assert f"  {name:<14} {shown}" in out
+    if verdict["closest"] is None:
+        assert "closest to the target: none" in out
+    else:
+        fd = report["results"][verdict["closest"]]["fd"]
+        assert fd == min(s["fd"] for s in report["results"].values() if s["fd"] is not None)
+        assert f"closest to the target: {verdict['closest']} (FD {fd:.3f})" in out
     assert list(report["results"]) == ["vanilla", "sample", "distribution", "prompt", "fair_diffusion"]
     # Fair Diffusion's hit rate: the class drawn for each image
     assert "hit_rate" in report["results"]["fair_diffusion"]

@@ -59,3 +59,31 @@ def test_evaluation_outputs_are_readable_by_others(tmp_path, umask_022):
     write_outputs(report, {"vanilla": [Image.new("RGB", (8, 8))]}, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fractions.png", "grid_vanilla.png", "results.json"]
     assert {mode(p) for p in tmp_path.iterdir()} == {0o644}
+
+
+def test_one_json_encoder_for_tensors_numpy_paths_and_an_optional_fallback():
+    import functools
+
+    import numpy as np
+
+    value = {"t": torch.tensor([1, 2]), "a": np.arange(2), "i": np.int64(3), "f": np.float32(0.5), "p": Path("x")}
+    assert json.loads(json.dumps(value, default=io_utils.json_default)) == {
+        "t": [1, 2],
+        "a": [0, 1],
+        "i": 3,
+        "f": 0.5,
+        "p": "x",
+    }
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        json.dumps({"o": object()}, default=io_utils.json_default)
+    lenient = functools.partial(io_utils.json_default, fallback=str)
+    assert json.loads(json.dumps({"d": torch.float16}, default=lenient)) == {"d": "torch.float16"}
+
+
+def test_portable_paths_hide_the_machines_absolute_paths(tmp_path, monkeypatch):
+    from h_classifiers.toy_world import TOY_MODEL_PATH
+
+    assert io_utils.portable_path(TOY_MODEL_PATH) == "h_classifiers/assets/toy-sd"
+    assert io_utils.portable_path(str(TOY_MODEL_PATH) + "/") == "h_classifiers/assets/toy-sd"
+    assert io_utils.portable_path("someone/sd") == "someone/sd"  # a Hub id
+    assert io_utils.portable_path(str(tmp_path)) == str(tmp_path)  # outside the package's root: as given

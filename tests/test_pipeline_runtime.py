@@ -29,7 +29,11 @@ def generate(pipe, **kwargs):
     return pipe(PROMPT, **{**args, **kwargs}).images
 
 
-GUIDED = {"h_classifier": tiny_classifier(scale=0.3), "guidance_mode": "distribution", "target_distribution": [0.25, 0.75]}
+GUIDED = {
+    "h_classifier": tiny_classifier(scale=0.3),
+    "guidance_mode": "distribution",
+    "target_distribution": [0.25, 0.75],
+}
 
 
 # --- the closed form --------------------------------------------------------------------------------------------

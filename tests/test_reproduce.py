@@ -117,3 +117,47 @@ def test_the_reach_sweep_asks_every_class_and_reports_what_was_reached_without_a
     report = {"sweep": "reach", "num_images": 8, "seed": 1, "seconds": 60.0, "results": [result]}
     table = reproduce.sweep_markdown(report)
     assert "Chosen" not in table and "75.0% (60.0%)" in table and "70.0% / 75.0%" in table
+
+
+def test_the_job_rows_target_counts_are_the_pipelines_apportionment_and_sum_to_the_images():
+    """Rounding each class's share gave [171, 171, 171] for a uniform 512-image hair job: 513 images."""
+    row = reproduce.ROWS_BY_NAME["hair-uniform-job"]
+    n = 512
+    result = fake_result([0] * n, [0] * n, [1] * n, hair=[k % 3 for k in range(n)])
+    result["balance_state_counts"] = [171, 171, 170]
+    summary = reproduce.measure(result, row, result)
+    assert summary["target_counts"] == [171, 171, 170] and sum(summary["target_counts"]) == n
+    seven = fake_result([0] * 7, [0] * 7, [1] * 7)
+    row = reproduce.Row("s", ("skin",), (0.3, 0.7), balance_state=True)
+    assert reproduce.measure(seven | {"balance_state_counts": [2, 5]}, row, seven)["target_counts"] == [2, 5]
+
+
+def test_beating_fair_diffusion_shows_both_fds_and_both_valid_rates():
+    row = reproduce.ROWS_BY_NAME["skin-50-50"]
+    measured = {
+        "vanilla": {"fd": 0.3, "valid_rate": 0.95, "entanglement_max": None},
+        "distribution": {"fd": 0.01, "valid_rate": 0.90, "entanglement_max": 0.0},
+        "fair_diffusion": {"fd": 0.05, "valid_rate": 0.93, "entanglement_max": 0.0},
+    }
+    value, threshold, met = reproduce.check_targets(row, measured)["beats Fair Diffusion"]
+    assert value == (0.01, 0.05, 0.90, 0.93) and threshold is None and not met  # lower FD, but fewer valid images
+    entry = {
+        "title": "skin 50/50",
+        "sampler": "DDIM 25, CFG 7.5",
+        "batch_size": 64,
+        "balance_state": False,
+        "classifiers": "shipped",
+        "configurations": {},
+        "targets": {"beats Fair Diffusion": (value, None, met)},
+    }
+    report = {
+        "num_images": 8,
+        "seed": 0,
+        "settings": {"fair_diffusion": {}},
+        "seconds": 60.0,
+        "processes": 1,
+        "machine": "test",
+        "rows": {"skin-50-50": entry},
+    }
+    table = reproduce.table_markdown(report)
+    assert "| beats Fair Diffusion | FD 0.010 vs 0.050, valid 90.0% vs 93.0% |  | **missed** |" in table

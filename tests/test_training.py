@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
 from h_classifiers import HClassifier
 from h_classifiers.feature_store import HFeatureStore, create_store, finish_store, write_chunk
@@ -68,6 +69,9 @@ def test_trains_above_chance_and_saves_the_hub_layout(tmp_path, head):
     assert "| step | timestep | held-out accuracy | balanced accuracy |" in card
     assert f"| 2 | 1 | {by_step[2]['accuracy']:.3f} |" in card
     assert "toy/base" in card and "## Intended use" in card and "## Limits" in card
+    data = ModelCard.load(tmp_path / "clf" / "README.md").data  # the metadata, as the Hub reads it
+    assert (data.base_model, data.license, data.library_name) == ("toy/base", "apache-2.0", "diffusers")
+    assert {"balancing-act", "h-classifier", "debiasing", "stable-diffusion"} <= set(data.tags)
     metrics = json.loads((tmp_path / "clf" / "metrics.json").read_text())
     assert metrics["per_step"][2]["accuracy"] == by_step[2]["accuracy"]
     # The reloaded classifier applies to raw h (the standardisation is folded in) and reproduces the accuracy.
@@ -196,6 +200,8 @@ def test_the_base_model_is_recorded_as_a_hub_id_or_a_folder_name(tmp_path, monke
     train_classifier(tmp_path / "feats", tmp_path / "clf", config, progress=False)
     assert json.loads((tmp_path / "clf" / "config.json").read_text())["base_model"] == "my-sd"
     assert str(tmp_path) not in (tmp_path / "clf" / "README.md").read_text()
+    # A folder name is no Hub model: the metadata leaves base_model out rather than name a model the Hub rejects.
+    assert ModelCard.load(tmp_path / "clf" / "README.md").data.base_model is None
     result = train_classifier(tmp_path / "feats", config=config, base_model="someone/sd-15", progress=False)
     assert result.classifier.config.base_model == "someone/sd-15"
     monkeypatch.chdir(tmp_path)

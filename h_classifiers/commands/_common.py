@@ -1,8 +1,14 @@
-"""Arguments and input resolution shared by the `generate` and `evaluate` commands (and `benchmarks/reproduce.py`)."""
+"""Arguments and input resolution shared by the commands (and `benchmarks/reproduce.py`): the thread policy of every
+command, and the start of `generate` and `evaluate`.
+
+Argument parsing imports no diffusers (`--help` stays fast): the checks that need the pipeline's constants run in
+`start_run`, before anything is loaded.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -11,11 +17,8 @@ from typing import Any
 
 import torch
 
-from h_classifiers.evaluation import DTYPES, SCHEDULERS, EvaluationSpec, parse_target
-from h_classifiers.io_utils import looks_like_local_path
-
-
-GUIDED_BRANCHES = ("cond", "both")
+from h_classifiers.evaluation import DTYPES, SCHEDULERS, EvaluationSpec
+from h_classifiers.metrics import check_target_values, parse_target
 
 
 def positive_int(text: str) -> int:
@@ -83,13 +86,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps."
     )
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="Model dtype (default: float32).")
-    parser.add_argument(
-        "--threads",
-        type=positive_int,
-        default=None,
-        help="torch CPU threads (default: 1 for the toy model, whose small kernels gain nothing from threads and "
-        "slow down badly when another process is busy; torch's choice otherwise).",
-    )
+    add_safety_checker_argument(parser)
+    add_threads_argument(parser)
     parser.add_argument(
         "--labeller",
         default="auto",
@@ -121,12 +119,13 @@ def add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="guidance_strength, in class gaps per guided step (default: the pipeline's DEFAULT_GUIDANCE_STRENGTH).",
     )
+    # --solver and --guided-branches are checked against the pipeline's constants in `start_run` (no diffusers import
+    # while parsing).
     parser.add_argument(
         "--solver",
         default=None,
-        choices=["assign", "kl", "chi2"],
-        help="distribution_solver: exact counts assigned to images (assign), or the paper's soft KL / chi-square "
-        "(default: the pipeline's, assign).",
+        help="distribution_solver: exact counts assigned to images ('assign'), or the paper's soft KL / chi-square "
+        "('kl', 'chi2') (default: the pipeline's, assign).",
     )
     parser.add_argument(
         "--temperature",
@@ -138,8 +137,8 @@ def add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--guided-branches",
         default=None,
-        choices=list(GUIDED_BRANCHES),
-        help="With classifier-free guidance: guide the conditional rows only, or both (default: the pipeline's).",
+        help="With classifier-free guidance: guide the conditional rows only ('cond') or both halves ('both') "
+        "(default: the pipeline's).",
     )
 
 
@@ -174,19 +173,56 @@ def evaluation_spec(
     )
 
 
-def is_toy_model(model: str) -> bool:
+def is_toy_model(model: str | os.PathLike | None) -> bool:
     from h_classifiers.toy_world import TOY_MODEL_PATH
 
+    if model is None:
+        return False
     path = Path(model)
     return path.exists() and path.resolve() == TOY_MODEL_PATH.resolve()
 
 
-def apply_threads(args: argparse.Namespace) -> None:
-    """`--threads`, or one thread for the toy model (measured: 2.4 s vs 16 s for 64 images on a busy 2-core CPU)."""
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    elif is_toy_model(args.model):
-        torch.set_num_threads(1)
+# The one thread policy of every command (generate, evaluate, extract, train). Measured on a busy 2-core CPU: 2.4 s
+# vs 16 s for 64 toy images (generate), 0.30 s vs 3.04 s per image (extract) with one thread vs torch's default.
+THREADS_HELP = (
+    "torch CPU threads (default: 1 when the work is on the committed toy model, whose small kernels gain nothing from "
+    "threads and slow down badly when another process is busy; torch's choice otherwise)."
+)
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=positive_int, default=None, help=THREADS_HELP)
+
+
+def default_threads(model: str | os.PathLike | None) -> int | None:
+    """The thread count a command uses without `--threads`: 1 for the toy model's work, else None (torch's choice).
+    `model`: the model the command runs (train: the model its features come from)."""
+    return 1 if is_toy_model(model) else None
+
+
+def apply_threads(threads: int | None, model: str | os.PathLike | None) -> int | None:
+    """Sets torch's CPU threads to `threads` (`--threads`), else to `default_threads(model)`; returns what was set
+    (None: torch's choice, untouched)."""
+    threads = default_threads(model) if threads is None else threads
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return threads
+
+
+def add_safety_checker_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-safety-checker",
+        action="store_true",
+        help="Load the model without its safety checker (default: a model's own safety checker is kept; the images "
+        "it flags are blacked out, counted as unlabelled and reported).",
+    )
+
+
+def blacked_out_note(name: str, count: int | None, total: int) -> str | None:
+    """The line that says how many images the safety checker blacked out (None when it blacked out none)."""
+    if not count:
+        return None
+    return f"{name}: {count} of {total} images blacked out by the model's safety checker (NSFW content detected)."
 
 
 def quiet_loading() -> None:
@@ -200,11 +236,50 @@ def quiet_loading() -> None:
 
 def check_classifier_path(path: str, argument: str = "--classifier") -> None:
     """A local classifier path that does not exist fails at once, before anything is loaded (no Hub lookup)."""
-    if looks_like_local_path(path) and not os.path.exists(path):
+    if os.path.exists(path):
+        return
+    from pipeline_balancing_act import looks_like_local_path
+
+    if looks_like_local_path(path):
         raise FileNotFoundError(
             f"`{argument}` {path!r} does not exist (expected a directory written by `balancing-act train` / "
             "`HClassifier.save_pretrained`, or a Hub id 'user/name')."
         )
+
+
+def check_choice(value: str | None, accepted: tuple[str, ...] | list[str], argument: str) -> None:
+    if value is not None and value not in accepted:
+        raise ValueError(f"`{argument}` must be one of {list(accepted)}, got {value!r}.")
+
+
+def check_guidance_choices(args: argparse.Namespace) -> None:
+    """`--solver` and `--guided-branches` against the pipeline's own lists."""
+    if args.solver is None and args.guided_branches is None:
+        return
+    from pipeline_balancing_act import DISTRIBUTION_SOLVERS, GUIDED_BRANCHES
+
+    check_choice(args.solver, DISTRIBUTION_SOLVERS, "--solver")
+    check_choice(args.guided_branches, GUIDED_BRANCHES, "--guided-branches")
+
+
+def local_class_names(classifier: str) -> list[str] | None:
+    """The class names in a local classifier folder's config.json, read without loading the classifier; None for a
+    Hub id or a config that cannot be read (loading it then says what is wrong)."""
+    try:
+        names = json.loads((Path(classifier) / "config.json").read_text(encoding="utf-8"))["class_names"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return [str(name) for name in names] if isinstance(names, list) else None
+
+
+def check_target_early(text: str, classifier: str) -> None:
+    """`--target` checked before the classifier is loaded: against the classes of a local classifier folder (read
+    from its config.json), else as far as it can be without them (non-negative numbers summing to 1)."""
+    class_names = local_class_names(classifier)
+    if class_names is not None:
+        parse_target(text, class_names, argument="--target")
+    else:
+        check_target_values(text, argument="--target")
 
 
 def check_distribution_images(num_images: int) -> None:
@@ -229,20 +304,23 @@ class Run:
 
 
 def start_run(parser: argparse.ArgumentParser, args: argparse.Namespace, distribution: bool) -> Run:
-    """The start `generate` and `evaluate` share: the checks that need nothing loaded (one argparse error each), the
-    thread count, the processes of `accelerate launch`, then the classifier and the target. `distribution`: the
-    run guides distribution mode (at least 2 images; whole rounds of a global batch)."""
+    """The start `generate` and `evaluate` share: the checks that need nothing loaded (one argparse error each: the
+    classifier path, the guidance choices, the image count, the target against the classifier's classes), the thread
+    count, the processes of `accelerate launch`, then the classifier and the target. `distribution`: the run guides
+    distribution mode (at least 2 images; whole rounds of a global batch)."""
     from h_classifiers.distributed import process_device, process_state
     from h_classifiers.evaluation import resolve_device
     from h_classifiers.generation import check_global_rounds
 
     try:
         check_classifier_path(args.classifier)
+        check_guidance_choices(args)
         if distribution:
             check_distribution_images(args.num_images)
+        check_target_early(args.target, args.classifier)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
-    apply_threads(args)
+    apply_threads(args.threads, args.model)
     quiet_loading()
     state = process_state(cpu=args.device == "cpu")
     try:
@@ -298,7 +376,7 @@ def build_labeller(args: argparse.Namespace, classifier, device: torch.device):
 
 
 def format_summary(name: str, summary: dict[str, Any], class_names: list[str]) -> str:
-    """One line: per-class fractions, FD, valid rate, time."""
+    """One line: per-class fractions, FD, valid rate, hit rates, images blacked out, time."""
     if summary.get("fractions") is None:
         measured = "no labelled image"
     else:
@@ -309,4 +387,23 @@ def format_summary(name: str, summary: dict[str, Any], class_names: list[str]) -
         measured += f"  asked-class hit {summary['hit_rate']:.1%} of valid"
         if summary.get("hit_rate_strict") is not None:
             measured += f", {summary['hit_rate_strict']:.1%} strict"
+    if summary.get("num_blacked_out"):
+        measured += f"  {summary['num_blacked_out']} blacked out by the safety checker"
     return f"{name:<12} {measured}  ({summary['seconds']:.1f} s)"
+
+
+def format_verdicts(report: dict[str, Any]) -> list[str]:
+    """Lines for `report["verdict"]` (`evaluation.target_verdicts`): per configuration whether it met the target, its
+    FD, and which configuration came closest."""
+    verdict, results = report["verdict"], report["results"]
+    lines = [f"target met (FD <= {verdict['threshold_fd']:g}):"]
+    for name, met in verdict["met"].items():
+        shown = "not measured (no labelled image)" if met is None else "met" if met else "missed"
+        fd = results[name].get("fd")
+        lines.append(f"  {name:<14} {shown}" + ("" if fd is None else f" (FD {fd:.3f})"))
+    closest = verdict["closest"]
+    if closest is None:
+        lines.append("closest to the target: none (no configuration had a labelled image)")
+    else:
+        lines.append(f"closest to the target: {closest} (FD {results[closest]['fd']:.3f})")
+    return lines

@@ -14,9 +14,11 @@ import argparse
 from tqdm.auto import tqdm
 
 from h_classifiers.commands import _common
-from h_classifiers.commands._parser import CommandParser
+from h_classifiers.commands._parser import CommandParser, silence_known_notices
 from h_classifiers.distributed import is_main, num_processes
 from h_classifiers.evaluation import CONFIGURATIONS, evaluate, load_pipeline
+from h_classifiers.io_utils import portable_path
+from h_classifiers.metrics import format_probabilities
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +79,7 @@ def default_class_prompts(args: argparse.Namespace, classifier) -> list[str] | N
 
 
 def main(argv: list[str] | None = None) -> dict:
+    silence_known_notices()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:  # what can be checked before anything is loaded
@@ -95,16 +98,23 @@ def main(argv: list[str] | None = None) -> dict:
         labeller = _common.build_labeller(args, classifier, device)
         if labeller is None:
             raise ValueError("`--labeller` is required to evaluate (e.g. 'clip:MODEL_ID' or 'hf:MODEL_ID').")
-        pipe = load_pipeline(args.model, device, args.dtype, args.scheduler)
+        pipe = load_pipeline(args.model, device, args.dtype, args.scheduler, not args.no_safety_checker)
     except (ValueError, FileNotFoundError, OSError) as error:
         parser.error(str(error))
 
+    if is_main(state):
+        print(
+            f"attribute {classifier.config.attribute!r}, classes {class_names}, target "
+            f"{format_probabilities(target)}, {args.num_images} images per configuration, {args.scheduler} "
+            f"{args.steps} steps"
+        )
     spec = _common.evaluation_spec(args, target, class_prompts)
     total = args.num_images * len(configurations)
     with tqdm(total=total, desc="evaluate", unit="img", disable=args.no_progress or not is_main(state)) as bar:
         metadata = {
-            "model": args.model,
-            "classifier": args.classifier,
+            "attribute": classifier.config.attribute,
+            "model": portable_path(args.model),
+            "classifier": portable_path(args.classifier),
             "scheduler": args.scheduler,
             "labeller": labeller.source,
             "num_processes": num_processes(state),
@@ -116,6 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
         return report
     for name, summary in report["results"].items():
         print(_common.format_summary(name, summary, class_names))
+    for line in _common.format_verdicts(report):
+        print(line)
     print(f"results: {args.output_dir}/results.json")
     return report
 

@@ -17,10 +17,15 @@ from __future__ import annotations
 import argparse
 import logging
 
-import torch
-
-from h_classifiers.commands._common import positive_int, split_prompts
-from h_classifiers.commands._parser import CommandParser
+from h_classifiers.commands._common import (
+    add_safety_checker_argument,
+    add_threads_argument,
+    apply_threads,
+    blacked_out_note,
+    positive_int,
+    split_prompts,
+)
+from h_classifiers.commands._parser import CommandParser, silence_known_notices
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,9 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--width", type=positive_int, default=None, help="Image width (default: the model's).")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps.")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="Model dtype (default: float32).")
-    parser.add_argument(
-        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)."
-    )
+    add_safety_checker_argument(parser)
+    add_threads_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
     return parser
 
@@ -160,8 +164,7 @@ def run(args: argparse.Namespace) -> dict:
     if (args.image_dir is None) == (args.prompt is None):
         raise ValueError("Give exactly one recipe: `--image-dir` (inversion) or `--prompt` (generation).")
     class_names = [c.strip() for c in args.class_names.split(",")] if args.class_names else None
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads, args.model)
     state = process_state(cpu=args.device == "cpu")
     device = process_device(state, resolve_device(args.device))
     common = {
@@ -180,7 +183,8 @@ def run(args: argparse.Namespace) -> dict:
         unused = [name for name in ("num_images", "labeller") if getattr(args, name) is not None]
         if unused:
             raise ValueError(f"{['--' + n.replace('_', '-') for n in unused]} apply to the generation recipe only.")
-        pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
+        # Inversion generates no image, so a safety checker would have nothing to check: it is not loaded.
+        pipe = load_pipeline(args.model, device=device, dtype=args.dtype, safety_checker=False)
         return extract_from_folders(
             pipe,
             args.image_dir,
@@ -207,7 +211,13 @@ def run(args: argparse.Namespace) -> dict:
         )
         for spec in args.labeller
     ]
-    pipe = load_pipeline(args.model, device=device, dtype=args.dtype, scheduler=args.scheduler)
+    pipe = load_pipeline(
+        args.model,
+        device=device,
+        dtype=args.dtype,
+        scheduler=args.scheduler,
+        safety_checker=not args.no_safety_checker,
+    )
     return extract_from_generation(
         pipe,
         args.prompt,
@@ -220,7 +230,24 @@ def run(args: argparse.Namespace) -> dict:
     )
 
 
+def label_summary(manifest: dict) -> str:
+    """The class counts of every label set (one per labeller), e.g. "skin: light 10, dark 6; glasses: ..."."""
+    images, sets = manifest.get("images") or [], manifest.get("label_sets") or {}
+    if len(sets) <= 1:  # one labeller (or the folders): the manifest's counts
+        return ", ".join(f"{k} {v}" for k, v in manifest["class_counts"].items())
+    parts = []
+    for attribute, label_set in sets.items():
+        counts = [0] * len(label_set["class_names"])
+        for record in images:
+            label = record.get("labels", {}).get(attribute, -1)
+            if label >= 0:
+                counts[label] += 1
+        parts.append(f"{attribute}: " + ", ".join(f"{c} {n}" for c, n in zip(label_set["class_names"], counts)))
+    return "; ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> None:
+    silence_known_notices()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -232,12 +259,15 @@ def main(argv: list[str] | None = None) -> None:
 
     if not is_main(process_state()):  # the main process reports the merged store
         return
-    counts = ", ".join(f"{k} {v}" for k, v in manifest["class_counts"].items())
     print(
         f"{manifest['num_images']} images x {len(manifest['timesteps'])} steps, h {manifest['h_shape']} "
-        f"({manifest['dtype']}) in {args.output_dir}; labels: {counts}; unlabelled {manifest['num_unlabelled']}; "
-        f"skipped {manifest['num_skipped']}."
+        f"({manifest['dtype']}) in {args.output_dir}; labels: {label_summary(manifest)}; unlabelled "
+        f"{manifest['num_unlabelled']}; skipped {manifest['num_skipped']}."
     )
+    blacked_out = sum(bool(record.get("blacked_out")) for record in manifest.get("images") or [])
+    note = blacked_out_note("extract", blacked_out, manifest["num_images"])
+    if note is not None:
+        print(note + " They are unlabelled.")
 
 
 if __name__ == "__main__":

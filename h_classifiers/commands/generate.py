@@ -13,20 +13,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from h_classifiers.commands import _common
-from h_classifiers.commands._parser import CommandParser
+from h_classifiers.commands._parser import CommandParser, silence_known_notices
 from h_classifiers.distributed import is_main, num_processes, wait
-from h_classifiers.evaluation import (
-    load_pipeline,
-    make_grid,
-    run_configuration,
-    side_by_side,
-    summarize_labels,
-)
-from h_classifiers.io_utils import atomic_save_image, atomic_write_json
+from h_classifiers.evaluation import load_pipeline, make_grid, run_configuration, side_by_side
+from h_classifiers.io_utils import atomic_save_image, atomic_write_json, portable_path
+from h_classifiers.metrics import format_probabilities, summarize_labels
 from h_classifiers.saved_images import ImageSet, write_manifest
 
 
@@ -72,20 +67,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    silence_known_notices()
     parser = build_parser()
     args = parser.parse_args(argv)
     run = _common.start_run(parser, args, distribution=args.mode == "distribution")
     state, device, classifier, class_names, target = run.state, run.device, run.classifier, run.class_names, run.target
     try:
         labeller = _common.build_labeller(args, classifier, device)
-        pipe = load_pipeline(args.model, device, args.dtype, args.scheduler)
+        pipe = load_pipeline(args.model, device, args.dtype, args.scheduler, not args.no_safety_checker)
     except (ValueError, FileNotFoundError, OSError) as error:
         parser.error(str(error))
 
     spec = _common.evaluation_spec(args, target)
+    sets = (("vanilla", "vanilla"), ("balanced", args.mode))
+    # Neither set is timed from cold: both are warmed up first, in the reverse of the timed order.
+    warm_up(pipe, classifier, spec, [configuration for _, configuration in reversed(sets)], state)
     start = time.perf_counter()
     runs, images, saved = {}, {}, {}
-    for name, configuration in (("vanilla", "vanilla"), ("balanced", args.mode)):
+    for name, configuration in sets:
         options, reading = {"state": state}, contextlib.nullcontext()
         if args.save_images is not None:
             settings = saved_settings(args, target, configuration, state)
@@ -124,14 +123,16 @@ def main(argv: list[str] | None = None) -> dict:
     results, manifest = {}, []
     print(
         f"attribute {classifier.config.attribute!r}, classes {class_names}, target "
-        f"{[round(p, 3) for p in target]}, {args.num_images} images, {args.scheduler} {args.steps} steps"
+        f"{format_probabilities(target)}, {args.num_images} images, {args.scheduler} {args.steps} steps"
     )
     for name, run in runs.items():
         labels = labeller(images[name]) if labeller is not None else None
         if labeller is not None:
-            summary = summarize_labels(labels, target, run.asked)
+            summary = summarize_labels(labels, target, run.asked, run.blacked_out)
         else:
             summary = {"num_images": len(images[name])}
+            if run.blacked_out is not None:
+                summary["num_blacked_out"] = len(run.blacked_out)
         manifest += [
             predicted(record, labels, j, labeller, class_names) for j, record in enumerate(saved.get(name, []))
         ]
@@ -139,11 +140,15 @@ def main(argv: list[str] | None = None) -> dict:
         results[name] = summary
         if labeller is not None:
             print(_common.format_summary(name, summary, class_names))
+        else:
+            note = _common.blacked_out_note(name, summary.get("num_blacked_out"), summary["num_images"])
+            if note is not None:
+                print(note)
     if labeller is None:
         print("No labeller: fractions not measured (pass --labeller to measure them).")
     report = {
-        "model": args.model,
-        "classifier": args.classifier,
+        "model": portable_path(args.model),
+        "classifier": portable_path(args.classifier),
         "mode": args.mode,
         "scheduler": args.scheduler,
         "labeller": getattr(labeller, "source", None),
@@ -160,6 +165,17 @@ def main(argv: list[str] | None = None) -> dict:
     if saved:
         print(f"images: {args.save_images}/{{vanilla,balanced}}/, manifest: {report['save_images']}")
     return report
+
+
+def warm_up(pipe, classifier, spec, configurations: list[str], state) -> None:
+    """One untimed call of each configuration before the timed sets, so that first-call costs (the classifier's
+    loading and caching, allocations, kernel choices) fall on no set's time: one batch (with several processes, one
+    global batch) of the run's shape, 1 denoising step, nothing kept."""
+    short = replace(
+        spec, num_images=min(spec.num_images, spec.batch_size * num_processes(state)), num_inference_steps=1
+    )
+    for configuration in configurations:
+        run_configuration(pipe, classifier, short, configuration, state=state)
 
 
 def saved_settings(args: argparse.Namespace, target: list[float], configuration: str, state) -> dict:

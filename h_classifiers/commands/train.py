@@ -6,15 +6,15 @@ balancing-act train --features-dir feats/skin --output-dir classifiers/skin [--p
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 from dataclasses import MISSING, fields
+from pathlib import Path
 from types import SimpleNamespace
 
-import torch
-
-from h_classifiers.commands._common import positive_int
-from h_classifiers.commands._parser import CommandParser
+from h_classifiers.commands._common import add_threads_argument, apply_threads, positive_int
+from h_classifiers.commands._parser import CommandParser, silence_known_notices
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,9 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--branches", default=None, help="Recorded CFG branches to train on, comma-separated (default: all)."
     )
     parser.add_argument("--device", default="cpu", help="Training device (default: cpu).")
-    parser.add_argument(
-        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)."
-    )
+    add_threads_argument(parser)
     parser.add_argument(
         "--push-to-hub",
         default=None,
@@ -94,11 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def features_model(args: argparse.Namespace) -> str | None:
+    """The model the features come from (for the thread policy): `--base-model`, else the store's manifest's."""
+    if args.base_model is not None:
+        return args.base_model
+    from h_classifiers.feature_store import MANIFEST_NAME
+
+    try:
+        return json.loads((Path(args.features_dir) / MANIFEST_NAME).read_text(encoding="utf-8")).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None  # training reports a missing or broken store
+
+
 def run(args: argparse.Namespace):
     from h_classifiers.training import TrainingConfig, train_classifier
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads, features_model(args))
     config = TrainingConfig(
         head=args.head,
         epochs=args.epochs,
@@ -147,6 +156,7 @@ def _fmt(value: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    silence_known_notices()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
