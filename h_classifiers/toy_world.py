@@ -349,10 +349,9 @@ class ToyOracle:
 
 
 def class_fractions(read: dict[str, torch.Tensor], only_valid: bool = False) -> dict[str, list[float]]:
-    """Per-attribute class fractions of an oracle reading (over all images, or over the valid ones only)."""
-    keep = read["valid"] if only_valid else torch.ones_like(read["valid"])
-    total = max(int(keep.sum()), 1)
-    return {
-        a: [float(((read[a] == k) & keep).sum()) / total for k in range(len(classes))]
-        for a, classes in ATTRIBUTES.items()
-    }
+    """Per-attribute class fractions of an oracle reading (over all images, or over the valid ones only; zeros when
+    there is none), by `metrics.class_fractions`."""
+    from .metrics import class_fractions as fractions_of
+
+    keep = read["valid"] if only_valid else None
+    return {a: fractions_of(read[a], len(classes), keep) or [0.0] * len(classes) for a, classes in ATTRIBUTES.items()}
