@@ -509,3 +509,13 @@ def test_every_command_states_the_same_thread_policy():
     names = ("generate", "evaluate", "extract", "train")
     texts = {name: command_parser(name)._option_string_actions["--threads"].help for name in names}
     assert len(set(texts.values())) == 1 and "toy model" in texts["extract"]
+
+
+def test_a_strength_past_the_pipelines_bound_is_one_argument_error_before_loading(nothing_loads, capsys):
+    import pipeline_balancing_act as pba
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["generate", "--strength", str(pba.MAX_GUIDANCE_STRENGTH * 2)])
+    assert info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: `--strength` must be from 0 to 50" in last

@@ -253,13 +253,18 @@ def check_choice(value: str | None, accepted: tuple[str, ...] | list[str], argum
 
 
 def check_guidance_choices(args: argparse.Namespace) -> None:
-    """`--solver` and `--guided-branches` against the pipeline's own lists."""
-    if args.solver is None and args.guided_branches is None:
+    """`--solver`, `--guided-branches` and `--strength` against the pipeline's own lists and bound."""
+    if args.solver is None and args.guided_branches is None and args.strength is None:
         return
-    from pipeline_balancing_act import DISTRIBUTION_SOLVERS, GUIDED_BRANCHES
+    from pipeline_balancing_act import DISTRIBUTION_SOLVERS, GUIDED_BRANCHES, MAX_GUIDANCE_STRENGTH
 
     check_choice(args.solver, DISTRIBUTION_SOLVERS, "--solver")
     check_choice(args.guided_branches, GUIDED_BRANCHES, "--guided-branches")
+    if args.strength is not None and args.strength > MAX_GUIDANCE_STRENGTH:
+        raise ValueError(
+            f"`--strength` must be from 0 to {MAX_GUIDANCE_STRENGTH:g} class gaps per guided step; got {args.strength:g} "
+            "(the range that keeps images intact: docs/guidance.md, 'Strength')."
+        )
 
 
 def local_class_names(classifier: str) -> list[str] | None:
