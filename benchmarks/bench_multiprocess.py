@@ -5,13 +5,16 @@ python benchmarks/bench_multiprocess.py [--num-images 128] [--batch-size 64] [--
 
 1. generate: the `balancing-act generate` command on the committed toy model (vanilla + distribution mode, the same
    global batch), as 1 process with 1 thread, 1 process with 2 threads, and 2 processes x 1 thread launched with
-   `accelerate launch` (CPU, gloo, loopback). Images/s of each set from the command's own timing
-   (`generate_results.json`: generation and the gather, no model loading), and the wall time of the whole command.
+   `accelerate launch` (CPU, gloo, loopback). First one untimed warm-up run of every setup (1 step: imports, file
+   cache, launcher), then the timed runs, the setups in alternating order (forward, reversed, ...). Images/s of each
+   set from the command's own timing (`generate_results.json`: generation and the gather, no model loading; the
+   command warms both sets up before timing them), and the wall time of the whole command.
 2. collective: what `global_batch=True` adds per guided step: one `all_gather` of every process's calibrated and raw
    logits, `[n, 2K]` float32 (the pipeline's own `_all_gather_rows`), timed between 2 gloo processes for several
    per-process batches n and class counts K, plus the size gather made once per call. The logits do not depend on h's
-   shape, so these are the tensors of an SD1.5 run. Compared with an SD1.5 UNet step of this machine when
-   `docs/bench/bench.json` (benchmarks/bench.py) holds one.
+   shape, so these are the tensors of an SD1.5 run. Every case is warmed up, then the calls are timed in rounds that
+   alternate the order of the cases. Compared with an SD1.5 UNet step of this machine when `docs/bench/bench.json`
+   (benchmarks/bench.py) holds one.
 
 Output: `<output-dir>/multiprocess.json` and the Markdown table `<output-dir>/multiprocess.md`, both generated.
 """
@@ -46,6 +49,8 @@ DEFAULT_OUTPUT_DIR = REPO_ROOT / "docs" / "bench"
 GENERATE_SETUPS = [("1 process x 1 thread", 1, 1), ("1 process x 2 threads", 1, 2), ("2 processes x 1 thread", 2, 1)]
 COLLECTIVE_ROWS = [1, 4, 16, 64]  # images per process and call
 COLLECTIVE_CLASSES = [2, 7]  # e.g. a binary attribute; 7 classes
+COLLECTIVE_WARMUP = 10  # untimed calls per case before the timed rounds
+COLLECTIVE_ROUNDS = 5  # the timed calls of each case are spread over this many rounds, cases in alternating order
 NOTES = [
     "On this 2-core CPU machine two processes share the same two cores that one process with two threads uses: the "
     "processes gain only from running the small toy kernels, the text encoder and the VAE side by side instead of "
@@ -72,8 +77,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def generate_command(processes: int, threads: int, args: argparse.Namespace, out: Path) -> list[str]:
-    command = ["-m", "h_classifiers.cli", "generate", "--num-images", str(args.num_images), "--steps", str(args.steps)]
+def generate_command(
+    processes: int, threads: int, args: argparse.Namespace, out: Path, steps: int | None = None
+) -> list[str]:
+    steps = args.steps if steps is None else steps
+    command = ["-m", "h_classifiers.cli", "generate", "--num-images", str(args.num_images), "--steps", str(steps)]
     command += ["--batch-size", str(args.batch_size // processes), "--threads", str(threads), "--output-dir", str(out)]
     if processes == 1:
         return [sys.executable, *command]
@@ -82,40 +90,54 @@ def generate_command(processes: int, threads: int, args: argparse.Namespace, out
     return [*launcher, "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()), *command]
 
 
-def bench_generate(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
-    rows = []
-    for label, processes, threads in GENERATE_SETUPS:
-        runs = []
-        for repeat in range(args.repeats):
+def _run_generate(label: str, processes: int, threads: int, args, out: Path, workdir: Path, steps=None):
+    start = time.perf_counter()
+    result = subprocess.run(
+        generate_command(processes, threads, args, out, steps),
+        cwd=workdir,
+        env=loopback_env(threads),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    wall = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"{label} failed:\n{result.stderr[-3000:]}")
+    report = json.loads((out / "generate_results.json").read_text())
+    return {"wall_s": wall, **{k: v["seconds"] for k, v in report["results"].items()}}
+
+
+def bench_generate(args: argparse.Namespace, workdir: Path) -> tuple[list[dict[str, Any]], list[list[str]]]:
+    """Every setup warmed up once (1 step), then `args.repeats` timed runs each, the setups in alternating order."""
+    from benchmarks.bench import alternating_order
+
+    setups = {label: (processes, threads) for label, processes, threads in GENERATE_SETUPS}
+    for label, (processes, threads) in setups.items():
+        out = workdir / f"warmup-{processes}x{threads}"
+        print(f"  generate, {label}, warm-up: {_run_generate(label, processes, threads, args, out, workdir, 1)}")
+    order = alternating_order(list(setups), args.repeats)
+    runs: dict[str, list[dict[str, float]]] = {label: [] for label in setups}
+    for repeat, round_order in enumerate(order):
+        for label in round_order:
+            processes, threads = setups[label]
             out = workdir / f"generate-{processes}x{threads}-{repeat}"
-            start = time.perf_counter()
-            result = subprocess.run(
-                generate_command(processes, threads, args, out),
-                cwd=workdir,
-                env=loopback_env(threads),
-                capture_output=True,
-                text=True,
-                timeout=1800,
-            )
-            wall = time.perf_counter() - start
-            if result.returncode != 0:
-                raise RuntimeError(f"{label} failed:\n{result.stderr[-3000:]}")
-            report = json.loads((out / "generate_results.json").read_text())
-            runs.append({"wall_s": wall, **{k: v["seconds"] for k, v in report["results"].items()}})
-            print(f"  generate, {label}, run {repeat + 1}: {runs[-1]}", flush=True)
-        median = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+            runs[label].append(_run_generate(label, processes, threads, args, out, workdir))
+            print(f"  generate, {label}, run {repeat + 1}: {runs[label][-1]}", flush=True)
+    rows = []
+    for label, (processes, threads) in setups.items():
+        median = {k: statistics.median(run[k] for run in runs[label]) for k in runs[label][0]}
         rows.append(
             {
                 "setup": label,
                 "processes": processes,
                 "threads_per_process": threads,
                 "batch_size_per_process": args.batch_size // processes,
-                "runs": runs,
+                "runs": runs[label],
                 "median_s": median,
                 "images_per_s": {k: args.num_images / median[k] for k in ("vanilla", "balanced")},
             }
         )
-    return rows
+    return rows, order
 
 
 def _collective_worker(rank: int, store: str, result_path: str, iterations: int) -> None:
@@ -127,28 +149,43 @@ def _collective_worker(rank: int, store: str, result_path: str, iterations: int)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        rows = []
         cases = [("size gather (once per call)", 1, 1)]
         cases += [(f"logits, {k} classes", n, 2 * k) for k in COLLECTIVE_CLASSES for n in COLLECTIVE_ROWS]
-        for name, n, width in cases:
-            tensor = torch.randn(n, width) if width > 1 else torch.tensor([n])
-            sizes = [n, n]
-            for _ in range(10):  # warm-up
-                _all_gather_rows(tensor, sizes)
-            times = []
-            for _ in range(iterations):
-                dist.barrier()
-                start = time.perf_counter()
-                _all_gather_rows(tensor, sizes)
-                times.append(time.perf_counter() - start)
+        tensors = [torch.randn(n, width) if width > 1 else torch.tensor([n]) for _, n, width in cases]
+        for index in range(len(cases)):
+            for _ in range(COLLECTIVE_WARMUP):
+                _all_gather_rows(tensors[index], [cases[index][1]] * 2)
+        times: list[list[float]] = [[] for _ in cases]
+        rounds = max(1, min(COLLECTIVE_ROUNDS, iterations))
+        for r, round_order in enumerate(collective_order(len(cases), rounds)):
+            calls = iterations // rounds + (r < iterations % rounds)
+            for index in round_order:
+                for _ in range(calls):
+                    dist.barrier()
+                    start = time.perf_counter()
+                    _all_gather_rows(tensors[index], [cases[index][1]] * 2)
+                    times[index].append(time.perf_counter() - start)
+        rows = []
+        for (name, n, width), case_times in zip(cases, times):
             rows.append(
-                {"case": name, "rows_per_process": n, "width": width, "median_us": statistics.median(times) * 1e6}
+                {
+                    "case": name,
+                    "rows_per_process": n,
+                    "width": width,
+                    "calls": len(case_times),
+                    "median_us": statistics.median(case_times) * 1e6,
+                    "p90_us": sorted(case_times)[int(0.9 * (len(case_times) - 1))] * 1e6,
+                }
             )
-            rows[-1]["p90_us"] = sorted(times)[int(0.9 * (len(times) - 1))] * 1e6
         if rank == 0:
             Path(result_path).write_text(json.dumps(rows))
     finally:
         dist.destroy_process_group()
+
+
+def collective_order(num_cases: int, rounds: int) -> list[list[int]]:
+    """The order of the cases in each timed round of the collective: forward, reversed, ..."""
+    return [list(range(num_cases)) if r % 2 == 0 else list(reversed(range(num_cases))) for r in range(rounds)]
 
 
 def bench_collective(iterations: int, workdir: Path) -> list[dict[str, Any]]:
@@ -189,9 +226,12 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     config = results["config"]
     if results.get("generate"):
+        order = results.get("generate_order")
         lines += [
             f"`generate` on the toy model: {config['num_images']} images per set, {config['steps']} steps, global batch "
-            f"{config['batch_size']}, median of {config['repeats']} run(s).",
+            f"{config['batch_size']}, median of {config['repeats']} run(s)"
+            + (f" after one warm-up run (1 step) of every setup; setups in alternating order {order}" if order else "")
+            + ".",
             "",
             "| Setup | Batch per process | Vanilla images/s | Balanced images/s | Whole command (s) |",
             "|---|---|---|---|---|",
@@ -209,7 +249,14 @@ def markdown(results: dict[str, Any]) -> str:
             )
         lines.append("")
     lines += [
-        f"Per-step collective of a global batch (2 gloo processes, loopback), median of {config['iterations']} calls:",
+        f"Per-step collective of a global batch (2 gloo processes, loopback), median of {config['iterations']} calls"
+        + (
+            f" per case after {config['collective_warmup']} warm-up calls, in {config['collective_rounds']} rounds "
+            "alternating the order of the cases"
+            if "collective_rounds" in config
+            else ""
+        )
+        + ":",
         "",
         "| Gathered | Rows per process | Tensor per process | Median (us) | p90 (us) |",
         "|---|---|---|---|---|",
@@ -283,11 +330,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "torch": torch.__version__,
             "accelerate": accelerate.__version__,
         },
-        "config": {k: getattr(args, k) for k in ("num_images", "batch_size", "steps", "repeats", "iterations")},
+        "config": {k: getattr(args, k) for k in ("num_images", "batch_size", "steps", "repeats", "iterations")}
+        | {"collective_warmup": COLLECTIVE_WARMUP, "collective_rounds": min(COLLECTIVE_ROUNDS, args.iterations)},
     }
     with tempfile.TemporaryDirectory(prefix="bench-multiprocess-") as tmp:
         if not (args.quick or args.skip_generate):
-            results["generate"] = bench_generate(args, Path(tmp))
+            results["generate"], results["generate_order"] = bench_generate(args, Path(tmp))
         results["collective"] = bench_collective(args.iterations, Path(tmp))
     results["unet_step_reference"] = unet_step_reference(DEFAULT_OUTPUT_DIR / "bench.json")
     results["load_average_end"] = list(os.getloadavg())

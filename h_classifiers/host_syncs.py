@@ -56,8 +56,8 @@ def _is_host(device) -> bool:
 
 
 def _copies_to_host(func, args, kwargs) -> bool:
-    """`tensor.to("cpu")` / `tensor.to(cpu_tensor)` / `cpu_tensor.copy_(tensor)`: a copy that lands on the host.
-    On a CPU-only machine every tensor is on the host, so any such copy is counted: on CUDA it would be one."""
+    """`tensor.to("cpu")` / `tensor.to(cpu_tensor)` / `cpu_tensor.copy_(tensor)`: a copy that lands on the host, from
+    whatever device (on a CPU-only machine the source is on the host too: on CUDA it would be a device copy)."""
     if func is torch.Tensor.copy_:
         return isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu"
     device = kwargs.get("device")
@@ -69,7 +69,7 @@ def _copies_to_host(func, args, kwargs) -> bool:
                 continue
         elif isinstance(value, torch.Tensor):
             device = value.device
-    return _is_host(device) and isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu"
+    return _is_host(device) and isinstance(args[0], torch.Tensor)
 
 
 def _boolean_index(args) -> bool:

@@ -7,10 +7,61 @@ from benchmarks import bench_multiprocess as bench
 
 
 def test_collective_timing_covers_every_case(tmp_path):
-    rows = bench.bench_collective(2, tmp_path)
+    rows = bench.bench_collective(7, tmp_path)
     assert len(rows) == 1 + len(bench.COLLECTIVE_CLASSES) * len(bench.COLLECTIVE_ROWS)
     assert rows[0]["case"].startswith("size gather") and all(r["median_us"] > 0 for r in rows)
     assert [r["width"] for r in rows[1:]] == [2 * k for k in bench.COLLECTIVE_CLASSES for _ in bench.COLLECTIVE_ROWS]
+    assert all(r["calls"] == 7 for r in rows)  # spread over the rounds, every call counted once
+
+
+def test_collective_rounds_alternate_the_order_of_the_cases():
+    assert bench.collective_order(3, 3) == [[0, 1, 2], [2, 1, 0], [0, 1, 2]]
+
+
+def test_generate_setups_are_warmed_up_then_alternate(tmp_path, monkeypatch):
+    """`bench_generate` runs every setup once untimed (1 step) first, then the timed runs in alternating order."""
+    calls = []
+
+    def fake_run(label, processes, threads, args, out, workdir, steps=None):
+        calls.append((label, steps))
+        return {"wall_s": 2.0, "vanilla": 1.0, "balanced": 1.0}
+
+    monkeypatch.setattr(bench, "_run_generate", fake_run)
+    args = bench.build_parser().parse_args(["--num-images", "8", "--batch-size", "4", "--repeats", "3"])
+    rows, order = bench.bench_generate(args, tmp_path)
+    labels = [label for label, _, _ in bench.GENERATE_SETUPS]
+    assert calls[: len(labels)] == [(label, 1) for label in labels]
+    timed = [label for label, steps in calls[len(labels) :] if steps is None]
+    assert order == [labels, labels[::-1], labels] and timed == labels + labels[::-1] + labels
+    assert [len(row["runs"]) for row in rows] == [3] * len(labels)
+    assert rows[0]["images_per_s"] == {"vanilla": 8.0, "balanced": 8.0}
+
+
+def test_generate_times_both_sets_warm(tmp_path, monkeypatch):
+    """The `generate` command's own timing (what this benchmark reads): both sets get an untimed 1-step call first,
+    in the reverse of the timed order."""
+    from tiny_models import tiny_classifier, tiny_sd_pipeline
+
+    from h_classifiers.commands import generate as generate_command
+
+    tiny_sd_pipeline().save_pretrained(tmp_path / "sd")
+    classifier = tiny_classifier(scale=0.05)
+    heads, classes = classifier.weight.shape[:2]
+    classifier.set_calibration([1.0] * heads, [[0.0] * classes] * heads)
+    classifier.save_pretrained(tmp_path / "skin")
+    calls = []
+    real = generate_command.run_configuration
+
+    def recording(pipe, classifier, spec, configuration, **options):
+        calls.append((configuration, spec.num_images, spec.num_inference_steps))
+        return real(pipe, classifier, spec, configuration, **options)
+
+    monkeypatch.setattr(generate_command, "run_configuration", recording)
+    argv = ["--model", str(tmp_path / "sd"), "--classifier", str(tmp_path / "skin"), "--threads", "1"]
+    argv += ["--num-images", "5", "--batch-size", "2", "--steps", "3", "--output-dir", str(tmp_path / "out")]
+    report = generate_command.main(argv)
+    assert calls == [("distribution", 2, 1), ("vanilla", 2, 1), ("vanilla", 5, 3), ("distribution", 5, 3)]
+    assert set(report["results"]) == {"vanilla", "balanced"}
 
 
 def test_markdown_is_generated_from_the_json(tmp_path):
@@ -25,7 +76,16 @@ def test_markdown_is_generated_from_the_json(tmp_path):
             "accelerate": "a",
             "load_average_start": [1.0],
         },
-        "config": {"num_images": 8, "batch_size": 4, "steps": 3, "repeats": 2, "iterations": 5},
+        "config": {
+            "num_images": 8,
+            "batch_size": 4,
+            "steps": 3,
+            "repeats": 2,
+            "iterations": 5,
+            "collective_warmup": 10,
+            "collective_rounds": 5,
+        },
+        "generate_order": [["2 processes x 1 thread"], ["2 processes x 1 thread"]],
         "generate": [
             {
                 "setup": "2 processes x 1 thread",
@@ -53,3 +113,5 @@ def test_markdown_is_generated_from_the_json(tmp_path):
     assert "| 2 processes x 1 thread | 2 | 3.2 (8.0, 2.0) | 4.0 (4.0, 4.0) | 6.0 |" in table
     assert "| logits, 2 classes | 4 | [4, 4] | 500 | 900 |" in table
     assert "| toy, cpu, 8 UNet rows | 0.050 | 1.0e-02 |" in table
+    assert "after one warm-up run (1 step) of every setup" in table
+    assert "median of 5 calls per case after 10 warm-up calls, in 5 rounds alternating the order" in table
