@@ -1055,6 +1055,18 @@ class BalancingActMixin:
     `MidBlockHook` and calls `_GuidanceRun.end_step` after every step of its loop.
     """
 
+    # For the error messages: how the pipeline's arguments give its number of images, and what it is unguided.
+    _images_argument = "batch size x num_images_per_prompt"
+    _unguided_name = "vanilla Stable Diffusion"
+
+    @classmethod
+    def guidance_arguments(cls, arguments: dict[str, Any]) -> dict[str, Any]:
+        """The Balancing Act arguments of a call (from its `locals()`), by the names `check_guidance_inputs` and
+        `prepare_guidance` take; a pipeline without one of them (`guided_branches` without classifier-free guidance)
+        gets its default."""
+        names = list(inspect.signature(cls.check_guidance_inputs).parameters)[1:]
+        return {name: arguments[name] for name in names if name in arguments}
+
     # Pixels per latent pixel (a latent diffusion pipeline's VAE factor); 1 for a pixel-space model.
     @property
     def h_scale_factor(self) -> int:
@@ -1234,9 +1246,9 @@ class BalancingActMixin:
         guidance_steps: Any,
         distribution_solver: str,
         classifier_temperature: float | None,
-        guided_branches: str,
         balance_state: BalanceState | None,
         global_batch: bool,
+        guided_branches: str = "cond",
     ) -> None:
         """Validate the Balancing Act arguments, as `check_inputs` does the others: no file, Hub or process is touched.
         What needs the classifiers (class names, shapes) is checked by `prepare_guidance`, what needs the batch and
@@ -1257,7 +1269,7 @@ class BalancingActMixin:
                 raise ValueError(
                     f"{', '.join(f'`{n}`' for n in given)} given without `guidance_mode`: no guidance would be applied. "
                     "Add guidance_mode='distribution' (with target_distribution) or guidance_mode='sample' (with "
-                    "target_classes), or drop those arguments for vanilla Stable Diffusion."
+                    f"target_classes), or drop those arguments for {self._unguided_name}."
                 )
             return
         if guidance_mode not in GUIDANCE_MODES:
@@ -1322,9 +1334,9 @@ class BalancingActMixin:
         guidance_steps: Any,
         distribution_solver: str,
         classifier_temperature: float | None,
-        guided_branches: str,
         balance_state: BalanceState | None,
         global_batch: bool,
+        guided_branches: str = "cond",
     ) -> GuidanceSettings:
         """Load the classifiers (folders, Hub ids; cached on the pipeline) and check the targets against their
         classes. Call after `check_guidance_inputs`."""
@@ -1392,7 +1404,7 @@ class BalancingActMixin:
                 if len(classes) not in (1, num_images):
                     raise ValueError(
                         f"`target_classes` must be one class for all images or a list of one class per image "
-                        f"({num_images} images = batch size x num_images_per_prompt); got a list of {len(classes)}."
+                        f"({num_images} images = {self._images_argument}); got a list of {len(classes)}."
                     )
         h_shape = self.mid_block_h_shape(height, width)
         for classifier in settings.classifiers:
@@ -1420,7 +1432,7 @@ class BalancingActMixin:
         total = sum(process_rows) if process_rows else num_images
         if settings.mode == "distribution" and total < 2 and settings.balance_state is None and not one_class:
             raise ValueError(
-                "`guidance_mode='distribution'` needs at least 2 images (batch size x num_images_per_prompt) or a "
+                f"`guidance_mode='distribution'` needs at least 2 images ({self._images_argument}) or a "
                 "`balance_state` that carries the counts across calls: the target is a distribution over images. "
                 f"For one image of a given class use `guidance_mode='sample'`; got {total} image."
             )
@@ -1577,19 +1589,8 @@ class BalancingActPipeline(BalancingActMixin, StableDiffusionPipeline):
             [`~pipelines.stable_diffusion.StableDiffusionPipelineOutput`] or `tuple`, as `StableDiffusionPipeline`.
         """
         arguments = locals()
-        self.check_guidance_inputs(
-            h_classifier,
-            guidance_mode,
-            target_distribution,
-            target_classes,
-            guidance_strength,
-            guidance_steps,
-            distribution_solver,
-            classifier_temperature,
-            guided_branches,
-            balance_state,
-            global_batch,
-        )
+        guidance = self.guidance_arguments(arguments)
+        self.check_guidance_inputs(**guidance)
         unknown = sorted(set(kwargs) - {"callback", "callback_steps"})
         if unknown:
             raise TypeError(
@@ -1602,19 +1603,7 @@ class BalancingActPipeline(BalancingActMixin, StableDiffusionPipeline):
         if guidance_mode is None:
             return super().__call__(**standard)
 
-        settings = self.prepare_guidance(
-            h_classifier,
-            guidance_mode,
-            target_distribution,
-            target_classes,
-            guidance_strength,
-            guidance_steps,
-            distribution_solver,
-            classifier_temperature,
-            guided_branches,
-            balance_state,
-            global_batch,
-        )
+        settings = self.prepare_guidance(**guidance)
         run = _GuidanceRun(settings, unet_compiled=hasattr(self.unet, "_orig_mod"))
         # The loop tells the run where it is: our step-end callback, around the caller's.
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
