@@ -25,6 +25,9 @@ IGNORE_PATTERNS = ["*.pt", "*.pth", "*.bin", "*.ckpt", "*.pkl", ".tmp-*", ".old-
 # diffusers' name for the custom pipeline file of a Hub repository (`custom_pipeline="user/repo"`).
 HUB_PIPELINE_FILE = "pipeline.py"
 PIPELINE_MODULE = "pipeline_balancing_act"
+# The unconditional pipeline imports the core from `pipeline_balancing_act.py` beside it (diffusers fetches that
+# relative import from the same repo).
+UNCONDITIONAL_PIPELINE_MODULE = "pipeline_balancing_act_unconditional"
 
 
 class HubUnreachableError(ConnectionError):
@@ -105,13 +108,12 @@ def push_classifier(
     return str(url)
 
 
-def pipeline_file() -> Path:
-    """The path of the installed `pipeline_balancing_act.py` (found without importing it: no diffusers import)."""
-    spec = importlib.util.find_spec(PIPELINE_MODULE)
+def pipeline_file(module: str = PIPELINE_MODULE) -> Path:
+    """The path of the installed `<module>.py` (found without importing it: no diffusers import)."""
+    spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None or not Path(spec.origin).is_file():
         raise FileNotFoundError(
-            f"`{PIPELINE_MODULE}.py` is not importable here: install this repository (`pip install -e .`) or run "
-            "from its root."
+            f"`{module}.py` is not importable here: install this repository (`pip install -e .`) or run from its root."
         )
     return Path(spec.origin)
 
@@ -123,17 +125,31 @@ def push_pipeline(
     commit_message: str | None = None,
     revision: str | None = None,
     file: str | os.PathLike | None = None,
+    unconditional: bool = False,
 ) -> str:
     """Creates (if needed) the model repo `repo_id` and uploads the pipeline file (`file`, default: the installed
-    `pipeline_balancing_act.py`) to it as `pipeline.py`, the file diffusers loads for
+    `pipeline_balancing_act.py`, or with `unconditional` `pipeline_balancing_act_unconditional.py`, uploaded after the
+    core file it imports) to it as `pipeline.py`, the file diffusers loads for
     `DiffusionPipeline.from_pretrained(model, custom_pipeline=repo_id, trust_remote_code=True)`. Returns the repo URL.
     """
-    file = pipeline_file() if file is None else Path(file)
+    module = UNCONDITIONAL_PIPELINE_MODULE if unconditional else PIPELINE_MODULE
+    file = pipeline_file(module) if file is None else Path(file)
     if not file.is_file():
-        raise FileNotFoundError(f"`file` {str(file)!r} is not a file (expected {PIPELINE_MODULE}.py).")
+        raise FileNotFoundError(f"`file` {str(file)!r} is not a file (expected {module}.py).")
+    core = pipeline_file() if unconditional else None
     check_repo_id(repo_id)
     with hub_errors(repo_id):
         url = huggingface_hub.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
+        if core is not None:
+            huggingface_hub.upload_file(
+                path_or_fileobj=str(core),
+                path_in_repo=core.name,
+                repo_id=repo_id,
+                repo_type="model",
+                token=token,
+                revision=revision,
+                commit_message=commit_message or f"Upload the Balancing Act core as {core.name}",
+            )
         huggingface_hub.upload_file(
             path_or_fileobj=str(file),
             path_in_repo=HUB_PIPELINE_FILE,

@@ -184,6 +184,22 @@ def test_push_pipeline_uploads_the_pipeline_file_as_pipeline_py(fake_hub):
     assert Path(upload["path_or_fileobj"]).resolve() == (ROOT / "pipeline_balancing_act.py").resolve()
 
 
+def test_push_unconditional_pipeline_uploads_the_core_beside_it(fake_hub, capsys):
+    from tiny_models import ROOT
+
+    from h_classifiers.commands.push import main
+
+    main(["--pipeline", "someone/ddpm-balanced", "--unconditional"])
+    uploads = [call[2] for call in fake_hub.calls if call[0] == "upload_file"]
+    assert [(Path(u["path_or_fileobj"]).resolve(), u["path_in_repo"]) for u in uploads] == [
+        ((ROOT / "pipeline_balancing_act.py").resolve(), "pipeline_balancing_act.py"),  # imported by pipeline.py
+        ((ROOT / "pipeline_balancing_act_unconditional.py").resolve(), "pipeline.py"),
+    ]
+    with pytest.raises(SystemExit):
+        main(["some-folder", "someone/x", "--unconditional"])
+    assert "--unconditional goes with --pipeline" in capsys.readouterr().err
+
+
 def test_push_pipeline_refuses_bad_input_before_any_call(fake_hub, tmp_path):
     with pytest.raises(ValueError, match="not a valid Hub repo id"):
         hub.push_pipeline("bad repo id")

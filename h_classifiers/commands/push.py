@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Also (or only) upload pipeline_balancing_act.py as pipeline.py of this Hub model repo (created if "
         "missing), e.g. 'user/balancing-act'. Default: none.",
     )
+    parser.add_argument(
+        "--unconditional",
+        action="store_true",
+        help="With --pipeline: publish the unconditional pipeline (pipeline_balancing_act_unconditional.py as "
+        "pipeline.py, with pipeline_balancing_act.py beside it, which it imports).",
+    )
     parser.add_argument("--private", action="store_true", help="Create the repo(s) private.")
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the cached login).")
     parser.add_argument(
@@ -65,7 +71,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.folder is None and args.pipeline is None:
         parser.error("nothing to push: give FOLDER REPO_ID (a classifier) and/or --pipeline PIPELINE_REPO_ID.")
 
-    from h_classifiers.hub import HubUnreachableError, check_repo_id, pipeline_file, push_classifier, push_pipeline
+    from h_classifiers.hub import (
+        UNCONDITIONAL_PIPELINE_MODULE,
+        HubUnreachableError,
+        check_repo_id,
+        pipeline_file,
+        push_classifier,
+        push_pipeline,
+    )
 
     options = {
         "token": args.token,
@@ -77,11 +90,15 @@ def main(argv: list[str] | None = None) -> None:
         if args.pipeline is not None:  # refused before anything is pushed
             check_repo_id(args.pipeline)
             pipeline_file()
+            if args.unconditional:
+                pipeline_file(UNCONDITIONAL_PIPELINE_MODULE)
+        elif args.unconditional:
+            raise ValueError("--unconditional goes with --pipeline PIPELINE_REPO_ID.")
         if args.folder is not None:
             url = push_classifier(args.folder, args.repo_id, **options)
             print(f"Pushed {args.folder} to {url}")
         if args.pipeline is not None:
-            url = push_pipeline(args.pipeline, **options)
+            url = push_pipeline(args.pipeline, unconditional=args.unconditional, **options)
             print(
                 f"Pushed the pipeline to {url} (pipeline.py): load it with DiffusionPipeline.from_pretrained(model, "
                 f'custom_pipeline="{args.pipeline}", trust_remote_code=True)'
