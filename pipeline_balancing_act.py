@@ -908,7 +908,8 @@ class _GuidanceRun:
             heads = [[part[rows[step]] for part in parts] for parts, rows in zip(self.heads, self.head_row)]
             raw = [F.linear(x, weight, bias) for weight, bias, *_ in heads]
             calibrated = [r * scale + cal_bias for r, (_, _, scale, cal_bias, _) in zip(raw, heads)]
-            self.final_classes = self._predicted_classes(calibrated)
+            if self.settings.balance_state is not None:
+                self.final_classes = self._predicted_classes(calibrated)
             if not self.guided[step]:
                 return None
             directions = self._directions(calibrated, raw)
