@@ -26,6 +26,7 @@ on the batch size unless the guidance does (only distribution mode couples the i
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -56,6 +57,8 @@ from .metrics import target_verdicts as target_verdicts
 
 
 CONFIGURATIONS = ("vanilla", "sample", "distribution", "prompt", "fair_diffusion")
+# The baselines that write the class into the prompt: text-to-image models only.
+TEXT_CONFIGURATIONS = ("prompt", "fair_diffusion")
 GUIDED_CONFIGURATIONS = {"sample": "sample", "distribution": "distribution"}
 
 # Scheduler names accepted by the command-line tools: class name in diffusers and the config overrides that make it
@@ -99,7 +102,7 @@ def nsfw_flags(output: Any) -> list[bool | None]:
 
 def generate_images(
     pipe,
-    prompts: Sequence[str],
+    prompts: Sequence[str] | None,
     seed: int,
     batch_size: int,
     per_image: dict[str, Sequence[Any]] | None = None,
@@ -109,7 +112,8 @@ def generate_images(
 ) -> tuple[list[Image.Image], float, list[int] | None]:
     """
     Generate one image per prompt in batches (`generation.generate_batches`: image i uses a generator seeded with
-    `seed + i`; `per_image` values such as `target_classes` are sliced per batch; `call_kwargs` go to every pipeline
+    `seed + i`; `prompts=None` with `num_images=N` in `call_kwargs`: an unconditional pipeline; `per_image` values
+    such as `target_classes` are sliced per batch; `call_kwargs` go to every pipeline
     call). Returns the PIL images, the wall time in seconds and the indices of the images the pipeline's safety
     checker blacked out (None when no safety checker ran). With an accelerate `state` of several processes each
     generates its share and every process gets all the images, in order (`distributed.gather_indexed`).
@@ -135,9 +139,11 @@ def generate_images(
 
 @dataclass
 class EvaluationSpec:
-    """What one evaluation generates: the prompt, the target, the images and the sampling/guidance settings."""
+    """What one evaluation generates: the prompt, the target, the images and the sampling/guidance settings.
+    `prompt=None`: an unconditional model (`BalancingActUnconditionalPipeline`): each call gets `batch_size=` and no
+    prompt, `guidance_scale` is unused (None) and `eta` is DDIM's eta (None: the pipeline's default)."""
 
-    prompt: str
+    prompt: str | None
     target: list[float]
     num_images: int = 512
     batch_size: int = 64
@@ -150,6 +156,8 @@ class EvaluationSpec:
     guidance: dict[str, Any] = field(default_factory=dict)
     # SEGA settings of the Fair Diffusion baseline (None: `baselines.DEFAULT_FAIR_DIFFUSION_SETTINGS`).
     fair_diffusion: dict[str, Any] | None = None
+    # DDIM's eta of an unconditional model (0: deterministic DDIM, 1: DDPM-like); None: not passed.
+    eta: float | None = None
 
 
 @dataclass
@@ -176,6 +184,16 @@ def run_configuration(
     n = spec.num_images
     common = {"num_inference_steps": spec.num_inference_steps, "guidance_scale": spec.guidance_scale}
     prompts, asked, per_image = [spec.prompt] * n, None, None
+    if spec.prompt is None:  # an unconditional model: no prompt, no classifier-free guidance
+        if configuration in TEXT_CONFIGURATIONS:
+            raise ValueError(
+                f"The {configuration} baseline writes the class into the prompt; an unconditional model has none "
+                f"(configurations: {[c for c in CONFIGURATIONS if c not in TEXT_CONFIGURATIONS]})."
+            )
+        common = {"num_inference_steps": spec.num_inference_steps, "num_images": n}
+        prompts = None
+        if spec.eta is not None:
+            common["eta"] = spec.eta
     if configuration in ("prompt", "fair_diffusion") and (
         not spec.class_prompts or len(spec.class_prompts) != len(spec.target)
     ):
@@ -334,7 +352,7 @@ def write_outputs(
         measured,
         report["class_names"],
         output_dir / "fractions.png",
-        report["spec"]["prompt"],
+        report["spec"]["prompt"] or "unconditional",
     )
 
 
@@ -359,6 +377,49 @@ def resolve_device(device: str) -> torch.device:
         raise ValueError(f"`device` must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}.") from None
 
 
+# A model whose model_index.json names one of these pipelines, or whose UNet is a `UNet2DModel` beside no text
+# encoder, is unconditional: it loads as `BalancingActUnconditionalPipeline` and takes no prompt.
+UNCONDITIONAL_PIPELINES = ("DDIMPipeline", "DDPMPipeline", "BalancingActUnconditionalPipeline")
+
+
+def is_local_model(model: str | os.PathLike) -> bool:
+    model = os.fspath(model)
+    return os.path.isabs(model) or model.startswith(".") or os.path.exists(model)
+
+
+def model_index(model: str | os.PathLike) -> dict[str, Any] | None:
+    """The model's `model_index.json` (a local folder's, or a Hub id's from the Hub or its cache), or None when it
+    cannot be read (loading the model then says what is wrong)."""
+    model = os.fspath(model)
+    try:
+        if is_local_model(model):
+            path = os.path.join(model, "model_index.json")
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(model, "model_index.json")
+        with open(path, encoding="utf-8") as file:
+            index = json.load(file)
+    except Exception:  # no such file or repo, offline, unreadable: the model's loading gives the real error
+        return None
+    return index if isinstance(index, dict) else None
+
+
+def unconditional_model_class(model: str | os.PathLike) -> str | None:
+    """The pipeline class an unconditional model was saved as (`UNCONDITIONAL_PIPELINES`, or the pipeline of a
+    `UNet2DModel` without a text encoder); None for a text-to-image model or one whose index cannot be read."""
+    index = model_index(model)
+    if index is None:
+        return None
+    name = str(index.get("_class_name"))
+    unet = index.get("unet")
+    if name in UNCONDITIONAL_PIPELINES:
+        return name
+    if isinstance(unet, list) and unet[-1:] == ["UNet2DModel"] and "text_encoder" not in index:
+        return name
+    return None
+
+
 def load_pipeline(
     model: str | os.PathLike,
     device: str | torch.device = "cpu",
@@ -371,25 +432,44 @@ def load_pipeline(
     with the named scheduler (`SCHEDULERS`); its progress bar is off (callers show their own). The model's own safety
     checker is kept (a model that declares none, like the toy model, loads without one and without a warning);
     `safety_checker=False` loads the model without it.
-    """
-    from pipeline_balancing_act import BalancingActPipeline
 
+    An unconditional model (`unconditional_model_class`: a `DDIMPipeline` / `DDPMPipeline` folder or Hub id) loads
+    as `BalancingActUnconditionalPipeline`, which samples with DDIM (`scheduler` None or "ddim") and has no safety
+    checker.
+    """
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"`dtype` must be one of {list(DTYPES)}, got {dtype!r}.")
         dtype = DTYPES[dtype]
     model = os.fspath(model)
-    if os.path.isabs(model) or model.startswith(".") or os.path.exists(model):
+    if is_local_model(model):
         if not os.path.isfile(os.path.join(model, "model_index.json")):
             raise FileNotFoundError(
                 f"`model` {model!r} is not a diffusers Stable Diffusion directory (no model_index.json); pass a local "
                 "directory saved with `save_pretrained` or a Hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'."
             )
-    pipe = BalancingActPipeline.from_pretrained(model, dtype=dtype, **safety_checker_kwargs(safety_checker))
-    if scheduler is not None:
-        set_scheduler(pipe, scheduler)
+    if unconditional_model_class(model) is not None:
+        if scheduler not in (None, "ddim"):
+            raise ValueError(unconditional_scheduler_error(scheduler))
+        from pipeline_balancing_act_unconditional import BalancingActUnconditionalPipeline
+
+        # DDIMPipeline turns any scheduler (a DDPM checkpoint's DDPMScheduler) into a DDIMScheduler
+        pipe = BalancingActUnconditionalPipeline.from_pretrained(model, dtype=dtype)
+    else:
+        from pipeline_balancing_act import BalancingActPipeline
+
+        pipe = BalancingActPipeline.from_pretrained(model, dtype=dtype, **safety_checker_kwargs(safety_checker))
+        if scheduler is not None:
+            set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def unconditional_scheduler_error(scheduler: str) -> str:
+    return (
+        f"`--scheduler {scheduler}`: an unconditional model samples with DDIM only (its pipeline is a DDIMPipeline; "
+        "`--eta` 0 is deterministic DDIM, 1 adds DDPM-like noise); leave `--scheduler` at ddim."
+    )
 
 
 def safety_checker_kwargs(keep: bool) -> dict[str, Any]:

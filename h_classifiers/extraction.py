@@ -8,7 +8,8 @@ Two recipes, both batched and resumable, both writing the feature store format (
   (`h_classifiers.inversion`).
 - `extract_from_generation`: the paper's recipe for Stable Diffusion. The pipeline generates images from prompts,
   h is recorded at every step (the conditional rows of `[uncond; cond]` by default), and a labeller
-  (`h_classifiers.labellers`) labels the finished images (pseudo-labels).
+  (`h_classifiers.labellers`) labels the finished images (pseudo-labels). With `prompts=None` the same for an
+  unconditional pipeline (`BalancingActUnconditionalPipeline`, the paper's unconditional setting).
 
 Images are assigned to chunks by their position in a fixed plan (the sorted file list, or the seed/prompt list), so
 a resumed run writes exactly the shards an uninterrupted run writes. With several processes (`state`, an accelerate
@@ -105,6 +106,29 @@ def _resolution(pipe, height: int | None, width: int | None) -> tuple[int, int]:
                 f"`{name}` must be a multiple of the VAE scale factor {pipe.vae_scale_factor}, got {value}."
             )
     return height, width
+
+
+def _unet_size(pipe) -> tuple[int, int]:
+    """An unconditional pipeline's image (height, width): its UNet's `sample_size`."""
+    size = pipe.unet.config.sample_size
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _check_unconditional(pipe, negative_prompt, height, width, record_branch: str) -> None:
+    if getattr(pipe, "text_encoder", None) is not None:
+        raise ValueError("`prompts=None` is for an unconditional pipeline; this one has a text encoder: give prompts.")
+    if record_branch != "cond":
+        raise ValueError(
+            f"`record_branch={record_branch!r}`: an unconditional pipeline has no classifier-free guidance, every row "
+            "the UNet sees is an image: record 'cond' (all of them)."
+        )
+    given = [
+        name for name, value in (("negative_prompt", negative_prompt), ("height", height), ("width", width)) if value
+    ]
+    if given:
+        raise ValueError(
+            f"{given}: an unconditional pipeline (`prompts=None`) takes no prompt and makes images of its UNet's size."
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -219,7 +243,7 @@ def extract_from_folders(
 
 def extract_from_generation(
     pipe,
-    prompts: str | Sequence[str],
+    prompts: str | Sequence[str] | None,
     num_images: int,
     output_dir: str | os.PathLike,
     labeller: Labeller | Sequence[Labeller],
@@ -235,6 +259,7 @@ def extract_from_generation(
     width: int | None = None,
     progress: bool = True,
     state=None,
+    eta: float | None = None,
 ) -> dict:
     """Recipe 2: generate with `pipe`, record h at every step, pseudo-label the images with `labeller`.
 
@@ -250,14 +275,22 @@ def extract_from_generation(
             classifiers (`HFeatureStore(..., label_set=...)`, `balancing-act train --attribute ...`).
         record_branch: with classifier-free guidance (`guidance_scale` > 1) the UNet sees [uncond; cond]: store the
             "cond" rows (default), the "uncond" rows or "both".
+        prompts: None for an unconditional pipeline (`BalancingActUnconditionalPipeline`): each call gets
+            `batch_size=`, `guidance_scale` is unused (recorded as None) and the images have the UNet's size (no
+            `negative_prompt`, `height` or `width`).
+        eta: passed to every call when given (DDIM's eta: 0 deterministic, 1 DDPM-like); recorded in the plan.
         Others as in `extract_from_folders`.
     """
     from pipeline_balancing_act import MidBlockHook
 
     output_dir = Path(output_dir)
-    prompts = [prompts] if isinstance(prompts, str) else [str(p) for p in prompts]
-    if not prompts:
-        raise ValueError("`prompts` must hold at least one prompt.")
+    unconditional = prompts is None
+    if unconditional:
+        _check_unconditional(pipe, negative_prompt, height, width, record_branch)
+    else:
+        prompts = [prompts] if isinstance(prompts, str) else [str(p) for p in prompts]
+        if not prompts:
+            raise ValueError("`prompts` must hold at least one prompt.")
     num_images = _check_positive_int("num_images", num_images)
     batch_size, chunk_size = (
         _check_positive_int("batch_size", batch_size),
@@ -278,11 +311,16 @@ def extract_from_generation(
             f"attributes {attributes}."
         )
     labeller = labellers[0]
-    if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+    if unconditional:
+        guidance_scale = None
+    elif not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
         raise ValueError(f"`guidance_scale` must be a finite number, got {guidance_scale!r}.")
-    cfg = guidance_scale > 1.0
+    cfg = not unconditional and guidance_scale > 1.0
     branches = _check_branches(record_branch, cfg)
-    height, width = _resolution(pipe, height, width)
+    height, width = _unet_size(pipe) if unconditional else _resolution(pipe, height, width)
+    call = {"eta": eta} if eta is not None else {}
+    if not unconditional:
+        call.update(guidance_scale=guidance_scale, height=height, width=width)
     planned = copy.deepcopy(pipe.scheduler)
     planned.set_timesteps(num_inference_steps)
     timesteps = _timesteps_list(planned.timesteps)
@@ -293,7 +331,7 @@ def extract_from_generation(
         "scheduler": _scheduler_info(pipe.scheduler),
         "num_inference_steps": num_inference_steps,
         "timesteps": timesteps,
-        "guidance_scale": float(guidance_scale),
+        "guidance_scale": None if unconditional else float(guidance_scale),
         "prompts": prompts,
         "negative_prompt": negative_prompt,
         "branches": branches,
@@ -303,7 +341,7 @@ def extract_from_generation(
         "seed": seed,
         "height": height,
         "width": width,
-        "plan": {"num_images": num_images},
+        "plan": {"num_images": num_images} | ({"eta": float(eta)} if eta is not None else {}),
         "class_names": list(labeller.class_names),
         "attribute": labeller.attribute,
         "label_source": labeller.source,
@@ -317,7 +355,7 @@ def extract_from_generation(
     plan = list(range(num_images))
 
     def process_batch(items: list[int]) -> _BatchResult:
-        batch_prompts = [prompts[i % len(prompts)] for i in items]
+        batch_prompts = None if unconditional else [prompts[i % len(prompts)] for i in items]
         recorder = HRecorder(storage_dtype)
         seen_timesteps = []
 
@@ -332,13 +370,12 @@ def extract_from_generation(
                 batch_prompts,
                 seed + items[0],
                 len(items),
+                num_images=len(items) if unconditional else None,
                 num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                negative_prompt=[negative_prompt] * len(items) if negative_prompt is not None else None,
-                height=height,
-                width=width,
                 output_type="pil",
                 callback_on_step_end=on_step_end,
+                **call,
+                **({"negative_prompt": [negative_prompt] * len(items)} if negative_prompt is not None else {}),
             )
         output = generated.output
         if len(recorder.calls) != len(timesteps) or _timesteps_list(torch.stack(seen_timesteps)) != timesteps:
@@ -354,10 +391,12 @@ def extract_from_generation(
             every = [torch.where(blacked, torch.full_like(labels, -1), labels) for labels in every]
         labels = every[0]
         records = [
-            {"index": i, "prompt": p, "seed": seed + i, "label": int(every[0][j])}
+            {"index": i}
+            | ({} if unconditional else {"prompt": batch_prompts[j]})
+            | {"seed": seed + i, "label": int(every[0][j])}
             | ({"labels": {a: int(lab[j]) for a, lab in zip(attributes, every)}} if attributes[0] is not None else {})
             | ({"blacked_out": True} if flags[j] else {})
-            for j, (i, p) in enumerate(zip(items, batch_prompts))
+            for j, i in enumerate(items)
         ]
         return _BatchResult(_split_branches(recorder.calls, len(items), cfg, branches), labels, records, [])
 

@@ -80,12 +80,14 @@ def generate_batches(
     state=None,
     skip: Callable[[range], bool] | None = None,
     on_batch: Callable[[GeneratedBatch], None] | None = None,
+    num_images: int | None = None,
     **call_kwargs: Any,
 ) -> Iterator[GeneratedBatch]:
     """Calls `pipe` batch by batch and yields each call's output with the indices of its images.
 
     Args:
-        prompts: one prompt per image; None when `per_image` holds `prompt_embeds` (one row per image) instead.
+        prompts: one prompt per image; None when `per_image` holds `prompt_embeds` (one row per image) instead, or
+            for an unconditional pipeline (`num_images`).
         seed: image i uses a CPU generator seeded `seed + i`.
         batch_size: images per call; the images are split into near-equal batches (`batch_ranges`).
         per_image: pipeline arguments with one entry per image (a list, or a tensor with one row per image, e.g.
@@ -99,14 +101,23 @@ def generate_batches(
         skip: called with a round of a global batch (else with this process's batch); True skips it (e.g. images
             already saved by an interrupted run). With a global batch every process must answer alike.
         on_batch: called with each batch after its call (e.g. to save its images at once).
+        num_images: an unconditional pipeline (`prompts=None`): the number of images; each call gets
+            `batch_size=` (its number of images) instead of prompts.
         call_kwargs: arguments for every call (`num_inference_steps`, `output_type`, guidance arguments, ...).
     """
     per_image = dict(per_image or {})
     sizes = {key: len(values) for key, values in per_image.items()}
     if prompts is not None:
         sizes["prompts"] = len(prompts)
+    unconditional = num_images is not None
+    if unconditional:
+        if prompts is not None:
+            raise ValueError("Give `prompts` (a text-to-image pipeline) or `num_images` (unconditional), not both.")
+        sizes["num_images"] = num_images
     if not sizes:
-        raise ValueError("`prompts` is None and `per_image` is empty: nothing says how many images to generate.")
+        raise ValueError(
+            "`prompts` and `num_images` are None and `per_image` is empty: nothing says how many images to generate."
+        )
     if len(set(sizes.values())) != 1:
         raise ValueError(f"`prompts` and every `per_image` value need one entry per image, got lengths {sizes}.")
     num_images = next(iter(sizes.values()))
@@ -124,6 +135,8 @@ def generate_batches(
             kwargs = {key: _rows(values, batch) for key, values in per_image.items()}
             if prompts is not None:
                 kwargs["prompt"] = [prompts[i] for i in batch]
+            elif unconditional:
+                kwargs["batch_size"] = len(batch)
             generated = GeneratedBatch(batch, pipe(generator=image_generators(seed, batch), **kwargs, **call_kwargs))
             if on_batch is not None:
                 on_batch(generated)

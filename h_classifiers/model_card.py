@@ -102,7 +102,13 @@ def model_card(classifier: HClassifier, metrics: list[dict], summary: dict, mani
 
     cfg = classifier.config
     prompts = manifest.get("prompts") or []
-    if manifest.get("recipe") == "generation":
+    if manifest.get("recipe") == "generation" and manifest.get("prompts", []) is None:  # an unconditional model
+        eta = (manifest.get("plan") or {}).get("eta")
+        source = (
+            f"h recorded while generating {manifest.get('num_images')} images with the unconditional model"
+            f"{'' if eta is None else f' (DDIM eta {eta:g})'}, pseudo-labelled by `{manifest.get('label_source')}`"
+        )
+    elif manifest.get("recipe") == "generation":
         source = (
             f"h recorded while generating {manifest.get('num_images')} images with prompt(s) {prompts} "
             f"(classifier-free guidance {manifest.get('guidance_scale')}, branch(es) {manifest.get('branches')}), "

@@ -56,6 +56,11 @@ def split_prompts(text: str | None) -> list[str] | None:
     return None if text is None else [p.strip() for p in text.split("|")]
 
 
+def text_defaults() -> dict[str, Any]:
+    """The values of the prompt options of `generate` / `evaluate` for a text-to-image model (`_model_kind`)."""
+    return {"prompt": toy_defaults()["prompt"], "guidance_scale": 7.5}
+
+
 def toy_defaults() -> dict[str, str]:
     from h_classifiers.toy_world import NEUTRAL_PROMPT, TOY_CLASSIFIERS_PATH, TOY_MODEL_PATH
 
@@ -72,7 +77,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=defaults["model"],
-        help="Stable Diffusion 1.x/2.x directory or Hub id (default: the committed toy model).",
+        help="Stable Diffusion 1.x/2.x directory or Hub id, or an unconditional model's (DDIMPipeline / "
+        "DDPMPipeline: no prompt; docs/cli.md, 'Unconditional models') (default: the committed toy model).",
     )
     parser.add_argument(
         "--scheduler",
@@ -81,7 +87,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="Sampling scheduler (default: ddim). dpm++ is DPMSolverMultistep, euler_a is Euler ancestral.",
     )
     parser.add_argument("--steps", type=positive_int, default=25, help="Denoising steps (default: 25).")
-    parser.add_argument("--guidance-scale", type=float, default=7.5, help="Classifier-free guidance (default: 7.5).")
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="Classifier-free guidance of a text-to-image model (default: 7.5).",
+    )
+    from h_classifiers.commands._model_kind import add_eta_argument
+
+    add_eta_argument(parser)
     parser.add_argument(
         "--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps."
     )
@@ -159,7 +173,8 @@ def guidance_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def evaluation_spec(
     args: argparse.Namespace, target: list[float], class_prompts: list[str] | None = None
 ) -> EvaluationSpec:
-    """The `EvaluationSpec` of the `generate` / `evaluate` command-line arguments."""
+    """The `EvaluationSpec` of the `generate` / `evaluate` command-line arguments (an unconditional model: no prompt,
+    `--eta`)."""
     return EvaluationSpec(
         prompt=args.prompt,
         target=target,
@@ -170,7 +185,13 @@ def evaluation_spec(
         guidance_scale=args.guidance_scale,
         class_prompts=class_prompts,
         guidance=guidance_kwargs(args),
+        eta=args.eta,
     )
+
+
+def eta_note(args: argparse.Namespace) -> str:
+    """What follows the steps in the summary line: `, eta 1` for an unconditional model, "" for a text-to-image one."""
+    return "" if getattr(args, "eta", None) is None else f", eta {args.eta:g}"
 
 
 def is_toy_model(model: str | os.PathLike | None) -> bool:

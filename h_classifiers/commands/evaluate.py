@@ -13,10 +13,10 @@ import argparse
 
 from tqdm.auto import tqdm
 
-from h_classifiers.commands import _common
+from h_classifiers.commands import _common, _model_kind
 from h_classifiers.commands._parser import CommandParser, silence_known_notices
 from h_classifiers.distributed import is_main, num_processes
-from h_classifiers.evaluation import CONFIGURATIONS, evaluate, load_pipeline
+from h_classifiers.evaluation import CONFIGURATIONS, TEXT_CONFIGURATIONS, evaluate, load_pipeline
 from h_classifiers.io_utils import portable_path
 from h_classifiers.metrics import format_probabilities
 
@@ -29,12 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
         "valid rate and seconds.",
     )
     parser.add_argument(
-        "--prompt", default=_common.toy_defaults()["prompt"], help="Prompt (default: the neutral one)."
+        "--prompt",
+        default=None,
+        help="Prompt of a text-to-image model (default: the neutral one; an unconditional model takes none).",
     )
     parser.add_argument(
         "--configurations",
-        default=",".join(CONFIGURATIONS),
-        help=f"Comma-separated subset of {','.join(CONFIGURATIONS)} (default: all).",
+        default=None,
+        help=f"Comma-separated subset of {','.join(CONFIGURATIONS)} (default: all; an unconditional model: "
+        f"{','.join(unconditional_configurations())}, as {' and '.join(TEXT_CONFIGURATIONS)} need a prompt).",
     )
     parser.add_argument(
         "--class-prompts",
@@ -56,12 +59,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_configurations(text: str) -> list[str]:
+def unconditional_configurations() -> list[str]:
+    return [c for c in CONFIGURATIONS if c not in TEXT_CONFIGURATIONS]
+
+
+def parse_configurations(text: str | None, unconditional: bool = False) -> list[str]:
+    """`--configurations` (None: every configuration the model can run)."""
+    if text is None:
+        return unconditional_configurations() if unconditional else list(CONFIGURATIONS)
     names = [c.strip() for c in text.split(",") if c.strip()]
     unknown = [c for c in names if c not in CONFIGURATIONS]
     if unknown or not names:
         raise ValueError(
             f"`--configurations` must be a comma-separated subset of {list(CONFIGURATIONS)}, got {text!r}."
+        )
+    text_only = [c for c in names if c in TEXT_CONFIGURATIONS]
+    if unconditional and text_only:
+        raise ValueError(
+            f"`--configurations` {text_only}: the prompt and Fair Diffusion baselines write the class into the prompt, "
+            f"and an unconditional model takes no prompt; choose from {unconditional_configurations()}."
         )
     return names
 
@@ -82,8 +98,9 @@ def main(argv: list[str] | None = None) -> dict:
     silence_known_notices()
     parser = build_parser()
     args = parser.parse_args(argv)
+    _model_kind.resolve_model_kind(parser, args, _common.text_defaults())
     try:  # what can be checked before anything is loaded
-        configurations = parse_configurations(args.configurations)
+        configurations = parse_configurations(args.configurations, args.unconditional)
     except ValueError as error:
         parser.error(str(error))
     run = _common.start_run(parser, args, distribution="distribution" in configurations)
@@ -106,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"attribute {classifier.config.attribute!r}, classes {class_names}, target "
             f"{format_probabilities(target)}, {args.num_images} images per configuration, {args.scheduler} "
-            f"{args.steps} steps"
+            f"{args.steps} steps" + _common.eta_note(args)
         )
     spec = _common.evaluation_spec(args, target, class_prompts)
     total = args.num_images * len(configurations)

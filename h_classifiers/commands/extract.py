@@ -6,6 +6,8 @@ Two recipes (see `h_classifiers.extraction`):
     balancing-act extract --image-dir data/skin --output-dir feats/skin --steps 50
     # generation with pseudo-labels from a labeller
     balancing-act extract --prompt "a photo of a face" --num-images 3000 --labeller toy:skin --output-dir feats/skin
+    # an unconditional model (DDIMPipeline / DDPMPipeline): generation without a prompt
+    balancing-act extract --model google/ddpm-celebahq-256 --eta 1 --num-images 3000 --labeller hf:ID ... --output-dir o
 
 Re-running the same command after an interruption resumes it (completed chunks are kept). Several processes / GPUs:
 `accelerate launch --num_processes N -m h_classifiers.cli extract ...` shares the chunks between the processes (give
@@ -25,6 +27,7 @@ from h_classifiers.commands._common import (
     positive_int,
     split_prompts,
 )
+from h_classifiers.commands._model_kind import add_eta_argument, resolve_model_kind
 from h_classifiers.commands._parser import CommandParser, silence_known_notices
 
 
@@ -43,9 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         default=str(TOY_MODEL_PATH),
-        help="Stable Diffusion 1.x/2.x directory or Hub id (default: toy model).",
+        help="Stable Diffusion 1.x/2.x directory or Hub id, or an unconditional model's (DDIMPipeline / "
+        "DDPMPipeline: the generation recipe without --prompt) (default: toy model).",
     )
-    recipe = parser.add_argument_group("recipe (give exactly one of --image-dir or --prompt)")
+    recipe = parser.add_argument_group(
+        "recipe (give exactly one of --image-dir or --prompt; an unconditional model: neither, it generates)"
+    )
     recipe.add_argument(
         "--image-dir",
         default=None,
@@ -113,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Classifier-free guidance (default: 7.5 for generation, 1.0 = off for inversion).",
     )
     parser.add_argument("--negative-prompt", default=None, help="Negative prompt (default: none).")
+    add_eta_argument(parser)
     parser.add_argument(
         "--record-branch",
         default="cond",
@@ -161,7 +168,8 @@ def run(args: argparse.Namespace) -> dict:
     from h_classifiers.extraction import extract_from_folders, extract_from_generation
     from h_classifiers.labellers import labeller_from_spec
 
-    if (args.image_dir is None) == (args.prompt is None):
+    unconditional = getattr(args, "unconditional", False)  # then no --image-dir nor --prompt (`resolve_model_kind`)
+    if not unconditional and (args.image_dir is None) == (args.prompt is None):
         raise ValueError("Give exactly one recipe: `--image-dir` (inversion) or `--prompt` (generation).")
     class_names = [c.strip() for c in args.class_names.split(",")] if args.class_names else None
     apply_threads(args.threads, args.model)
@@ -196,7 +204,8 @@ def run(args: argparse.Namespace) -> dict:
             **common,
         )
     if args.num_images is None or args.labeller is None:
-        raise ValueError("The generation recipe (`--prompt`) needs `--num-images` and `--labeller`.")
+        recipe = "of an unconditional model" if unconditional else "(`--prompt`)"
+        raise ValueError(f"The generation recipe {recipe} needs `--num-images` and `--labeller`.")
     if sum(not spec.startswith("toy:") for spec in args.labeller) > 1:
         raise ValueError("Give at most one hf/clip `--labeller` per run (`--class-names` etc. describe that one).")
     labellers = [
@@ -226,6 +235,7 @@ def run(args: argparse.Namespace) -> dict:
         labellers,
         guidance_scale=7.5 if args.guidance_scale is None else args.guidance_scale,
         seed=args.seed,
+        eta=args.eta,
         **common,
     )
 
@@ -251,6 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    resolve_model_kind(parser, args)
     try:
         manifest = run(args)
     except (ValueError, FileNotFoundError, TypeError) as error:

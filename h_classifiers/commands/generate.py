@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from h_classifiers.commands import _common
+from h_classifiers.commands import _common, _model_kind
 from h_classifiers.commands._parser import CommandParser, silence_known_notices
 from h_classifiers.distributed import is_main, num_processes, wait
 from h_classifiers.evaluation import load_pipeline, make_grid, run_configuration, side_by_side
@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
         "print the measured class fractions of both.",
     )
     parser.add_argument(
-        "--prompt", default=_common.toy_defaults()["prompt"], help="Prompt (default: the neutral one)."
+        "--prompt",
+        default=None,
+        help="Prompt of a text-to-image model (default: the neutral one; an unconditional model takes none).",
     )
     parser.add_argument(
         "--mode",
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     silence_known_notices()
     parser = build_parser()
     args = parser.parse_args(argv)
+    _model_kind.resolve_model_kind(parser, args, _common.text_defaults())
     run = _common.start_run(parser, args, distribution=args.mode == "distribution")
     state, device, classifier, class_names, target = run.state, run.device, run.classifier, run.class_names, run.target
     try:
@@ -124,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"attribute {classifier.config.attribute!r}, classes {class_names}, target "
         f"{format_probabilities(target)}, {args.num_images} images, {args.scheduler} {args.steps} steps"
+        + _common.eta_note(args)
     )
     for name, run in runs.items():
         labels = labeller(images[name]) if labeller is not None else None
@@ -191,6 +195,8 @@ def saved_settings(args: argparse.Namespace, target: list[float], configuration:
         "guidance_scale": args.guidance_scale,
         "dtype": args.dtype,
     }
+    if args.eta is not None:  # an unconditional model
+        settings["eta"] = args.eta
     if configuration != "vanilla":
         settings.update(classifier=args.classifier, target=target, guidance=_common.guidance_kwargs(args))
     if configuration == "distribution":  # the images of a global batch depend on its size
