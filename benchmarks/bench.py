@@ -754,13 +754,28 @@ def count_host_syncs(scale: GenerationScale, arm: str, config: BenchConfig) -> d
       TorchFunctionMode: works on any device, so also on a CPU run), with `events` per operation name;
     - `cuda_sync_debug`: on CUDA, the synchronisations torch itself reports (`torch.cuda.set_sync_debug_mode`).
 
-    Both include the UNet's and the scheduler's own operations; the difference to the vanilla arm isolates guidance.
+    Both include the UNet's and the scheduler's own operations; the difference to the vanilla arm isolates guidance,
+    but also holds what a guided call does once, before its loop. `in_step` counts only inside the guided call's
+    steps (its h function and its step end, `_GuidanceRun.on_h` / `end_step`): what the loop itself waits for.
     """
     import warnings
     from collections import Counter
 
+    import pipeline_balancing_act as pba
     from h_classifiers.host_syncs import HostSyncCounter
 
+    in_step: list[str] = []
+
+    def counted(method):
+        def wrapper(*args, **kwargs):
+            with HostSyncCounter() as step_counter:
+                result = method(*args, **kwargs)
+            in_step.extend(step_counter.events)
+            return result
+
+        return wrapper
+
+    originals = {name: getattr(pba._GuidanceRun, name) for name in ("on_h", "end_step")}
     cuda = config.device.startswith("cuda")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -768,25 +783,34 @@ def count_host_syncs(scale: GenerationScale, arm: str, config: BenchConfig) -> d
             torch.cuda.set_sync_debug_mode("warn")
         try:
             with HostSyncCounter() as counter:
+                for name, method in originals.items():
+                    setattr(pba._GuidanceRun, name, counted(method))
                 run_arm(scale, arm, config)
         finally:
+            for name, method in originals.items():
+                setattr(pba._GuidanceRun, name, method)
             if cuda:
                 torch.cuda.set_sync_debug_mode("default")
     return {
         "counter": counter.count,
         "events": dict(Counter(counter.events).most_common()),
+        "in_step": len(in_step) if arm != "vanilla" else None,
+        "in_step_events": dict(Counter(in_step).most_common()),
         "cuda_sync_debug": sum("synchroniz" in str(w.message) for w in caught) if cuda else None,
     }
 
 
 def syncs_per_guided_step(guided: dict[str, Any], vanilla: dict[str, Any], guided_steps: int) -> dict[str, Any]:
-    """(guided - vanilla) synchronisations per call / guided steps per call, for each way of counting."""
-    return {
+    """(guided - vanilla) synchronisations per call / guided steps per call, for each way of counting, and the
+    synchronisations inside the guided steps per guided step (`in_step`)."""
+    added = {
         key: None
         if guided.get(key) is None or vanilla.get(key) is None
         else (guided[key] - vanilla[key]) / guided_steps
         for key in ("counter", "cuda_sync_debug")
     }
+    added["in_step"] = None if guided.get("in_step") is None else guided["in_step"] / guided_steps
+    return added
 
 
 def memory_mode(config: BenchConfig, scale_name: str) -> str:
@@ -1242,12 +1266,12 @@ def markdown_table(results: dict[str, Any]) -> str:
     if generation:
         lines += [
             "| Scale | Arm | Median wall (s) | s/step | Wall ratio | Peak memory | Memory ratio | Guidance step (ms) | "
-            "Host syncs per call | Added syncs per guided step |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "Host syncs per call | Added syncs per call / guided steps | Syncs inside a guided step |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for scale, data in generation.items():
             if "skipped" in data:
-                lines.append(f"| {scale} | skipped: {data['skipped']} | | | | | | | | |")
+                lines.append(f"| {scale} | skipped: {data['skipped']} | | | | | | | | | |")
                 continue
             cfg = " + CFG" if data["guidance_scale"] > 1 else ""
             label = (
@@ -1264,7 +1288,8 @@ def markdown_table(results: dict[str, Any]) -> str:
                     f"{_mib(values['memory']['peak_bytes'])} | {_num(r.get('peak_memory')) if r else '1'} | "
                     f"{_num(step.get('ms_median'), 2) if step.get('available') else '-'} | "
                     f"{_syncs(values.get('host_syncs_per_call'), 0)} | "
-                    f"{_syncs(r.get('syncs_per_guided_step'), 2) if r else '-'} |"
+                    f"{_syncs(r.get('syncs_per_guided_step'), 2) if r else '-'} | "
+                    f"{_num((r.get('syncs_per_guided_step') or {}).get('in_step'), 2) if r else '-'} |"
                 )
         lines.append("")
         for scale, data in generation.items():
@@ -1295,8 +1320,12 @@ def markdown_table(results: dict[str, Any]) -> str:
             "- Host syncs: operations that make the host wait for the device, counted around one whole call of each "
             "arm with `h_classifiers.host_syncs.HostSyncCounter`"
             + (" / with `torch.cuda.set_sync_debug_mode`" if cuda else "")
-            + "; the whole call includes the UNet's and the scheduler's own. Added per guided step: (guided - vanilla) "
-            "per call / guided steps per call (the default `guidance_steps` guides every step).",
+            + "; the whole call includes the UNet's and the scheduler's own. Added per call / guided steps: (guided - "
+            "vanilla) per call / guided steps per call (the default `guidance_steps` guides every step); it also holds "
+            "what a guided call does once before its loop (reading the classifier's timesteps and the target, which "
+            "live on the host but were made outside the counter, so it counts them as device reads). Inside a guided "
+            "step: counted only in the call's h function and step end (`_GuidanceRun.on_h`, `end_step`), per guided "
+            "step: what the denoising loop waits for.",
             "",
         ]
     extraction = results.get("extraction", {})
