@@ -50,24 +50,38 @@ from h_classifiers.toy_world import ATTRIBUTES, TOY_MODEL_PATH, caption_for, mak
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, step: int, lr_scheduler=None) -> None:
+def save_checkpoint(
+    path: Path,
+    modules: dict[str, torch.nn.Module],
+    optimizer,
+    step: int,
+    lr_scheduler=None,
+    extra_metadata: dict[str, str] | None = None,
+) -> None:
+    """Modules, optimizer (and learning-rate schedule) at `step` in one safetensors file; `extra_metadata` (strings)
+    is stored alongside and read back by `checkpoint_metadata`."""
     tensors = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
     opt = optimizer.state_dict()
     for idx, state in opt["state"].items():
         for key, value in state.items():
             tensors[f"optimizer.{idx}.{key}"] = torch.as_tensor(value)
-    metadata = {"step": str(step), "param_groups": json.dumps(opt["param_groups"])}
+    metadata = {**(extra_metadata or {}), "step": str(step), "param_groups": json.dumps(opt["param_groups"])}
     if lr_scheduler is not None:
         metadata["lr_scheduler"] = json.dumps(lr_scheduler.state_dict())
     atomic_save_file(tensors, path, metadata)
 
 
-def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, lr_scheduler=None) -> int:
-    """Restore modules, optimizer (and learning-rate schedule) from `path`; returns the step it was saved at."""
+def checkpoint_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file (a checkpoint's step, schedule and extra metadata)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata()
+        return f.metadata() or {}
+
+
+def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, lr_scheduler=None) -> int:
+    """Restore modules, optimizer (and learning-rate schedule) from `path`; returns the step it was saved at."""
+    metadata = checkpoint_metadata(path)
     tensors = load_file(str(path))
     for name, m in modules.items():
         prefix = f"{name}."
@@ -243,9 +257,15 @@ def export_pipeline(vae, text_encoder, tokenizer, unet, output: Path) -> None:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    save_pipeline(pipe, output)
+
+
+def save_pipeline(pipe, output: Path) -> None:
+    """`pipe.save_pretrained(output)` (safetensors) into a temporary directory, swapped in place of `output` only once
+    complete."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(output.parent, ".toy-sd-")
+    tmp = make_temp_dir(output.parent, f".{output.name}-")
     pipe.save_pretrained(tmp, safe_serialization=True)
     old = output.with_name(output.name + ".old")
     if output.exists():

@@ -1,8 +1,12 @@
-"""The toy world's miniature Stable Diffusion: how its tokenizer, VAE, text encoder, UNet and scheduler are built.
+"""The toy world's models: how they are built.
 
-The committed model (`h_classifiers/assets/toy-sd`) was trained from these definitions by
-`benchmarks/train_toy_model.py` (a research tool outside the installed package); this module holds only the
-architecture, so the package describes the model it ships. diffusers and transformers are imported inside the builders.
+- The miniature Stable Diffusion (`h_classifiers/assets/toy-sd`, text-to-image, latent space): its tokenizer, VAE,
+  text encoder, UNet and scheduler. Trained by `benchmarks/train_toy_model.py`.
+- The unconditional pixel-space DDPM (`h_classifiers/assets/toy-ddpm`, the paper's unconditional setting): its
+  `UNet2DModel` and scheduler. Trained by `benchmarks/train_toy_ddpm.py`.
+
+The training scripts are research tools outside the installed package; this module holds only the architectures, so
+the package describes the models it ships. diffusers and transformers are imported inside the builders.
 """
 
 from __future__ import annotations
@@ -16,6 +20,14 @@ TRAIN_SCHEDULER_CONFIG = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+}
+# The unconditional pixel model's noise schedule: DDPM's linear betas, like the paper's CelebA-HQ model.
+PIXEL_TRAIN_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
     "prediction_type": "epsilon",
 }
 
@@ -106,4 +118,41 @@ def build_scheduler():
 
     return DDIMScheduler(
         **TRAIN_SCHEDULER_CONFIG, clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading"
+    )
+
+
+def build_pixel_unet():
+    """The unconditional toy DDPM's `UNet2DModel` on 3x32x32 images (2.7 M parameters, 10.8 MB in fp32).
+
+    Shaped like the paper's CelebA-HQ model where it matters: h (the mid-block output) comes after three
+    downsamplings, 32 -> 16 -> 8 -> 4, so **h is `[B, 128, 4, 4]`** and the bottleneck, not a shallow skip connection,
+    carries the face. Self-attention only at the 4x4 level and in the mid block. The 32x32 and 16x16 levels are half
+    as wide as in (32, 64, 64, 128): they dominate the cost of a training step on a CPU (1.7 times faster).
+    """
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
+        sample_size=IMAGE_SIZE,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32, 64, 128),
+        layers_per_block=1,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def build_pixel_scheduler():
+    """The sampling scheduler saved with the pixel model: DDIM over DDPM's linear betas (1e-4 to 0.02, 1,000 steps),
+    with the predicted image clipped to [-1, 1] and the final step to alpha 1, as diffusers' DDIM for pixel DDPMs."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        **PIXEL_TRAIN_SCHEDULER_CONFIG,
+        clip_sample=True,
+        set_alpha_to_one=True,
+        steps_offset=0,
+        timestep_spacing="leading",
     )

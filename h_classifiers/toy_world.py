@@ -6,7 +6,7 @@ Everything here is deterministic from a seed and light to import (torch only, no
 - the data generator (`make_toy_dataset`): 32x32 RGB faces with a deliberate bias (skin 80/20, glasses 70/30
   without/with, hair 50/35/15 none/black/red, attributes independent) and a caption per image;
 - the pixel oracle (`ToyOracle`): a rule-based reader for each attribute and a strict validity rule;
-- the paths of the committed assets (`TOY_MODEL_PATH`, `TOY_CLASSIFIERS_PATH`).
+- the paths of the committed assets (`TOY_MODEL_PATH`, `TOY_DDPM_PATH`, `TOY_CLASSIFIERS_PATH`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 ASSETS_PATH = Path(__file__).resolve().parent / "assets"
 TOY_MODEL_PATH = ASSETS_PATH / "toy-sd"
+TOY_DDPM_PATH = ASSETS_PATH / "toy-ddpm"  # the unconditional pixel-space DDPM (a DDIMPipeline)
 TOY_CLASSIFIERS_PATH = ASSETS_PATH / "classifiers"
 
 ATTRIBUTES: dict[str, list[str]] = {

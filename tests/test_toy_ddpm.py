@@ -1,0 +1,114 @@
+"""The toy world's unconditional pixel DDPM: the committed DDIMPipeline, its bottleneck, and the training script."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from h_classifiers.toy_world import IMAGE_SIZE, TOY_DDPM_PATH
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)  # the training command sets it for the whole process
+
+
+def mid_block_output(unet, x: torch.Tensor, t) -> torch.Tensor:
+    seen = []
+    hook = unet.mid_block.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    try:
+        with torch.no_grad():
+            unet(x, t)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def test_builders_put_h_after_three_downsamplings():
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    from h_classifiers.toy_model import build_pixel_scheduler, build_pixel_unet
+
+    unet = build_pixel_unet()
+    assert isinstance(unet, UNet2DModel) and unet.config.sample_size == IMAGE_SIZE
+    h = mid_block_output(unet, torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE), torch.tensor([10, 900]))
+    assert h.shape == (2, unet.config.block_out_channels[-1], IMAGE_SIZE // 8, IMAGE_SIZE // 8)
+    scheduler = build_pixel_scheduler()
+    assert isinstance(scheduler, DDIMScheduler)
+    assert scheduler.config.beta_schedule == "linear" and scheduler.config.num_train_timesteps == 1000
+    assert scheduler.betas[0].item() == pytest.approx(1e-4) and scheduler.betas[-1].item() == pytest.approx(0.02)
+
+
+def test_committed_model_loads_offline_and_samples(one_thread):
+    from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+
+    assert (TOY_DDPM_PATH / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    pipe = DDIMPipeline.from_pretrained(TOY_DDPM_PATH, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.unet, UNet2DModel) and isinstance(pipe.scheduler, DDIMScheduler)
+    assert json.loads((TOY_DDPM_PATH / "model_index.json").read_text())["_class_name"] == "DDIMPipeline"
+
+    # h, the mid-block output, comes after three downsamplings: [B, C, 4, 4] for 32x32 images.
+    x = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    h = mid_block_output(pipe.unet, x, 500)
+    assert h.shape == (3, pipe.unet.config.block_out_channels[-1], 4, 4)
+
+    out = pipe(batch_size=4, generator=torch.Generator().manual_seed(0), num_inference_steps=2, output_type="np")
+    assert out.images.shape == (4, IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert 0 <= out.images.min() and out.images.max() <= 1
+
+    # The committed oracle report describes this model, with a path relative to the repository.
+    report = json.loads((ROOT / "docs" / "toy_ddpm_report.json").read_text())
+    assert report["model"] == "h_classifiers/assets/toy-ddpm"
+    assert report["architecture"]["h_shape"] == list(h.shape[1:])
+    assert report["architecture"]["parameters"] == sum(p.numel() for p in pipe.unet.parameters())
+    assert set(report["samples"]) == {"eta_0", "eta_1"}
+
+
+def test_train_toy_ddpm_smoke_resume_and_report(tmp_path, one_thread):
+    from diffusers import DDIMPipeline
+
+    from benchmarks.train_toy_ddpm import main
+
+    tiny = ["--num-images", "16", "--steps", "4", "--batch-size", "4", "--checkpoint-every", "3"]
+
+    def run(name: str, *extra: str):
+        work, out = tmp_path / f"{name}-work", tmp_path / f"{name}-ddpm"
+        return main(tiny + ["--work-dir", str(work), "--output", str(out), *extra]), work, out
+
+    # Interrupted after 2 steps (a checkpoint is saved there, nothing is exported), then resumed to the end.
+    report, work, out = run("resumed", "--stop-after", "2")
+    assert report is None and not out.exists()
+    assert (work / "unet_checkpoint.safetensors").exists() and not (work / "unet_final.safetensors").exists()
+    run("resumed")
+    resumed = load_file(str(work / "unet_final.safetensors"))
+
+    # It ends exactly where an uninterrupted run does: batches, optimizer, schedule and EMA are all restored.
+    report, straight_work, straight_out = run(
+        "straight", "--report", str(tmp_path / "report.json"), "--report-samples", "3", "--report-steps", "2"
+    )
+    straight = load_file(str(straight_work / "unet_final.safetensors"))
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[k], straight[k]) for k in resumed)
+
+    pipe = DDIMPipeline.from_pretrained(straight_out, local_files_only=True)
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert saved["training"]["steps"] == 4 and saved["architecture"]["h_shape"][1:] == [4, 4]
+    for key in ("eta_0", "eta_1"):
+        row = saved["samples"][key]
+        assert row["num_samples"] == 3 and 0 <= row["valid_rate"] <= 1
+        assert set(row["fractions"]) == {"skin", "glasses", "hair"}
+        assert "colours_ok" in row["checks_passed"]
+
+    # The Min-SNR loss weighting runs too.
+    run("snr", "--snr-gamma", "5", "--steps", "2")
