@@ -60,6 +60,8 @@ GUIDANCE_MARGIN = 2.0
 SWITCH_PENALTY = 1.0
 
 GUIDANCE_MODES = ("sample", "distribution")
+# The target of a classifier that is held, not guided: the guided moves leave its logits unchanged (`_held_bases`).
+HOLD = "hold"
 DISTRIBUTION_SOLVERS = ("assign", "kl", "chi2")
 GUIDED_BRANCHES = ("cond", "both")
 # Tolerance on the sum of a target distribution.
@@ -793,6 +795,8 @@ class GuidanceSettings:
     branches: str
     balance_state: BalanceState | None
     global_batch: bool
+    # classifiers whose target is HOLD: read at the guided steps, their logit directions projected out of every move
+    held: tuple[HClassifier, ...] = ()
 
     @property
     def groups(self) -> list[dict[str, Any]]:
@@ -884,6 +888,7 @@ class _GuidanceRun:
                 if state is not None:
                     counts = state.batch_counts(settings.groups, list(settings.targets), total)
                 self.counts = [c.tolist() for c in counts]
+        self.held_bases, self.held_row = self._held_bases(timesteps, device)
         self.soft_targets = [t.flatten().to(device) for t in settings.targets] if settings.mode != "sample" else []
         self.previous: list[torch.Tensor | None] = [None] * len(settings.targets)
         self.final_classes: list[torch.Tensor] | None = None
@@ -914,12 +919,41 @@ class _GuidanceRun:
                 return None
             directions = self._directions(calibrated, raw)
             delta = sum(size * (g @ head[4]) for size, g, head in zip(self.step_sizes, directions, heads))
+            if self.held_bases is not None:  # remove the part of the move that the held classifiers would read
+                basis = self.held_bases[self.held_row[step]]
+                delta = delta - (delta @ basis) @ basis.T
         delta = delta.reshape(self.num_images, *h.shape[1:]).to(h.dtype)
         if not self.cfg:
             return h + delta
         if self.settings.branches == "both":
             return h + torch.cat([delta, delta])
         return torch.cat([h[:first], h[first:] + delta])
+
+    def _held_bases(self, timesteps: list[float], device: torch.device) -> tuple[torch.Tensor | None, list[int]]:
+        """Per guided step, an orthonormal basis `[D, M]` of the directions of h the held classifiers read: the
+        differences `w_k - w_0` of each held head's class weights (softmax reads logit differences only; the
+        calibration scales a head's logits by one positive number). A move with these components removed leaves
+        every held classifier's calibrated logits at this step unchanged, up to one common shift per image. Built
+        once per call, before the loop (one QR of the distinct head combinations); returns (bases, row per step)."""
+        held = self.settings.held
+        if not held:
+            return None, []
+        combos: list[tuple[int, ...]] = []
+        rows = []
+        for t, guided in zip(timesteps, self.guided):
+            combo = tuple(c.head_index(t) for c in held) if guided else None
+            if combo is not None and combo not in combos:
+                combos.append(combo)
+            rows.append(combos.index(combo) if combo is not None else -1)
+        matrices = []
+        for combo in combos:
+            differences = []
+            for classifier, index in zip(held, combo):
+                weight = classifier.weight.detach()[index].to(device=device, dtype=torch.float32)  # [K, D]
+                differences.append(weight[1:] - weight[:1])
+            matrices.append(torch.cat(differences).T)  # [D, M]
+        bases, _ = torch.linalg.qr(torch.stack(matrices), mode="reduced")
+        return bases, rows
 
     def _directions(self, calibrated: list[torch.Tensor], raw: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per classifier, the logit-space directions `[N, K]` of this step (`logit_directions`). With a global batch
@@ -1343,6 +1377,26 @@ class BalancingActMixin:
         classes. Call after `check_guidance_inputs`."""
         is_list = isinstance(h_classifier, (list, tuple))
         classifiers = [self._resolve_classifier(c) for c in (h_classifier if is_list else [h_classifier])]
+        strengths = self._check_strengths(guidance_strength, len(classifiers))
+        temperatures = self._check_temperatures(classifier_temperature, classifiers)
+        argument = "target_distribution" if guidance_mode == "distribution" else "target_classes"
+        given = target_distribution if guidance_mode == "distribution" else target_classes
+        held = self._held_entries(given, argument, len(classifiers), is_list)
+        if any(held):
+            keep = [i for i, h in enumerate(held) if not h]
+            held_classifiers = tuple(c for c, h in zip(classifiers, held) if h)
+            classifiers, strengths, temperatures = (
+                [values[i] for i in keep] for values in (classifiers, strengths, temperatures)
+            )
+            given = [given[i] for i in keep]
+            if len(given) == 1:  # one guided classifier: as if it had been passed alone
+                given, is_list = given[0], False
+            if guidance_mode == "distribution":
+                target_distribution = given
+            else:
+                target_classes = given
+        else:
+            held_classifiers = ()
         joint = False
         if guidance_mode == "distribution":
             table = self._joint_target(target_distribution, classifiers) if is_list else None
@@ -1365,13 +1419,26 @@ class BalancingActMixin:
             solver="classes" if guidance_mode == "sample" else distribution_solver,
             joint=joint,
             targets=tuple(targets),
-            strengths=tuple(self._check_strengths(guidance_strength, len(classifiers))),
-            temperatures=tuple(self._check_temperatures(classifier_temperature, classifiers)),
+            strengths=tuple(strengths),
+            temperatures=tuple(temperatures),
             steps=self._check_steps(guidance_steps),
             branches=guided_branches,
             balance_state=balance_state,
             global_batch=global_batch,
+            held=held_classifiers,
         )
+
+    @staticmethod
+    def _held_entries(value: Any, argument: str, num_classifiers: int, is_list: bool) -> list[bool]:
+        """Which classifiers of a list are held (their `argument` entry is `HOLD`); at least one must be guided."""
+        entries = value if is_list and isinstance(value, (list, tuple)) and len(value) == num_classifiers else [value]
+        held = [isinstance(v, str) and v == HOLD for v in entries]
+        if held and all(held):
+            raise ValueError(
+                f"`{argument}` holds every classifier ({HOLD!r}); give at least one a target to guide towards, "
+                "e.g. `h_classifier=[skin, glasses]` with `target_distribution=[[0.5, 0.5], 'hold']`."
+            )
+        return held if len(held) == num_classifiers else [False] * num_classifiers
 
     def start_guidance(
         self,
@@ -1408,7 +1475,7 @@ class BalancingActMixin:
                         f"({num_images} images = {self._images_argument}); got a list of {len(classes)}."
                     )
         h_shape = self.mid_block_h_shape(height, width)
-        for classifier in settings.classifiers:
+        for classifier in settings.classifiers + settings.held:
             if list(classifier.config.h_shape) != h_shape:
                 raise ValueError(
                     f"`h_classifier` {classifier.config.attribute!r} was trained on h of shape "
@@ -1519,7 +1586,11 @@ class BalancingActPipeline(BalancingActMixin, StableDiffusionPipeline):
                 again when a local folder's files change). A list guides several attributes at once; then
                 `target_distribution` takes one entry per classifier (marginal targets) or one table over the cells
                 of their classes (a joint target), `target_classes` one entry per classifier, and
-                `guidance_strength` one number or one per classifier.
+                `guidance_strength` one number or one per classifier. A classifier whose entry in
+                `target_distribution` / `target_classes` is `"hold"` is held, not guided: at every guided step the
+                move of h loses its components along the held classifier's class directions (its head's weight
+                differences at that step), so the move leaves the held classifier's reading unchanged (exactly, at
+                that step's h) while the others are guided.
             guidance_mode (`str`, *optional*):
                 `None` (vanilla Stable Diffusion, bit-for-bit), `"sample"` (each image towards a class) or
                 `"distribution"` (the batch towards a distribution of classes).

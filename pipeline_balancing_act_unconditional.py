@@ -136,7 +136,11 @@ class BalancingActUnconditionalPipeline(BalancingActMixin, DDIMPipeline):
                 (safetensors only; cached on the pipeline). A list guides several attributes at once; then
                 `target_distribution` takes one entry per classifier (marginal targets) or one table over the cells
                 of their classes (a joint target), `target_classes` one entry per classifier, and
-                `guidance_strength` one number or one per classifier.
+                `guidance_strength` one number or one per classifier. A classifier whose entry in
+                `target_distribution` / `target_classes` is `"hold"` is held, not guided: at every guided step the
+                move of h loses its components along the held classifier's class directions (its head's weight
+                differences at that step), so the move leaves the held classifier's reading unchanged (exactly, at
+                that step's h) while the others are guided.
             guidance_mode (`str`, *optional*):
                 `None` (plain `DDIMPipeline`, bit-for-bit), `"sample"` (each image towards a class) or
                 `"distribution"` (the batch towards a distribution of classes).

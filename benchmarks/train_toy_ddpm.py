@@ -8,7 +8,8 @@ only. A `UNet2DModel` (`h_classifiers.toy_model.build_pixel_unet`: h is `[B, 128
 learns epsilon prediction on DDPM's linear betas, with AdamW, a cosine learning-rate schedule and an EMA of the weights;
 the EMA weights are exported as a standard diffusers `DDIMPipeline` directory (unet + scheduler, safetensors).
 Checkpoints (safetensors) go under `--work-dir`; a rerun of the same command resumes from the last one, and once
-training is complete it only exports again (and reports). `--report` samples the exported model with DDIM (eta 0 and
+training is complete it only exports again (and reports). A finished run rerun with a larger `--steps` continues from
+its last checkpoint under the longer cosine schedule (a warm restart, recorded as `extended_from` in the report). `--report` samples the exported model with DDIM (eta 0 and
 eta 1) and writes the oracle's valid rate and class fractions as JSON (`--grid`: and a PNG of samples).
 """
 
@@ -62,6 +63,13 @@ def train_pixel_unet(args, images: torch.Tensor, work: Path):
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     modules = {"unet": unet, "ema_unet": ema_unet}
     final = work / "unet_final.safetensors"
+    stages = []  # the step counts of earlier, finished runs this one extends
+    if final.exists() and int(checkpoint_metadata(final)["step"]) < args.steps:
+        # A finished run continued to a larger --steps: its last checkpoint resumes under the new, longer cosine
+        # schedule (a warm restart), and the final file is written again at the end.
+        previous = checkpoint_metadata(final)
+        stages = [*filter(None, previous.get("stages", "").split(",")), previous["step"]]
+        final.unlink()
     if final.exists():
         tensors = load_file(str(final))
         ema_unet.load_state_dict({k[len("ema_unet.") :]: v for k, v in tensors.items() if k.startswith("ema_unet.")})
@@ -72,13 +80,15 @@ def train_pixel_unet(args, images: torch.Tensor, work: Path):
     if ckpt.exists():
         start = load_checkpoint(ckpt, modules, optimizer, lr_scheduler)
         seconds = float(checkpoint_metadata(ckpt).get("train_seconds", 0.0))
+        stages = stages or [*filter(None, checkpoint_metadata(ckpt).get("stages", "").split(","))]
     ema = EMAModel(ema_unet.parameters(), decay=args.ema_decay)  # starts from the (restored) EMA weights
     ema.load_state_dict({"optimization_step": start})
 
     def save(step: int) -> None:
         ema.copy_to(ema_unet.parameters())
         elapsed = seconds + time.time() - t0
-        save_checkpoint(ckpt, modules, optimizer, step, lr_scheduler, {"train_seconds": f"{elapsed:.1f}"})
+        extra = {"train_seconds": f"{elapsed:.1f}", **({"stages": ",".join(stages)} if stages else {})}
+        save_checkpoint(ckpt, modules, optimizer, step, lr_scheduler, extra)
 
     scheduler = DDPMScheduler(**PIXEL_TRAIN_SCHEDULER_CONFIG)
     end = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
@@ -111,6 +121,8 @@ def train_pixel_unet(args, images: torch.Tensor, work: Path):
         return None, {"step": str(end), "train_seconds": f"{seconds + time.time() - t0:.1f}"}
     ema.copy_to(ema_unet.parameters())
     metadata = {"step": str(args.steps), "train_seconds": f"{seconds + time.time() - t0:.1f}"}
+    if stages:
+        metadata["stages"] = ",".join(stages)
     atomic_save_file({f"ema_unet.{k}": v for k, v in ema_unet.state_dict().items()}, final, metadata)
     return ema_unet, metadata
 
@@ -191,6 +203,8 @@ def write_report(args, metadata: dict[str, str]) -> dict:
         "training": {
             "num_images": args.num_images,
             "steps": int(metadata["step"]),
+            # earlier finished runs this one extended (warm restarts of the cosine schedule), in steps
+            "extended_from": [int(s) for s in metadata.get("stages", "").split(",") if s],
             "batch_size": args.batch_size,
             "lr": args.lr,
             "weight_decay": args.weight_decay,

@@ -121,6 +121,20 @@ def test_a_guided_step_with_more_classes_makes_at_most_one_host_sync(ba_pipe, sy
     assert len(syncs_per_guided_step) == 3 and max(syncs_per_guided_step) <= 1
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"guidance_mode": "distribution", "target_distribution": [[0.25, 0.75], "hold"]},
+        {"guidance_mode": "sample", "target_classes": [[0, 1, 1, 0], "hold"]},
+    ],
+    ids=["distribution-hold", "sample-hold"],
+)
+def test_a_guided_step_holding_a_classifier_makes_no_host_sync(ba_pipe, syncs_per_guided_step, kwargs):
+    held = tiny_classifier(class_names=HAIR, attribute="hair", seed=3)
+    generate(ba_pipe, h_classifier=[tiny_classifier(), held], **kwargs)
+    assert len(syncs_per_guided_step) == 3 and syncs_per_guided_step == [0, 0, 0]
+
+
 def test_the_sync_counter_sees_what_would_wait_for_the_device():
     x = torch.randn(4, 3)
     with HostSyncCounter() as syncs:
