@@ -5,7 +5,8 @@ Two recipes, both batched and resumable, both writing the feature store format (
 - `extract_from_folders`: labelled images, one sub-folder per class (class names = folder names). Each image is
   VAE-encoded (the latent distribution's mean) and inverted with deterministic DDIM (eta = 0) through the UNet with
   an inversion prompt (classifier-free guidance off by default); h is recorded at every step
-  (`h_classifiers.inversion`).
+  (`h_classifiers.inversion`). An unconditional pixel-space pipeline (`BalancingActUnconditionalPipeline`, the
+  paper's unconditional setting) inverts the images themselves, at its UNet's size, without a prompt.
 - `extract_from_generation`: the paper's recipe for Stable Diffusion. The pipeline generates images from prompts,
   h is recorded at every step (the conditional rows of `[uncond; cond]` by default), and a labeller
   (`h_classifiers.labellers`) labels the finished images (pseudo-labels). With `prompts=None` the same for an
@@ -114,20 +115,27 @@ def _unet_size(pipe) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def _check_unconditional(pipe, negative_prompt, height, width, record_branch: str) -> None:
-    if getattr(pipe, "text_encoder", None) is not None:
+def _is_unconditional(pipe) -> bool:
+    """A pipeline without a text encoder: an unconditional one (`BalancingActUnconditionalPipeline`)."""
+    return getattr(pipe, "text_encoder", None) is None
+
+
+def _check_unconditional(pipe, negative_prompt, height, width, record_branch: str, **prompt_settings: Any) -> None:
+    """Refuses what an unconditional pipeline has no use for; `prompt_settings` (argument name -> value) are further
+    prompt settings of the recipe, refused when set (not None or "")."""
+    if not _is_unconditional(pipe):
         raise ValueError("`prompts=None` is for an unconditional pipeline; this one has a text encoder: give prompts.")
     if record_branch != "cond":
         raise ValueError(
             f"`record_branch={record_branch!r}`: an unconditional pipeline has no classifier-free guidance, every row "
             "the UNet sees is an image: record 'cond' (all of them)."
         )
-    given = [
-        name for name, value in (("negative_prompt", negative_prompt), ("height", height), ("width", width)) if value
-    ]
+    settings = {**prompt_settings, "negative_prompt": negative_prompt, "height": height, "width": width}
+    given = [name for name, value in settings.items() if value not in (None, "")]
     if given:
         raise ValueError(
-            f"{given}: an unconditional pipeline (`prompts=None`) takes no prompt and makes images of its UNet's size."
+            f"{given}: an unconditional pipeline takes no prompt and makes images of its UNet's size (no classifier-free "
+            "guidance, no height or width)."
         )
 
 
@@ -158,7 +166,12 @@ def extract_from_folders(
     """Recipe 1: labelled image folders -> DDIM inversion -> h at every step. Returns the manifest.
 
     Args:
-        pipe: a `StableDiffusionPipeline` (or subclass); its scheduler's config defines the DDIM schedule.
+        pipe: a `StableDiffusionPipeline` (or subclass), or an unconditional pixel-space pipeline (no VAE, no text
+            encoder: `BalancingActUnconditionalPipeline`, `DDIMPipeline`), which inverts the images themselves at its
+            UNet's `sample_size`, takes none of the prompt settings (`inversion_prompt`, `guidance_scale` other than
+            1, `negative_prompt`, `height`, `width`, `record_branch` other than "cond") and writes a manifest with
+            `"prompts": None` and `"guidance_scale": None`, as `extract_from_generation` does. Its scheduler's config
+            defines the DDIM schedule.
         image_dir: one sub-folder per class; class names are the folder names (sorted, or in `class_names` order).
         output_dir: new or empty directory, or the directory of an interrupted run with the same arguments (resumed).
         inversion_prompt: the text condition used during inversion (default: empty prompt).
@@ -176,13 +189,29 @@ def extract_from_folders(
     )
     num_inference_steps = _check_positive_int("num_inference_steps", num_inference_steps)
     storage_dtype = _check_dtype(dtype)
-    if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 1.0:
+    unconditional = _is_unconditional(pipe)
+    if unconditional:
+        if getattr(pipe, "vae", None) is not None:
+            raise ValueError(
+                "`pipe` has a VAE but no text encoder: the folder recipe inverts with a Stable Diffusion pipeline or "
+                "an unconditional pixel-space one (a UNet on the images, e.g. `BalancingActUnconditionalPipeline`)."
+            )
+        _check_unconditional(
+            pipe,
+            negative_prompt,
+            height,
+            width,
+            record_branch,
+            inversion_prompt=inversion_prompt,
+            guidance_scale=None if guidance_scale == 1.0 else guidance_scale,
+        )
+    elif not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 1.0:
         raise ValueError(
             f"`guidance_scale` must be a number >= 1 (1 = no classifier-free guidance), got {guidance_scale!r}."
         )
-    cfg = guidance_scale > 1.0
+    cfg = not unconditional and guidance_scale > 1.0
     branches = _check_branches(record_branch, cfg)
-    height, width = _resolution(pipe, height, width)
+    height, width = _unet_size(pipe) if unconditional else _resolution(pipe, height, width)
     class_names, plan = list_labelled_images(image_dir, class_names)
     scheduler = ddim_schedule(pipe, num_inference_steps)
     timesteps = _timesteps_list(scheduler.timesteps)
@@ -193,8 +222,8 @@ def extract_from_folders(
         "scheduler": _scheduler_info(scheduler),
         "num_inference_steps": num_inference_steps,
         "timesteps": timesteps,
-        "guidance_scale": float(guidance_scale),
-        "prompts": [inversion_prompt],
+        "guidance_scale": None if unconditional else float(guidance_scale),
+        "prompts": None if unconditional else [inversion_prompt],
         "negative_prompt": negative_prompt,
         "branches": branches,
         "dtype": str(storage_dtype).replace("torch.", ""),
@@ -209,17 +238,19 @@ def extract_from_folders(
         "label_source": "folders",
     }
     manifest = _prepare_output_dir(output_dir, run, state)
-    device = pipe._execution_device
-    cond, uncond = pipe.encode_prompt(
-        inversion_prompt, device, 1, do_classifier_free_guidance=cfg, negative_prompt=negative_prompt
-    )
+    if not unconditional:
+        device = pipe._execution_device
+        cond, uncond = pipe.encode_prompt(
+            inversion_prompt, device, 1, do_classifier_free_guidance=cfg, negative_prompt=negative_prompt
+        )
+    image_processor = getattr(pipe, "image_processor", None)  # None: a plain [-1, 1] conversion (pixel space)
 
     def process_batch(items: list[int]) -> _BatchResult:
         tensors, records, skipped = [], [], []
         for i in items:
             rel, label = plan[i]
             try:
-                tensors.append(load_image(Path(image_dir) / rel, height, width, pipe.image_processor))
+                tensors.append(load_image(Path(image_dir) / rel, height, width, image_processor))
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
                 warnings.warn(f"Skipping unreadable image {rel!r}: {error}")
                 skipped.append({"index": i, "path": rel, "error": f"{type(error).__name__}: {error}"})
@@ -228,8 +259,14 @@ def extract_from_folders(
         if not records:
             return _BatchResult({b: torch.zeros(0) for b in branches}, torch.zeros(0, dtype=torch.long), [], skipped)
         n = len(records)
-        embeds = torch.cat([uncond.expand(n, -1, -1), cond.expand(n, -1, -1)]) if cfg else cond.expand(n, -1, -1)
-        calls, _ = invert_and_record(pipe, torch.stack(tensors), scheduler, embeds, guidance_scale, storage_dtype)
+        if unconditional:
+            embeds = None
+        elif cfg:
+            embeds = torch.cat([uncond.expand(n, -1, -1), cond.expand(n, -1, -1)])
+        else:
+            embeds = cond.expand(n, -1, -1)
+        scale = 1.0 if unconditional else guidance_scale
+        calls, _ = invert_and_record(pipe, torch.stack(tensors), scheduler, embeds, scale, storage_dtype)
         labels = torch.tensor([r["label"] for r in records], dtype=torch.long)
         return _BatchResult(_split_branches(calls, n, cfg, branches), labels, records, skipped)
 

@@ -57,9 +57,11 @@ def list_labelled_images(image_dir: str | os.PathLike, class_names: Sequence[str
     return class_names, plan
 
 
-def load_image(path: Path, height: int, width: int, image_processor) -> torch.Tensor:
+def load_image(path: Path, height: int, width: int, image_processor=None) -> torch.Tensor:
     """RGB, resized to cover (height, width) and centre-cropped; the pipeline's image processor (`VaeImageProcessor`)
-    makes the float tensor [3, H, W] in [-1, 1] the VAE expects.
+    makes the float tensor [3, H, W] in [-1, 1] the VAE expects. A pipeline without one (an unconditional pixel-space
+    model, whose UNet takes the image itself in [-1, 1]) passes None: a plain `VaeImageProcessor` does the same
+    conversion.
 
     The resize and crop stay ours: `VaeImageProcessor.preprocess(..., resize_mode="crop")` floors the resized size
     where this rounds it and resamples with Lanczos where this uses bicubic, so an image that needs resizing would give
@@ -74,6 +76,11 @@ def load_image(path: Path, height: int, width: int, image_processor) -> torch.Te
         image = image.resize(size, Image.BICUBIC)
     left, top = (image.width - width) // 2, (image.height - height) // 2
     image = image.crop((left, top, left + width, top + height))
+    if image_processor is None:
+        from diffusers.image_processor import VaeImageProcessor
+
+        # The image is already (height, width): no resize, only [0, 255] -> [-1, 1] ("vae" is a misnomer here).
+        image_processor = VaeImageProcessor(vae_scale_factor=1, do_resize=False)
     return image_processor.preprocess(image, height=height, width=width)[0]
 
 
@@ -119,7 +126,7 @@ def invert_and_record(
     pipe,
     images: torch.Tensor,
     scheduler,
-    prompt_embeds: torch.Tensor,
+    prompt_embeds: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
     storage_dtype: torch.dtype = torch.float16,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -129,15 +136,33 @@ def invert_and_record(
     The clean latent is first moved to the lowest noise level of the schedule, then for each timestep t (ascending)
     the UNet is evaluated on the inverted latent x_t at t: h is recorded there (the pair (x_t, t) a generation sees)
     and the same prediction moves x_t to the next, noisier level. That is one UNet call more than the number of steps.
-    `prompt_embeds` is [uncond; cond] when `guidance_scale` > 1, else cond only.
+
+    A Stable Diffusion pipeline: the clean latent is the VAE's (the latent distribution's mode), and `prompt_embeds`
+    conditions the UNet, [uncond; cond] when `guidance_scale` > 1, else cond only. An unconditional pixel-space
+    pipeline (no VAE, no text encoder: `BalancingActUnconditionalPipeline`, `DDIMPipeline`): the clean latent is the
+    image itself, `prompt_embeds` is None and `guidance_scale` 1 (the UNet takes no condition).
     """
     from pipeline_balancing_act import MidBlockHook
 
-    device, unet, vae = pipe._execution_device, pipe.unet, pipe.vae
-    latents = vae.encode(images.to(device, vae.dtype)).latent_dist.mode()
-    latents = (latents - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
-    latents = latents.to(unet.dtype)
+    device, unet, vae = pipe._execution_device, pipe.unet, getattr(pipe, "vae", None)
+    if getattr(pipe, "text_encoder", None) is not None and prompt_embeds is None:
+        raise ValueError(
+            "`prompt_embeds` is needed: this pipeline has a text encoder, its UNet takes a text condition."
+        )
+    if getattr(pipe, "text_encoder", None) is None and (prompt_embeds is not None or guidance_scale != 1.0):
+        raise ValueError(
+            f"A pipeline without a text encoder (an unconditional UNet) takes no condition: `prompt_embeds` must be "
+            f"None and `guidance_scale` 1, got {'embeddings' if prompt_embeds is not None else None} and "
+            f"{guidance_scale!r}."
+        )
+    if vae is not None:
+        latents = vae.encode(images.to(device, vae.dtype)).latent_dist.mode()
+        latents = (latents - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
+    else:
+        latents = images  # a pixel-space UNet denoises the image itself, in [-1, 1]
+    latents = latents.to(device, unet.dtype)
     cfg = guidance_scale > 1.0
+    condition = {} if prompt_embeds is None else {"encoder_hidden_states": prompt_embeds}
     alphas = scheduler.alphas_cumprod.to(torch.float32)
     ascending = list(reversed(scheduler.timesteps.tolist()))
     prediction_type = scheduler.config.prediction_type
@@ -145,7 +170,7 @@ def invert_and_record(
 
     def predict(x: torch.Tensor, t) -> torch.Tensor:
         model_in = torch.cat([x, x]) if cfg else x
-        out = unet(model_in, t, encoder_hidden_states=prompt_embeds).sample
+        out = unet(model_in, t, **condition).sample
         if cfg:
             uncond, cond = out.chunk(2)
             out = uncond + guidance_scale * (cond - uncond)

@@ -114,6 +114,11 @@ def model_card(classifier: HClassifier, metrics: list[dict], summary: dict, mani
             f"(classifier-free guidance {manifest.get('guidance_scale')}, branch(es) {manifest.get('branches')}), "
             f"pseudo-labelled by `{manifest.get('label_source')}`"
         )
+    elif manifest.get("recipe") == "inversion" and manifest.get("prompts", []) is None:  # an unconditional model
+        source = (
+            f"h recorded during deterministic DDIM inversion (eta = 0) of {manifest.get('num_images')} labelled images "
+            "(one folder per class) with the unconditional model"
+        )
     elif manifest.get("recipe") == "inversion":
         source = (
             f"h recorded during deterministic DDIM inversion (eta = 0, prompt {prompts[0] if prompts else ''!r}) of "

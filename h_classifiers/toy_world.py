@@ -6,11 +6,15 @@ Everything here is deterministic from a seed and light to import (torch only, no
 - the data generator (`make_toy_dataset`): 32x32 RGB faces with a deliberate bias (skin 80/20, glasses 70/30
   without/with, hair 50/35/15 none/black/red, attributes independent) and a caption per image;
 - the pixel oracle (`ToyOracle`): a rule-based reader for each attribute and a strict validity rule;
-- the paths of the committed assets (`TOY_MODEL_PATH`, `TOY_DDPM_PATH`, `TOY_CLASSIFIERS_PATH`).
+- the paths of the committed assets (`TOY_MODEL_PATH`, `TOY_DDPM_PATH`, `TOY_CLASSIFIERS_PATH`);
+- labelled class folders of rendered faces for the folder recipe (`write_class_folders`), also on the command line:
+
+    python -m h_classifiers.toy_world --write-folders data/skin --attribute skin --num-per-class 200
 """
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -216,6 +220,47 @@ def make_toy_dataset(
     return ToySamples(images, labels, captions)
 
 
+def write_class_folders(
+    attribute: str, output_dir: str | os.PathLike, num_per_class: int, seed: int = 0, image_size: int = IMAGE_SIZE
+) -> dict[str, list[Path]]:
+    """Labelled image folders for the folder recipe (`balancing-act extract --image-dir`): `num_per_class` rendered
+    faces of each class of `attribute`, as PNG files `<output_dir>/<class name>/<index>.png`, written atomically.
+
+    The other attributes are drawn independently with the data's bias (`DATA_BIAS`), so the classes differ in
+    `attribute` only, and each looks like the data the toy models learnt. Deterministic from `seed`. `output_dir` must
+    be new or empty (a run with other arguments would leave a mix). Returns {class name: paths, in index order}.
+    """
+    from PIL import Image
+
+    from .io_utils import atomic_save_image
+
+    if attribute not in ATTRIBUTES:
+        raise ValueError(f"`attribute` must be one of {list(ATTRIBUTES)}, got {attribute!r}.")
+    if isinstance(num_per_class, bool) or not isinstance(num_per_class, int) or num_per_class < 1:
+        raise ValueError(f"`num_per_class` must be a positive integer, got {num_per_class!r}.")
+    output_dir = Path(output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise FileExistsError(f"`output_dir` {str(output_dir)!r} must be a new or empty directory.")
+    classes = ATTRIBUTES[attribute]
+    total = num_per_class * len(classes)
+    generator = torch.Generator().manual_seed(seed)
+    labels = {
+        a: torch.arange(len(classes)).repeat_interleave(num_per_class)
+        if a == attribute
+        else torch.multinomial(torch.tensor(p), total, replacement=True, generator=generator)
+        for a, p in DATA_BIAS.items()
+    }
+    pixels = render_faces(labels, generator, image_size).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    digits = len(str(num_per_class - 1))
+    written: dict[str, list[Path]] = {name: [] for name in classes}
+    for i, array in enumerate(pixels):
+        name = classes[i // num_per_class]
+        path = output_dir / name / f"{i % num_per_class:0{digits}d}.png"
+        atomic_save_image(Image.fromarray(array), path)
+        written[name].append(path)
+    return written
+
+
 def _to_tensor(images: torch.Tensor | Sequence) -> torch.Tensor:
     """PIL images or a float tensor [N, 3, H, W] in [0, 1] -> float tensor [N, 3, H, W] in [0, 1]."""
     if isinstance(images, torch.Tensor):
@@ -356,3 +401,31 @@ def class_fractions(read: dict[str, torch.Tensor], only_valid: bool = False) -> 
 
     keep = read["valid"] if only_valid else None
     return {a: fractions_of(read[a], len(classes), keep) or [0.0] * len(classes) for a, classes in ATTRIBUTES.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m h_classifiers.toy_world --write-folders DIR --attribute ATTRIBUTE`: `write_class_folders`."""
+    import argparse
+
+    from h_classifiers.commands._common import positive_int
+
+    parser = argparse.ArgumentParser(
+        prog="python -m h_classifiers.toy_world",
+        description="Write labelled class folders of rendered toy faces (one sub-folder per class of --attribute, the "
+        "other attributes drawn with the data's bias), for `balancing-act extract --image-dir`.",
+    )
+    parser.add_argument("--write-folders", required=True, metavar="OUTPUT_DIR", help="New or empty directory.")
+    parser.add_argument("--attribute", required=True, choices=list(ATTRIBUTES), help="The attribute of the classes.")
+    parser.add_argument("--num-per-class", type=positive_int, default=100, help="Images per class (default: 100).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the drawing (default: 0).")
+    args = parser.parse_args(argv)
+    try:
+        written = write_class_folders(args.attribute, args.write_folders, args.num_per_class, seed=args.seed)
+    except (ValueError, FileExistsError) as error:
+        parser.error(str(error))
+    counts = ", ".join(f"{name} {len(paths)}" for name, paths in written.items())
+    print(f"{args.attribute} class folders in {args.write_folders}: {counts}.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,5 +1,6 @@
 """Which options apply depends on the model: a text-to-image model (Stable Diffusion) takes a prompt, an unconditional
-model (a `DDIMPipeline` / `DDPMPipeline` folder or Hub id, `evaluation.unconditional_model_class`) takes none.
+model (a `DDIMPipeline` / `DDPMPipeline` folder or Hub id, `evaluation.unconditional_model_class`) takes none
+(`extract --image-dir` works for both: the inversion recipe needs no prompt).
 
 The prompt-only options default to None on the command line, so that one given explicitly to an unconditional model is
 refused (one argparse error naming it) instead of being ignored; for a text-to-image model they then take their
@@ -21,7 +22,6 @@ PROMPT_ONLY_OPTIONS = {
     "guided_branches": "--guided-branches",
     "class_prompts": "--class-prompts",
     "inversion_prompt": "--inversion-prompt",
-    "image_dir": "--image-dir",
     "height": "--height",
     "width": "--width",
 }

@@ -6,8 +6,9 @@ Two recipes (see `h_classifiers.extraction`):
     balancing-act extract --image-dir data/skin --output-dir feats/skin --steps 50
     # generation with pseudo-labels from a labeller
     balancing-act extract --prompt "a photo of a face" --num-images 3000 --labeller toy:skin --output-dir feats/skin
-    # an unconditional model (DDIMPipeline / DDPMPipeline): generation without a prompt
+    # an unconditional model (DDIMPipeline / DDPMPipeline): generation without a prompt, or inversion of folders
     balancing-act extract --model google/ddpm-celebahq-256 --eta 1 --num-images 3000 --labeller hf:ID ... --output-dir o
+    balancing-act extract --model google/ddpm-celebahq-256 --image-dir data/gender --output-dir feats/gender
 
 Re-running the same command after an interruption resumes it (completed chunks are kept). Several processes / GPUs:
 `accelerate launch --num_processes N -m h_classifiers.cli extract ...` shares the chunks between the processes (give
@@ -47,15 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         default=str(TOY_MODEL_PATH),
         help="Stable Diffusion 1.x/2.x directory or Hub id, or an unconditional model's (DDIMPipeline / "
-        "DDPMPipeline: the generation recipe without --prompt) (default: toy model).",
+        "DDPMPipeline: --image-dir, or the generation recipe without --prompt) (default: toy model).",
     )
     recipe = parser.add_argument_group(
-        "recipe (give exactly one of --image-dir or --prompt; an unconditional model: neither, it generates)"
+        "recipe (give exactly one of --image-dir or --prompt; an unconditional model: --image-dir, or neither to "
+        "generate)"
     )
     recipe.add_argument(
         "--image-dir",
         default=None,
-        help="Inversion recipe: folder with one sub-folder of images per class (default: none).",
+        help="Inversion recipe: folder with one sub-folder of images per class; an unconditional model inverts them "
+        "at its UNet's size, without a prompt (default: none).",
     )
     recipe.add_argument(
         "--prompt",
@@ -191,6 +194,8 @@ def run(args: argparse.Namespace) -> dict:
         unused = [name for name in ("num_images", "labeller") if getattr(args, name) is not None]
         if unused:
             raise ValueError(f"{['--' + n.replace('_', '-') for n in unused]} apply to the generation recipe only.")
+        if getattr(args, "eta", None):  # an unconditional model's, 0 unless given
+            raise ValueError(f"`--eta {args.eta:g}`: the inversion recipe is deterministic DDIM (eta 0).")
         # Inversion generates no image, so a safety checker would have nothing to check: it is not loaded.
         pipe = load_pipeline(args.model, device=device, dtype=args.dtype, safety_checker=False)
         return extract_from_folders(
