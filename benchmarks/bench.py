@@ -8,13 +8,16 @@ Three parts, each measured in this one process (memory peaks of CPU runs in fres
    modules) in distribution and in sample mode, same seeds and steps. Every arm first runs one untimed warm-up round,
    then one untimed call per arm counts its host-device synchronisations, then the timed rounds alternate the order of
    the arms (forward, reversed, ...); medians and guided/vanilla ratios of wall time and peak memory, and the
-   synchronisations a guided step adds. Two scales: the committed toy model (batch 64, 25 steps, its shipped skin
-   classifier) and SD1.5 shapes (a `UNet2DConditionModel` from the SD1.5 config with random weights, 512 px, so h is
-   [*, 1280, 8, 8], with classifier-free guidance; batch 1 and 1 step per call on CPU, batch 8 and 20 steps on CUDA;
-   precomputed random prompt embeddings and `output_type="latent"` for every arm, so no text encoder or VAE runs, and
-   a classifier made as `balancing-act train` makes one, on synthetic h). The guidance step alone (what runs between
-   the UNet's mid block and its first up block: the pipeline's hook on h) is also timed at every UNet call of the
-   timed rounds (`GuidanceStepTimer`).
+   synchronisations a guided step adds. Two scales by default: the committed toy model (batch 64, 25 steps, its
+   shipped skin classifier) and SD1.5 shapes (a `UNet2DConditionModel` from the SD1.5 config with random weights,
+   512 px, so h is [*, 1280, 8, 8], with classifier-free guidance; batch 1 and 1 step per call on CPU, batch 8 and 20
+   steps on CUDA; precomputed random prompt embeddings and `output_type="latent"` for every arm, so no text encoder or
+   VAE runs, and a classifier made as `balancing-act train` makes one, on synthetic h). A third, `--scales celebahq`:
+   the paper's unconditional model's shapes (a `UNet2DModel` from google/ddpm-celebahq-256's config with random
+   weights, 256 px, h [*, 512, 8, 8]; `DDIMPipeline` vs `BalancingActUnconditionalPipeline`, distribution mode only;
+   batch 2, 1 step per call and 2 timed rounds by default). The guidance step alone (what runs between the UNet's mid
+   block and its first up block: the pipeline's hook on h) is also timed at every UNet call of the timed rounds
+   (`GuidanceStepTimer`).
 2. extraction: images/s of `extract_from_folders` (DDIM inversion, fp16 shards) at batch 1 vs batch 16 on the toy
    model, in alternating order after a warm-up, and bytes stored per image in fp16 vs fp32 shards.
 3. training: `train_classifier` on synthetic SD1.5-shaped features (2,000 images, h 1280x8x8) written shard by shard:
@@ -23,9 +26,9 @@ Three parts, each measured in this one process (memory peaks of CPU runs in fres
 A target is judged only on a figure of at least MIN_TIMED_ROUNDS timed rounds; the table marks any other as "not
 judged". Peak memory: on CUDA `torch.cuda.max_memory_allocated`; on CPU the resident set's high-water mark (VmHWM,
 reset through /proc/self/clear_refs just before the measured call). A process keeps freed heap memory, so on CPU each
-arm's peak is measured in a fresh worker process (`--memory subprocess`); the full SD1.5 scale on CPU measures it
-in-process during the timed runs by default (`--memory auto`), because a worker would cost one more long UNet call
-per arm. Output: `<output-dir>/bench.json` and `<output-dir>/table.md`.
+arm's peak is measured in a fresh worker process (`--memory subprocess`); the full SD1.5 and celebahq scales on CPU
+measure it in-process during the timed runs by default (`--memory auto`), because a worker would cost one more long
+UNet call per arm. Output: `<output-dir>/bench.json` and `<output-dir>/table.md`.
 """
 
 from __future__ import annotations
@@ -67,9 +70,13 @@ from h_classifiers.io_utils import (  # noqa: E402
 
 
 PARTS = ("generation", "extraction", "training")
-SCALES = ("toy", "sd15")
+SCALES = ("toy", "sd15", "celebahq")
+# What a run measures without --scales: "celebahq" (minutes per UNet call on a CPU) is measured when asked for.
+DEFAULT_SCALES = ("toy", "sd15")
 ARMS = ("vanilla", "distribution", "sample")
 GUIDED_ARMS = ARMS[1:]
+# The celebahq scale measures distribution mode only (the paper's debiasing), to keep its CPU run short.
+CELEBAHQ_ARMS = ("vanilla", "distribution")
 MEMORY_MODES = ("auto", "subprocess", "inprocess")
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 WORKER_TAG = "BENCH_WORKER_RESULT "
@@ -123,6 +130,55 @@ TINY_SD15_UNET_CONFIG: dict[str, Any] = dict(
     cross_attention_dim=32,
 )
 TINY_TEXT_SHAPE = (77, 32)
+# The paper's unconditional model, google/ddpm-celebahq-256 (a DDPMPipeline), with random weights. Its unet config, as
+# diffusers saved it from the Hub snapshot cd5c944777ea2668051904ead6cc120739b86c4d in a fine-tune of the model
+# (`_name_or_path` .../models--google--ddpm-celebahq-256/snapshots/cd5c944...: huggingface.co/jl8771/
+# ddpm-celebahq-finetuned-butterflies-2epochs/blame/1e8c6eb1227076468a87043b6d9fd52aff7df658/config.json); the same
+# values as google/ddpm-cat-256's published config. `attention_head_dim` is null there (one head: diffusers then uses
+# the block's channels), not UNet2DModel's default 8, and `norm_eps` is 1e-6, not the default 1e-5. Five
+# downsamplings of 256 px: h is [*, 512, 8, 8].
+CELEBAHQ_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 256,
+    "in_channels": 3,
+    "out_channels": 3,
+    "center_input_sample": False,
+    "time_embedding_type": "positional",
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "down_block_types": (
+        "DownBlock2D",
+        "DownBlock2D",
+        "DownBlock2D",
+        "DownBlock2D",
+        "AttnDownBlock2D",
+        "DownBlock2D",
+    ),
+    "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
+    "block_out_channels": (128, 128, 256, 256, 512, 512),
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "downsample_padding": 0,
+    "act_fn": "silu",
+    "attention_head_dim": None,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-6,
+}
+# Its scheduler_config.json (a DDPMScheduler saved by diffusers 0.1.1: a copy on the Hub,
+# huggingface.co/Mou11209203/ddpm-celebahq-256/blob/807d47f96bd0ee54f1d58bca7c8391d1a4e63c62/scheduler_config.json,
+# and the same values as google/ddpm-cat-256's and google/ddpm-church-256's). DDIMPipeline, and so both pipelines
+# here, turn it into a DDIMScheduler with this config.
+CELEBAHQ_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "clip_sample": True,
+    "variance_type": "fixed_small",
+}
+# --quick: the same blocks at a tiny width and 64 px (h is [*, 64, 2, 2]).
+TINY_CELEBAHQ_UNET_CONFIG: dict[str, Any] = dict(
+    CELEBAHQ_UNET_CONFIG, sample_size=64, block_out_channels=(32, 32, 32, 32, 64, 64), layers_per_block=1
+)
 # Stable Diffusion 1.5's noise schedule; DDIM so that `num_inference_steps` is exactly the number of UNet steps.
 SD15_SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -162,6 +218,13 @@ class BenchConfig:
     sd15_steps: int = 1
     sd15_rounds: int = 5
     sd15_warmup: int = 1
+    # google/ddpm-celebahq-256 shapes (256 px, no classifier-free guidance): one UNet call on 2 images takes about a
+    # minute on one busy CPU core, so the CPU default is 1 step per call and 2 timed rounds (1 warm-up + 1 counting +
+    # 2 timed rounds of 2 arms: 8 calls). Only the vanilla and distribution arms (`CELEBAHQ_ARMS`).
+    celebahq_batch: int = 2
+    celebahq_steps: int = 1
+    celebahq_rounds: int = 2
+    celebahq_warmup: int = 1
     extraction_images: int = 32
     extraction_steps: int = 25
     extraction_batches: list[int] = field(default_factory=lambda: [1, 16])
@@ -183,6 +246,10 @@ QUICK_SIZES: dict[str, Any] = {
     "sd15_steps": 2,
     "sd15_rounds": 2,
     "sd15_warmup": 1,
+    "celebahq_batch": 2,
+    "celebahq_steps": 2,
+    "celebahq_rounds": 2,
+    "celebahq_warmup": 1,
     "extraction_images": 4,
     "extraction_steps": 2,
     "extraction_batches": [1, 4],
@@ -413,6 +480,8 @@ class GenerationScale:
     h_shape: list[int]
     notes: list[str]
     build_s: float = 0.0
+    # The arms measured, vanilla first.
+    arms: tuple[str, ...] = ARMS
     # Below 2 images per call distribution mode needs a BalanceState: one, carried across all the arm's calls, as
     # for a job generated one image at a time.
     balance_state: Any = None
@@ -635,8 +704,80 @@ def build_sd15_scale(config: BenchConfig) -> GenerationScale:
     )
 
 
+def build_celebahq_scale(config: BenchConfig) -> GenerationScale:
+    """google/ddpm-celebahq-256's shapes: `DDIMPipeline` (vanilla) and `BalancingActUnconditionalPipeline` built from
+    it with `from_pipe` (the same UNet), a `UNet2DModel` from `CELEBAHQ_UNET_CONFIG` with random weights (nothing is
+    downloaded), 256 px, h [*, 512, 8, 8], DDIM over the model's DDPM schedule, no classifier-free guidance."""
+    from diffusers import DDIMPipeline, DDPMScheduler, UNet2DModel
+
+    from pipeline_balancing_act_unconditional import BalancingActUnconditionalPipeline
+
+    start = time.perf_counter()
+    dtype = torch_dtype(config)
+    unet_config = TINY_CELEBAHQ_UNET_CONFIG if config.quick else CELEBAHQ_UNET_CONFIG
+    torch.manual_seed(config.seed)
+    unet = UNet2DModel(**unet_config).eval().to(dtype)
+    # DDIMPipeline turns the model's DDPMScheduler into a DDIMScheduler with its config, as when it loads the model.
+    stock = DDIMPipeline(unet=unet, scheduler=DDPMScheduler(**CELEBAHQ_SCHEDULER_CONFIG)).to(config.device)
+    stock.set_progress_bar_config(disable=True)
+    guided = BalancingActUnconditionalPipeline.from_pipe(stock, dtype=dtype)
+    guided.set_progress_bar_config(disable=True)
+    size = unet_config["sample_size"]
+    h_shape = guided.mid_block_h_shape(size, size)
+    classifier = random_classifier(h_shape, stock.scheduler, config.seed, "gender", ["female", "male"])
+    label = "google/ddpm-celebahq-256 UNet2DModel config, random weights"
+    if config.quick:
+        label = "tiny UNet2DModel with google/ddpm-celebahq-256's blocks (--quick)"
+    return GenerationScale(
+        name="celebahq",
+        stock=stock,
+        guided=guided,
+        classifier=classifier,
+        classifier_info={
+            "source": "random",
+            "reason": "class-mean heads, anchors and calibration fitted on synthetic h of the model's shape",
+            "class_names": ["female", "male"],
+        }
+        | classifier_description(classifier),
+        # `num_images`: `generate_batches` calls the unconditional pipelines with `batch_size=` instead of prompts.
+        call_kwargs={
+            "num_images": config.celebahq_batch,
+            "num_inference_steps": config.celebahq_steps,
+            "output_type": "pt",
+        },
+        num_images=config.celebahq_batch,
+        steps=config.celebahq_steps,
+        guidance_scale=1.0,
+        h_shape=h_shape,
+        notes=[
+            f"{label}; {size} px, DDIM (eta 0) over the model's DDPM schedule, no classifier-free guidance",
+            "DDIMPipeline vs BalancingActUnconditionalPipeline.from_pipe (the same UNet), output_type='pt'; "
+            "distribution mode only (target 50/50)",
+            f"{config.celebahq_steps} denoising step(s) per call, every one guided: the ratios are per call",
+        ],
+        build_s=time.perf_counter() - start,
+        arms=CELEBAHQ_ARMS,
+    )
+
+
+SCALE_BUILDERS: dict[str, Callable[[BenchConfig], GenerationScale]] = {
+    "toy": build_toy_scale,
+    "sd15": build_sd15_scale,
+    "celebahq": build_celebahq_scale,
+}
+
+
 def build_scale(config: BenchConfig, name: str) -> GenerationScale:
-    return build_toy_scale(config) if name == "toy" else build_sd15_scale(config)
+    return SCALE_BUILDERS[name](config)
+
+
+def scale_rounds(config: BenchConfig, name: str) -> tuple[int, int]:
+    """(timed rounds, warm-up rounds) of a scale."""
+    return {
+        "toy": (config.toy_rounds, config.toy_warmup),
+        "sd15": (config.sd15_rounds, config.sd15_warmup),
+        "celebahq": (config.celebahq_rounds, config.celebahq_warmup),
+    }[name]
 
 
 def guidance_kwargs(scale: GenerationScale, arm: str) -> dict[str, Any]:
@@ -818,28 +959,28 @@ def memory_mode(config: BenchConfig, scale_name: str) -> str:
         return "inprocess"
     if config.memory != "auto":
         return config.memory
-    # A fresh worker at full SD1.5 size costs one more minute-long UNet call per arm on a 2-core CPU.
-    return "inprocess" if (scale_name == "sd15" and not config.quick) else "subprocess"
+    # A fresh worker at full SD1.5 (or google/ddpm-celebahq-256) size costs one more minute-long UNet call per arm on
+    # a 2-core CPU.
+    return "inprocess" if (scale_name in ("sd15", "celebahq") and not config.quick) else "subprocess"
 
 
 def bench_generation_scale(config: BenchConfig, scale_name: str) -> dict[str, Any]:
     scale = build_scale(config, scale_name)
-    rounds, warmup = (
-        (config.toy_rounds, config.toy_warmup) if scale_name == "toy" else (config.sd15_rounds, config.sd15_warmup)
-    )
+    rounds, warmup = scale_rounds(config, scale_name)
+    arm_names, guided_arms = list(scale.arms), list(scale.arms[1:])
     # Warm-up: every arm untimed first (first-call costs: the classifier's loading and caching, allocator pools,
     # kernel choices), so that no arm is timed from cold.
-    warmup_order = alternating_order(list(ARMS), warmup)
+    warmup_order = alternating_order(arm_names, warmup)
     for round_order in warmup_order:
         for arm in round_order:
             run_arm(scale, arm, config)
     # One more untimed call per arm counts its host-device synchronisations (a warm call, outside the timed rounds:
     # the counting slows every torch call down).
-    syncs = {arm: count_host_syncs(scale, arm, config) for arm in ARMS}
-    walls: dict[str, list[float]] = {arm: [] for arm in ARMS}
-    peaks: dict[str, list[dict]] = {arm: [] for arm in ARMS}
-    hook_ms: dict[str, list[float]] = {arm: [] for arm in ARMS}
-    order = alternating_order(list(ARMS), rounds)
+    syncs = {arm: count_host_syncs(scale, arm, config) for arm in arm_names}
+    walls: dict[str, list[float]] = {arm: [] for arm in arm_names}
+    peaks: dict[str, list[dict]] = {arm: [] for arm in arm_names}
+    hook_ms: dict[str, list[float]] = {arm: [] for arm in arm_names}
+    order = alternating_order(arm_names, rounds)
     rows = scale.num_images * (2 if scale.guidance_scale > 1 else 1)
     # Both pipelines share the UNet: the step timer sees every arm alike (two timestamps per UNet call).
     with GuidanceStepTimer(scale.stock.unet, config.device) as step_timer:
@@ -853,19 +994,20 @@ def bench_generation_scale(config: BenchConfig, scale_name: str) -> dict[str, An
         if config.device.startswith("cuda"):
             # What moving the classifier to the UNet's device before the call would save (one untimed call each).
             classifier = classifier_on_device(scale, config)
-            for arm in GUIDED_ARMS:
+            for arm in guided_arms:
                 timed(lambda: run_arm(scale, arm, config, classifier), config.device)
                 on_device[arm] = step_summary(step_timer.collect(), rows)
 
     mode = memory_mode(config, scale_name)
     arms: dict[str, Any] = {}
-    for arm in ARMS:
+    for arm in arm_names:
         median = statistics.median(walls[arm])
         inprocess = max(peaks[arm], key=lambda m: m["peak_bytes"])
         arms[arm] = {
             "wall_s": walls[arm],
             "median_s": median,
             "s_per_step": median / scale.steps,
+            "s_per_image": median / scale.num_images,
             "inprocess_memory": inprocess,
             "inprocess_memory_per_run": peaks[arm],
         }
@@ -883,7 +1025,7 @@ def bench_generation_scale(config: BenchConfig, scale_name: str) -> dict[str, An
     guided_steps = scale.steps
     vanilla = arms["vanilla"]
     ratios = {}
-    for arm in GUIDED_ARMS:
+    for arm in guided_arms:
         step, vanilla_step = arms[arm]["guidance_step"], vanilla["guidance_step"]
         estimate = None
         if step.get("available") and vanilla_step.get("available"):
@@ -903,6 +1045,7 @@ def bench_generation_scale(config: BenchConfig, scale_name: str) -> dict[str, An
         "guidance_scale": scale.guidance_scale,
         "h_shape": scale.h_shape,
         "dtype": config.dtype,
+        "arm_names": arm_names,
         "classifier": scale.classifier_info,
         "guided_steps_per_call": guided_steps,
         "warmup_rounds": warmup,
@@ -1265,26 +1408,28 @@ def markdown_table(results: dict[str, Any]) -> str:
     generation = results.get("generation", {})
     if generation:
         lines += [
-            "| Scale | Arm | Median wall (s) | s/step | Wall ratio | Peak memory | Memory ratio | Guidance step (ms) | "
+            "| Scale | Arm | Median wall (s) | s/step | s/image | Wall ratio | Peak memory | Memory ratio | "
+            "Guidance step (ms) | "
             "Host syncs per call | Added syncs per call / guided steps | Syncs inside a guided step |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for scale, data in generation.items():
             if "skipped" in data:
-                lines.append(f"| {scale} | skipped: {data['skipped']} | | | | | | | | | |")
+                lines.append(f"| {scale} | skipped: {data['skipped']} | | | | | | | | | | |")
                 continue
             cfg = " + CFG" if data["guidance_scale"] > 1 else ""
             label = (
                 f"{scale}: {data['num_images']} images{cfg} ({data['unet_rows']} UNet rows), {data['steps']} "
                 f"step(s) per call, h {'x'.join(map(str, data['h_shape']))}"
             )
-            for arm in ARMS:
+            for arm in data.get("arm_names", ARMS):
                 values = data["arms"][arm]
                 r = data["ratios"].get(arm, {})
                 step = values.get("guidance_step", {})
                 lines.append(
                     f"| {label if arm == 'vanilla' else ''} | {arm} | {_num(values['median_s'], 2)} | "
-                    f"{_num(values['s_per_step'], 3)} | {_num(r.get('wall')) if r else '1'} | "
+                    f"{_num(values['s_per_step'], 3)} | {_num(values.get('s_per_image'), 3)} | "
+                    f"{_num(r.get('wall')) if r else '1'} | "
                     f"{_mib(values['memory']['peak_bytes'])} | {_num(r.get('peak_memory')) if r else '1'} | "
                     f"{_num(step.get('ms_median'), 2) if step.get('available') else '-'} | "
                     f"{_syncs(values.get('host_syncs_per_call'), 0)} | "
@@ -1309,7 +1454,7 @@ def markdown_table(results: dict[str, Any]) -> str:
             )
             on_device = {
                 arm: data["arms"][arm].get("guidance_step_classifier_on_device", {}).get("ms_median")
-                for arm in GUIDED_ARMS
+                for arm in data.get("arm_names", ARMS)[1:]
             }
             if any(v is not None for v in on_device.values()):
                 lines.append(
@@ -1441,8 +1586,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--scales",
         type=_choice_list(SCALES, "--scales"),
-        default=list(SCALES),
-        help="Generation scales (default: toy,sd15).",
+        default=list(DEFAULT_SCALES),
+        help=f"Comma-separated generation scales, of {','.join(SCALES)} (default: {','.join(DEFAULT_SCALES)}).",
     )
     parser.add_argument(
         "--output-dir", default=str(DEFAULT_OUTPUT_DIR), help="Where bench.json and table.md go (default: docs/bench)."
@@ -1478,6 +1623,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--sd15-warmup", type=int, default=None, help="Warm-up rounds at SD1.5 shapes, at least 1 (default: 1)."
+    )
+    parser.add_argument(
+        "--celebahq-batch",
+        type=positive_int,
+        default=None,
+        help="Images per call at google/ddpm-celebahq-256 shapes (default: 2).",
+    )
+    parser.add_argument(
+        "--celebahq-steps",
+        type=positive_int,
+        default=None,
+        help="Denoising steps per call at google/ddpm-celebahq-256 shapes (default: 1).",
+    )
+    parser.add_argument(
+        "--celebahq-rounds",
+        type=positive_int,
+        default=None,
+        help="Timed rounds at google/ddpm-celebahq-256 shapes (default: 2).",
     )
     parser.add_argument(
         "--toy-rounds", type=positive_int, default=None, help="Timed rounds at the toy scale (default: 5)."
@@ -1524,6 +1687,9 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
         "sd15_steps": args.sd15_steps,
         "sd15_rounds": args.sd15_rounds,
         "sd15_warmup": args.sd15_warmup,
+        "celebahq_batch": args.celebahq_batch,
+        "celebahq_steps": args.celebahq_steps,
+        "celebahq_rounds": args.celebahq_rounds,
         "toy_rounds": args.toy_rounds,
         "training_timesteps": args.training_timesteps,
         "training_samples": args.training_samples,

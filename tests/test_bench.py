@@ -33,6 +33,8 @@ def quick_run(tiny_assets, tmp_path_factory):
         "1",
         "--memory",
         "inprocess",
+        "--scales",
+        "toy,sd15,celebahq",
         "--toy-model",
         str(tiny_assets / "toy-sd"),
         "--toy-classifier",
@@ -58,39 +60,48 @@ def test_outputs_written_and_match(quick_run):
 
 def test_generation_ratios_come_from_the_measurements(quick_run):
     data = quick_run[1]
-    assert set(data["generation"]) == {"toy", "sd15"}
+    assert set(data["generation"]) == {"toy", "sd15", "celebahq"}
     toy = data["generation"]["toy"]
     assert toy["classifier"]["source"] == "shipped"
     assert data["generation"]["sd15"]["h_shape"] == [64, 2, 2]
-    for scale in data["generation"].values():
-        rounds = scale["rounds"]
+    # google/ddpm-celebahq-256's blocks at --quick width (unconditional, no CFG): distribution mode only.
+    celebahq = data["generation"]["celebahq"]
+    assert celebahq["h_shape"] == [64, 2, 2] and celebahq["unet_rows"] == celebahq["num_images"] == 2
+    assert celebahq["arm_names"] == ["vanilla", "distribution"] and set(celebahq["ratios"]) == {"distribution"}
+    for name, scale in data["generation"].items():
+        rounds, arms = scale["rounds"], scale["arm_names"]
+        assert arms == (["vanilla", "distribution"] if name == "celebahq" else list(bench.ARMS))
         # Every arm is warmed up before the timed rounds, which alternate the order of the arms.
-        assert scale["warmup_rounds"] >= 1 and scale["warmup_order"][0] == list(bench.ARMS)
-        assert scale["order"] == bench.alternating_order(list(bench.ARMS), rounds)
-        assert scale["order"][0] == list(bench.ARMS) and scale["order"][1] == list(reversed(bench.ARMS))
+        assert scale["warmup_rounds"] >= 1 and scale["warmup_order"][0] == arms
+        assert scale["order"] == bench.alternating_order(arms, rounds)
+        assert scale["order"][0] == arms and scale["order"][1] == list(reversed(arms))
         # The default path: a classifier with a calibration and anchors.
         assert scale["classifier"]["calibrated"] and scale["classifier"]["anchor_source"] is not None
         vanilla = scale["arms"]["vanilla"]
         assert isinstance(vanilla["host_syncs_per_call"]["counter"], int)
         assert vanilla["host_syncs_per_call"]["cuda_sync_debug"] is None  # counted by torch on CUDA only
-        for arm in bench.ARMS:
+        assert set(scale["arms"]) == set(arms)
+        for arm in arms:
             values = scale["arms"][arm]
             assert len(values["wall_s"]) == rounds
             assert values["median_s"] == statistics.median(values["wall_s"])
             assert values["s_per_step"] == pytest.approx(values["median_s"] / scale["steps"])
+            assert values["s_per_image"] == pytest.approx(values["median_s"] / scale["num_images"])
             memory = values["memory"]
             assert memory["peak_bytes"] >= memory["baseline_bytes"] > 0
             assert memory["increment_bytes"] == memory["peak_bytes"] - memory["baseline_bytes"]
-        for arm in bench.GUIDED_ARMS:
+        for arm in arms[1:]:
             values, ratios = scale["arms"][arm], scale["ratios"][arm]
             assert ratios["wall"] == pytest.approx(values["median_s"] / vanilla["median_s"])
             assert ratios["peak_memory"] == pytest.approx(
                 values["memory"]["peak_bytes"] / vanilla["memory"]["peak_bytes"]
             )
-            # The guidance step, timed at every UNet call of the timed rounds (one call per step with CFG).
+            # The guidance step, timed at every UNet call of the timed rounds (one call per step, with or without CFG).
             step, vanilla_step = values["guidance_step"], vanilla["guidance_step"]
             assert step["available"] and vanilla_step["available"], (step, vanilla_step)
-            assert step["rows"] == 2 * scale["num_images"] and step["calls"] == rounds * scale["steps"]
+            cfg_rows = 2 if scale["guidance_scale"] > 1 else 1
+            assert step["rows"] == scale["unet_rows"] == cfg_rows * scale["num_images"]
+            assert step["calls"] == rounds * scale["steps"]
             assert ratios["wall_from_guidance_step"] == pytest.approx(
                 1 + (step["ms_median"] - vanilla_step["ms_median"]) / 1000 / vanilla["s_per_step"]
             )
@@ -268,6 +279,14 @@ def test_written_paths_name_no_machine_path(tmp_path):
     config = bench.resolve_config(bench.build_parser().parse_args(["--parts", "training"]))
     written = bench.written_config(config)
     assert written["output_dir"] == "docs/bench" and not written["toy_model"].startswith("/")
+
+
+def test_celebahq_scale_is_measured_only_when_asked_for():
+    parse = bench.build_parser().parse_args
+    assert bench.resolve_config(parse([])).scales == ["toy", "sd15"]
+    config = bench.resolve_config(parse(["--scales", "celebahq", "--celebahq-steps", "3", "--celebahq-rounds", "5"]))
+    assert config.scales == ["celebahq"] and (config.celebahq_steps, config.celebahq_rounds) == (3, 5)
+    assert bench.memory_mode(config, "celebahq") == "inprocess"  # a fresh worker would cost a long UNet call
 
 
 def test_alternating_order_reverses_every_other_round():

@@ -3,6 +3,7 @@ UNet2DModel built in-process: parity without guidance, the exact update of h in 
 errors, the hook left dormant, no host sync in a guided step, and the loading routes (all offline)."""
 
 import inspect
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -488,3 +489,42 @@ def test_from_pipe_of_a_ddim_pipeline(ddim_pipe):
     check_loaded_pipeline(ours, ddim_pipe)
     back = DDIMPipeline.from_pipe(ours)
     assert type(back) is DDIMPipeline and back.unet is plain.unet
+
+
+# --- the paper's model: google/ddpm-celebahq-256's shapes ----------------------------------------------------------
+
+
+def test_the_papers_model_has_h_512x8x8_and_a_guided_step_runs_on_it():
+    """google/ddpm-celebahq-256's UNet2DModel config (`CELEBAHQ_UNET_CONFIG` in benchmarks/bench.py, where its
+    source is given) and DDPM scheduler, with random weights (nothing is downloaded): h is [B, 512, 8, 8], and one
+    guided DDIM step moves the h the decoder receives. One image, one step, one UNet call: the 256 px UNet costs
+    about 0.5 TFLOP per image."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from benchmarks.bench import CELEBAHQ_SCHEDULER_CONFIG, CELEBAHQ_UNET_CONFIG
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(**CELEBAHQ_UNET_CONFIG).eval()
+    pipe = BalancingActUnconditionalPipeline(unet=unet, scheduler=DDPMScheduler(**CELEBAHQ_SCHEDULER_CONFIG))
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.scheduler, DDIMScheduler)  # as DDIMPipeline converts the model's scheduler
+    h_shape = [512, 8, 8]
+    assert pipe.mid_block_h_shape(256, 256) == h_shape
+    # Logits of order 1 on h of order 1 (weights of scale 1 / sqrt(dim)); identity calibration, random anchors.
+    classifier = tiny_classifier(("female", "male"), "gender", h_shape=h_shape, scale=math.prod(h_shape) ** -0.5)
+    with HRecorder(unet) as rec:
+        guided = run(
+            pipe,
+            batch_size=1,
+            num_inference_steps=1,
+            h_classifier=classifier,
+            guidance_mode="sample",
+            target_classes=1,
+        )
+    assert [list(h.shape) for h in rec.before + rec.after] == [[1, *h_shape]] * 2  # the real hook's h, moved
+    move = (rec.after[0] - rec.before[0]).flatten()
+    anchors = classifier.anchors[classifier.head_index(rec.timesteps[0])]
+    # the move is along the class anchors, towards class 1
+    assert move.norm() > 0 and float(move @ (anchors[1] - anchors[0])) > 0
+    assert guided.shape == (1, 256, 256, 3) and np.isfinite(guided).all()
+    assert guidance_is_off(unet)
