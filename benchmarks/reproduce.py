@@ -12,11 +12,17 @@ per row). A job is one configuration of one row: its images (image i with seed `
 of all three attributes and validity, and the classes asked of each image, written to `<jobs dir>/<job>.json`
 (default `.work/reproduce-jobs/`; an existing job file is kept: an interrupted run resumes, and a rerun only merges). Jobs are split over the processes of
 `accelerate launch` (`PartialState`); the main process merges them into `results.json`, `table.md` and figures.
+
+Selection (generate vanilla images, keep each while its class has room) draws from its sampler's vanilla pool: the
+vanilla job's images, then more vanilla jobs of the same size on the next seeds (`pool_job`), generated after the
+other jobs and only as far as some row's counts need (`run_selection_jobs`); its job file holds the kept images'
+readings and what it cost (`select_from_pool`).
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import hashlib
 import json
 import platform
@@ -95,14 +101,34 @@ class Row:
 
 SKIN_50 = (0.5, 0.5)
 THIRD = (1 / 3, 1 / 3, 1 / 3)
+# The target rows also measure selection. Not the scheduler and CFG rows (they test guidance's robustness; each
+# sampler would need its own pool), the README-recipe rows (selection reads no classifier: the shipped rows' result)
+# nor the job rows (they test BalanceState).
+WITH_SELECTION = (*Row.configurations, "selection")
 ROWS = (
-    *(Row(f"skin-{a}-{100 - a}", ("skin",), (a / 100, 1 - a / 100)) for a in (10, 30, 50, 70, 90)),
-    *(Row(f"glasses-{a}-{100 - a}", ("glasses",), (a / 100, 1 - a / 100)) for a in (20, 50, 80)),
-    Row("hair-uniform", ("hair",), THIRD),
-    Row("hair-20-40-40", ("hair",), (0.2, 0.4, 0.4)),
-    Row("hair-60-20-20", ("hair",), (0.6, 0.2, 0.2)),
-    Row("skin-x-glasses-uniform", ("skin", "glasses"), ((0.25, 0.25), (0.25, 0.25)), configurations=("distribution",)),
-    Row("skin-x-hair-uniform", ("skin", "hair"), ((1 / 6,) * 3, (1 / 6,) * 3), configurations=("distribution",)),
+    *(
+        Row(f"skin-{a}-{100 - a}", ("skin",), (a / 100, 1 - a / 100), configurations=WITH_SELECTION)
+        for a in (10, 30, 50, 70, 90)
+    ),
+    *(
+        Row(f"glasses-{a}-{100 - a}", ("glasses",), (a / 100, 1 - a / 100), configurations=WITH_SELECTION)
+        for a in (20, 50, 80)
+    ),
+    Row("hair-uniform", ("hair",), THIRD, configurations=WITH_SELECTION),
+    Row("hair-20-40-40", ("hair",), (0.2, 0.4, 0.4), configurations=WITH_SELECTION),
+    Row("hair-60-20-20", ("hair",), (0.6, 0.2, 0.2), configurations=WITH_SELECTION),
+    Row(
+        "skin-x-glasses-uniform",
+        ("skin", "glasses"),
+        ((0.25, 0.25), (0.25, 0.25)),
+        configurations=("distribution", "selection"),
+    ),
+    Row(
+        "skin-x-hair-uniform",
+        ("skin", "hair"),
+        ((1 / 6,) * 3, (1 / 6,) * 3),
+        configurations=("distribution", "selection"),
+    ),
     *(Row(f"skin-50-50-cfg{w:g}", ("skin",), SKIN_50, Sampler(guidance_scale=w)) for w in (1.0, 3.0, 12.0)),
     Row("skin-50-50-pndm50", ("skin",), SKIN_50, Sampler("pndm", 50)),
     Row("skin-50-50-dpm20", ("skin",), SKIN_50, Sampler("dpm++", 20)),
@@ -195,6 +221,8 @@ def run_job(job: Job, kit: Toolkit) -> tuple[dict[str, Any], torch.Tensor]:
     from h_classifiers.metrics import asked_classes
     from pipeline_balancing_act import BalanceState
 
+    if job.configuration == "selection":
+        raise ValueError(f"{job.key}: a selection job generates nothing itself; `run_selection_jobs` runs it.")
     pipe = kit.pipe(job.sampler.scheduler)
     n, row = job.num_images, job.row
     call = {
@@ -286,6 +314,129 @@ def save_grid(images: torch.Tensor, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Selection: vanilla images kept to the target counts, drawn from a pool of vanilla jobs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# The smallest chunk of a vanilla pool after the vanilla job's: one call at the table's batch size (a tiny run's
+# chunks of --num-images would each be a call of a few images).
+POOL_CHUNK = 64
+
+
+def pool_chunks(num_images: int, max_images: int) -> list[range]:
+    """The image indices of each chunk of a vanilla pool: the vanilla job's images, then chunks of
+    max(num_images, POOL_CHUNK) images, the last one cut at `max_images`."""
+    size = max(num_images, POOL_CHUNK)
+    return [range(num_images)] + [range(s, min(s + size, max_images)) for s in range(num_images, max_images, size)]
+
+
+def pool_job(sampler: Sampler, seed: int, chunk: range) -> Job:
+    """The vanilla job of a pool chunk: its images are those of one vanilla run of the sampler (image i with seed
+    `seed + i`); the first chunk is the vanilla job itself. Shared by every row of the sampler."""
+    return Job("vanilla", sampler, len(chunk), seed + chunk.start)
+
+
+def joint_cells(row: Row, labels: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each image's class of the row's attribute, or for a joint row its cell of the attributes' classes (row-major,
+    as the target table flattens)."""
+    cells = torch.zeros(len(labels[row.attributes[0]]), dtype=torch.long)
+    for a in row.attributes:
+        cells = cells * len(ATTRIBUTES[a]) + labels[a].long()
+    return cells
+
+
+def select_from_pool(job: Job, jobs_dir: Path) -> tuple[dict[str, Any] | None, list[int]]:
+    """The result of a selection job from its sampler's vanilla pool in `jobs_dir` and [], or None and the pool
+    chunks its next round still needs. The images are offered in seed order, in the rounds `balancing-act evaluate`
+    would generate them (`selection.selection_rounds`: vanilla's images, then batches of the row's batch size), each
+    kept while its class (a joint row: its cell) has room; invalid images never are. The result holds the kept
+    images' readings, the seconds of every image generated (the pool's wall time per image) and the selection
+    report."""
+    from h_classifiers.selection import Selector, default_max_images, selection_rounds
+
+    row, n = job.row, job.num_images
+    max_images = default_max_images(n)
+    target = torch.tensor(row.target, dtype=torch.float64).flatten().tolist()
+    selector = Selector(class_counts(target, n), max_images)
+    pool = pool_chunks(n, max_images)
+    starts = [chunk.start for chunk in pool]
+    chunks: dict[int, dict[str, Any]] = {}  # loaded chunk index -> its job's result
+
+    def reading(i: int) -> dict[str, Any]:
+        """Image i's cell, validity and labels, from its chunk."""
+        k = bisect.bisect_right(starts, i) - 1
+        chunk, j = chunks[k], i - starts[k]
+        labels = {a: values[j] for a, values in chunk["labels"].items()}
+        return {"cell": int(chunk["cells"][j]), "valid": chunk["valid"][j], "labels": labels}
+
+    for images in selection_rounds(n, row.batch_size, max_images):
+        needed = range(bisect.bisect_right(starts, images.start) - 1, bisect.bisect_right(starts, images.stop - 1))
+        paths = {k: jobs_dir / f"{pool_job(job.sampler, job.seed, pool[k]).key}.json" for k in needed}
+        missing = [k for k, path in paths.items() if k not in chunks and not path.exists()]
+        if missing:
+            return None, missing
+        for k in needed:
+            if k not in chunks:
+                chunk = json.loads(paths[k].read_text())
+                labels = {a: torch.tensor(v) for a, v in chunk["labels"].items()}
+                chunk["cells"] = torch.where(torch.tensor(chunk["valid"]).bool(), joint_cells(row, labels), -1)
+                chunks[k] = chunk
+        selector.offer([reading(i)["cell"] for i in images])
+        if selector.filled:
+            break
+    readings = [reading(i) for i in selector.kept]
+    # The cost of every image generated: each chunk's wall time per image.
+    used = {k: len(range(pool[k].start, min(pool[k].stop, selector.offered))) for k in chunks}
+    seconds = sum(chunks[k]["seconds"] * used[k] / len(pool[k]) for k in chunks)
+    result = {
+        "key": job.key,
+        "configuration": job.configuration,
+        "row": row.name,
+        "sampler": asdict(job.sampler),
+        "num_images": len(readings),
+        "seed": job.seed,
+        "settings": dict(job.settings),
+        "seconds": seconds,
+        "valid": [r["valid"] for r in readings],
+        "labels": {a: [r["labels"][a] for r in readings] for a in ATTRIBUTES},
+        "asked": None,
+        "selection": selector.report(),
+    }
+    return result, []
+
+
+def run_selection_jobs(jobs: list[Job], jobs_dir: Path, output_dir: Path) -> None:
+    """The selection jobs, after the other jobs (their pools start with the vanilla jobs): while one still needs a
+    pool chunk, the missing chunks are generated (with several processes, as many chunks ahead as processes), and
+    the main process writes each selection job as soon as its counts are filled or its cap is reached. Every process
+    takes the same decisions: they depend only on the chunk files, written before `run_jobs` returns."""
+    from h_classifiers.distributed import is_main, num_processes, process_state
+    from h_classifiers.selection import default_max_images
+
+    state = process_state(cpu=True)
+    while True:
+        missing: dict[str, Job] = {}
+        for job in jobs:
+            path = jobs_dir / f"{job.key}.json"
+            if path.exists():
+                continue
+            result, needed = select_from_pool(job, jobs_dir)
+            if result is not None:
+                if is_main(state):
+                    atomic_write_json(path, result)
+                continue
+            pool = pool_chunks(job.num_images, default_max_images(job.num_images))
+            # With several processes, also the next chunks: the processes work side by side.
+            ahead = range(needed[-1] + 1, min(needed[-1] + num_processes(state), len(pool)))
+            for k in [*needed, *ahead]:
+                extra = pool_job(job.sampler, job.seed, pool[k])
+                missing[extra.key] = extra
+        if not missing:
+            return
+        run_jobs(list(missing.values()), jobs_dir, output_dir, {})
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Measuring
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -300,20 +451,17 @@ def measure(result: dict[str, Any], row: Row, vanilla: dict[str, Any]) -> dict[s
     valid = torch.tensor(result["valid"]).bool()
     labels = {a: torch.tensor(v) for a, v in result["labels"].items()}
     van_valid = torch.tensor(vanilla["valid"]).bool()
-    summary = {"valid_rate": float(valid.float().mean()), "seconds": result["seconds"], "fractions": {}}
+    valid_rate = float(valid.float().mean()) if len(valid) else 0.0  # selection may keep no image
+    summary = {"valid_rate": valid_rate, "seconds": result["seconds"], "fractions": {}}
     for a in ATTRIBUTES:
         summary["fractions"][a] = fractions(labels[a], valid, len(ATTRIBUTES[a]))
     if len(row.attributes) == 1:
         target = list(row.target)
         measured = summary["fractions"][row.attributes[0]]
     else:
-        # A joint row: one "class" per cell of the attributes' classes (row-major, as the target table flattens).
-        shape = [len(ATTRIBUTES[a]) for a in row.attributes]
-        cells = torch.zeros(len(valid), dtype=torch.long)
-        for a, size in zip(row.attributes, shape):
-            cells = cells * size + labels[a].long()
+        # A joint row: one "class" per cell of the attributes' classes.
         target = torch.tensor(row.target, dtype=torch.float64).flatten().tolist()
-        measured = fractions(cells, valid, len(target))
+        measured = fractions(joint_cells(row, labels), valid, len(target))
         summary["cell_fractions"] = measured
     summary["fd"] = fairness_discrepancy(target, measured)
     if result.get("asked") is not None:
@@ -334,6 +482,8 @@ def measure(result: dict[str, Any], row: Row, vanilla: dict[str, Any]) -> dict[s
         summary["balance_state_counts"] = result["balance_state_counts"]
         summary["oracle_counts"] = torch.bincount(labels[row.attributes[0]][valid], minlength=len(row.target)).tolist()
         summary["target_counts"] = target_counts
+    if "selection" in result:  # what keeping images to the target cost (`select_from_pool`)
+        summary["selection"] = result["selection"]
     return summary
 
 
@@ -435,6 +585,7 @@ CONFIG_LABELS = {
     "distribution": "distribution, default (assign)",
     "prompt": "prompt",
     "fair_diffusion": "Fair Diffusion",
+    "selection": "selection (vanilla, kept to the counts)",
 }
 
 
@@ -451,7 +602,9 @@ def table_markdown(report: dict[str, Any]) -> str:
         "`fair_diffusion_sweep.md`). Fractions: over valid images; FD = ||target - fractions||_2 (joint rows: over "
         "the cells); hit: the asked class (sample, prompt) or the drawn class (Fair Diffusion), strict = over all "
         "images (an invalid image is a miss), then over valid images; entanglement: the largest change, in points, of "
-        "any class fraction of the attributes not guided, against vanilla. "
+        "any class fraction of the attributes not guided, against vanilla. Selection: vanilla images kept while "
+        "their class (joint rows: their cell) has room, until the target counts are filled; its images are valid by "
+        "construction, and what they cost is in the last section. "
         f"Wall time: {report['seconds'] / 60:.1f} min over {report['processes']} process(es) on {report['machine']}.",
         "",
         "| Row | Sampler | Batch | Configuration | Measured | FD | Valid | Hit (strict / valid) | Entanglement |",
@@ -499,7 +652,44 @@ def table_markdown(report: dict[str, Any]) -> str:
                 f"| {entry['title']} | {summary['target_counts']} | {summary['balance_state_counts']} | "
                 f"{summary['oracle_counts']} |"
             )
+    lines += selection_markdown(report)
     return "\n".join(lines) + "\n"
+
+
+def selection_markdown(report: dict[str, Any]) -> list[str]:
+    """The table's section on selection: per row the images generated per image kept, and its seconds against
+    distribution mode's for the same number of images."""
+    entries = [
+        (e, e["configurations"]["selection"]) for e in report["rows"].values() if "selection" in e["configurations"]
+    ]
+    if not entries:
+        return []
+    from h_classifiers.selection import SELECTION_MAX_FACTOR
+
+    lines = [
+        "",
+        "## Selection: images generated per image kept",
+        "",
+        "Selection generates vanilla images in seed order (the vanilla configuration's, then batches of the row's "
+        "batch size) and keeps each valid image while its class (joint rows: its cell) has room, until the target "
+        f"counts are filled or {SELECTION_MAX_FACTOR} x {report['num_images']} images were generated. Its seconds are "
+        "those of every image generated (the vanilla runs' wall time per image), labelling excluded.",
+        "",
+        "| Row | Target counts | Kept | Generated | Generated per kept | Valid among generated | Seconds, selection / "
+        "distribution |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for entry, summary in entries:
+        selected = summary["selection"]
+        kept = f"{selected['images_kept']}" + ("" if selected["filled"] else f", short by {selected['shortfall']}")
+        ratio = selected["images_generated_per_kept"]
+        distribution = entry["configurations"].get("distribution")
+        seconds = f"{summary['seconds']:.0f}" + ("" if distribution is None else f" / {distribution['seconds']:.0f}")
+        lines.append(
+            f"| {entry['title']} | {selected['target_counts']} | {kept} | {selected['images_generated']} | "
+            f"{'' if ratio is None else f'{ratio:.2f}'} | {_pct(selected['generated_valid_rate'])} | {seconds} |"
+        )
+    return lines
 
 
 def write_figures(report: dict[str, Any], output_dir: Path) -> None:
@@ -534,7 +724,9 @@ def run_table(args: argparse.Namespace) -> dict[str, Any] | None:
         for c in ("vanilla", "distribution", "fair_diffusion") if r in by_row else ():
             grids.setdefault(by_row[r][c].key, []).append(f"{r}_{c}")
     start = time.perf_counter()
-    state = run_jobs(jobs, Path(args.jobs_dir), output_dir, grids)
+    selection = [job for job in jobs if job.configuration == "selection"]
+    state = run_jobs([job for job in jobs if job.configuration != "selection"], Path(args.jobs_dir), output_dir, grids)
+    run_selection_jobs(selection, Path(args.jobs_dir), output_dir)
     if not is_main(state):
         return None
     report = {

@@ -1,6 +1,6 @@
 """Evaluation of Balancing Act guidance: generate, label, measure class fractions, FD, valid rate and time.
 
-Five configurations are compared on the same prompt and the same per-image seeds:
+These configurations are compared on the same prompt and the same per-image seeds:
 
 - `vanilla`: the pipeline without guidance (bit-for-bit Stable Diffusion);
 - `sample`: sample guidance; image i is guided to class c_i, the c_i drawn deterministically so that the classes
@@ -10,7 +10,10 @@ Five configurations are compared on the same prompt and the same per-image seeds
 - `prompt`: the prompt baseline: no guidance, the attribute written into the prompt (one explicit prompt per class),
   the classes drawn as for `sample`, e.g. for a 30/70 skin target 30% "light" and 70% "dark" explicit prompts;
 - `fair_diffusion`: the Fair Diffusion baseline (`baselines.FairDiffusion`): the neutral prompt, SEGA edit prompts
-  towards a class drawn at random per image from the target and away from the other classes.
+  towards a class drawn at random per image from the target and away from the other classes;
+- `selection` (opt-in, `h_classifiers.selection`): vanilla images read by the labeller and kept while their class has
+  room, until the target counts are filled; it reports the images generated per image kept, its seconds are those of
+  every image generated.
 
 Measurement (the measures are defined in `h_classifiers.metrics`): a labeller (`h_classifiers.labellers`) gives each
 image a class index, or -1 when it cannot label it (the toy oracle: an invalid image). Class fractions are one-hot
@@ -56,7 +59,10 @@ from .metrics import summarize_labels as summarize_labels
 from .metrics import target_verdicts as target_verdicts
 
 
-CONFIGURATIONS = ("vanilla", "sample", "distribution", "prompt", "fair_diffusion")
+CONFIGURATIONS = ("vanilla", "sample", "distribution", "prompt", "fair_diffusion", "selection")
+# Run only when asked for: selection may generate up to `selection_max_images` (default 20 x) images.
+OPT_IN_CONFIGURATIONS = ("selection",)
+DEFAULT_CONFIGURATIONS = tuple(c for c in CONFIGURATIONS if c not in OPT_IN_CONFIGURATIONS)
 # The baselines that write the class into the prompt: text-to-image models only.
 TEXT_CONFIGURATIONS = ("prompt", "fair_diffusion")
 GUIDED_CONFIGURATIONS = {"sample": "sample", "distribution": "distribution"}
@@ -158,6 +164,8 @@ class EvaluationSpec:
     fair_diffusion: dict[str, Any] | None = None
     # DDIM's eta of an unconditional model (0: deterministic DDIM, 1: DDPM-like); None: not passed.
     eta: float | None = None
+    # Selection: the most images it may generate (None: `selection.SELECTION_MAX_FACTOR` x num_images).
+    selection_max_images: int | None = None
 
 
 @dataclass
@@ -167,6 +175,8 @@ class Generation:
     asked: list[int] | None  # the class asked of each image (sample mode, prompt baseline), else None
     # The indices of the images the safety checker blacked out (None: the pipeline has no safety checker).
     blacked_out: list[int] | None = None
+    labels: torch.Tensor | None = None  # selection: the kept images' labels, and `Selector.report()`
+    selection: dict[str, Any] | None = None
 
 
 def run_configuration(
@@ -175,10 +185,11 @@ def run_configuration(
     spec: EvaluationSpec,
     configuration: str,
     progress: Callable[[int], None] | None = None,
+    labeller: Callable[[list[Image.Image]], torch.Tensor] | None = None,
     **options: Any,
 ) -> Generation:
     """Generate `spec.num_images` images for one configuration (see the module docstring). `options` go to
-    `generation.generate_batches` (`state` for several processes, `skip`, `on_batch`)."""
+    `generation.generate_batches` (`state` for several processes, `skip`, `on_batch`); `labeller`: selection's."""
     if configuration not in CONFIGURATIONS:
         raise ValueError(f"`configuration` must be one of {list(CONFIGURATIONS)}, got {configuration!r}.")
     n = spec.num_images
@@ -222,6 +233,10 @@ def run_configuration(
                 from pipeline_balancing_act import BalanceState
 
                 common["balance_state"] = BalanceState()
+    elif configuration == "selection":  # vanilla's calls, images kept to the target counts
+        from .selection import run_selection
+
+        return run_selection(pipe, spec, common, labeller, progress, **options)
     images, seconds, blacked_out = generate_images(
         pipe, prompts, spec.seed, spec.batch_size, per_image, progress, **options, **common
     )
@@ -233,7 +248,7 @@ def evaluate(
     classifier,
     spec: EvaluationSpec,
     labeller: Callable[[list[Image.Image]], torch.Tensor],
-    configurations: Sequence[str] = CONFIGURATIONS,
+    configurations: Sequence[str] = DEFAULT_CONFIGURATIONS,
     output_dir: str | os.PathLike | None = None,
     class_names: Sequence[str] | None = None,
     progress: Callable[[int], None] | None = None,
@@ -241,19 +256,22 @@ def evaluate(
     state=None,
 ) -> dict[str, Any]:
     """
-    Run and measure each configuration. Returns `{**metadata, "spec": ..., "class_names": ..., "results":
-    {configuration: summary}}`; with `output_dir`, also writes `results.json`, `grid_<configuration>.png` and
-    `fractions.png` there. With an accelerate `state` of several processes, the processes share the generation and
-    every one measures all the images (gathered), as one process would; the main process writes the files.
+    Run and measure each configuration (default: all but the opt-in `selection`). Returns `{**metadata, "spec": ...,
+    "class_names": ..., "results": {configuration: summary}}`; with `output_dir`, also writes `results.json`,
+    `grid_<configuration>.png` and `fractions.png` there. With an accelerate `state` of several processes, the
+    processes share the generation and every one measures all the images (gathered), as one process would; the main
+    process writes the files.
     """
     class_names = list(class_names or getattr(classifier, "config", {}).get("class_names", []))
     results = {}
     grids = {}
     for configuration in configurations:
-        generation = run_configuration(pipe, classifier, spec, configuration, progress, state=state)
-        labels = labeller(generation.images)
+        generation = run_configuration(pipe, classifier, spec, configuration, progress, labeller, state=state)
+        labels = labeller(generation.images) if generation.labels is None else generation.labels
         summary = summarize_labels(labels, spec.target, generation.asked, generation.blacked_out)
         summary["seconds"] = generation.seconds
+        if generation.selection is not None:
+            summary.update(generation.selection)
         results[configuration] = summary
         grids[configuration] = generation.images
     report = {**(metadata or {}), "spec": asdict(spec), "class_names": class_names, "results": results}
@@ -345,6 +363,8 @@ def write_outputs(
     output_dir = Path(output_dir)
     atomic_write_json(output_dir / "results.json", report, indent=2)
     for configuration, configuration_images in images.items():
+        if not configuration_images:  # selection that kept nothing
+            continue
         atomic_save_image(make_grid(configuration_images[:grid_size]), output_dir / f"grid_{configuration}.png")
     measured = {name: summary["fractions"] for name, summary in report["results"].items()}
     save_fraction_chart(

@@ -61,7 +61,7 @@ def test_job_keys_share_vanilla_per_sampler_and_differ_per_row():
     )
     assert by_row["skin-50-50"]["vanilla"].key == by_row["glasses-50-50"]["vanilla"].key
     assert by_row["skin-50-50"]["distribution"].key != by_row["glasses-50-50"]["distribution"].key
-    assert len(jobs) == 1 + 2 * 5
+    assert len(jobs) == 1 + 2 * 6  # sample, kl, distribution, prompt, Fair Diffusion, selection
 
 
 def test_reproduce_rejects_unknown_rows(capsys):
@@ -84,10 +84,27 @@ def test_a_tiny_table_on_the_toy_model_writes_results_table_and_figures(tmp_path
     ]
     report = reproduce.main(argv)
     row = report["rows"]["skin-50-50"]
-    assert set(row["configurations"]) == {"vanilla", "sample", "kl", "distribution", "prompt", "fair_diffusion"}
-    assert all(len(json.loads(p.read_text())["valid"]) == 4 for p in (tmp_path / "jobs").iterdir())
+    assert set(row["configurations"]) == {
+        "vanilla",
+        "sample",
+        "kl",
+        "distribution",
+        "prompt",
+        "fair_diffusion",
+        "selection",
+    }
+    selection = row["configurations"]["selection"]["selection"]
+    # The pool: the vanilla job's 4 images, then vanilla jobs on the next seeds only as far as the counts need.
+    pool = reproduce.pool_chunks(4, 80)
+    assert pool == [range(4), range(4, 68), range(68, 80)]
+    made = [(tmp_path / "jobs" / f"{reproduce.pool_job(reproduce.Sampler(), 0, c).key}.json").exists() for c in pool]
+    assert made == [chunk.start < selection["images_generated"] for chunk in pool]
+    results = [json.loads(p.read_text()) for p in (tmp_path / "jobs").iterdir()]
+    assert all(len(r["valid"]) == r["num_images"] for r in results)
+    assert all(r["num_images"] == 4 for r in results if r["seed"] == 0)  # the pool's next chunks start at seed 4
     table = (tmp_path / "table.md").read_text()
     assert "distribution, default (assign)" in table and "Fair Diffusion" in table
+    assert "## Selection: images generated per image kept" in table and "| skin 50/50 | [2, 2] |" in table
     assert (tmp_path / "fractions_skin-50-50.png").exists() and (
         tmp_path / "grid_skin-50-50_distribution.png"
     ).exists()

@@ -278,7 +278,7 @@ def test_a_text_to_image_model_keeps_its_prompt_defaults(assets, monkeypatch):
         generate_command.main(["--model", str(assets / "sd")])
     assert seen["prompt"] == _common.toy_defaults()["prompt"] and seen["guidance_scale"] == 7.5
     assert seen["eta"] is None and seen["unconditional"] is False
-    assert list(h_classifiers.evaluation.CONFIGURATIONS) == evaluate_command.parse_configurations(None, False)
+    assert list(h_classifiers.evaluation.DEFAULT_CONFIGURATIONS) == evaluate_command.parse_configurations(None, False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -337,7 +337,7 @@ def test_extract_command_on_an_unconditional_model(assets, brightness_labeller, 
     "extra, fragment",
     [
         (["--prompt", "a face"], "`--prompt`: for text-to-image models only"),
-        (["--image-dir", "faces"], "`--image-dir`: for text-to-image models only"),
+        (["--inversion-prompt", "a face"], "`--inversion-prompt`: for text-to-image models only"),
         (["--guidance-scale", "3", "--negative-prompt", "x"], "`--guidance-scale`, `--negative-prompt`: for text"),
         ([], "The generation recipe of an unconditional model needs `--num-images` and `--labeller`."),
     ],

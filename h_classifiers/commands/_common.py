@@ -415,6 +415,13 @@ def format_summary(name: str, summary: dict[str, Any], class_names: list[str]) -
             measured += f", {summary['hit_rate_strict']:.1%} strict"
     if summary.get("num_blacked_out"):
         measured += f"  {summary['num_blacked_out']} blacked out by the safety checker"
+    if "images_generated" in summary:  # selection: what keeping images to the target cost
+        ratio = summary["images_generated_per_kept"]
+        measured += f"  kept {summary['images_kept']} of {summary['images_generated']} generated"
+        measured += "" if ratio is None else f" ({ratio:.2f} per kept)"
+        if not summary["filled"]:
+            short = sum(summary["shortfall"])
+            measured += f", {short} short of the target counts after the cap of {summary['max_images']} images"
     return f"{name:<12} {measured}  ({summary['seconds']:.1f} s)"
 
 

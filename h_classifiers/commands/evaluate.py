@@ -5,18 +5,27 @@ Writes `results.json`, a grid PNG per configuration and `fractions.png` (measure
 Several processes / GPUs: `accelerate launch --num_processes N -m h_classifiers.cli evaluate ...` shares each
 configuration's images between the processes (rounds of N x --batch-size; distribution mode guides each round as one
 global batch) and gathers them all before measuring, so the metrics are those of one process making the same images.
+Selection too: each process labels its share of a round, and the labels are gathered before the next round.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from tqdm.auto import tqdm
 
 from h_classifiers.commands import _common, _model_kind
 from h_classifiers.commands._parser import CommandParser, silence_known_notices
 from h_classifiers.distributed import is_main, num_processes
-from h_classifiers.evaluation import CONFIGURATIONS, TEXT_CONFIGURATIONS, evaluate, load_pipeline
+from h_classifiers.evaluation import (
+    CONFIGURATIONS,
+    DEFAULT_CONFIGURATIONS,
+    OPT_IN_CONFIGURATIONS,
+    TEXT_CONFIGURATIONS,
+    evaluate,
+    load_pipeline,
+)
 from h_classifiers.io_utils import portable_path
 from h_classifiers.metrics import format_probabilities
 
@@ -36,8 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--configurations",
         default=None,
-        help=f"Comma-separated subset of {','.join(CONFIGURATIONS)} (default: all; an unconditional model: "
-        f"{','.join(unconditional_configurations())}, as {' and '.join(TEXT_CONFIGURATIONS)} need a prompt).",
+        help=f"Comma-separated subset of {','.join(CONFIGURATIONS)} (default: all but "
+        f"{','.join(OPT_IN_CONFIGURATIONS)}, which generates vanilla images until the target counts are filled; an "
+        f"unconditional model: {','.join(default_configurations(True))}, as {' and '.join(TEXT_CONFIGURATIONS)} "
+        "need a prompt).",
+    )
+    parser.add_argument(
+        "--selection-max-images",
+        type=_common.positive_int,
+        default=None,
+        help="selection: the most images it generates before it stops and reports the classes that fell short "
+        "(default: 20 x --num-images).",
     )
     parser.add_argument(
         "--class-prompts",
@@ -60,13 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def unconditional_configurations() -> list[str]:
+    """Every configuration an unconditional model can run."""
     return [c for c in CONFIGURATIONS if c not in TEXT_CONFIGURATIONS]
 
 
+def default_configurations(unconditional: bool = False) -> list[str]:
+    """What runs without `--configurations`: every configuration the model can run but the opt-in ones."""
+    return [c for c in DEFAULT_CONFIGURATIONS if not (unconditional and c in TEXT_CONFIGURATIONS)]
+
+
 def parse_configurations(text: str | None, unconditional: bool = False) -> list[str]:
-    """`--configurations` (None: every configuration the model can run)."""
+    """`--configurations` (None: `default_configurations`)."""
     if text is None:
-        return unconditional_configurations() if unconditional else list(CONFIGURATIONS)
+        return default_configurations(unconditional)
     names = [c.strip() for c in text.split(",") if c.strip()]
     unknown = [c for c in names if c not in CONFIGURATIONS]
     if unknown or not names:
@@ -80,6 +104,20 @@ def parse_configurations(text: str | None, unconditional: bool = False) -> list[
             f"and an unconditional model takes no prompt; choose from {unconditional_configurations()}."
         )
     return names
+
+
+def check_selection_arguments(args: argparse.Namespace, configurations: list[str]) -> None:
+    """`--selection-max-images`: for the selection configuration, and at least `--num-images`."""
+    if args.selection_max_images is None:
+        return
+    if "selection" not in configurations:
+        raise ValueError(
+            "`--selection-max-images` applies to the selection configuration only; add selection to "
+            f"`--configurations` (got {','.join(configurations)})."
+        )
+    from h_classifiers.selection import check_max_images
+
+    check_max_images(args.selection_max_images, args.num_images, "--selection-max-images")
 
 
 def default_class_prompts(args: argparse.Namespace, classifier) -> list[str] | None:
@@ -101,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     _model_kind.resolve_model_kind(parser, args, _common.text_defaults())
     try:  # what can be checked before anything is loaded
         configurations = parse_configurations(args.configurations, args.unconditional)
+        check_selection_arguments(args, configurations)
     except ValueError as error:
         parser.error(str(error))
     run = _common.start_run(parser, args, distribution="distribution" in configurations)
@@ -126,7 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"{args.steps} steps" + _common.eta_note(args)
         )
     spec = _common.evaluation_spec(args, target, class_prompts)
-    total = args.num_images * len(configurations)
+    spec = replace(spec, selection_max_images=args.selection_max_images)
+    total = args.num_images * len(configurations)  # selection advances the bar by the images it keeps
     with tqdm(total=total, desc="evaluate", unit="img", disable=args.no_progress or not is_main(state)) as bar:
         metadata = {
             "attribute": classifier.config.attribute,
