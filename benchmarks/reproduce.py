@@ -47,7 +47,14 @@ from h_classifiers.metrics import (  # noqa: E402
     fairness_discrepancy,
     hit_rates,
 )
-from h_classifiers.toy_world import ATTRIBUTES, NEUTRAL_PROMPT, TOY_CLASSIFIERS_PATH, TOY_MODEL_PATH  # noqa: E402
+from h_classifiers.toy_world import (  # noqa: E402
+    ATTRIBUTES,
+    NEUTRAL_PROMPT,
+    TOY_CLASSIFIERS_PATH,
+    TOY_DDPM_CLASSIFIERS_PATH,
+    TOY_DDPM_PATH,
+    TOY_MODEL_PATH,
+)
 
 
 TABLE_SEED = 0
@@ -66,13 +73,19 @@ class Sampler:
     scheduler: str = "ddim"
     steps: int = 25
     guidance_scale: float = 7.5
+    # DDIM's eta of the unconditional world (None: the text-to-image world, which has classifier-free guidance)
+    eta: float | None = None
 
     @property
     def label(self) -> str:
+        if self.eta is not None:
+            return f"{SCHEDULER_LABELS[self.scheduler]} {self.steps}, eta {self.eta:g}"
         return f"{SCHEDULER_LABELS[self.scheduler]} {self.steps}, CFG {self.guidance_scale:g}"
 
     @property
     def key(self) -> str:
+        if self.eta is not None:
+            return f"{self.scheduler}{self.steps}-eta{self.eta:g}"
         return f"{self.scheduler}{self.steps}-cfg{self.guidance_scale:g}"
 
 
@@ -87,9 +100,19 @@ class Row:
     configurations: tuple[str, ...] = ("sample", "kl", "distribution", "prompt", "fair_diffusion")
     batch_size: int = 64
     balance_state: bool = False
+    num_images: int | None = None  # the row's guided jobs (None: the table's --num-images)
+
+    @property
+    def marginal(self) -> bool:
+        """Several attributes with one target vector each (not a joint table over their cells)."""
+        return len(self.attributes) > 1 and all(abs(sum(t) - 1.0) < 1e-6 for t in self.target)
 
     @property
     def title(self) -> str:
+        if self.marginal:
+            return " + ".join(
+                f"{a} {'/'.join(f'{round(100 * p)}' for p in t)}" for a, t in zip(self.attributes, self.target)
+            )
         if len(self.attributes) > 1:
             return " x ".join(self.attributes) + " joint"
         t = self.target
@@ -149,6 +172,95 @@ ROWS = (
 )
 ROWS_BY_NAME = {row.name: row for row in ROWS}
 
+# The unconditional world: the toy DDPM, the paper's setting (DDIM 50 steps, eta 1, batches of 100; eta 0 rows too).
+DDPM = Sampler("ddim", 50, 1.0, eta=1.0)
+DDPM_ETA0 = Sampler("ddim", 50, 1.0, eta=0.0)
+DDPM_BATCH = 100
+# The paper's peers: sample mode, its soft chi-square loss, our default, image-space guidance, selection.
+UNCONDITIONAL_CONFIGURATIONS = ("sample", "chi2", "distribution", "image_guidance", "selection")
+
+
+def ddpm_row(name: str, attributes: tuple[str, ...], target: tuple, **fields: Any) -> Row:
+    """A row of the unconditional world: DDIM 50 eta 1 and the paper's batches unless `fields` say otherwise."""
+    fields = {
+        "sampler": DDPM,
+        "batch_size": DDPM_BATCH,
+        "configurations": UNCONDITIONAL_CONFIGURATIONS,
+        "classifiers": "toy-ddpm",
+        **fields,
+    }
+    return Row(name, attributes, target, **fields)
+
+
+DDPM_ROWS = (
+    *(ddpm_row(f"{a}-{p}-{100 - p}", (a,), (p / 100, 1 - p / 100)) for a in ("skin", "glasses") for p in (20, 50, 80)),
+    ddpm_row("hair-uniform", ("hair",), THIRD),
+    ddpm_row("hair-20-40-40", ("hair",), (0.2, 0.4, 0.4)),
+    ddpm_row("skin-glasses-50-50", ("skin", "glasses"), (SKIN_50, SKIN_50), configurations=("chi2", "distribution")),
+    ddpm_row(
+        "skin-x-glasses-uniform",
+        ("skin", "glasses"),
+        ((0.25, 0.25), (0.25, 0.25)),
+        configurations=("distribution", "selection"),
+    ),
+    *(
+        ddpm_row(f"{name}-eta0", (a,), target, sampler=DDPM_ETA0, configurations=("sample", "chi2", "distribution"))
+        for name, a, target in (
+            ("skin-50-50", "skin", SKIN_50),
+            ("glasses-50-50", "glasses", SKIN_50),
+            ("hair-uniform", "hair", THIRD),
+        )
+    ),
+    ddpm_row(
+        "skin-30-70-job",
+        ("skin",),
+        (0.3, 0.7),
+        configurations=("distribution",),
+        batch_size=10,
+        balance_state=True,
+        num_images=500,
+    ),
+)
+
+
+@dataclass(frozen=True)
+class World:
+    """What a table runs on: the model, its classifiers, its prompt (None: an unconditional model) and its rows."""
+
+    name: str
+    model: Path
+    classifiers: Path
+    prompt: str | None
+    rows: tuple[Row, ...]
+    output_dir: Path
+    jobs_dir: Path
+
+    @property
+    def rows_by_name(self) -> dict[str, Row]:
+        return {row.name: row for row in self.rows}
+
+
+WORLDS = {
+    "sd": World(
+        "sd",
+        TOY_MODEL_PATH,
+        TOY_CLASSIFIERS_PATH,
+        NEUTRAL_PROMPT,
+        ROWS,
+        ROOT / "docs" / "results",
+        ROOT / ".work" / "reproduce-jobs",
+    ),
+    "ddpm": World(
+        "ddpm",
+        TOY_DDPM_PATH,
+        TOY_DDPM_CLASSIFIERS_PATH,
+        None,
+        DDPM_ROWS,
+        ROOT / "docs" / "results" / "unconditional",
+        ROOT / ".work" / "reproduce-jobs-ddpm",
+    ),
+}
+
 
 @dataclass(frozen=True)
 class Job:
@@ -189,21 +301,32 @@ class Toolkit:
         from h_classifiers.evaluation import load_pipeline, set_scheduler
         from h_classifiers.toy_world import ToyOracle
 
-        self.base = load_pipeline(TOY_MODEL_PATH, "cpu", "float32")
-        self.base_config = dict(self.base.scheduler.config)
+        self._load_pipeline = load_pipeline
+        self._base = None
+        self._ddpm = None
         self._set_scheduler = set_scheduler
         self.oracle = ToyOracle()
         self._classifiers: dict[tuple[str, str], Any] = {}
 
-    def pipe(self, scheduler: str):
-        self._set_scheduler(self.base, scheduler, self.base_config)
-        return self.base
+    def pipe(self, sampler: Sampler):
+        """The toy pipeline of the sampler's world, with its scheduler (the toy DDPM: DDIM, eta per call)."""
+        if sampler.eta is not None:
+            if self._ddpm is None:
+                self._ddpm = self._load_pipeline(TOY_DDPM_PATH, "cpu", "float32")
+            return self._ddpm
+        if self._base is None:
+            self._base = self._load_pipeline(TOY_MODEL_PATH, "cpu", "float32")
+            self.base_config = dict(self._base.scheduler.config)
+        self._set_scheduler(self._base, sampler.scheduler, self.base_config)
+        return self._base
 
     def classifier(self, attribute: str, source: str):
         from pipeline_balancing_act import HClassifier
 
         if (attribute, source) not in self._classifiers:
-            root = TOY_CLASSIFIERS_PATH if source == "shipped" else README_CLASSIFIERS
+            root = {"shipped": TOY_CLASSIFIERS_PATH, "toy-ddpm": TOY_DDPM_CLASSIFIERS_PATH}.get(
+                source, README_CLASSIFIERS
+            )
             self._classifiers[attribute, source] = HClassifier.from_pretrained(str(root / attribute)).eval()
         return self._classifiers[attribute, source]
 
@@ -219,35 +342,53 @@ def run_job(job: Job, kit: Toolkit) -> tuple[dict[str, Any], torch.Tensor]:
     from h_classifiers.baselines import DEFAULT_FAIR_DIFFUSION_SETTINGS, FairDiffusion, draw_classes
     from h_classifiers.generation import generate_batches
     from h_classifiers.metrics import asked_classes
-    from pipeline_balancing_act import BalanceState
+    from pipeline_balancing_act import HOLD, BalanceState
 
     if job.configuration == "selection":
         raise ValueError(f"{job.key}: a selection job generates nothing itself; `run_selection_jobs` runs it.")
-    pipe = kit.pipe(job.sampler.scheduler)
+    pipe = kit.pipe(job.sampler)
     n, row = job.num_images, job.row
-    call = {
-        "num_inference_steps": job.sampler.steps,
-        "guidance_scale": job.sampler.guidance_scale,
-        **dict(job.settings),
-    }
-    prompts, per_image, asked = [NEUTRAL_PROMPT] * n, None, None
+    unconditional = job.sampler.eta is not None
+    settings = dict(job.settings)
+    hold = settings.pop("hold", False)  # the hold sweep: every other attribute's classifier held
+    call = {"num_inference_steps": job.sampler.steps, **settings}
+    if unconditional:
+        call["eta"] = job.sampler.eta
+    else:
+        call["guidance_scale"] = job.sampler.guidance_scale
+    prompts, per_image, asked = (None if unconditional else [NEUTRAL_PROMPT] * n), None, None
     batch_size = row.batch_size if row is not None else 64
     if row is not None and job.configuration != "vanilla":
         attribute = row.attributes[0]
         classifiers = [kit.classifier(a, row.classifiers) for a in row.attributes]
         target = list(row.target) if len(row.attributes) == 1 else [list(r) for r in row.target]
+        held = [kit.classifier(a, row.classifiers) for a in ATTRIBUTES if hold and a not in row.attributes]
         if job.configuration in ("sample", "prompt"):
             asked = asked_classes(target, n)
+        if held and (
+            job.configuration not in ("distribution", "kl", "chi2") or not (len(row.attributes) == 1 or row.marginal)
+        ):
+            raise ValueError(f"{job.key}: `hold` is measured in distribution mode with marginal targets only.")
         if job.configuration == "sample":
             call.update(h_classifier=classifiers[0], guidance_mode="sample")
             per_image = {"target_classes": asked}
-        elif job.configuration in ("distribution", "kl"):
-            call.update(h_classifier=classifiers if len(classifiers) > 1 else classifiers[0])
-            call.update(guidance_mode="distribution", target_distribution=target)
-            if job.configuration == "kl":
-                call["distribution_solver"] = "kl"
+        elif job.configuration in ("distribution", "kl", "chi2"):
+            if held:
+                entries = [target] if len(classifiers) == 1 else target
+                call.update(h_classifier=[*classifiers, *held], target_distribution=[*entries, *[HOLD] * len(held)])
+            else:
+                call.update(h_classifier=classifiers if len(classifiers) > 1 else classifiers[0])
+                call["target_distribution"] = target
+            call["guidance_mode"] = "distribution"
+            if job.configuration != "distribution":
+                call["distribution_solver"] = job.configuration
             if row.balance_state:
                 call["balance_state"] = BalanceState()
+        elif job.configuration == "image_guidance":
+            from h_classifiers.image_guidance import evaluation_sampler
+
+            pipe = evaluation_sampler(pipe, classifiers[0], None)
+            call["target_distribution"] = target
         elif job.configuration == "prompt":
             prompts = [class_prompts(attribute)[k] for k in asked]
         elif job.configuration == "fair_diffusion":
@@ -255,9 +396,10 @@ def run_job(job: Job, kit: Toolkit) -> tuple[dict[str, Any], torch.Tensor]:
             per_image = {"target_classes": asked}
             pipe = FairDiffusion(pipe, class_prompts(attribute), dict(job.settings) or DEFAULT_FAIR_DIFFUSION_SETTINGS)
             call = {k: v for k, v in call.items() if k in ("num_inference_steps", "guidance_scale")}
+    count = {"num_images": n} if unconditional else {}
     start = time.perf_counter()
     images = []
-    for batch in generate_batches(pipe, prompts, job.seed, batch_size, per_image, output_type="pt", **call):
+    for batch in generate_batches(pipe, prompts, job.seed, batch_size, per_image, output_type="pt", **count, **call):
         images.append(batch.output.images)
     seconds = time.perf_counter() - start
     images = torch.cat(list(images)) if isinstance(images[0], torch.Tensor) else torch.stack(sum(images, []))
@@ -452,18 +594,25 @@ def measure(result: dict[str, Any], row: Row, vanilla: dict[str, Any]) -> dict[s
     labels = {a: torch.tensor(v) for a, v in result["labels"].items()}
     van_valid = torch.tensor(vanilla["valid"]).bool()
     valid_rate = float(valid.float().mean()) if len(valid) else 0.0  # selection may keep no image
-    summary = {"valid_rate": valid_rate, "seconds": result["seconds"], "fractions": {}}
+    summary = {"valid_rate": valid_rate, "seconds": result["seconds"], "num_images": len(valid), "fractions": {}}
+    # Wall time per image (selection: per image kept) against vanilla's
+    summary["time_vs_vanilla"] = (result["seconds"] / max(len(valid), 1)) / (vanilla["seconds"] / len(van_valid))
     for a in ATTRIBUTES:
         summary["fractions"][a] = fractions(labels[a], valid, len(ATTRIBUTES[a]))
     if len(row.attributes) == 1:
-        target = list(row.target)
-        measured = summary["fractions"][row.attributes[0]]
+        summary["fd"] = fairness_discrepancy(list(row.target), summary["fractions"][row.attributes[0]])
+    elif row.marginal:  # one target per attribute: each attribute's FD, and the row's is the largest
+        per_attribute = {
+            a: fairness_discrepancy(list(t), summary["fractions"][a]) for a, t in zip(row.attributes, row.target)
+        }
+        summary["fd_per_attribute"] = per_attribute
+        summary["fd"] = max(per_attribute.values())
     else:
         # A joint row: one "class" per cell of the attributes' classes.
         target = torch.tensor(row.target, dtype=torch.float64).flatten().tolist()
         measured = fractions(joint_cells(row, labels), valid, len(target))
         summary["cell_fractions"] = measured
-    summary["fd"] = fairness_discrepancy(target, measured)
+        summary["fd"] = fairness_discrepancy(target, measured)
     if result.get("asked") is not None:
         # The asked class of the row's attribute; an invalid image is a miss in the strict rate.
         asked_labels = torch.where(valid, labels[row.attributes[0]], -1)
@@ -499,7 +648,7 @@ def table_jobs(rows: list[Row], num_images: int, seed: int) -> tuple[list[Job], 
     for row in rows:
         entry = {"vanilla": Job("vanilla", row.sampler, num_images, seed)}
         for configuration in row.configurations:
-            entry[configuration] = Job(configuration, row.sampler, num_images, seed, row)
+            entry[configuration] = Job(configuration, row.sampler, row.num_images or num_images, seed, row)
         by_row[row.name] = entry
         jobs.update({job.key: job for job in entry.values()})
     return list(jobs.values()), by_row
@@ -517,6 +666,11 @@ def check_targets(row: Row, measured: dict[str, dict[str, Any]]) -> dict[str, An
         if default["entanglement_max"] is not None:
             e = default["entanglement_max"]
             checks["entanglement (points)"] = (100 * e, 100 * TARGET_ENTANGLEMENT, e <= TARGET_ENTANGLEMENT)
+        image_space = measured.get("image_guidance")
+        if image_space is not None:  # lower FD than image-space guidance at lower cost: both shown
+            better = default["fd"] < image_space["fd"] and default["time_vs_vanilla"] < image_space["time_vs_vanilla"]
+            shown = (default["fd"], image_space["fd"], default["time_vs_vanilla"], image_space["time_vs_vanilla"])
+            checks["beats image-space guidance"] = (shown, None, better)
         peer = measured.get("fair_diffusion")
         if peer is not None:
             # Lower FD at no lower valid rate: both are shown (FDs, then valid rates).
@@ -551,6 +705,7 @@ def merge(rows: list[Row], by_row: dict[str, dict[str, Job]], jobs_dir: Path) ->
 def settings_summary() -> dict[str, Any]:
     import pipeline_balancing_act as pba
     from h_classifiers.baselines import DEFAULT_FAIR_DIFFUSION_SETTINGS
+    from h_classifiers.image_guidance import DEFAULT_IMAGE_GUIDANCE_SCALE
 
     return {
         "guidance_strength": pba.DEFAULT_GUIDANCE_STRENGTH,
@@ -558,6 +713,7 @@ def settings_summary() -> dict[str, Any]:
         "switch_penalty": pba.SWITCH_PENALTY,
         "guided_branches": "cond",
         "soft_solver_temperature": pba.DEFAULT_TEMPERATURE,
+        "image_guidance_scale": DEFAULT_IMAGE_GUIDANCE_SCALE,
         "fair_diffusion": DEFAULT_FAIR_DIFFUSION_SETTINGS,
     }
 
@@ -567,10 +723,18 @@ def _pct(x: float | None) -> str:
 
 
 def _fractions(summary: dict[str, Any], row: Row) -> str:
+    if row.marginal:
+        return "; ".join(
+            " / ".join(f"{c} {p:.3f}" for c, p in zip(ATTRIBUTES[a], summary["fractions"][a])) for a in row.attributes
+        )
     if len(row.attributes) > 1:
         return " / ".join(f"{p:.3f}" for p in summary["cell_fractions"])
     a = row.attributes[0]
     return " / ".join(f"{c} {p:.3f}" for c, p in zip(ATTRIBUTES[a], summary["fractions"][a]))
+
+
+def _ratio(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
 
 
 def _target(row: Row) -> str:
@@ -582,6 +746,8 @@ CONFIG_LABELS = {
     "vanilla": "vanilla",
     "sample": "sample",
     "kl": "distribution, paper's soft KL",
+    "chi2": "distribution, paper's soft chi-square",
+    "image_guidance": "image-space guidance (x0 classifier)",
     "distribution": "distribution, default (assign)",
     "prompt": "prompt",
     "fair_diffusion": "Fair Diffusion",
@@ -593,10 +759,16 @@ def table_markdown(report: dict[str, Any]) -> str:
     rows = report["rows"]
     lines = [
         "<!-- generated by benchmarks/reproduce.py: do not edit by hand -->",
-        "# Reproduction table (toy world)",
+        "# Reproduction table (toy world)" if report.get("world", "sd") == "sd" else "# Reproduction table (toy DDPM)",
         "",
-        f"{report['num_images']} images per configuration (image i: seed {report['seed']} + i), prompt "
-        f"{NEUTRAL_PROMPT!r}, the toy oracle reading every image. Guided configurations use the pipeline defaults "
+        f"{report['num_images']} images per configuration (image i: seed {report['seed']} + i), "
+        + (
+            f"prompt {NEUTRAL_PROMPT!r}"
+            if report.get("world", "sd") == "sd"
+            else "the unconditional toy DDPM (no prompt; image-space guidance: the shipped x0 classifiers, scale "
+            f"{report['settings'].get('image_guidance_scale')})"
+        )
+        + ", the toy oracle reading every image. Guided configurations use the pipeline defaults "
         f"(`{json.dumps({k: v for k, v in report['settings'].items() if k != 'fair_diffusion'})}`); Fair Diffusion "
         f"uses `{json.dumps(report['settings']['fair_diffusion'])}` (tuned on seeds {TUNING_SEED}+, "
         "`fair_diffusion_sweep.md`). Fractions: over valid images; FD = ||target - fractions||_2 (joint rows: over "
@@ -607,11 +779,13 @@ def table_markdown(report: dict[str, Any]) -> str:
         "construction, and what they cost is in the last section. "
         f"Wall time: {report['seconds'] / 60:.1f} min over {report['processes']} process(es) on {report['machine']}.",
         "",
-        "| Row | Sampler | Batch | Configuration | Measured | FD | Valid | Hit (strict / valid) | Entanglement |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| Row | Sampler | Batch | Configuration | Measured | FD | Valid | Hit (strict / valid) | Entanglement "
+        "| Time per image / vanilla |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    world = WORLDS[report.get("world", "sd")]
     for name, entry in rows.items():
-        row = ROWS_BY_NAME[name]
+        row = world.rows_by_name[name]
         batch = f"{entry['batch_size']}" + (" + state" if entry["balance_state"] else "")
         classifier = " (README-recipe classifier)" if entry["classifiers"] == "readme" else ""
         for configuration, summary in entry["configurations"].items():
@@ -626,7 +800,7 @@ def table_markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {entry['title']}{classifier} (target {_target(row)}) | {entry['sampler']} | {batch} | "
                 f"{CONFIG_LABELS[configuration]} | {_fractions(summary, row)} | {summary['fd']:.3f} | "
-                f"{_pct(summary['valid_rate'])} | {hit} | {ent} |"
+                f"{_pct(summary['valid_rate'])} | {hit} | {ent} | {_ratio(summary.get('time_vs_vanilla'))} |"
             )
     lines += ["", "## Targets, default settings (met / missed, and by how much)", ""]
     lines += ["| Row | Target | Value | Threshold | Met |", "|---|---|---|---|---|"]
@@ -634,7 +808,9 @@ def table_markdown(report: dict[str, Any]) -> str:
         for check, (value, threshold, met) in entry["targets"].items():
             if isinstance(value, tuple | list):
                 shown = f"FD {value[0]:.3f} vs {value[1]:.3f}"
-                if len(value) == 4:  # results written before the valid rates were part of the check have two
+                if check == "beats image-space guidance":
+                    shown += f", time per image {value[2]:.2f} vs {value[3]:.2f} x vanilla"
+                elif len(value) == 4:  # results written before the valid rates were part of the check have two
                     shown += f", valid {_pct(value[2])} vs {_pct(value[3])}"
             else:
                 shown = f"{value:.3f}" if "points" not in check else f"{value:.1f}"
@@ -644,7 +820,7 @@ def table_markdown(report: dict[str, Any]) -> str:
             )
     jobs = [e for e in rows.values() if e["balance_state"]]
     if jobs:
-        lines += ["", "## The 512-image job in batches of 8 with `BalanceState`", ""]
+        lines += ["", "## Jobs in small batches with `BalanceState`", ""]
         lines += ["| Row | Target counts | Counts in the state | Oracle counts (valid images) |", "|---|---|---|---|"]
         for entry in jobs:
             summary = entry["configurations"]["distribution"]
@@ -712,7 +888,8 @@ def machine() -> str:
 def run_table(args: argparse.Namespace) -> dict[str, Any] | None:
     from h_classifiers.distributed import is_main, num_processes
 
-    rows = [ROWS_BY_NAME[n] for n in args.rows.split(",")] if args.rows else list(ROWS)
+    world = WORLDS[args.world]
+    rows = [world.rows_by_name[n] for n in args.rows.split(",")] if args.rows else list(world.rows)
     if any(r.classifiers == "readme" for r in rows) and not (README_CLASSIFIERS / "skin").is_dir():
         raise SystemExit(
             f"The README-recipe classifiers are missing: run benchmarks/readme_recipe.sh (-> {README_CLASSIFIERS})."
@@ -730,6 +907,7 @@ def run_table(args: argparse.Namespace) -> dict[str, Any] | None:
     if not is_main(state):
         return None
     report = {
+        "world": args.world,
         "num_images": args.num_images,
         "seed": args.seed,
         "settings": settings_summary(),
@@ -794,6 +972,22 @@ REACH_ROWS = tuple(
     for c, name in enumerate(classes)
 )
 REACH_STRENGTHS = (2.5, 5.0, 10.0, 20.0)
+# The same rows on the toy DDPM (the deep toy: h after three downsamplings), in the paper's batches.
+DDPM_REACH_ROWS = tuple(
+    ddpm_row(row.name, row.attributes, row.target, configurations=("sample",)) for row in REACH_ROWS
+)
+# The hold sweep: distribution mode with the other attributes' classifiers held ("hold") or not; entanglement is the
+# measure. Rows the table misses entanglement on, and one of each attribute.
+HOLD_ROWS = (
+    Row("hold-skin-30-70", ("skin",), (0.3, 0.7), configurations=("distribution",)),
+    Row("hold-skin-50-50", ("skin",), SKIN_50, configurations=("distribution",)),
+    Row("hold-glasses-50-50", ("glasses",), SKIN_50, configurations=("distribution",)),
+    Row("hold-hair-uniform", ("hair",), THIRD, configurations=("distribution",)),
+)
+DDPM_HOLD_ROWS = tuple(
+    ddpm_row(row.name, row.attributes, row.target, configurations=row.configurations) for row in HOLD_ROWS
+)
+HOLD_GRID = ((("hold", False),), (("hold", True),))
 FAIR_DIFFUSION_GRID = tuple(
     (("edit_guidance_scale", g), ("edit_threshold", t), ("edit_warmup_steps", w))
     for g in (3.0, 5.0, 8.0)
@@ -805,10 +999,13 @@ FAIR_DIFFUSION_GRID = tuple(
 def run_sweep(args: argparse.Namespace) -> dict[str, Any] | None:
     from h_classifiers.distributed import is_main
 
+    ddpm = args.world == "ddpm"
     if args.sweep == "strength":
         rows, grid = STRENGTH_ROWS, [(("guidance_strength", s),) for s in STRENGTHS]
     elif args.sweep == "reach":
-        rows, grid = REACH_ROWS, [(("guidance_strength", s),) for s in REACH_STRENGTHS]
+        rows, grid = DDPM_REACH_ROWS if ddpm else REACH_ROWS, [(("guidance_strength", s),) for s in REACH_STRENGTHS]
+    elif args.sweep == "hold":
+        rows, grid = DDPM_HOLD_ROWS if ddpm else HOLD_ROWS, list(HOLD_GRID)
     else:
         rows, grid = FAIR_DIFFUSION_ROWS, list(FAIR_DIFFUSION_GRID)
     jobs_dir = Path(args.jobs_dir)
@@ -843,8 +1040,9 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any] | None:
         "seconds": time.perf_counter() - start,
         "results": results,
     }
-    if args.sweep != "reach":
+    if args.sweep not in ("reach", "hold"):
         report["choice"] = choose(results)
+    report["world"] = args.world
     atomic_write_json(Path(args.output_dir) / f"sweep_{args.sweep}.json", report)
     atomic_write_text(Path(args.output_dir) / f"sweep_{args.sweep}.md", sweep_markdown(report))
     return report
@@ -876,11 +1074,20 @@ def sweep_markdown(report: dict[str, Any]) -> str:
             f"point below vanilla's. Chosen: `{json.dumps(choice['settings'])}` (mean FD {choice['mean_fd']:.3f}, "
             f"mean valid drop {100 * choice['mean_valid_drop']:.1f} points). "
         )
+    elif report["sweep"] == "hold":
+        intro += (
+            "Distribution mode with the defaults; `hold: true` passes every other attribute's shipped classifier "
+            'with the target "hold" (the guided move loses the held heads\' directions). Entanglement: the largest '
+            "change, in points, of any class fraction of the attributes not guided, against vanilla; the sweep "
+            "measures and chooses nothing. "
+        )
     else:
         intro += (
             "Every image is asked the row's class (sample mode). Reached: the fraction of valid images of that class, "
             "against vanilla's; the sweep measures what moving h can do and chooses nothing. "
         )
+    if report.get("world") == "ddpm":
+        intro += "The unconditional toy DDPM (DDIM 50, eta 1, batches of 100). "
     lines = [
         "<!-- generated by benchmarks/reproduce.py --sweep: do not edit by hand -->",
         f"# Sweep: {report['sweep']}",
@@ -912,12 +1119,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--seed", type=int, default=None, help=f"First seed (table {TABLE_SEED}, sweeps {TUNING_SEED})."
     )
-    parser.add_argument("--output-dir", default=str(ROOT / "docs" / "results"), help="Where results go.")
     parser.add_argument(
-        "--jobs-dir", default=str(ROOT / ".work" / "reproduce-jobs"), help="Where each job's per-image results go."
+        "--world",
+        choices=tuple(WORLDS),
+        default="sd",
+        help="sd: the toy Stable Diffusion model; ddpm: the unconditional toy DDPM (the paper's setting).",
     )
     parser.add_argument(
-        "--sweep", choices=("strength", "fair-diffusion", "reach"), default=None, help="Run a sweep instead."
+        "--output-dir", default=None, help="Where results go (sd: docs/results, ddpm: docs/results/unconditional)."
+    )
+    parser.add_argument(
+        "--jobs-dir",
+        default=None,
+        help="Where each job's per-image results go (sd: .work/reproduce-jobs, ddpm: .work/reproduce-jobs-ddpm).",
+    )
+    parser.add_argument(
+        "--sweep",
+        choices=("strength", "fair-diffusion", "reach", "hold"),
+        default=None,
+        help="Run a sweep instead (the ddpm world: reach and hold).",
     )
     return parser
 
@@ -928,14 +1148,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     silence_known_notices()
     parser = build_parser()
     args = parser.parse_args(argv)
-    unknown = [n for n in args.rows.split(",") if n and n not in ROWS_BY_NAME]
+    world = WORLDS[args.world]
+    args.output_dir = args.output_dir or str(world.output_dir)
+    args.jobs_dir = args.jobs_dir or str(world.jobs_dir)
+    unknown = [n for n in args.rows.split(",") if n and n not in world.rows_by_name]
     if unknown:
-        parser.error(f"--rows: unknown rows {unknown}; rows: {', '.join(ROWS_BY_NAME)}")
+        parser.error(f"--rows: unknown rows {unknown}; rows: {', '.join(world.rows_by_name)}")
+    if args.sweep in ("strength", "fair-diffusion") and args.world != "sd":
+        parser.error(f"--sweep {args.sweep} tunes the text-to-image world's defaults; use --world sd.")
     if args.sweep:
         args.num_images = args.num_images or 256
         args.seed = TUNING_SEED if args.seed is None else args.seed
         return run_sweep(args)
-    args.num_images = args.num_images or 512
+    args.num_images = args.num_images or (512 if args.world == "sd" else DDPM_BATCH)
     args.seed = TABLE_SEED if args.seed is None else args.seed
     return run_table(args)
 

@@ -27,6 +27,7 @@ ASSETS_PATH = Path(__file__).resolve().parent / "assets"
 TOY_MODEL_PATH = ASSETS_PATH / "toy-sd"
 TOY_DDPM_PATH = ASSETS_PATH / "toy-ddpm"  # the unconditional pixel-space DDPM (a DDIMPipeline)
 TOY_CLASSIFIERS_PATH = ASSETS_PATH / "classifiers"
+TOY_DDPM_CLASSIFIERS_PATH = TOY_CLASSIFIERS_PATH / "toy-ddpm"  # the toy DDPM's h-classifiers, one folder each
 
 ATTRIBUTES: dict[str, list[str]] = {
     "skin": ["light", "dark"],
