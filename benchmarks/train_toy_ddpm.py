@@ -116,7 +116,8 @@ def train_pixel_unet(args, images: torch.Tensor, work: Path):
         ema.step(unet.parameters())
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % args.checkpoint_every == 0 or step + 1 == end < args.steps:
+        # also at the end of a run, finished or not: a later, longer --steps extends from exactly there
+        if (step + 1) % args.checkpoint_every == 0 or step + 1 == end:
             save(step + 1)
     if end < args.steps:
         return None, {"step": str(end), "train_seconds": f"{seconds + time.time() - t0:.1f}"}

@@ -110,5 +110,22 @@ def test_train_toy_ddpm_smoke_resume_and_report(tmp_path, one_thread):
         assert set(row["fractions"]) == {"skin", "glasses", "hair"}
         assert "colours_ok" in row["checks_passed"]
 
+    # A finished run rerun with a larger --steps continues from its last step (a warm restart) and says so.
+    extended, _, _ = run(
+        "straight",
+        "--steps",
+        "6",
+        "--report",
+        str(tmp_path / "extended.json"),
+        "--report-samples",
+        "2",
+        "--report-steps",
+        "2",
+    )
+    assert extended["training"]["steps"] == 6 and extended["training"]["extended_from"] == [4]
+    longer = load_file(str(straight_work / "unet_final.safetensors"))
+    assert any(not torch.equal(longer[k], straight[k]) for k in straight)
+    assert (tmp_path / "extended.md").read_text().count("trained 4 then 6 steps") == 1
+
     # The Min-SNR loss weighting runs too.
     run("snr", "--snr-gamma", "5", "--steps", "2")
