@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from benchmarks import reproduce
 from h_classifiers.toy_world import TOY_MODEL_PATH
@@ -178,3 +179,57 @@ def test_beating_fair_diffusion_shows_both_fds_and_both_valid_rates():
     }
     table = reproduce.table_markdown(report)
     assert "| beats Fair Diffusion | FD 0.010 vs 0.050, valid 90.0% vs 93.0% |  | **missed** |" in table
+
+
+def test_the_unconditional_world_runs_marginal_and_eta1_rows_on_the_toy_ddpm(tmp_path):
+    argv = ["--world", "ddpm", "--rows", "skin-glasses-50-50,hair-uniform-eta1", "--num-images", "4"]
+    report = reproduce.main([*argv, "--output-dir", str(tmp_path), "--jobs-dir", str(tmp_path / "jobs")])
+    assert report["world"] == "ddpm"
+    marginal = report["rows"]["skin-glasses-50-50"]
+    assert marginal["title"] == "skin 50/50 + glasses 50/50" and marginal["sampler"] == "DDIM 50, eta 0"
+    for summary in marginal["configurations"].values():
+        per_attribute = summary["fd_per_attribute"]
+        assert set(per_attribute) == {"skin", "glasses"} and summary["fd"] == max(per_attribute.values())
+        assert summary["entanglement"].keys() == {"hair"}  # only the attribute not guided
+    eta1 = report["rows"]["hair-uniform-eta1"]
+    assert eta1["sampler"] == "DDIM 50, eta 1" and set(eta1["configurations"]) == {
+        "vanilla",
+        "sample",
+        "chi2",
+        "distribution",
+    }
+    assert eta1["configurations"]["distribution"]["time_vs_vanilla"] > 0
+    jobs = [json.loads(p.read_text()) for p in (tmp_path / "jobs").iterdir()]
+    assert {j["sampler"]["eta"] for j in jobs} == {0.0, 1.0} and all(j["num_images"] == 4 for j in jobs)
+    table = (tmp_path / "table.md").read_text()
+    assert "# Reproduction table (toy DDPM)" in table and "paper's soft chi-square" in table
+
+
+def test_the_hold_sweep_holds_every_other_attribute():
+    from types import SimpleNamespace
+
+    from h_classifiers.toy_world import ToyOracle
+
+    calls = []
+
+    class Kit:
+        oracle = ToyOracle()
+
+        def pipe(self, sampler):
+            def call(**kwargs):
+                calls.append(kwargs)
+                return SimpleNamespace(images=torch.zeros(len(kwargs["generator"]), 3, 32, 32))
+
+            return call
+
+        def classifier(self, attribute, source):
+            return attribute
+
+    row = reproduce.ROWS_BY_NAME["skin-30-70"]
+    for hold in (False, True):
+        job = reproduce.Job("distribution", row.sampler, 2, 0, row, (("hold", hold),))
+        reproduce.run_job(job, Kit())
+    free, held = calls
+    assert free["h_classifier"] == "skin" and free["target_distribution"] == [0.3, 0.7] and "hold" not in free
+    assert held["h_classifier"] == ["skin", "glasses", "hair"]
+    assert held["target_distribution"] == [[0.3, 0.7], "hold", "hold"]
