@@ -1,7 +1,8 @@
 """The reproduction table on the toy world, and the sweeps that chose the defaults.
 
     python benchmarks/reproduce.py                                      # the table -> docs/results/
-    accelerate launch --num_processes 2 --cpu benchmarks/reproduce.py   # the same, jobs split over 2 processes
+    CUDA_VISIBLE_DEVICES="" accelerate launch --multi_gpu --num_processes 2 benchmarks/reproduce.py  # 2 processes
+    python benchmarks/reproduce.py --world ddpm                         # the unconditional table (toy DDPM)
     python benchmarks/reproduce.py --sweep strength                     # the default-strength sweep (tuning seeds)
     python benchmarks/reproduce.py --sweep fair-diffusion               # the Fair Diffusion settings sweep
     python benchmarks/reproduce.py --sweep reach                        # how far h guidance can take each class

@@ -7,7 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 features=${1:-.work/toy-ddpm-h}
 processes=${2:-2}
-accelerate launch --num_processes "$processes" --cpu -m h_classifiers.cli extract \
+# accelerate's --cpu flag starts one process without MPI: several CPU processes take the torchrun route over gloo
+# (docs/multi_gpu.md).
+CUDA_VISIBLE_DEVICES="" GLOO_SOCKET_IFNAME=lo accelerate launch --multi_gpu --num_processes "$processes" \
+    --num_machines 1 --mixed_precision no --dynamo_backend no -m h_classifiers.cli extract \
     --model h_classifiers/assets/toy-ddpm --eta 0 --steps 50 --num-images 3000 --batch-size 100 --seed 300000 \
     --labeller toy:skin --labeller toy:glasses --labeller toy:hair --output-dir "$features"
 for attribute in skin glasses hair; do

@@ -13,7 +13,10 @@ These configurations are compared on the same prompt and the same per-image seed
   towards a class drawn at random per image from the target and away from the other classes;
 - `selection` (opt-in, `h_classifiers.selection`): vanilla images read by the labeller and kept while their class has
   room, until the target counts are filled; it reports the images generated per image kept, its seconds are those of
-  every image generated.
+  every image generated;
+- `image_guidance` (opt-in, unconditional models only, `h_classifiers.image_guidance`): the image-space guidance
+  baseline: an x0 classifier (`spec.x0_classifier`) reads the predicted clean image and its loss gradient steers x_t
+  toward the target distribution (exact counts per batch, a `BalanceState` across batches as in `distribution`).
 
 Measurement (the measures are defined in `h_classifiers.metrics`): a labeller (`h_classifiers.labellers`) gives each
 image a class index, or -1 when it cannot label it (the toy oracle: an invalid image). Class fractions are one-hot
@@ -30,7 +33,6 @@ on the batch size unless the guidance does (only distribution mode couples the i
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -39,10 +41,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image
 
 from .distributed import gather_indexed, is_main
 from .generation import generate_batches
+from .grids import make_grid as make_grid
+from .grids import side_by_side as side_by_side
 from .io_utils import atomic_save_figure, atomic_save_image, atomic_write_json
 
 # Targets and measures live in `metrics`; these names stay importable from here.
@@ -59,12 +63,14 @@ from .metrics import summarize_labels as summarize_labels
 from .metrics import target_verdicts as target_verdicts
 
 
-CONFIGURATIONS = ("vanilla", "sample", "distribution", "prompt", "fair_diffusion", "selection")
-# Run only when asked for: selection may generate up to `selection_max_images` (default 20 x) images.
-OPT_IN_CONFIGURATIONS = ("selection",)
+CONFIGURATIONS = ("vanilla", "sample", "distribution", "prompt", "fair_diffusion", "selection", "image_guidance")
+# Run only when asked for: selection may generate 20 x the images; image guidance needs an x0 classifier.
+OPT_IN_CONFIGURATIONS = ("selection", "image_guidance")
 DEFAULT_CONFIGURATIONS = tuple(c for c in CONFIGURATIONS if c not in OPT_IN_CONFIGURATIONS)
 # The baselines that write the class into the prompt: text-to-image models only.
 TEXT_CONFIGURATIONS = ("prompt", "fair_diffusion")
+# The baseline that guides pixels: unconditional pixel models only.
+UNCONDITIONAL_CONFIGURATIONS = ("image_guidance",)
 GUIDED_CONFIGURATIONS = {"sample": "sample", "distribution": "distribution"}
 
 # Scheduler names accepted by the command-line tools: class name in diffusers and the config overrides that make it
@@ -166,6 +172,7 @@ class EvaluationSpec:
     eta: float | None = None
     # Selection: the most images it may generate (None: `selection.SELECTION_MAX_FACTOR` x num_images).
     selection_max_images: int | None = None
+    x0_classifier: str | None = None  # image_guidance's x0 classifier (None: the shipped one for the toy DDPM)
 
 
 @dataclass
@@ -233,6 +240,10 @@ def run_configuration(
                 from pipeline_balancing_act import BalanceState
 
                 common["balance_state"] = BalanceState()
+    elif configuration == "image_guidance":  # the x0 classifier's sampler; it sets its call arguments in `common`
+        from .image_guidance import prepare_evaluation
+
+        pipe = prepare_evaluation(pipe, classifier, spec, common, options.get("state"))
     elif configuration == "selection":  # vanilla's calls, images kept to the target counts
         from .selection import run_selection
 
@@ -256,7 +267,7 @@ def evaluate(
     state=None,
 ) -> dict[str, Any]:
     """
-    Run and measure each configuration (default: all but the opt-in `selection`). Returns `{**metadata, "spec": ...,
+    Run and measure each configuration (default: all but the opt-in ones). Returns `{**metadata, "spec": ...,
     "class_names": ..., "results": {configuration: summary}}`; with `output_dir`, also writes `results.json`,
     `grid_<configuration>.png` and `fractions.png` there. With an accelerate `state` of several processes, the
     processes share the generation and every one measures all the images (gathered), as one process would; the main
@@ -284,49 +295,6 @@ def evaluate(
 # ----------------------------------------------------------------------------------------------------------------
 # Output files (written atomically, `h_classifiers.io_utils`)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def make_grid(
-    images: Sequence[Image.Image], columns: int = 8, tile: int | None = None, padding: int = 2
-) -> Image.Image:
-    """
-    Images tiled row by row, each shown `tile` pixels wide (default: small images such as the toy world's 32 px are
-    enlarged by an integer factor to at least 64 px with nearest neighbour, so they stay crisp; large ones such as
-    Stable Diffusion's 512 px are reduced to 128 px), laid out by `diffusers.utils.make_image_grid`.
-    """
-    from diffusers.utils import make_image_grid
-
-    if not images:
-        raise ValueError("`images` is empty; nothing to put in a grid.")
-    width, height = images[0].size
-    if tile is None:
-        tile = width * math.ceil(64 / width) if width < 64 else min(width, 128)
-    w, h = tile, max(1, round(height * tile / width))
-    resample = Image.NEAREST if tile >= width else Image.LANCZOS
-    columns = min(columns, len(images))
-    rows = math.ceil(len(images) / columns)
-    # diffusers' grid has no padding and wants full rows: each cell carries the white padding on its left and top,
-    # blank cells complete the last row, and one more padding closes the grid on the right and at the bottom.
-    cells = [
-        ImageOps.expand(image.convert("RGB").resize((w, h), resample), (padding, padding, 0, 0), "white")
-        for image in images
-    ]
-    cells += [Image.new("RGB", cells[0].size, "white")] * (rows * columns - len(cells))
-    return ImageOps.expand(make_image_grid(cells, rows, columns), (0, 0, padding, padding), "white")
-
-
-def side_by_side(panels: Sequence[tuple[str, Image.Image]], header: int = 18, gap: int = 12) -> Image.Image:
-    """Panels next to each other, each with its title above it."""
-    width = sum(p.width for _, p in panels) + gap * (len(panels) - 1)
-    height = header + max(p.height for _, p in panels)
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    x = 0
-    for title, panel in panels:
-        draw.text((x + 2, 3), title, fill="black")
-        canvas.paste(panel, (x, header))
-        x += panel.width + gap
-    return canvas
 
 
 def save_fraction_chart(

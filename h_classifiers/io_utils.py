@@ -1,5 +1,6 @@
 """Atomic file writes shared by the tools: text, JSON (with the one JSON encoder of the package), safetensors, PNG,
-and temporary directories. (The rule that tells a local path from a Hub id is the pipeline's `looks_like_local_path`.)
+temporary directories, and whole directories (`atomic_directory`). (The rule that tells a local path from a Hub id is
+the pipeline's `looks_like_local_path`.)
 
 Every file is written to a temporary file in the destination's directory (named `.tmp-<name>-XXXX`, so readers and
 Hub uploads can skip it), then renamed over the destination with `os.replace`: a reader never sees a half-written
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -111,3 +113,30 @@ def atomic_save_figure(figure, path: str | os.PathLike, dpi: float | None = None
     """A matplotlib figure as PNG, atomically."""
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=dpi)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a new temporary directory next to `path` to fill; on success it takes the place of `path` (an existing
+    `path` is moved aside first, and put back if the rename fails), on error it is removed and `path` is untouched. A
+    reader sees the old folder or the new one, never a mix of the two."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(path.parent, f"{TEMP_PREFIX}{path.name}-")
+    old = None
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):  # writers that go through private temporary files leave them 0600
+            if file.is_file() and not file.is_symlink():
+                os.chmod(file, 0o666 & ~_umask())
+        if path.exists():
+            old = make_temp_dir(path.parent, f"{TEMP_PREFIX}old-{path.name}-")
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        if old is not None:
+            if not path.exists():  # the new folder never landed: put the previous one back
+                os.replace(old / path.name, path)
+            shutil.rmtree(old, ignore_errors=True)
