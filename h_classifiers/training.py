@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,7 +34,7 @@ if TYPE_CHECKING:
 
 from .calibration import block_rows, calibration_metrics, class_anchors, class_means, fit_calibration
 from .feature_store import HFeatureStore
-from .io_utils import atomic_write_json, atomic_write_text, make_temp_dir
+from .io_utils import atomic_directory, atomic_write_json, atomic_write_text
 from .model_card import PLOT_NAME, model_card, plot_metrics, public_model_name
 
 
@@ -407,10 +406,7 @@ def save_classifier(result: TrainingResult, output_dir: str | os.PathLike, manif
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"`output_dir` {str(output_dir)!r} already exists; pass `overwrite=True` to replace it.")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(output_dir.parent, f".tmp-{output_dir.name}-")
-    old = None
-    try:
+    with atomic_directory(output_dir) as tmp:
         result.classifier.save_pretrained(tmp)
         class_names = list(result.classifier.config.class_names)
         atomic_write_json(tmp / METRICS_NAME, {"summary": result.summary, "per_step": result.metrics})
@@ -420,17 +416,6 @@ def save_classifier(result: TrainingResult, output_dir: str | os.PathLike, manif
         atomic_write_text(
             tmp / "README.md", str(model_card(result.classifier, result.metrics, result.summary, manifest))
         )
-        if output_dir.exists():
-            old = make_temp_dir(output_dir.parent, f".old-{output_dir.name}-")
-            os.replace(output_dir, old / output_dir.name)
-        os.replace(tmp, output_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        if old is not None:
-            if not output_dir.exists():  # the new folder never landed: put the previous one back
-                os.replace(old / output_dir.name, output_dir)
-            shutil.rmtree(old, ignore_errors=True)
     logger.debug("Saved the classifier to %s", output_dir)  # the train command prints it
     return output_dir
 
