@@ -938,13 +938,11 @@ class _GuidanceRun:
         held = self.settings.held
         if not held:
             return None, []
-        combos: list[tuple[int, ...]] = []
-        rows = []
-        for t, guided in zip(timesteps, self.guided):
-            combo = tuple(c.head_index(t) for c in held) if guided else None
-            if combo is not None and combo not in combos:
-                combos.append(combo)
-            rows.append(combos.index(combo) if combo is not None else -1)
+        combos: dict[tuple[int, ...], int] = {}  # each distinct combination of the held heads -> its basis row
+        rows = [
+            combos.setdefault(tuple(c.head_index(t) for c in held), len(combos)) if guided else -1
+            for t, guided in zip(timesteps, self.guided)
+        ]
         matrices = []
         for combo in combos:
             differences = []

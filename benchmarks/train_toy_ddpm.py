@@ -52,6 +52,11 @@ from h_classifiers.toy_world import ATTRIBUTES, DATA_BIAS, TOY_DDPM_PATH, ToyOra
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _stages(metadata: dict[str, str]) -> list[str]:
+    """The step counts of the earlier, finished runs a checkpoint's run extends (its "stages" metadata)."""
+    return [s for s in metadata.get("stages", "").split(",") if s]
+
+
 def train_pixel_unet(args, images: torch.Tensor, work: Path):
     """Train (or resume, or load once complete) the UNet; returns its EMA copy and the final file's metadata, or None
     for the model when `--stop-after` ended this run before the last step."""
@@ -69,7 +74,7 @@ def train_pixel_unet(args, images: torch.Tensor, work: Path):
         # A finished run continued to a larger --steps: its last checkpoint resumes under the new, longer cosine
         # schedule (a warm restart), and the final file is written again at the end.
         previous = checkpoint_metadata(final)
-        stages = [*filter(None, previous.get("stages", "").split(",")), previous["step"]]
+        stages = [*_stages(previous), previous["step"]]
         final.unlink()
     if final.exists():
         tensors = load_file(str(final))
@@ -80,8 +85,9 @@ def train_pixel_unet(args, images: torch.Tensor, work: Path):
     start, seconds = 0, 0.0
     if ckpt.exists():
         start = load_checkpoint(ckpt, modules, optimizer, lr_scheduler)
-        seconds = float(checkpoint_metadata(ckpt).get("train_seconds", 0.0))
-        stages = stages or [*filter(None, checkpoint_metadata(ckpt).get("stages", "").split(","))]
+        saved = checkpoint_metadata(ckpt)
+        seconds = float(saved.get("train_seconds", 0.0))
+        stages = stages or _stages(saved)
     ema = EMAModel(ema_unet.parameters(), decay=args.ema_decay)  # starts from the (restored) EMA weights
     ema.load_state_dict({"optimization_step": start})
 
@@ -206,7 +212,7 @@ def write_report(args, metadata: dict[str, str]) -> dict:
             "num_images": args.num_images,
             "steps": int(metadata["step"]),
             # earlier finished runs this one extended (warm restarts of the cosine schedule), in steps
-            "extended_from": [int(s) for s in metadata.get("stages", "").split(",") if s],
+            "extended_from": [int(s) for s in _stages(metadata)],
             "batch_size": args.batch_size,
             "lr": args.lr,
             "weight_decay": args.weight_decay,
