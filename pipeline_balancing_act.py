@@ -10,8 +10,9 @@ its own. It defines:
   saved as safetensors + config.json.
 - `assign_classes` / `largest_remainder`: exact class counts for a batch and the min-cost assignment of images to them.
 - `BalanceState`: class counts carried across calls, so a long job in small batches ends on the target counts.
-- `MidBlockHook`: the one mechanism that reads (and optionally replaces) h = `unet.mid_block(...)`, for the calls
-  of the thread (context) that activated it only, also inside a `torch.compile`d UNet.
+- `MidBlockHook`: the one mechanism that reads (and optionally replaces) h = `unet.mid_block(...)` (or the output of
+  another guidance site, `up_blocks.<i>`), for the calls of the thread (context) that activated it only, also inside a
+  `torch.compile`d UNet.
 - `guidance_loss`: the one guidance loss (towards classes, or the paper's soft KL / chi-square), and
   `logit_directions`, its gradient in closed form.
 - `BalancingActPipeline`: `StableDiffusionPipeline` plus h-space guidance during denoising.
@@ -68,6 +69,60 @@ GUIDED_BRANCHES = ("cond", "both")
 TARGET_SUM_TOLERANCE = 1e-3
 # Probabilities of a target are clamped to at least this inside the soft losses (KL / chi-square stay finite).
 TARGET_PROB_FLOOR = 1e-3
+# Where in the UNet h is read and moved: the mid block's output (the paper's h, the default), or the output of an up
+# block, `"up_blocks.<i>"` (i = 0 is the first, coarsest one). A classifier is trained at one site (its config's `site`).
+DEFAULT_SITE = "mid_block"
+UP_BLOCK_SITE_PREFIX = "up_blocks."
+
+
+def check_site_name(site: Any) -> str:
+    """`site` if it names a guidance site (`"mid_block"` or `"up_blocks.<i>"`), else a one-line `ValueError`."""
+    if isinstance(site, str):
+        index = site[len(UP_BLOCK_SITE_PREFIX) :] if site.startswith(UP_BLOCK_SITE_PREFIX) else None
+        if site == DEFAULT_SITE or (index is not None and index.isdigit() and str(int(index)) == index):
+            return site
+    raise ValueError(f"`site` must be {DEFAULT_SITE!r} or 'up_blocks.<i>' (e.g. 'up_blocks.0'); got {site!r}.")
+
+
+def classifier_site(classifier: Any) -> str:
+    """The site a classifier reads and moves (`"mid_block"` for one saved before sites existed)."""
+    return getattr(classifier.config, "site", DEFAULT_SITE)
+
+
+def site_module(unet: torch.nn.Module, site: str) -> torch.nn.Module:
+    """The module of `unet` whose output is h at `site`; a one-line `ValueError` naming the UNet's sites otherwise."""
+    check_site_name(site)
+    up_blocks = getattr(unet, "up_blocks", None) or []
+    if site == DEFAULT_SITE:
+        module = getattr(unet, "mid_block", None)
+    else:
+        index = int(site[len(UP_BLOCK_SITE_PREFIX) :])
+        module = up_blocks[index] if index < len(up_blocks) else None
+    if module is None:
+        accepted = ([DEFAULT_SITE] if getattr(unet, "mid_block", None) is not None else []) + [
+            f"{UP_BLOCK_SITE_PREFIX}{i}" for i in range(len(up_blocks))
+        ]
+        raise ValueError(f"This UNet has no guidance site {site!r}; its sites are {accepted}.")
+    return module
+
+
+def site_h_shape(unet: torch.nn.Module, site: str, latent_height: int, latent_width: int) -> list[int]:
+    """The per-sample shape `[C, H, W]` of h at `site` for a UNet input of `latent_height` x `latent_width`, read
+    from the UNet's blocks (no forward pass): each downsampler halves the size (3x3 conv, stride 2, padding 1:
+    ceil(n / 2)), each up block's upsampler brings it back to the size of the matching down level."""
+    site_module(unet, site)
+    sizes = [[int(latent_height), int(latent_width)]]
+    for block in unet.down_blocks:
+        if getattr(block, "downsamplers", None):
+            sizes.append([math.ceil(n / 2) for n in sizes[-1]])
+    channels = list(unet.config.block_out_channels)
+    if site == DEFAULT_SITE:
+        return [int(channels[-1]), *sizes[-1]]
+    index, level = int(site[len(UP_BLOCK_SITE_PREFIX) :]), len(sizes) - 1
+    for block in unet.up_blocks[: index + 1]:
+        if getattr(block, "upsamplers", None):
+            level -= 1
+    return [int(channels[::-1][index]), *sizes[level]]
 
 
 def _timestep_value(timestep: int | float | torch.Tensor) -> float:
@@ -121,6 +176,9 @@ class HClassifier(ModelMixin, ConfigMixin):
         calibration_bias (`list[list[float]]`, *optional*): Per head, K offsets added after the scale.
         anchor_source (`str`, *optional*): How the anchors were made (`balancing-act train` writes
             `"class_means_spread"`); `None` means the classifier has no anchors.
+        site (`str`, defaults to `"mid_block"`): Where in the UNet its h is read and moved: `"mid_block"` (the
+            paper's h) or `"up_blocks.<i>"`, the output of an up block. A classifier saved before sites existed
+            has none in its config and reads the mid block.
     """
 
     config_name = "config.json"
@@ -137,8 +195,10 @@ class HClassifier(ModelMixin, ConfigMixin):
         calibration_scale: list[float] | None = None,
         calibration_bias: list[list[float]] | None = None,
         anchor_source: str | None = None,
+        site: str = DEFAULT_SITE,
     ):
         super().__init__()
+        check_site_name(site)
         class_names = [str(c) for c in class_names]
         if len(class_names) < 2 or len(set(class_names)) != len(class_names):
             raise ValueError(f"`class_names` must hold at least 2 distinct names, got {class_names}.")
@@ -616,10 +676,12 @@ class MidBlockHook:
     Context manager: while active, every `unet.mid_block` output h computed in this thread (context) is passed to
     `fn(h)`; a returned tensor replaces h for the rest of the UNet (up blocks), `None` keeps it. Deactivated on exit,
     also on an exception. Calls of the same UNet from other threads are not seen. Several activations on one UNet run
-    in the order they were entered, each on the h the previous one returned.
+    in the order they were entered, each on the h the previous one returned. `site="up_blocks.<i>"` does the same
+    with the output of that up block instead (`site_module`).
 
     Works with a compiled UNet (`torch.compile`) as long as the UNet was compiled after the hook was first installed
-    (`BalancingActPipeline` installs it when it is created, or call `install_h_hook(unet.mid_block)`).
+    on the site's module (`BalancingActPipeline` installs it on the mid block when it is created; for another site,
+    or a UNet compiled earlier, call `install_h_hook(site_module(unet, site))` before compiling).
 
     Example (recording h):
         ```py
@@ -629,19 +691,21 @@ class MidBlockHook:
         ```
     """
 
-    def __init__(self, unet: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor | None]):
-        mid_block = getattr(unet, "mid_block", None)
-        if mid_block is None:
+    def __init__(
+        self, unet: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor | None], site: str = DEFAULT_SITE
+    ):
+        if site == DEFAULT_SITE and getattr(unet, "mid_block", None) is None:
             raise ValueError("`unet` has no `mid_block`; h-space guidance needs a UNet with a mid block.")
-        self.mid_block = mid_block
+        self.module = site_module(unet, site)
+        self.site = site
         self.fn = fn
         self._entry: tuple[torch.nn.Module, Callable] | None = None
 
     def __enter__(self) -> "MidBlockHook":
         if self._entry is not None:
             raise RuntimeError("This MidBlockHook is already active.")
-        install_h_hook(self.mid_block)
-        self._entry = (self.mid_block, self.fn)
+        install_h_hook(self.module)
+        self._entry = (self.module, self.fn)
         _ACTIVE_H_FUNCTIONS.set((*_ACTIVE_H_FUNCTIONS.get(), self._entry))
         return self
 
@@ -799,6 +863,11 @@ class GuidanceSettings:
     held: tuple[HClassifier, ...] = ()
 
     @property
+    def site(self) -> str:
+        """The one site of every classifier of the call (`prepare_guidance` checks that they agree)."""
+        return classifier_site(self.classifiers[0])
+
+    @property
     def groups(self) -> list[dict[str, Any]]:
         names = [list(c.config.class_names) for c in self.classifiers]
         attributes = [c.config.attribute for c in self.classifiers]
@@ -831,6 +900,7 @@ class _GuidanceRun:
 
     def __init__(self, settings: GuidanceSettings, unet_compiled: bool):
         self.settings = settings
+        self.site = settings.site
         self.unet_compiled = unet_compiled
         self.started = False
 
@@ -1023,12 +1093,13 @@ class _GuidanceRun:
         """After loop step `step`: h must have been read exactly once in it (else the step was not guided as asked)."""
         calls, self.calls_in_step = self.calls_in_step, 0
         if calls == 0:
+            module = "unet.mid_block" if self.site == DEFAULT_SITE else f"unet.{self.site}"
             cause = (
                 "the UNet is compiled and its graph was traced before Balancing Act's hook was installed on "
-                "`unet.mid_block`: create the BalancingActPipeline (or call `install_h_hook(unet.mid_block)`) before "
-                "`torch.compile`, or call `torch.compiler.reset()` before this call"
+                f"`{module}`: create the BalancingActPipeline (or call `install_h_hook(site_module(unet, "
+                f"{self.site!r}))`) before `torch.compile`, or call `torch.compiler.reset()` before this call"
                 if self.unet_compiled
-                else "`unet.mid_block` did not run or its forward hooks were bypassed"
+                else f"`{module}` did not run or its forward hooks were bypassed"
             )
             raise RuntimeError(
                 f"Balancing Act's hook did not run at denoising step {step}, so h was not guided: {cause}."
@@ -1134,16 +1205,13 @@ class BalancingActMixin:
             f"those; got {type(classifier).__name__}."
         )
 
-    def mid_block_h_shape(self, height: int, width: int) -> list[int]:
-        """The per-sample shape [C, H, W] of h = `unet.mid_block` output for images of `height` x `width`."""
-        if self.unet.mid_block is None:
+    def h_shape(self, height: int, width: int, site: str = DEFAULT_SITE) -> list[int]:
+        """The per-sample shape [C, H, W] of h at `site` (default: the `unet.mid_block` output) for images of
+        `height` x `width` pixels."""
+        if site == DEFAULT_SITE and self.unet.mid_block is None:
             raise ValueError("This UNet has no mid block; Balancing Act guidance needs one.")
-        size = [int(height) // self.h_scale_factor, int(width) // self.h_scale_factor]
-        for block in self.unet.down_blocks:
-            if getattr(block, "downsamplers", None):
-                # Downsample2D: 3x3 conv, stride 2, padding 1 -> ceil(n / 2).
-                size = [math.ceil(n / 2) for n in size]
-        return [int(self.unet.config.block_out_channels[-1]), *size]
+        scale = self.h_scale_factor
+        return site_h_shape(self.unet, site, int(height) // scale, int(width) // scale)
 
     @staticmethod
     def _per_classifier(value: Any, name: str, num_classifiers: int, is_list: bool) -> list[Any]:
@@ -1395,6 +1463,13 @@ class BalancingActMixin:
                 target_classes = given
         else:
             held_classifiers = ()
+        sites = {classifier_site(c) for c in classifiers + list(held_classifiers)}
+        if len(sites) > 1:
+            raise ValueError(
+                "Every `h_classifier` of one call must read the same site of the UNet (each moves h where it reads "
+                f"it); got sites {sorted(sites)}. Use classifiers trained at one site (`balancing-act extract --site`)."
+            )
+        site_module(self.unet, sites.pop())
         joint = False
         if guidance_mode == "distribution":
             table = self._joint_target(target_distribution, classifiers) if is_list else None
@@ -1472,13 +1547,14 @@ class BalancingActMixin:
                         f"`target_classes` must be one class for all images or a list of one class per image "
                         f"({num_images} images = {self._images_argument}); got a list of {len(classes)}."
                     )
-        h_shape = self.mid_block_h_shape(height, width)
+        h_shape = self.h_shape(height, width, settings.site)
         for classifier in settings.classifiers + settings.held:
             if list(classifier.config.h_shape) != h_shape:
                 raise ValueError(
                     f"`h_classifier` {classifier.config.attribute!r} was trained on h of shape "
-                    f"{list(classifier.config.h_shape)} but this UNet gives h of shape {h_shape} at {height}x{width} "
-                    "pixels; use a classifier trained for this model and resolution."
+                    f"{list(classifier.config.h_shape)} but this UNet gives h of shape {h_shape} at site "
+                    f"{settings.site!r} at {height}x{width} pixels; use a classifier trained for this model, site and "
+                    "resolution."
                 )
             if not classifier.covers_timesteps(timesteps):
                 heads = classifier._timesteps
@@ -1588,7 +1664,9 @@ class BalancingActPipeline(BalancingActMixin, StableDiffusionPipeline):
                 `target_distribution` / `target_classes` is `"hold"` is held, not guided: at every guided step the
                 move of h loses its components along the held classifier's class directions (its head's weight
                 differences at that step), so the move leaves the held classifier's reading unchanged (exactly, at
-                that step's h) while the others are guided.
+                that step's h) while the others are guided. Each classifier reads and moves h at the site stored in
+                its config (`site`: the mid block by default, or an up block's output `"up_blocks.<i>"`); the
+                classifiers of one call share one site.
             guidance_mode (`str`, *optional*):
                 `None` (vanilla Stable Diffusion, bit-for-bit), `"sample"` (each image towards a class) or
                 `"distribution"` (the batch towards a distribution of classes).
@@ -1681,7 +1759,7 @@ class BalancingActPipeline(BalancingActMixin, StableDiffusionPipeline):
         standard["callback_on_step_end"] = run.step_callback(callback_on_step_end)
         token = _CURRENT_RUN.set((self, run))
         try:
-            with MidBlockHook(self.unet, run.on_h):
+            with MidBlockHook(self.unet, run.on_h, run.site):
                 output = super().__call__(**standard)
         finally:
             _CURRENT_RUN.reset(token)

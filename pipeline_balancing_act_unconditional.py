@@ -132,7 +132,7 @@ class BalancingActUnconditionalPipeline(BalancingActMixin, DDIMPipeline):
             h_classifier (`HClassifier`, `str`, `os.PathLike` or a list of those, *optional*):
                 The h-classifier(s) of the attribute(s) to guide: an `HClassifier` trained on this UNet's h (shape
                 `[C, H, W]` of `unet.mid_block`'s output at the UNet's `sample_size`, e.g. `[512, 8, 8]` for
-                `google/ddpm-celebahq-256`), or a local directory / Hub id loaded with `HClassifier.from_pretrained`
+                `google/ddpm-celebahq-256`, or of the up block's output its config's `site` names), or a local directory / Hub id loaded with `HClassifier.from_pretrained`
                 (safetensors only; cached on the pipeline). A list guides several attributes at once; then
                 `target_distribution` takes one entry per classifier (marginal targets) or one table over the cells
                 of their classes (a joint target), `target_classes` one entry per classifier, and
@@ -249,7 +249,7 @@ class BalancingActUnconditionalPipeline(BalancingActMixin, DDIMPipeline):
         if run is not None:
             # checked against the batch, the UNet's h shape and the timesteps, before the first step
             self.start_guidance(run, batch_size, height, width, device, cfg=False, guidance_scale=1.0)
-        with MidBlockHook(self.unet, run.on_h) if run is not None else contextlib.nullcontext():
+        with MidBlockHook(self.unet, run.on_h, run.site) if run is not None else contextlib.nullcontext():
             for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
                 # 1. predict noise model_output (on a guided step the up blocks run on the moved h)
                 model_output = self.unet(image, t).sample

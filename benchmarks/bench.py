@@ -599,7 +599,7 @@ def build_toy_scale(config: BenchConfig) -> GenerationScale:
     )
     stock, guided = _finish_pipelines(stock, config)
     size = stock.unet.config.sample_size * stock.vae_scale_factor
-    h_shape = guided.mid_block_h_shape(size, size)
+    h_shape = guided.h_shape(size, size)
     classifier, info = _toy_classifier(config, h_shape, stock.scheduler)
     num_images = config.toy_batch
     return GenerationScale(
@@ -663,7 +663,7 @@ def build_sd15_scale(config: BenchConfig) -> GenerationScale:
     )
     stock, guided = _finish_pipelines(stock, config)
     size = unet_config["sample_size"] * stock.vae_scale_factor
-    h_shape = guided.mid_block_h_shape(size, size)
+    h_shape = guided.h_shape(size, size)
     classifier = random_classifier(h_shape, scheduler, config.seed, "attribute", ["class_0", "class_1"])
     generator = torch.Generator().manual_seed(config.seed + 1)
     batch = config.sd15_batch
@@ -723,7 +723,7 @@ def build_celebahq_scale(config: BenchConfig) -> GenerationScale:
     guided = BalancingActUnconditionalPipeline.from_pipe(stock, dtype=dtype)
     guided.set_progress_bar_config(disable=True)
     size = unet_config["sample_size"]
-    h_shape = guided.mid_block_h_shape(size, size)
+    h_shape = guided.h_shape(size, size)
     classifier = random_classifier(h_shape, stock.scheduler, config.seed, "gender", ["female", "male"])
     label = "google/ddpm-celebahq-256 UNet2DModel config, random weights"
     if config.quick:

@@ -50,29 +50,16 @@ CHUNK_INFO_NAME = "chunk.json"
 CHUNK_PATTERN = re.compile(r"^chunk_(\d{5})$")
 STORAGE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 # Manifest keys that define a run: a resumed run must match them exactly.
-RUN_KEYS = (
-    "format_version",
-    "recipe",
-    "model",
-    "scheduler",
-    "num_inference_steps",
-    "timesteps",
-    "guidance_scale",
-    "prompts",
-    "negative_prompt",
-    "branches",
-    "dtype",
-    "chunk_size",
-    "batch_size",
-    "seed",
-    "height",
-    "width",
-    "plan",
-    "class_names",
-    "attribute",
-    "label_source",
-    "label_sets",
+RUN_KEYS = tuple(
+    "format_version recipe model scheduler num_inference_steps timesteps guidance_scale prompts negative_prompt "
+    "branches dtype chunk_size batch_size seed height width plan class_names attribute label_source label_sets "
+    "site".split()
 )
+
+
+def _run_value(manifest: dict, key: str) -> Any:
+    # A store written before sites existed recorded h at the mid block.
+    return (manifest.get(key) or "mid_block") if key == "site" else manifest.get(key)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -156,6 +143,11 @@ class HFeatureStore:
     @property
     def branches(self) -> list[str]:
         return list(self.manifest["branches"])
+
+    @property
+    def site(self) -> str:
+        """Where h was recorded (`"mid_block"` or `"up_blocks.<i>"`): the site its classifiers read and move."""
+        return _run_value(self.manifest, "site")
 
     @property
     def h_shape(self) -> list[int]:
@@ -286,7 +278,7 @@ def _prepare_output_dir(output_dir: Path, run: dict, state=None) -> dict:
     manifest_path = output_dir / MANIFEST_NAME
     if manifest_path.is_file():
         previous = json.loads(manifest_path.read_text(encoding="utf-8"))
-        differing = [k for k in RUN_KEYS if previous.get(k) != run.get(k)]
+        differing = [k for k in RUN_KEYS if _run_value(previous, k) != _run_value(run, k)]
         if differing:
             raise ValueError(
                 f"`output_dir` {str(output_dir)!r} holds a different extraction run (differs in {differing}); pass the "

@@ -320,6 +320,7 @@ def train_classifier(
         timesteps=store.timesteps,
         temperature=float(config.temperature),
         base_model=base_model,
+        site=store.site,
     )
     generator = torch.Generator().manual_seed(config.seed)
     metrics = []

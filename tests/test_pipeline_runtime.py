@@ -75,12 +75,12 @@ def syncs_per_guided_step(monkeypatch):
 
         return wrapped
 
-    def init_counting(self, unet, fn):
+    def init_counting(self, unet, fn, *site):
         def h_function(h):
             counts.append(0)
             return counting(fn)(h)
 
-        init(self, unet, h_function)
+        init(self, unet, h_function, *site)
 
     monkeypatch.setattr(pba.MidBlockHook, "__init__", init_counting)
     end_step = pba._GuidanceRun.end_step

@@ -167,7 +167,7 @@ def test_call_signature_extends_ddim_pipeline():
 
 
 def test_the_h_shape_is_read_from_the_unet(pipe):
-    assert pipe.mid_block_h_shape(16, 16) == UNCONDITIONAL_H_SHAPE
+    assert pipe.h_shape(16, 16) == UNCONDITIONAL_H_SHAPE
     with HRecorder(pipe.unet) as rec:
         run(pipe, batch_size=1, num_inference_steps=1)
     assert list(rec.before[0].shape) == [1, *UNCONDITIONAL_H_SHAPE]
@@ -509,7 +509,7 @@ def test_the_papers_model_has_h_512x8x8_and_a_guided_step_runs_on_it():
     pipe.set_progress_bar_config(disable=True)
     assert isinstance(pipe.scheduler, DDIMScheduler)  # as DDIMPipeline converts the model's scheduler
     h_shape = [512, 8, 8]
-    assert pipe.mid_block_h_shape(256, 256) == h_shape
+    assert pipe.h_shape(256, 256) == h_shape
     # Logits of order 1 on h of order 1 (weights of scale 1 / sqrt(dim)); identity calibration, random anchors.
     classifier = tiny_classifier(("female", "male"), "gender", h_shape=h_shape, scale=math.prod(h_shape) ** -0.5)
     with HRecorder(unet) as rec:
