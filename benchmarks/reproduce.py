@@ -6,6 +6,8 @@
     python benchmarks/reproduce.py --sweep strength                     # the default-strength sweep (tuning seeds)
     python benchmarks/reproduce.py --sweep fair-diffusion               # the Fair Diffusion settings sweep
     python benchmarks/reproduce.py --sweep reach                        # how far h guidance can take each class
+    python benchmarks/reproduce.py --world sd-deep --sweep reach        # the same on the deep toy SD
+    python benchmarks/reproduce.py --sweep site                         # the same at the first up block's output
 
 Everything runs on the toy world: the committed toy model, the neutral prompt, the toy oracle reading every
 attribute of every image from its pixels. The guided configurations use the pipeline's defaults (nothing is tuned
@@ -29,7 +31,7 @@ import json
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,8 @@ from h_classifiers.toy_world import (  # noqa: E402
     TOY_CLASSIFIERS_PATH,
     TOY_DDPM_CLASSIFIERS_PATH,
     TOY_DDPM_PATH,
+    TOY_DEEP_CLASSIFIERS_PATH,
+    TOY_DEEP_MODEL_PATH,
     TOY_MODEL_PATH,
 )
 
@@ -61,6 +65,17 @@ from h_classifiers.toy_world import (  # noqa: E402
 TABLE_SEED = 0
 TUNING_SEED = 1_000_000  # the sweeps' seeds: disjoint from the table's
 README_CLASSIFIERS = ROOT / ".work" / "readme-classifiers"  # made by benchmarks/readme_recipe.sh
+# The site sweep's classifiers, on the first up block of the toy SD (made by benchmarks/toy_sd_classifiers.sh).
+SITE_CLASSIFIERS = ROOT / ".work" / "site-classifiers" / "toy-sd-up0"
+# The text-to-image toys a sampler can run (`Sampler.model`).
+TEXT_TO_IMAGE_MODELS = {"toy-sd": TOY_MODEL_PATH, "toy-sd-deep": TOY_DEEP_MODEL_PATH}
+CLASSIFIER_SETS = {
+    "shipped": TOY_CLASSIFIERS_PATH,
+    "toy-ddpm": TOY_DDPM_CLASSIFIERS_PATH,
+    "toy-sd-deep": TOY_DEEP_CLASSIFIERS_PATH,
+    "toy-sd-up0": SITE_CLASSIFIERS,
+    "readme": README_CLASSIFIERS,
+}
 SCHEDULER_LABELS = {"ddim": "DDIM", "pndm": "PNDM", "dpm++": "DPM-Solver++", "euler": "Euler", "euler_a": "Euler a"}
 # The project's targets, measured here (benchmarks, not tests); the FD target is `metrics.TARGET_FD`.
 TARGET_JOB_FD = 0.01
@@ -76,6 +91,7 @@ class Sampler:
     guidance_scale: float = 7.5
     # DDIM's eta of the unconditional world (None: the text-to-image world, which has classifier-free guidance)
     eta: float | None = None
+    model: str = "toy-sd"  # the text-to-image toy (`TEXT_TO_IMAGE_MODELS`)
 
     @property
     def label(self) -> str:
@@ -87,7 +103,8 @@ class Sampler:
     def key(self) -> str:
         if self.eta is not None:
             return f"{self.scheduler}{self.steps}-eta{self.eta:g}"
-        return f"{self.scheduler}{self.steps}-cfg{self.guidance_scale:g}"
+        model = "" if self.model == "toy-sd" else f"-{self.model}"  # (the first toy's job keys are unchanged)
+        return f"{self.scheduler}{self.steps}-cfg{self.guidance_scale:g}{model}"
 
 
 @dataclass(frozen=True)
@@ -234,6 +251,14 @@ DDPM_ROWS = (
         num_images=500,
     ),
 )
+# The deep toy (h after three downsamplings, `toy_model.build_unet(depth="deep")`) with its own classifiers: one row
+# per attribute, distribution mode against vanilla (its reach is the sweep's).
+DEEP = Sampler(model="toy-sd-deep")
+DEEP_ROWS = tuple(
+    replace(row, name=f"deep-{row.name}", sampler=DEEP, classifiers="toy-sd-deep", configurations=("distribution",))
+    for row in ROWS
+    if row.name in ("skin-50-50", "glasses-50-50", "hair-uniform")
+)
 
 
 @dataclass(frozen=True)
@@ -271,6 +296,15 @@ WORLDS = {
         DDPM_ROWS,
         ROOT / "docs" / "results" / "unconditional",
         ROOT / ".work" / "reproduce-jobs-ddpm",
+    ),
+    "sd-deep": World(
+        "sd-deep",
+        TOY_DEEP_MODEL_PATH,
+        TOY_DEEP_CLASSIFIERS_PATH,
+        NEUTRAL_PROMPT,
+        DEEP_ROWS,
+        ROOT / "docs" / "results" / "deep",
+        ROOT / ".work" / "reproduce-jobs-deep",
     ),
 }
 
@@ -315,7 +349,7 @@ class Toolkit:
         from h_classifiers.toy_world import ToyOracle
 
         self._load_pipeline = load_pipeline
-        self._base = None
+        self._text_to_image: dict[str, Any] = {}
         self._ddpm = None
         self._set_scheduler = set_scheduler
         self.oracle = ToyOracle()
@@ -327,19 +361,18 @@ class Toolkit:
             if self._ddpm is None:
                 self._ddpm = self._load_pipeline(TOY_DDPM_PATH, "cpu", "float32")
             return self._ddpm
-        if self._base is None:
-            self._base = self._load_pipeline(TOY_MODEL_PATH, "cpu", "float32")
-            self.base_config = dict(self._base.scheduler.config)
-        self._set_scheduler(self._base, sampler.scheduler, self.base_config)
-        return self._base
+        if sampler.model not in self._text_to_image:
+            pipe = self._load_pipeline(TEXT_TO_IMAGE_MODELS[sampler.model], "cpu", "float32")
+            self._text_to_image[sampler.model] = (pipe, dict(pipe.scheduler.config))
+        pipe, config = self._text_to_image[sampler.model]
+        self._set_scheduler(pipe, sampler.scheduler, config)
+        return pipe
 
     def classifier(self, attribute: str, source: str):
         from pipeline_balancing_act import HClassifier
 
         if (attribute, source) not in self._classifiers:
-            root = {"shipped": TOY_CLASSIFIERS_PATH, "toy-ddpm": TOY_DDPM_CLASSIFIERS_PATH}.get(
-                source, README_CLASSIFIERS
-            )
+            root = CLASSIFIER_SETS[source]
             self._classifiers[attribute, source] = HClassifier.from_pretrained(str(root / attribute)).eval()
         return self._classifiers[attribute, source]
 
@@ -768,14 +801,50 @@ CONFIG_LABELS = {
 }
 
 
+def summary_markdown(report: dict[str, Any]) -> list[str]:
+    """The table in one line per attribute (joint rows together): its rows, the ranges of FD with the default
+    settings and vanilla, of the valid rate's change against vanilla and of the entanglement."""
+    world = WORLDS[report.get("world", "sd")]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for name, entry in report["rows"].items():
+        if "distribution" in entry["configurations"]:
+            row = world.rows_by_name[name]
+            group = row.attributes[0] if len(row.attributes) == 1 else "marginal" if row.marginal else "joint"
+            groups.setdefault(group, []).append(entry)
+
+    def span(values: list[float], fmt: str) -> str:
+        low, high = min(values), max(values)
+        return format(low, fmt) if format(low, fmt) == format(high, fmt) else f"{low:{fmt}} to {high:{fmt}}"
+
+    lines = [
+        "## Summary per attribute (default settings)",
+        "",
+        "| Attribute | Rows | FD, default | FD, vanilla | Valid rate against vanilla (points) | Entanglement (points) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for attribute, entries in groups.items():
+        default = [e["configurations"]["distribution"] for e in entries]
+        vanilla = [e["configurations"]["vanilla"] for e in entries]
+        drops = [100 * (d["valid_rate"] - v["valid_rate"]) for d, v in zip(default, vanilla)]
+        tangled = [100 * d["entanglement_max"] for d in default if d.get("entanglement_max") is not None]
+        lines.append(
+            f"| {attribute} | {len(entries)} | {span([d['fd'] for d in default], '.3f')} | "
+            f"{span([v['fd'] for v in vanilla], '.3f')} | {span(drops, '+.1f')} | "
+            f"{span(tangled, '.1f') if tangled else ''} |"
+        )
+    return lines + [""]
+
+
 def table_markdown(report: dict[str, Any]) -> str:
     rows = report["rows"]
     world = WORLDS[report.get("world", "sd")]  # results written before the unconditional world have no "world"
-    sd = world.name == "sd"
+    sd = world.prompt is not None  # a text-to-image toy
+    title = {"sd": "toy world", "sd-deep": "deep toy Stable Diffusion", "ddpm": "toy DDPM"}[world.name]
     lines = [
         "<!-- generated by benchmarks/reproduce.py: do not edit by hand -->",
-        "# Reproduction table (toy world)" if sd else "# Reproduction table (toy DDPM)",
+        f"# Reproduction table ({title})",
         "",
+        *summary_markdown(report),
         f"{report['num_images']} images per configuration (image i: seed {report['seed']} + i), "
         + (
             f"prompt {NEUTRAL_PROMPT!r}"
@@ -993,6 +1062,14 @@ DDPM_REACH_ROWS = tuple(
 )
 # The default strength and the toy SD sweep's largest (each DDPM image costs 50 steps, the SD world's 25).
 DDPM_REACH_STRENGTHS = (5.0, 20.0)
+# The same rows on the deep toy Stable Diffusion, with its classifiers, at the same two strengths.
+DEEP_REACH_ROWS = tuple(replace(row, sampler=DEEP, classifiers="toy-sd-deep") for row in REACH_ROWS)
+# The site sweep: the same rows on the toy SD, guided at the output of its first up block ("up_blocks.0") by
+# classifiers trained there, against the mid block's reach in the reach sweep.
+SITE_REACH_ROWS = tuple(replace(row, classifiers="toy-sd-up0") for row in REACH_ROWS)
+# The mid block's compared strengths and two lower ones: the up block's output is nearer the image, so a move of one
+# class gap there may keep fewer images valid than one at the mid block.
+SITE_STRENGTHS = (1.0, 2.5, *DDPM_REACH_STRENGTHS)
 # The hold sweep: distribution mode with the other attributes' classifiers held ("hold") or not; entanglement is the
 # measure. Rows the table misses entanglement on, and one of each attribute.
 HOLD_ROWS = (
@@ -1020,8 +1097,19 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.sweep == "strength":
         rows, grid = STRENGTH_ROWS, [(("guidance_strength", s),) for s in STRENGTHS]
     elif args.sweep == "reach":
-        strengths = DDPM_REACH_STRENGTHS if ddpm else REACH_STRENGTHS
-        rows, grid = DDPM_REACH_ROWS if ddpm else REACH_ROWS, [(("guidance_strength", s),) for s in strengths]
+        rows, strengths = {
+            "sd": (REACH_ROWS, REACH_STRENGTHS),
+            "ddpm": (DDPM_REACH_ROWS, DDPM_REACH_STRENGTHS),
+            "sd-deep": (DEEP_REACH_ROWS, DDPM_REACH_STRENGTHS),
+        }[args.world]
+        grid = [(("guidance_strength", s),) for s in strengths]
+    elif args.sweep == "site":
+        if not (SITE_CLASSIFIERS / "skin").is_dir():
+            raise SystemExit(
+                "The site sweep's classifiers are missing: run benchmarks/toy_sd_classifiers.sh (its header gives "
+                f"the command; -> {SITE_CLASSIFIERS})."
+            )
+        rows, grid = SITE_REACH_ROWS, [(("guidance_strength", s),) for s in SITE_STRENGTHS]
     elif args.sweep == "hold":
         rows, grid = DDPM_HOLD_ROWS if ddpm else HOLD_ROWS, list(HOLD_GRID)
     else:
@@ -1046,6 +1134,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any] | None:
         van = measure(load(vanilla), row, load(vanilla))
         result = {"row": row.name, "configuration": configuration, "settings": dict(settings), **summary}
         result["vanilla_valid"] = van["valid_rate"]
+        result["site"] = "up_blocks.0" if row.classifiers == "toy-sd-up0" else "mid_block"
         if 1.0 in row.target:  # one class asked of every image: how many reached it, against vanilla
             asked, attribute = row.target.index(1.0), row.attributes[0]
             result["reached"] = summary["fractions"][attribute][asked]
@@ -1058,7 +1147,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any] | None:
         "seconds": time.perf_counter() - start,
         "results": results,
     }
-    if args.sweep not in ("reach", "hold"):
+    if args.sweep in ("strength", "fair-diffusion"):
         report["choice"] = choose(results)
     report["world"] = args.world
     atomic_write_json(Path(args.output_dir) / f"sweep_{args.sweep}.json", report)
@@ -1104,8 +1193,16 @@ def sweep_markdown(report: dict[str, Any]) -> str:
             "Every image is asked the row's class (sample mode). Reached: the fraction of valid images of that class, "
             "against vanilla's; the sweep measures what moving h can do and chooses nothing. "
         )
+    if report["sweep"] == "site":
+        intro += (
+            "Guidance site: the output of the toy SD's first up block (`up_blocks.0`, h of shape [64, 8, 8]), with "
+            "classifiers trained there (benchmarks/toy_sd_classifiers.sh); the mid block's reach is in "
+            "[sweep_reach.md](sweep_reach.md). "
+        )
     if report.get("world") == "ddpm":
         intro += "The unconditional toy DDPM (DDIM 50, eta 0, batches of 100). "
+    if report.get("world") == "sd-deep":
+        intro += "The deep toy Stable Diffusion (h after three downsamplings, [128, 1, 1]) and its classifiers. "
     lines = [
         "<!-- generated by benchmarks/reproduce.py --sweep: do not edit by hand -->",
         f"# Sweep: {report['sweep']}",
@@ -1126,6 +1223,64 @@ def sweep_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The reach sweeps read side by side (`--reach-comparison`): each one's JSON, and how its h is taken.
+REACH_SWEEPS = (
+    ("toy SD, mid block (h [64, 4, 4], one downsampling)", ROOT / "docs" / "results" / "sweep_reach.json"),
+    ("toy SD, first up block (h [64, 8, 8])", ROOT / "docs" / "results" / "sweep_site.json"),
+    (
+        "deep toy SD, mid block (h [128, 1, 1], three downsamplings)",
+        ROOT / "docs" / "results" / "deep" / "sweep_reach.json",
+    ),
+    (
+        "toy DDPM, mid block (h [128, 4, 4], three downsamplings)",
+        ROOT / "docs" / "results" / "unconditional" / "sweep_reach.json",
+    ),
+)
+
+
+def reach_comparison_markdown(reports: list[tuple[str, dict[str, Any]]]) -> str:
+    """Per class and strength, the fraction of valid images that reached the class, one column per sweep (with the
+    valid rate and the entanglement beside it; blank where a sweep did not run that strength), and vanilla's
+    fraction."""
+    lines = [
+        "<!-- generated by benchmarks/reproduce.py --reach-comparison: do not edit by hand -->",
+        "# Reach, side by side",
+        "",
+        "Every image asked one class (sample mode, tuning seeds), read by the toy oracle: the fraction of valid images "
+        "of that class (vanilla's in brackets), the valid rate, and the entanglement (the largest change, in points, of "
+        "another attribute's class fractions against vanilla). Each sweep's own page has every setting: "
+        + ", ".join(
+            f"[{label}]({path.relative_to(ROOT / 'docs' / 'results').as_posix().replace('.json', '.md')})"
+            for label, path in REACH_SWEEPS
+        )
+        + ".",
+        "",
+        "| Class | Strength | " + " | ".join(label for label, _ in reports) + " |",
+        "|---|---|" + "---|" * len(reports),
+    ]
+    cells: dict[tuple[str, float], dict[str, str]] = {}
+    for label, report in reports:
+        for r in report["results"]:
+            cells.setdefault((r["row"], r["settings"]["guidance_strength"]), {})[label] = (
+                f"{_pct(r['reached'])} ({_pct(r['vanilla_reached'])}); valid {_pct(r['valid_rate'])}, "
+                f"ent. {100 * r['entanglement_max']:.1f}"
+            )
+    order = [row.name for row in REACH_ROWS]
+    for (row, strength), by_label in sorted(cells.items(), key=lambda item: (order.index(item[0][0]), item[0][1])):
+        name = row.removeprefix("reach-").replace("-", ": ", 1)
+        lines.append(
+            f"| {name} | {strength:g} | " + " | ".join(by_label.get(label, "") for label, _ in reports) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_reach_comparison(output: Path) -> str:
+    reports = [(label, json.loads(path.read_text())) for label, path in REACH_SWEEPS if path.exists()]
+    text = reach_comparison_markdown(reports)
+    atomic_write_text(output, text)
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="benchmarks/reproduce.py",
@@ -1141,10 +1296,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--world",
         choices=tuple(WORLDS),
         default="sd",
-        help="sd: the toy Stable Diffusion model; ddpm: the unconditional toy DDPM (the paper's setting).",
+        help="sd: the toy Stable Diffusion model; ddpm: the unconditional toy DDPM (the paper's setting); sd-deep: "
+        "the deep toy Stable Diffusion (h after three downsamplings).",
     )
     parser.add_argument(
-        "--output-dir", default=None, help="Where results go (sd: docs/results, ddpm: docs/results/unconditional)."
+        "--output-dir",
+        default=None,
+        help="Where results go (sd: docs/results, ddpm: docs/results/unconditional, sd-deep: docs/results/deep).",
     )
     parser.add_argument(
         "--jobs-dir",
@@ -1152,10 +1310,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="Where each job's per-image results go (sd: .work/reproduce-jobs, ddpm: .work/reproduce-jobs-ddpm).",
     )
     parser.add_argument(
+        "--render",
+        action="store_true",
+        help="Rewrite the world's table.md from its results.json (runs nothing).",
+    )
+    parser.add_argument(
+        "--reach-comparison",
+        action="store_true",
+        help="Write docs/results/reach_comparison.md from the reach sweeps' results (runs nothing).",
+    )
+    parser.add_argument(
         "--sweep",
-        choices=("strength", "fair-diffusion", "reach", "hold"),
+        choices=("strength", "fair-diffusion", "reach", "hold", "site"),
         default=None,
-        help="Run a sweep instead (the ddpm world: reach and hold).",
+        help="Run a sweep instead (ddpm: reach and hold; sd-deep: reach; site: the toy SD's first up block).",
     )
     return parser
 
@@ -1166,19 +1334,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     silence_known_notices()
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.reach_comparison:
+        write_reach_comparison(Path(args.output_dir or ROOT / "docs" / "results") / "reach_comparison.md")
+        return None
     world = WORLDS[args.world]
     args.output_dir = args.output_dir or str(world.output_dir)
+    if args.render:
+        report = json.loads((Path(args.output_dir) / "results.json").read_text())
+        atomic_write_text(Path(args.output_dir) / "table.md", table_markdown(report))
+        return report
     args.jobs_dir = args.jobs_dir or str(world.jobs_dir)
     unknown = [n for n in args.rows.split(",") if n and n not in world.rows_by_name]
     if unknown:
         parser.error(f"--rows: unknown rows {unknown}; rows: {', '.join(world.rows_by_name)}")
     if args.sweep in ("strength", "fair-diffusion") and args.world != "sd":
         parser.error(f"--sweep {args.sweep} tunes the text-to-image world's defaults; use --world sd.")
+    if (args.sweep == "site" and args.world != "sd") or (args.sweep == "hold" and args.world == "sd-deep"):
+        parser.error(f"--sweep {args.sweep} runs on --world {'sd' if args.sweep == 'site' else 'sd or ddpm'}.")
     if args.sweep:
         args.num_images = args.num_images or 256
         args.seed = TUNING_SEED if args.seed is None else args.seed
         return run_sweep(args)
-    args.num_images = args.num_images or (512 if args.world == "sd" else DDPM_BATCH)
+    args.num_images = args.num_images or (DDPM_BATCH if args.world == "ddpm" else 512)
     args.seed = TABLE_SEED if args.seed is None else args.seed
     return run_table(args)
 

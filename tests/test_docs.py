@@ -1,5 +1,6 @@
 """The documentation stands alone: every relative link of README.md and docs/ resolves to a file (and heading) in the
-repository, and no page or generated JSON under docs/ holds an absolute path of the machine that wrote it."""
+repository, no page or generated JSON under docs/ holds an absolute path of the machine that wrote it, and every
+reproduction table is the rendering of its results."""
 
 import re
 from pathlib import Path
@@ -126,41 +127,18 @@ def test_the_checks_catch_what_they_name(tmp_path):
     assert not MACHINE_PATH.search("https://example.org/home/x, .work/toy-sd, ~/home/x, docs/tmp/x")
 
 
-RESULTS_ROW = re.compile(
-    r"^\| (skin|glasses|hair|joint) \| (\d+): [^|]+ \| ([\d.]+)–([\d.]+) \| ([\d.]+)–([\d.]+) \| "
-    r"([-+]?[\d.]+) to ([-+]?[\d.]+) points \|$",
-    re.MULTILINE,
-)
-
-
-def test_readme_results_quote_every_row_of_the_generated_results():
-    """The README's Results table: per attribute, the range over all its rows of docs/results/results.json (written by
-    benchmarks/reproduce.py) of the default's FD, vanilla's FD and the valid rate against vanilla."""
+def test_the_committed_tables_are_their_results_rendered():
+    """Each world's table.md (the README links it instead of quoting figures) is what benchmarks/reproduce.py renders
+    from its results.json: nothing typed by hand, nothing left from an older renderer."""
     import json
 
-    rows = json.loads((ROOT / "docs" / "results" / "results.json").read_text(encoding="utf-8"))["rows"]
-    groups = {}
-    for row in rows.values():
-        groups.setdefault("joint" if len(row["attributes"]) > 1 else row["attributes"][0], []).append(
-            row["configurations"]
-        )
-    expected = {}
-    for attribute, configurations in groups.items():
-        default = [c["distribution"]["fd"] for c in configurations]
-        vanilla = [c["vanilla"]["fd"] for c in configurations]
-        valid = [100 * (c["distribution"]["valid_rate"] - c["vanilla"]["valid_rate"]) for c in configurations]
-        expected[attribute] = (
-            str(len(configurations)),
-            f"{min(default):.3f}",
-            f"{max(default):.3f}",
-            f"{min(vanilla):.3f}",
-            f"{max(vanilla):.3f}",
-            f"{min(valid):+.1f}",
-            f"{max(valid):+.1f}",
-        )
-    quoted = {}
-    for match in RESULTS_ROW.finditer((ROOT / "README.md").read_text(encoding="utf-8")):
-        attribute, *values = match.groups()
-        values[-2:] = [f"{float(v):+.1f}" for v in values[-2:]]
-        quoted[attribute] = tuple(values)
-    assert quoted == expected
+    from benchmarks import reproduce
+
+    checked = 0
+    for world in reproduce.WORLDS.values():
+        results = world.output_dir / "results.json"
+        if results.exists():
+            report = json.loads(results.read_text(encoding="utf-8"))
+            assert (world.output_dir / "table.md").read_text(encoding="utf-8") == reproduce.table_markdown(report)
+            checked += 1
+    assert checked == len(reproduce.WORLDS)
