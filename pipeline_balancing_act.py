@@ -1552,9 +1552,8 @@ class BalancingActMixin:
             if list(classifier.config.h_shape) != h_shape:
                 raise ValueError(
                     f"`h_classifier` {classifier.config.attribute!r} was trained on h of shape "
-                    f"{list(classifier.config.h_shape)} but this UNet gives h of shape {h_shape} at site "
-                    f"{settings.site!r} at {height}x{width} pixels; use a classifier trained for this model, site and "
-                    "resolution."
+                    f"{list(classifier.config.h_shape)} but this UNet gives h of shape {h_shape} at {height}x{width} "
+                    f"pixels at site {settings.site!r}; use a classifier trained for this model, site and resolution."
                 )
             if not classifier.covers_timesteps(timesteps):
                 heads = classifier._timesteps

@@ -178,7 +178,7 @@ def test_classifiers_of_one_call_must_share_a_site(ba_pipe):
 def test_a_classifier_of_another_sites_shape_is_refused_naming_the_site(ba_pipe):
     wrong = tiny_classifier()  # h_shape of the mid block
     wrong.register_to_config(site="up_blocks.0")
-    with pytest.raises(ValueError, match=r"gives h of shape \[64, 8, 8\] at site 'up_blocks.0'"):
+    with pytest.raises(ValueError, match=r"gives h of shape \[64, 8, 8\] at 16x16 pixels at site 'up_blocks.0'"):
         call(ba_pipe, h_classifier=wrong, guidance_mode="sample", target_classes=0)
 
 
