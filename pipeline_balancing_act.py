@@ -75,13 +75,21 @@ DEFAULT_SITE = "mid_block"
 UP_BLOCK_SITE_PREFIX = "up_blocks."
 
 
+def _up_block_index(site: Any) -> int | None:
+    """The up block `"up_blocks.<i>"` names (None for the mid block); a one-line `ValueError` for anything else."""
+    if site == DEFAULT_SITE:
+        return None
+    if isinstance(site, str) and site.startswith(UP_BLOCK_SITE_PREFIX):
+        index = site[len(UP_BLOCK_SITE_PREFIX) :]
+        if index.isdigit() and str(int(index)) == index:
+            return int(index)
+    raise ValueError(f"`site` must be {DEFAULT_SITE!r} or 'up_blocks.<i>' (e.g. 'up_blocks.0'); got {site!r}.")
+
+
 def check_site_name(site: Any) -> str:
     """`site` if it names a guidance site (`"mid_block"` or `"up_blocks.<i>"`), else a one-line `ValueError`."""
-    if isinstance(site, str):
-        index = site[len(UP_BLOCK_SITE_PREFIX) :] if site.startswith(UP_BLOCK_SITE_PREFIX) else None
-        if site == DEFAULT_SITE or (index is not None and index.isdigit() and str(int(index)) == index):
-            return site
-    raise ValueError(f"`site` must be {DEFAULT_SITE!r} or 'up_blocks.<i>' (e.g. 'up_blocks.0'); got {site!r}.")
+    _up_block_index(site)
+    return site
 
 
 def classifier_site(classifier: Any) -> str:
@@ -91,12 +99,11 @@ def classifier_site(classifier: Any) -> str:
 
 def site_module(unet: torch.nn.Module, site: str) -> torch.nn.Module:
     """The module of `unet` whose output is h at `site`; a one-line `ValueError` naming the UNet's sites otherwise."""
-    check_site_name(site)
+    index = _up_block_index(site)
     up_blocks = getattr(unet, "up_blocks", None) or []
-    if site == DEFAULT_SITE:
+    if index is None:
         module = getattr(unet, "mid_block", None)
     else:
-        index = int(site[len(UP_BLOCK_SITE_PREFIX) :])
         module = up_blocks[index] if index < len(up_blocks) else None
     if module is None:
         accepted = ([DEFAULT_SITE] if getattr(unet, "mid_block", None) is not None else []) + [
@@ -115,10 +122,10 @@ def site_h_shape(unet: torch.nn.Module, site: str, latent_height: int, latent_wi
     for block in unet.down_blocks:
         if getattr(block, "downsamplers", None):
             sizes.append([math.ceil(n / 2) for n in sizes[-1]])
-    channels = list(unet.config.block_out_channels)
-    if site == DEFAULT_SITE:
+    channels, index = list(unet.config.block_out_channels), _up_block_index(site)
+    if index is None:
         return [int(channels[-1]), *sizes[-1]]
-    index, level = int(site[len(UP_BLOCK_SITE_PREFIX) :]), len(sizes) - 1
+    level = len(sizes) - 1
     for block in unet.up_blocks[: index + 1]:
         if getattr(block, "upsamplers", None):
             level -= 1
@@ -697,7 +704,6 @@ class MidBlockHook:
         if site == DEFAULT_SITE and getattr(unet, "mid_block", None) is None:
             raise ValueError("`unet` has no `mid_block`; h-space guidance needs a UNet with a mid block.")
         self.module = site_module(unet, site)
-        self.site = site
         self.fn = fn
         self._entry: tuple[torch.nn.Module, Callable] | None = None
 
@@ -900,7 +906,6 @@ class _GuidanceRun:
 
     def __init__(self, settings: GuidanceSettings, unet_compiled: bool):
         self.settings = settings
-        self.site = settings.site
         self.unet_compiled = unet_compiled
         self.started = False
 
@@ -1093,11 +1098,12 @@ class _GuidanceRun:
         """After loop step `step`: h must have been read exactly once in it (else the step was not guided as asked)."""
         calls, self.calls_in_step = self.calls_in_step, 0
         if calls == 0:
-            module = "unet.mid_block" if self.site == DEFAULT_SITE else f"unet.{self.site}"
+            site = self.settings.site
+            module = "unet.mid_block" if site == DEFAULT_SITE else f"unet.{site}"
             cause = (
                 "the UNet is compiled and its graph was traced before Balancing Act's hook was installed on "
                 f"`{module}`: create the BalancingActPipeline (or call `install_h_hook(site_module(unet, "
-                f"{self.site!r}))`) before `torch.compile`, or call `torch.compiler.reset()` before this call"
+                f"{site!r}))`) before `torch.compile`, or call `torch.compiler.reset()` before this call"
                 if self.unet_compiled
                 else f"`{module}` did not run or its forward hooks were bypassed"
             )
@@ -1758,7 +1764,7 @@ class BalancingActPipeline(BalancingActMixin, StableDiffusionPipeline):
         standard["callback_on_step_end"] = run.step_callback(callback_on_step_end)
         token = _CURRENT_RUN.set((self, run))
         try:
-            with MidBlockHook(self.unet, run.on_h, run.site):
+            with MidBlockHook(self.unet, run.on_h, run.settings.site):
                 output = super().__call__(**standard)
         finally:
             _CURRENT_RUN.reset(token)

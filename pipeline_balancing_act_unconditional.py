@@ -249,7 +249,7 @@ class BalancingActUnconditionalPipeline(BalancingActMixin, DDIMPipeline):
         if run is not None:
             # checked against the batch, the UNet's h shape and the timesteps, before the first step
             self.start_guidance(run, batch_size, height, width, device, cfg=False, guidance_scale=1.0)
-        with MidBlockHook(self.unet, run.on_h, run.site) if run is not None else contextlib.nullcontext():
+        with MidBlockHook(self.unet, run.on_h, run.settings.site) if run is not None else contextlib.nullcontext():
             for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
                 # 1. predict noise model_output (on a guided step the up blocks run on the moved h)
                 model_output = self.unet(image, t).sample

@@ -21,8 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks.reproduce import DDPM, DEEP, NEUTRAL_PROMPT, ROOT, Sampler, Toolkit  # noqa: E402
-from h_classifiers.generation import generate_batches  # noqa: E402
+from benchmarks.reproduce import DDPM, DEEP, ROOT, Sampler, Toolkit, generate_images, vanilla_call  # noqa: E402
 from h_classifiers.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
 from h_classifiers.toy_world import ATTRIBUTES  # noqa: E402
 
@@ -36,16 +35,9 @@ TOYS = (
 
 
 def generate(pipe, sampler: Sampler, num_images: int, seed: int, batch_size: int) -> torch.Tensor:
-    """`num_images` images in [0, 1], `[N, 3, H, W]`, image i from seed `seed + i`."""
-    unconditional = sampler.eta is not None
-    call = {"num_inference_steps": sampler.steps, "output_type": "pt"}
-    if unconditional:
-        call.update(eta=sampler.eta, num_images=num_images)
-    else:
-        call["guidance_scale"] = sampler.guidance_scale
-    prompts = None if unconditional else [NEUTRAL_PROMPT] * num_images
-    images = [batch.output.images for batch in generate_batches(pipe, prompts, seed, batch_size, **call)]
-    return torch.cat(images) if isinstance(images[0], torch.Tensor) else torch.stack(sum(images, []))
+    """The sampler's vanilla images in [0, 1], `[N, 3, H, W]`, image i from seed `seed + i`."""
+    prompts, call = vanilla_call(sampler, num_images)
+    return generate_images(pipe, prompts, seed, num_images, batch_size, **call)
 
 
 def measure(pipe, oracle, sampler: Sampler, num_images: int, seed: int, batch_size: int = 64) -> dict:

@@ -383,10 +383,31 @@ def class_prompts(attribute: str) -> list[str]:
     return [attribute_prompt(attribute, c) for c in ATTRIBUTES[attribute]]
 
 
+def vanilla_call(sampler: Sampler, num_images: int) -> tuple[list[str] | None, dict[str, Any]]:
+    """A sampler's prompts (None: the unconditional world) and call arguments for `num_images` vanilla images."""
+    if sampler.eta is not None:
+        return None, {"num_inference_steps": sampler.steps, "eta": sampler.eta}
+    return [NEUTRAL_PROMPT] * num_images, {
+        "num_inference_steps": sampler.steps,
+        "guidance_scale": sampler.guidance_scale,
+    }
+
+
+def generate_images(
+    pipe, prompts, seed: int, num_images: int, batch_size: int, per_image=None, **call
+) -> torch.Tensor:
+    """Image i from seed `seed + i` (`generation.generate_batches`), as one `[N, 3, H, W]` tensor in [0, 1]."""
+    from h_classifiers.generation import generate_batches
+
+    count = {"num_images": num_images} if prompts is None else {}  # an unconditional pipeline: images per call
+    batches = generate_batches(pipe, prompts, seed, batch_size, per_image, output_type="pt", **count, **call)
+    images = [batch.output.images for batch in batches]
+    return torch.cat(images) if isinstance(images[0], torch.Tensor) else torch.stack(sum(images, []))
+
+
 def run_job(job: Job, kit: Toolkit) -> tuple[dict[str, Any], torch.Tensor]:
     """Generate the job's images, read them with the oracle; per image: every attribute's class, validity, asked."""
     from h_classifiers.baselines import DEFAULT_FAIR_DIFFUSION_SETTINGS, FairDiffusion, draw_classes
-    from h_classifiers.generation import generate_batches
     from h_classifiers.metrics import asked_classes
     from pipeline_balancing_act import HOLD, BalanceState
 
@@ -394,15 +415,11 @@ def run_job(job: Job, kit: Toolkit) -> tuple[dict[str, Any], torch.Tensor]:
         raise ValueError(f"{job.key}: a selection job generates nothing itself; `run_selection_jobs` runs it.")
     pipe = kit.pipe(job.sampler)
     n, row = job.num_images, job.row
-    unconditional = job.sampler.eta is not None
     settings = dict(job.settings)
     hold = settings.pop("hold", False)  # the hold sweep: every other attribute's classifier held
-    call = {"num_inference_steps": job.sampler.steps, **settings}
-    if unconditional:
-        call["eta"] = job.sampler.eta
-    else:
-        call["guidance_scale"] = job.sampler.guidance_scale
-    prompts, per_image, asked = (None if unconditional else [NEUTRAL_PROMPT] * n), None, None
+    prompts, call = vanilla_call(job.sampler, n)
+    call.update(settings)
+    per_image, asked = None, None
     batch_size = row.batch_size if row is not None else 64
     if row is not None and job.configuration != "vanilla":
         attribute = row.attributes[0]
@@ -442,13 +459,9 @@ def run_job(job: Job, kit: Toolkit) -> tuple[dict[str, Any], torch.Tensor]:
             per_image = {"target_classes": asked}
             pipe = FairDiffusion(pipe, class_prompts(attribute), dict(job.settings) or DEFAULT_FAIR_DIFFUSION_SETTINGS)
             call = {k: v for k, v in call.items() if k in ("num_inference_steps", "guidance_scale")}
-    count = {"num_images": n} if unconditional else {}
     start = time.perf_counter()
-    images = []
-    for batch in generate_batches(pipe, prompts, job.seed, batch_size, per_image, output_type="pt", **count, **call):
-        images.append(batch.output.images)
+    images = generate_images(pipe, prompts, job.seed, n, batch_size, per_image, **call)
     seconds = time.perf_counter() - start
-    images = torch.cat(list(images)) if isinstance(images[0], torch.Tensor) else torch.stack(sum(images, []))
     reading = kit.oracle.read(images)
     result = {
         "key": job.key,
