@@ -10,21 +10,25 @@ its own. It defines:
   saved as safetensors + config.json.
 - `assign_classes` / `largest_remainder`: exact class counts for a batch and the min-cost assignment of images to them.
 - `BalanceState`: class counts carried across calls, so a long job in small batches ends on the target counts.
-- `MidBlockHook`: the one mechanism that reads (and optionally replaces) h = `unet.mid_block(...)` (or the output of
-  another guidance site, `up_blocks.<i>`), for the calls of the thread (context) that activated it only, also inside a
-  `torch.compile`d UNet.
+- `MidBlockHook`: the one mechanism that reads (and optionally replaces) h = `unet.mid_block(...)`, for the calls of
+  the thread (context) that activated it only. Its hook is on the mid block only while a call uses it, unless the user
+  keeps it there for a `torch.compile`d UNet (`install_h_hook` / `remove_h_hook`).
 - `guidance_loss`: the one guidance loss (towards classes, or the paper's soft KL / chi-square), and
   `logit_directions`, its gradient in closed form.
 - `BalancingActPipeline`: `StableDiffusionPipeline` plus h-space guidance during denoising.
 """
 
+import contextlib
 import contextvars
+import difflib
 import inspect
 import json
 import math
 import os
 import shutil
 import tempfile
+import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -69,67 +73,22 @@ GUIDED_BRANCHES = ("cond", "both")
 TARGET_SUM_TOLERANCE = 1e-3
 # Probabilities of a target are clamped to at least this inside the soft losses (KL / chi-square stay finite).
 TARGET_PROB_FLOOR = 1e-3
-# Where in the UNet h is read and moved: the mid block's output (the paper's h, the default), or the output of an up
-# block, `"up_blocks.<i>"` (i = 0 is the first, coarsest one). A classifier is trained at one site (its config's `site`).
-DEFAULT_SITE = "mid_block"
-UP_BLOCK_SITE_PREFIX = "up_blocks."
+# Where h is read and moved: the output of `unet.mid_block` (the paper's h). The up blocks were measured and rejected
+# as sites (the lab's site sweep); a classifier's config keeps the key `site` from the versions that had them.
+MID_BLOCK_SITE = "mid_block"
 
 
-def _up_block_index(site: Any) -> int | None:
-    """The up block `"up_blocks.<i>"` names (None for the mid block); a one-line `ValueError` for anything else."""
-    if site == DEFAULT_SITE:
-        return None
-    if isinstance(site, str) and site.startswith(UP_BLOCK_SITE_PREFIX):
-        index = site[len(UP_BLOCK_SITE_PREFIX) :]
-        if index.isdigit() and str(int(index)) == index:
-            return int(index)
-    raise ValueError(f"`site` must be {DEFAULT_SITE!r} or 'up_blocks.<i>' (e.g. 'up_blocks.0'); got {site!r}.")
-
-
-def check_site_name(site: Any) -> str:
-    """`site` if it names a guidance site (`"mid_block"` or `"up_blocks.<i>"`), else a one-line `ValueError`."""
-    _up_block_index(site)
-    return site
-
-
-def classifier_site(classifier: Any) -> str:
-    """The site a classifier reads and moves (`"mid_block"` for one saved before sites existed)."""
-    return getattr(classifier.config, "site", DEFAULT_SITE)
-
-
-def site_module(unet: torch.nn.Module, site: str) -> torch.nn.Module:
-    """The module of `unet` whose output is h at `site`; a one-line `ValueError` naming the UNet's sites otherwise."""
-    index = _up_block_index(site)
-    up_blocks = getattr(unet, "up_blocks", None) or []
-    if index is None:
-        module = getattr(unet, "mid_block", None)
-    else:
-        module = up_blocks[index] if index < len(up_blocks) else None
-    if module is None:
-        accepted = ([DEFAULT_SITE] if getattr(unet, "mid_block", None) is not None else []) + [
-            f"{UP_BLOCK_SITE_PREFIX}{i}" for i in range(len(up_blocks))
-        ]
-        raise ValueError(f"This UNet has no guidance site {site!r}; its sites are {accepted}.")
-    return module
-
-
-def site_h_shape(unet: torch.nn.Module, site: str, latent_height: int, latent_width: int) -> list[int]:
-    """The per-sample shape `[C, H, W]` of h at `site` for a UNet input of `latent_height` x `latent_width`, read
-    from the UNet's blocks (no forward pass): each downsampler halves the size (3x3 conv, stride 2, padding 1:
-    ceil(n / 2)), each up block's upsampler brings it back to the size of the matching down level."""
-    site_module(unet, site)
-    sizes = [[int(latent_height), int(latent_width)]]
+def mid_block_h_shape(unet: torch.nn.Module, latent_height: int, latent_width: int) -> list[int]:
+    """The per-sample shape `[C, H, W]` of h = `unet.mid_block` output for a UNet input of `latent_height` x
+    `latent_width`, read from the UNet's blocks (no forward pass): each downsampler halves the size (3x3 conv, stride
+    2, padding 1: ceil(n / 2))."""
+    if getattr(unet, "mid_block", None) is None:
+        raise ValueError("This UNet has no mid block; Balancing Act guidance needs one (h is its output).")
+    size = [int(latent_height), int(latent_width)]
     for block in unet.down_blocks:
         if getattr(block, "downsamplers", None):
-            sizes.append([math.ceil(n / 2) for n in sizes[-1]])
-    channels, index = list(unet.config.block_out_channels), _up_block_index(site)
-    if index is None:
-        return [int(channels[-1]), *sizes[-1]]
-    level = len(sizes) - 1
-    for block in unet.up_blocks[: index + 1]:
-        if getattr(block, "upsamplers", None):
-            level -= 1
-    return [int(channels[::-1][index]), *sizes[level]]
+            size = [math.ceil(n / 2) for n in size]
+    return [int(unet.config.block_out_channels[-1]), *size]
 
 
 def _timestep_value(timestep: int | float | torch.Tensor) -> float:
@@ -183,9 +142,8 @@ class HClassifier(ModelMixin, ConfigMixin):
         calibration_bias (`list[list[float]]`, *optional*): Per head, K offsets added after the scale.
         anchor_source (`str`, *optional*): How the anchors were made (`balancing-act train` writes
             `"class_means_spread"`); `None` means the classifier has no anchors.
-        site (`str`, defaults to `"mid_block"`): Where in the UNet its h is read and moved: `"mid_block"` (the
-            paper's h) or `"up_blocks.<i>"`, the output of an up block. A classifier saved before sites existed
-            has none in its config and reads the mid block.
+        site (`str`, defaults to `"mid_block"`): Where in the UNet its h is read and moved; only `"mid_block"` (the
+            paper's h) is accepted. Kept in the config for classifiers saved by versions that had other sites.
     """
 
     config_name = "config.json"
@@ -202,10 +160,14 @@ class HClassifier(ModelMixin, ConfigMixin):
         calibration_scale: list[float] | None = None,
         calibration_bias: list[list[float]] | None = None,
         anchor_source: str | None = None,
-        site: str = DEFAULT_SITE,
+        site: str = MID_BLOCK_SITE,
     ):
         super().__init__()
-        check_site_name(site)
+        if site != MID_BLOCK_SITE:
+            raise ValueError(
+                f"This classifier reads h at site {site!r}; only {MID_BLOCK_SITE!r} is supported (up-block sites were "
+                "removed: they broke more images than they fixed). Retrain it with `balancing-act extract` / `train`."
+            )
         class_names = [str(c) for c in class_names]
         if len(class_names) < 2 or len(set(class_names)) != len(class_names):
             raise ValueError(f"`class_names` must hold at least 2 distinct names, got {class_names}.")
@@ -458,13 +420,30 @@ def largest_remainder(probabilities: Sequence[float] | torch.Tensor, total: int)
     return counts
 
 
+def apportion(counts: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """
+    `counts` `[K]` (integers summing to N) rescaled to integers summing to `total` (a 0-d integer tensor, <= N) by
+    largest remainder (ties to the lower class index), with integer arithmetic on the tensors' device: no value is
+    read on the host. `total == N` gives `counts` back. Used when some rows of a batch cannot be assigned.
+    """
+    counts = counts.long()
+    scaled = counts * total.long()
+    num_rows = counts.sum().clamp_min(1)
+    floors, remainders = scaled // num_rows, scaled % num_rows
+    rank = torch.argsort(torch.argsort(-remainders, stable=True), stable=True)  # 0 = largest remainder
+    return floors + (rank < total.long() - floors.sum()).long()
+
+
 def assign_classes(cost: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
     """
     The assignment of N rows to K classes with exactly `counts[k]` rows in class k that minimises the summed
     `cost[i, class_i]` (an exact min-cost transportation solver). Returns a LongTensor [N] on `cost`'s device.
 
-    - Two classes have a closed form (the `counts[1]` rows that gain the most by being class 1), computed on `cost`'s
-      device without reading any value on the host: no host-device synchronisation.
+    A row with a non-finite cost (NaN or inf: an image whose h overflowed) is not assigned (class -1), and the other
+    rows share the counts among themselves, rescaled to their number (`apportion`): exact counts among them.
+
+    - Two classes have a closed form (the rows that gain the most by being class 1), computed on `cost`'s device
+      without reading any value on the host: no host-device synchronisation.
     - K >= 3 (and joint cells) are solved on the host (`_transport_on_host`): one copy of the cost to the host.
     """
     if cost.ndim != 2:
@@ -473,12 +452,26 @@ def assign_classes(cost: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
     counts = [int(c) for c in counts]
     if len(counts) != num_classes or min(counts) < 0 or sum(counts) != num_rows:
         raise ValueError(f"`counts` must be K = {num_classes} non-negative integers summing to N = {num_rows}.")
-    if num_classes == 2:
-        # rank of each row by its gain from class 1 (stable: ties keep row order); the first counts[1] are class 1
-        order = torch.argsort(cost[:, 1] - cost[:, 0], stable=True)
-        return (torch.argsort(order) < counts[1]).long()
-    solution = _transport_on_host(cost.detach().cpu().double().numpy(), np.array(counts))  # the one copy to the host
-    return torch.as_tensor(solution).to(cost.device, non_blocking=True)
+    return _assign_checked(cost, counts, torch.tensor(counts, device=cost.device))
+
+
+def _assign_checked(cost: torch.Tensor, counts: list[int], device_counts: torch.Tensor) -> torch.Tensor:
+    """`assign_classes` for checked counts, also given as a tensor on `cost`'s device (made once per call)."""
+    if cost.shape[1] == 2:
+        finite = torch.isfinite(cost).all(dim=1)
+        wanted = apportion(device_counts, finite.sum())
+        # rank of each row by its gain from class 1 (stable: ties keep row order), non-finite rows last
+        gain = torch.where(finite, cost[:, 1] - cost[:, 0], torch.inf)
+        rank = torch.argsort(torch.argsort(gain, stable=True), stable=True)
+        return torch.where(finite, (rank < wanted[1]).long(), -1)
+    host = cost.detach().cpu().double()  # the one copy to the host
+    finite = torch.isfinite(host).all(dim=1)
+    wanted = apportion(torch.tensor(counts), finite.sum())
+    solution = torch.full((cost.shape[0],), -1, dtype=torch.long)
+    if bool(finite.any()):
+        rows = finite.nonzero().flatten()
+        solution[rows] = torch.as_tensor(_transport_on_host(host[rows].numpy(), wanted.numpy()))
+    return solution.to(cost.device, non_blocking=True)
 
 
 # Rounds of class-price updates that start the host solver close to the optimal assignment.
@@ -487,12 +480,15 @@ PRICE_ROUNDS = 3
 
 def _transport_on_host(cost: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """
-    Exact min-cost assignment with class counts, in numpy. Any assignment "each row to its cheapest class after
-    subtracting a price per class" is optimal for the class counts it happens to have, so the solver (1) sets the
-    prices: each update makes one class's count right given the others (a quantile of the rows' gaps), a few rounds
-    over the classes; (2) repairs the remaining excess by successive shortest paths on the K classes (Bellman-Ford,
-    since moves can have negative cost), each keeping the assignment optimal for its loads.
+    Exact min-cost assignment with class counts, in numpy, for a finite cost. Any assignment "each row to its cheapest
+    class after subtracting a price per class" is optimal for the class counts it happens to have, so the solver (1)
+    sets the prices: each update makes one class's count right given the others (a quantile of the rows' gaps), a few
+    rounds over the classes; (2) repairs the remaining excess by successive shortest paths on the K classes
+    (Bellman-Ford, since moves can have negative cost), each keeping the assignment optimal for its loads. Each
+    repair moves one row's worth of excess, so at most N repairs are needed; more is a bug, raised as one.
     """
+    if not np.isfinite(cost).all():
+        raise ValueError("The assignment solver needs a finite cost; `assign_classes` leaves non-finite rows out.")
     num_rows, num_classes = cost.shape
     prices = np.zeros(num_classes)
     for _ in range(PRICE_ROUNDS):
@@ -510,7 +506,7 @@ def _transport_on_host(cost: np.ndarray, counts: np.ndarray) -> np.ndarray:
                 prices[k] = 0.5 * (part[need - 1] + part[need])
     assigned = np.argmin(cost - prices, axis=1)
     rows, classes = np.arange(num_rows), np.arange(num_classes)
-    while True:
+    for _ in range(num_rows + 1):
         excess = np.bincount(assigned, minlength=num_classes) - counts
         if not (excess > 0).any():
             return assigned
@@ -535,10 +531,16 @@ def _transport_on_host(cost: np.ndarray, counts: np.ndarray) -> np.ndarray:
                 break
             dist, previous = np.where(better, candidate, dist), np.where(better, source, previous)
         target = int(np.argmin(np.where(excess < 0, dist, np.inf)))
+        if not np.isfinite(dist[target]):
+            break
         while previous[target] != -1:
             source = int(previous[target])
             assigned[row_of[source, target]] = target
             target = source
+    raise RuntimeError(
+        f"The assignment solver did not reach the class counts {counts.tolist()} within {num_rows} repairs; please "
+        "report this with the cost matrix."
+    )
 
 
 class BalanceState:
@@ -547,8 +549,10 @@ class BalanceState:
 
     Pass the same state to every call (`balance_state=state`): each distribution-mode call is assigned the class
     counts that bring the whole job closest to `target_distribution` (largest remainder over all images so far plus
-    this batch), and afterwards adds the classes its images came out as (the assigned classes, corrected by the
-    classifier's final prediction). Then the job ends on the target counts whatever the batch size, 1 included.
+    this batch), and afterwards adds the class of each of its images as the classifier reads it at the last denoising
+    step (its calibrated prediction from that step's h, not a label of the finished image). Then the job ends on the
+    target counts whatever the batch size, 1 included. Only calls that finish add anything: a call that raises or is
+    interrupted leaves the state as it was, and an image whose h was not finite at the last step is not counted.
 
     The state is tied to the classifiers (attribute and class names) and to marginal versus joint targets of its
     first use. It saves to and loads from JSON, so a long job can stop and resume.
@@ -595,10 +599,12 @@ class BalanceState:
         return result
 
     def update(self, groups: list[dict[str, Any]], classes: list[torch.Tensor]) -> None:
-        """Add one generated class (cell index for a joint target) per image and group."""
+        """Add one generated class (cell index for a joint target) per image and group; -1 (an image whose h was not
+        finite) is not counted."""
         self._check_groups(groups)
         for i, values in enumerate(classes):
-            self.counts[i] = self.counts[i] + torch.bincount(values.cpu().long(), minlength=self.counts[i].numel())
+            values = values.cpu().long()
+            self.counts[i] = self.counts[i] + torch.bincount(values[values >= 0], minlength=self.counts[i].numel())
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": "balancing-act-state/1", "groups": self.groups, "counts": [c.tolist() for c in self.counts]}
@@ -671,24 +677,78 @@ def _h_dispatch_hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
     return None if h is output else h
 
 
+@dataclass
+class _HookRecord:
+    handle: Any  # the torch.utils.hooks.RemovableHandle of the dispatch hook
+    users: int = 0  # activations (calls) in progress, in any thread
+    kept: bool = False  # installed by the user (`install_h_hook`): stays until `remove_h_hook`
+
+
+# The modules that carry the dispatch hook now, and why. Guarded by `_HOOKS_LOCK`: calls in several threads share it.
+# Weak keys: the table keeps no module of the user's alive.
+_HOOKS: "weakref.WeakKeyDictionary[torch.nn.Module, _HookRecord]" = weakref.WeakKeyDictionary()
+_HOOKS_LOCK = threading.Lock()
+
+
+def _attach(module: torch.nn.Module, kept: bool) -> None:
+    with _HOOKS_LOCK:
+        record = _HOOKS.get(module)
+        if record is None:
+            record = _HOOKS[module] = _HookRecord(module.register_forward_hook(_h_dispatch_hook))
+        if kept:
+            record.kept = True
+        else:
+            record.users += 1
+
+
+def _detach(module: torch.nn.Module, kept: bool) -> None:
+    with _HOOKS_LOCK:
+        record = _HOOKS.get(module)
+        if record is None:
+            return
+        if kept:
+            record.kept = False
+        else:
+            record.users -= 1
+        if record.users <= 0 and not record.kept:
+            record.handle.remove()
+            del _HOOKS[module]
+
+
+def is_compiled(module: torch.nn.Module) -> bool:
+    """Whether `module` runs compiled: returned by `torch.compile` or compiled in place (`module.compile()`)."""
+    return hasattr(module, "_orig_mod") or getattr(module, "_compiled_call_impl", None) is not None
+
+
 def install_h_hook(module: torch.nn.Module) -> None:
-    """Put the dispatch hook on `module` once. It does nothing until a `MidBlockHook` activates a function for the
-    calling context; installed before `torch.compile` traces the UNet, it stays part of the compiled UNet."""
-    if _h_dispatch_hook not in module._forward_hooks.values():
-        module.register_forward_hook(_h_dispatch_hook)
+    """Opt in to keep Balancing Act's hook on `module` (`pipe.unet.mid_block`) until `remove_h_hook`, for a UNet you
+    will `torch.compile`: call it once before compiling, so the compiled UNet contains the hook and guided and
+    unguided calls both run without recompiling (each unguided call then crosses one graph break). Without it, a
+    guided call installs the hook for its own duration only and removes it when it returns or fails."""
+    _attach(module, kept=True)
+
+
+def remove_h_hook(module: torch.nn.Module) -> None:
+    """Undo `install_h_hook`: the hook leaves `module` (once no guided call in progress still uses it)."""
+    _detach(module, kept=True)
+
+
+def has_h_hook(module: torch.nn.Module, kept_only: bool = False) -> bool:
+    """Whether Balancing Act's hook is on `module` (with `kept_only`: installed by `install_h_hook`)."""
+    with _HOOKS_LOCK:
+        record = _HOOKS.get(module)
+        return record is not None and (record.kept or not kept_only)
 
 
 class MidBlockHook:
     r"""
     Context manager: while active, every `unet.mid_block` output h computed in this thread (context) is passed to
-    `fn(h)`; a returned tensor replaces h for the rest of the UNet (up blocks), `None` keeps it. Deactivated on exit,
-    also on an exception. Calls of the same UNet from other threads are not seen. Several activations on one UNet run
-    in the order they were entered, each on the h the previous one returned. `site="up_blocks.<i>"` does the same
-    with the output of that up block instead (`site_module`).
+    `fn(h)`; a returned tensor replaces h for the rest of the UNet (up blocks), `None` keeps it. Calls of the same UNet
+    from other threads are not seen. Several activations on one UNet run in the order they were entered, each on the h
+    the previous one returned.
 
-    Works with a compiled UNet (`torch.compile`) as long as the UNet was compiled after the hook was first installed
-    on the site's module (`BalancingActPipeline` installs it on the mid block when it is created; for another site,
-    or a UNet compiled earlier, call `install_h_hook(site_module(unet, site))` before compiling).
+    The hook is put on the mid block on entry and taken off on exit, also on an exception, unless the user keeps it
+    there with `install_h_hook` (needed for a `torch.compile`d UNet: see `install_h_hook`).
 
     Example (recording h):
         ```py
@@ -698,19 +758,17 @@ class MidBlockHook:
         ```
     """
 
-    def __init__(
-        self, unet: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor | None], site: str = DEFAULT_SITE
-    ):
-        if site == DEFAULT_SITE and getattr(unet, "mid_block", None) is None:
+    def __init__(self, unet: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor | None]):
+        if getattr(unet, "mid_block", None) is None:
             raise ValueError("`unet` has no `mid_block`; h-space guidance needs a UNet with a mid block.")
-        self.module = site_module(unet, site)
+        self.module = unet.mid_block
         self.fn = fn
         self._entry: tuple[torch.nn.Module, Callable] | None = None
 
     def __enter__(self) -> "MidBlockHook":
         if self._entry is not None:
             raise RuntimeError("This MidBlockHook is already active.")
-        install_h_hook(self.module)
+        _attach(self.module, kept=False)
         self._entry = (self.module, self.fn)
         _ACTIVE_H_FUNCTIONS.set((*_ACTIVE_H_FUNCTIONS.get(), self._entry))
         return self
@@ -722,6 +780,7 @@ class MidBlockHook:
         if self._entry is not None:
             _ACTIVE_H_FUNCTIONS.set(tuple(e for e in _ACTIVE_H_FUNCTIONS.get() if e is not self._entry))
             self._entry = None
+            _detach(self.module, kept=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -735,6 +794,7 @@ def guidance_loss(
     loss: str = "classes",
     temperature: float = DEFAULT_TEMPERATURE,
     margin: float = GUIDANCE_MARGIN,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""
     The Balancing Act guidance loss over `logits` `[N, K]`: the documented objective. Guidance follows its negative
@@ -751,17 +811,26 @@ def guidance_loss(
       (p_ref clamped to at least `TARGET_PROB_FLOOR`). The factors N and temperature put its per-image gradient in
       the same units as `"classes"`, whatever the batch size.
 
-    Returns a 0-d float32 tensor.
+    `valid` (bool `[N]`, default: the rows whose logits are all finite) leaves rows out: they add nothing to the
+    loss and N counts only the valid rows. Returns a 0-d float32 tensor.
     """
     logits, targets = _check_loss_inputs(logits, targets, loss, temperature)
+    valid = _valid_rows(logits, valid)
     if loss == "classes":
-        return F.cross_entropy(logits - margin * _one_hot(targets, logits.shape[1]), targets, reduction="sum")
-    p_hat = torch.softmax(logits / temperature, dim=1).mean(dim=0)
+        valid = valid & (targets >= 0)
+    if loss == "classes":
+        per_row = F.cross_entropy(
+            logits - margin * _one_hot(targets, logits.shape[1]), targets.clamp_min(0), reduction="none"
+        )
+        return torch.where(valid, per_row, 0.0).sum()
+    p = torch.where(valid[:, None], torch.softmax(logits / temperature, dim=1), 0.0)
+    num_valid = valid.sum()
+    p_hat = p.sum(dim=0) / num_valid.clamp_min(1)
     if loss == "kl":
         divergence = (p_hat * (p_hat.clamp_min(1e-12).log() - targets.log())).sum()
     else:
         divergence = ((p_hat - targets) ** 2 / targets).sum()
-    return logits.shape[0] * temperature * divergence
+    return num_valid * temperature * divergence
 
 
 def logit_directions(
@@ -770,24 +839,38 @@ def logit_directions(
     loss: str = "classes",
     temperature: float = DEFAULT_TEMPERATURE,
     margin: float = GUIDANCE_MARGIN,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
     `-d guidance_loss / d logits` `[N, K]` (float32) in closed form: how each image's logits should change; rows sum
     to zero. With `p_i = softmax(z_i / T)`, `p_hat` their mean and `a = dD / dp_hat` (KL: `log p_hat - log p_ref + 1`,
     chi-square: `2 (p_hat - p_ref) / p_ref`), the soft losses give `-p_ij (a_j - sum_k p_ik a_k)`; the class loss
-    gives `e_c - softmax(z - margin e_c)`. No autograd and no value read on the host.
+    gives `e_c - softmax(z - margin e_c)`. Rows left out by `valid` (as in `guidance_loss`) get zero. No autograd and
+    no value read on the host.
     """
     logits, targets = _check_loss_inputs(logits, targets, loss, temperature)
+    valid = _valid_rows(logits, valid)
+    if loss == "classes":
+        valid = valid & (targets >= 0)
     if loss == "classes":
         asked = _one_hot(targets, logits.shape[1])
-        return asked - torch.softmax(logits - margin * asked, dim=1)
-    p = torch.softmax(logits / temperature, dim=1)
-    p_hat = p.mean(dim=0)
-    if loss == "kl":  # the derivative of p log(max(p, 1e-12)): the clamp passes no gradient below 1e-12
-        slope = p_hat.clamp_min(1e-12).log() - targets.log() + (p_hat >= 1e-12).float()
+        directions = asked - torch.softmax(logits - margin * asked, dim=1)
     else:
-        slope = 2.0 * (p_hat - targets) / targets
-    return -p * (slope - (p * slope).sum(dim=1, keepdim=True))
+        p = torch.where(valid[:, None], torch.softmax(logits / temperature, dim=1), 0.0)
+        p_hat = p.sum(dim=0) / valid.sum().clamp_min(1)
+        if loss == "kl":  # the derivative of p log(max(p, 1e-12)): the clamp passes no gradient below 1e-12
+            slope = p_hat.clamp_min(1e-12).log() - targets.log() + (p_hat >= 1e-12).float()
+        else:
+            slope = 2.0 * (p_hat - targets) / targets
+        directions = -p * (slope - (p * slope).sum(dim=1, keepdim=True))
+    return torch.where(valid[:, None], directions, 0.0)
+
+
+def _valid_rows(logits: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """The rows the loss reads: those of `valid` whose logits are all finite (on the device, no host read). A row
+    whose class is -1 (left unassigned by `assign_classes`) is not read either."""
+    finite = torch.isfinite(logits).all(dim=1)
+    return finite if valid is None else finite & valid
 
 
 def _one_hot(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -869,11 +952,6 @@ class GuidanceSettings:
     held: tuple[HClassifier, ...] = ()
 
     @property
-    def site(self) -> str:
-        """The one site of every classifier of the call (`prepare_guidance` checks that they agree)."""
-        return classifier_site(self.classifiers[0])
-
-    @property
     def groups(self) -> list[dict[str, Any]]:
         names = [list(c.config.class_names) for c in self.classifiers]
         attributes = [c.config.attribute for c in self.classifiers]
@@ -898,15 +976,19 @@ class _GuidanceRun:
     The state of one guided call: the heads on the device, the class counts of the batch, the last assignment, the
     step the denoising loop is at. `start` builds it once the pipeline knows the batch, the image size and the
     timesteps (before the first step); `on_h` is the call's h function (read h, move it on guided steps) and
-    `end_step` runs after every step of the loop, from the loop's own step index.
+    `end_step` runs after every step of the loop, from the loop's own step index; `finish` after the loop.
 
     Everything the steps need goes to the device in `start`; a step reads no device value on the host, except the
     one copy of the cost matrix to the host solver for K >= 3 classes (or joint cells) with the default solver.
+    An image whose h (so its logits) is not finite at a step is left unguided there; the others keep exact counts
+    among themselves; `finish` reports such images once, after the loop.
     """
 
-    def __init__(self, settings: GuidanceSettings, unet_compiled: bool):
+    def __init__(self, settings: GuidanceSettings, unet_compiled: bool, stale_timesteps: Any = None):
         self.settings = settings
         self.unet_compiled = unet_compiled
+        # the scheduler's timesteps before the call: `start_guidance` refuses to read these (another call's schedule)
+        self.stale_timesteps = stale_timesteps
         self.started = False
 
     def start(
@@ -963,10 +1045,13 @@ class _GuidanceRun:
                 if state is not None:
                     counts = state.batch_counts(settings.groups, list(settings.targets), total)
                 self.counts = [c.tolist() for c in counts]
+                self.device_counts = [c.to(device) for c in counts]
         self.held_bases, self.held_row = self._held_bases(timesteps, device)
         self.soft_targets = [t.flatten().to(device) for t in settings.targets] if settings.mode != "sample" else []
         self.previous: list[torch.Tensor | None] = [None] * len(settings.targets)
         self.final_classes: list[torch.Tensor] | None = None
+        # Per step, how many of this process's images had a non-finite h (read on the host once, in `finish`).
+        self.non_finite = torch.zeros(self.num_steps, dtype=torch.long, device=device)
         self.step_index, self.calls_in_step, self.started = 0, 0, True
 
     # -- the h function ---------------------------------------------------------------------------------------------
@@ -974,7 +1059,11 @@ class _GuidanceRun:
     def on_h(self, h: torch.Tensor) -> torch.Tensor | None:
         """Read h at this step (calibrated logits of the conditional rows); on a guided step return the moved h."""
         if not self.started:
-            raise RuntimeError("The UNet ran before the guided call had prepared its latents.")
+            raise RuntimeError(
+                "The UNet ran before the guided call started. Balancing Act starts a call in `prepare_latents`, "
+                "which diffusers' `StableDiffusionPipeline.__call__` runs after setting the scheduler's timesteps "
+                "and before the denoising loop; this diffusers version calls them in another order."
+            )
         self.calls_in_step += 1
         step = self.step_index
         if step >= self.num_steps or not self.reads[step]:
@@ -988,8 +1077,10 @@ class _GuidanceRun:
             heads = [[part[rows[step]] for part in parts] for parts, rows in zip(self.heads, self.head_row)]
             raw = [F.linear(x, weight, bias) for weight, bias, *_ in heads]
             calibrated = [r * scale + cal_bias for r, (_, _, scale, cal_bias, _) in zip(raw, heads)]
+            finite = torch.stack([torch.isfinite(r).all(dim=1) for r in raw]).all(dim=0)
+            self.non_finite[step] = (~finite).sum()
             if self.settings.balance_state is not None:
-                self.final_classes = self._predicted_classes(calibrated)
+                self.final_classes = self._predicted_classes(calibrated, finite)
             if not self.guided[step]:
                 return None
             directions = self._directions(calibrated, raw)
@@ -1029,37 +1120,40 @@ class _GuidanceRun:
         return bases, rows
 
     def _directions(self, calibrated: list[torch.Tensor], raw: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per classifier, the logit-space directions `[N, K]` of this step (`logit_directions`). With a global batch
-        the solvers see the rows of every process (gathered) and this process's rows are returned."""
+        """Per classifier, the logit-space directions `[N, K]` of this step (`logit_directions`; zero for an image
+        whose logits of any classifier are not finite). With a global batch the solvers see the rows of every
+        process (gathered) and this process's rows are returned."""
         settings = self.settings
-        if settings.mode == "sample":
-            return [logit_directions(z, c) for z, c in zip(calibrated, self.class_targets)]
         if self.process_rows is not None:  # one all_gather of every classifier's calibrated and raw logits
             widths = [z.shape[1] for z in calibrated + raw]
             gathered = _all_gather_rows(torch.cat(calibrated + raw, dim=1), self.process_rows).split(widths, dim=1)
             calibrated, raw = list(gathered[: len(calibrated)]), list(gathered[len(calibrated) :])
-        if settings.solver != "assign":
+        valid = torch.stack([torch.isfinite(r).all(dim=1) for r in raw]).all(dim=0)
+        if settings.mode == "sample":
+            classes = self.class_targets
+        elif settings.solver != "assign":
             directions = []
             for z, r, fixed, target, temperature in zip(
                 calibrated, raw, self.class_targets, self.soft_targets, settings.temperatures
             ):
                 if fixed is not None:  # one class asked of every image: sample mode towards it
-                    directions.append(logit_directions(z, fixed))
+                    directions.append(logit_directions(z, fixed, valid=valid))
                 else:
-                    directions.append(logit_directions(r, target, settings.solver, temperature))
+                    directions.append(logit_directions(r, target, settings.solver, temperature, valid=valid))
+            return [d[self.own_rows] for d in directions]
         else:
-            cost = [-torch.log_softmax(z, dim=1) for z in calibrated]
+            # an image not finite for one classifier is left out of every group's assignment
+            cost = [torch.where(valid[:, None], -torch.log_softmax(z, dim=1), torch.nan) for z in calibrated]
             if settings.joint:
                 cells = cost[0]
                 for c in cost[1:]:  # cell cost: the classifiers' costs add up (independent readings)
                     cells = (cells[:, :, None] + c[:, None, :]).flatten(1)
                 assigned = self._assign(0, cells)
                 shape = [c.shape[1] for c in cost]
-                classes = list(torch.unravel_index(assigned, shape)) if len(shape) > 1 else [assigned]
+                classes = list(torch.unravel_index(assigned.clamp_min(0), shape)) if len(shape) > 1 else [assigned]
             else:
                 classes = [self._assign(g, c) for g, c in enumerate(cost)]
-            directions = [logit_directions(z, c) for z, c in zip(calibrated, classes)]
-        return [d[self.own_rows] for d in directions]
+        return [logit_directions(z, c, valid=valid)[self.own_rows] for z, c in zip(calibrated, classes)]
 
     def _assign(self, group: int, cost: torch.Tensor) -> torch.Tensor:
         """The min-cost assignment of group `group`, re-solved at each guided step with a cost for switching."""
@@ -1069,18 +1163,19 @@ class _GuidanceRun:
         previous = self.previous[group]
         if previous is not None:
             cost = cost + SWITCH_PENALTY * (1.0 - _one_hot(previous, cost.shape[1]))
-        self.previous[group] = assign_classes(cost, self.counts[group])
+        self.previous[group] = _assign_checked(cost, self.counts[group], self.device_counts[group])
         return self.previous[group]
 
-    def _predicted_classes(self, calibrated: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each image's predicted class (joint: cell) at this step; the last reading is what the state counts."""
+    def _predicted_classes(self, calibrated: list[torch.Tensor], finite: torch.Tensor) -> list[torch.Tensor]:
+        """Each image's predicted class (joint: cell) at this step, -1 where h was not finite; the last reading is
+        what the state counts."""
         predicted = [z.argmax(1) for z in calibrated]
-        if not self.settings.joint:
-            return predicted
-        cells = predicted[0]
-        for z, p in zip(calibrated[1:], predicted[1:]):
-            cells = cells * z.shape[1] + p
-        return [cells]
+        if self.settings.joint:
+            cells = predicted[0]
+            for z, p in zip(calibrated[1:], predicted[1:]):
+                cells = cells * z.shape[1] + p
+            predicted = [cells]
+        return [torch.where(finite, p, -1) for p in predicted]
 
     # -- the loop ---------------------------------------------------------------------------------------------------
 
@@ -1095,17 +1190,20 @@ class _GuidanceRun:
         return on_step_end
 
     def end_step(self, step: int) -> None:
-        """After loop step `step`: h must have been read exactly once in it (else the step was not guided as asked)."""
+        """After loop step `step`: the steps must come in order, and h must have been read exactly once in each (else
+        the step was not guided as asked)."""
         calls, self.calls_in_step = self.calls_in_step, 0
+        if step != self.step_index or step >= self.num_steps:
+            raise RuntimeError(
+                f"The denoising loop reported step {step} where Balancing Act expected step {self.step_index} of "
+                f"{self.num_steps}: the loop does not run the timesteps the call set, one step each, in order."
+            )
         if calls == 0:
-            site = self.settings.site
-            module = "unet.mid_block" if site == DEFAULT_SITE else f"unet.{site}"
             cause = (
-                "the UNet is compiled and its graph was traced before Balancing Act's hook was installed on "
-                f"`{module}`: create the BalancingActPipeline (or call `install_h_hook(site_module(unet, "
-                f"{site!r}))`) before `torch.compile`, or call `torch.compiler.reset()` before this call"
+                "the UNet is compiled and its graph was traced without Balancing Act's hook on `unet.mid_block`: "
+                "call `install_h_hook(pipe.unet.mid_block)` before `torch.compile` (or `torch.compiler.reset()`)"
                 if self.unet_compiled
-                else f"`{module}` did not run or its forward hooks were bypassed"
+                else "`unet.mid_block` did not run or its forward hooks were bypassed"
             )
             raise RuntimeError(
                 f"Balancing Act's hook did not run at denoising step {step}, so h was not guided: {cause}."
@@ -1118,10 +1216,27 @@ class _GuidanceRun:
             )
         self.step_index = step + 1
 
-    def finish(self) -> None:
-        """After the loop: add this call's final classes to the `balance_state` (every process's, in a global batch)."""
+    def finish(self, interrupted: bool = False) -> None:
+        """After the loop (once per call, outside it): check that it ran every step of the schedule read at the start
+        (unless `interrupted`), report the images whose h was not finite, then, for a call that ran every step, add
+        its final classes to the `balance_state` (every process's, in a global batch). A call that raises never gets
+        here: the state counts finished calls only."""
+        if not interrupted and self.step_index != self.num_steps:
+            raise RuntimeError(
+                f"The denoising loop ran {self.step_index} steps, but the scheduler's timesteps read when the guided "
+                f"call started have {self.num_steps}: the loop did not run the schedule this call set."
+            )
+        counts = self.non_finite.tolist()
+        if any(counts):
+            steps = [i for i, n in enumerate(counts) if n]
+            logger.warning(
+                f"Balancing Act: h was not finite (NaN or inf, e.g. a float16 overflow) for up to {max(counts)} of "
+                f"{self.num_images} images at {len(steps)} of {self.num_steps} steps (first: step {steps[0]}, "
+                f"{counts[steps[0]]} images); those images were left unguided at those steps and the others kept "
+                "exact counts among themselves. Try float32 or bfloat16, or a smaller `guidance_strength`."
+            )
         state = self.settings.balance_state
-        if state is None or self.final_classes is None:
+        if state is None or self.final_classes is None or self.step_index != self.num_steps:
             return
         final = self.final_classes
         if self.process_rows is not None:  # every process's images, so the state stays the same on all of them
@@ -1129,10 +1244,36 @@ class _GuidanceRun:
         state.update(self.settings.groups, final)
 
 
+_TOKENIZER_LOCKS: "weakref.WeakKeyDictionary[Any, threading.Lock]" = weakref.WeakKeyDictionary()
+
+
+def tokenizer_lock(tokenizer: Any) -> threading.Lock:
+    """The one lock of `tokenizer` (made on first use; `contextlib.nullcontext` for None): the project's pipelines
+    hold it while they tokenize, so that threads sharing the tokenizer do not change its settings under each other."""
+    if tokenizer is None:
+        return contextlib.nullcontext()
+    with _HOOKS_LOCK:
+        return _TOKENIZER_LOCKS.setdefault(tokenizer, threading.Lock())
+
+
 # The guided call in progress in this context, and the pipeline that runs it (read by `prepare_latents`).
 _CURRENT_RUN: contextvars.ContextVar[tuple[Any, _GuidanceRun] | None] = contextvars.ContextVar(
     "balancing_act_run", default=None
 )
+
+
+def unexpected_keywords_message(pipeline: type, unknown: Sequence[str], standard: Sequence[str]) -> str:
+    """The `TypeError` message for unknown keyword arguments of `pipeline`'s call, naming the closest known argument
+    of each (a typo such as `target_distrbution`)."""
+    known = [*standard, *BalancingActMixin.guidance_parameters()]
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return (
+        f"{pipeline.__name__}.__call__() got unexpected keyword argument(s) {', '.join(hints)}; it takes the "
+        f"arguments of {pipeline.__mro__[2].__name__} and {', '.join(BalancingActMixin.guidance_parameters())}."
+    )
 
 
 def _class_index(classifier: HClassifier, value: Any, argument: str) -> int:
@@ -1168,26 +1309,24 @@ class BalancingActMixin:
     # For the error messages: how the pipeline's arguments give its number of images, and what it is unguided.
     _images_argument = "batch size x num_images_per_prompt"
     _unguided_name = "vanilla Stable Diffusion"
+    # the diffusers call whose order `start_guidance` relies on (named in its error)
+    _wrapped_call = "StableDiffusionPipeline.__call__"
+
+    @classmethod
+    def guidance_parameters(cls) -> list[str]:
+        """The names of the Balancing Act arguments, as `check_guidance_inputs` and `prepare_guidance` take them."""
+        return list(inspect.signature(cls.check_guidance_inputs).parameters)[1:]
 
     @classmethod
     def guidance_arguments(cls, arguments: dict[str, Any]) -> dict[str, Any]:
-        """The Balancing Act arguments of a call (from its `locals()`), by the names `check_guidance_inputs` and
-        `prepare_guidance` take; a pipeline without one of them (`guided_branches` without classifier-free guidance)
-        gets its default."""
-        names = list(inspect.signature(cls.check_guidance_inputs).parameters)[1:]
-        return {name: arguments[name] for name in names if name in arguments}
+        """The Balancing Act arguments of a call (from its `locals()`); a pipeline without one of them
+        (`guided_branches` without classifier-free guidance) gets its default."""
+        return {name: arguments[name] for name in cls.guidance_parameters() if name in arguments}
 
     # Pixels per latent pixel (a latent diffusion pipeline's VAE factor); 1 for a pixel-space model.
     @property
     def h_scale_factor(self) -> int:
         return getattr(self, "vae_scale_factor", 1)
-
-    def register_modules(self, **kwargs) -> None:
-        super().register_modules(**kwargs)
-        # The h hook goes on the UNet when the pipeline is made, so that a UNet compiled afterwards contains it.
-        unet = kwargs.get("unet")
-        if getattr(unet, "mid_block", None) is not None:
-            install_h_hook(unet.mid_block)
 
     def _resolve_classifier(self, classifier: "HClassifier | str | os.PathLike") -> HClassifier:
         # Duck-typed: diffusers' custom_pipeline loader imports this file as a second module, whose HClassifier is a
@@ -1211,13 +1350,10 @@ class BalancingActMixin:
             f"those; got {type(classifier).__name__}."
         )
 
-    def h_shape(self, height: int, width: int, site: str = DEFAULT_SITE) -> list[int]:
-        """The per-sample shape [C, H, W] of h at `site` (default: the `unet.mid_block` output) for images of
-        `height` x `width` pixels."""
-        if site == DEFAULT_SITE and self.unet.mid_block is None:
-            raise ValueError("This UNet has no mid block; Balancing Act guidance needs one.")
+    def h_shape(self, height: int, width: int) -> list[int]:
+        """The per-sample shape [C, H, W] of h = `unet.mid_block` output for images of `height` x `width` pixels."""
         scale = self.h_scale_factor
-        return site_h_shape(self.unet, site, int(height) // scale, int(width) // scale)
+        return mid_block_h_shape(self.unet, int(height) // scale, int(width) // scale)
 
     @staticmethod
     def _per_classifier(value: Any, name: str, num_classifiers: int, is_list: bool) -> list[Any]:
@@ -1430,6 +1566,12 @@ class BalancingActMixin:
                 "`unet.mid_block` that runs outside the compiled graph (one graph break per UNet call). Compile "
                 "without `fullgraph=True`, e.g. `pipe.unet = torch.compile(pipe.unet)`."
             )
+        if is_compiled(self.unet) and not has_h_hook(self.unet.mid_block, kept_only=True):
+            raise ValueError(
+                "This guided call needs Balancing Act's hook inside the compiled UNet: call "
+                "`install_h_hook(pipe.unet.mid_block)` once before `torch.compile` (then guided and unguided calls "
+                "both run without recompiling)."
+            )
 
     def prepare_guidance(
         self,
@@ -1469,13 +1611,6 @@ class BalancingActMixin:
                 target_classes = given
         else:
             held_classifiers = ()
-        sites = {classifier_site(c) for c in classifiers + list(held_classifiers)}
-        if len(sites) > 1:
-            raise ValueError(
-                "Every `h_classifier` of one call must read the same site of the UNet (each moves h where it reads "
-                f"it); got sites {sorted(sites)}. Use classifiers trained at one site (`balancing-act extract --site`)."
-            )
-        site_module(self.unet, sites.pop())
         joint = False
         if guidance_mode == "distribution":
             table = self._joint_target(target_distribution, classifiers) if is_list else None
@@ -1529,12 +1664,20 @@ class BalancingActMixin:
         cfg: bool = False,
         guidance_scale: float = 1.0,
     ) -> None:
-        """Check a guided call against its batch, image size and the scheduler's timesteps (set for this call), then
-        build its per-call state, before the first step. `cfg`: the UNet sees `[uncond; cond]` rows, and moves of the
-        conditional rows are amplified by `guidance_scale`. The global batch's collective comes last, after
-        everything that can fail."""
+        """Check a guided call against its batch, image size and the scheduler's timesteps, then build its per-call
+        state, before the first step. The timesteps must be the ones this call set: a new schedule since the run was
+        made (`run.stale_timesteps`). `cfg`: the UNet sees `[uncond; cond]` rows, and moves of the conditional rows
+        are amplified by `guidance_scale`. The global batch's collective comes last, after everything that can fail."""
         settings = run.settings
-        timesteps = [float(t) for t in self.scheduler.timesteps.cpu()]  # once per call, before the loop
+        schedule = getattr(self.scheduler, "timesteps", None)
+        if schedule is None or schedule is run.stale_timesteps:
+            raise RuntimeError(
+                "Balancing Act starts a guided call when its latents are prepared and reads the scheduler's timesteps "
+                f"then, but this call had not set them yet: diffusers' `{self._wrapped_call}` must set the timesteps "
+                "before `prepare_latents` and run the loop after it (the order of the tested diffusers versions, "
+                "in setup.cfg). Use a tested diffusers version."
+            )
+        timesteps = [float(t) for t in schedule.cpu()]  # once per call, before the loop
         num_steps = len(timesteps)
         if isinstance(settings.steps[0], int) and settings.steps[-1] >= num_steps:
             raise ValueError(
@@ -1553,13 +1696,13 @@ class BalancingActMixin:
                         f"`target_classes` must be one class for all images or a list of one class per image "
                         f"({num_images} images = {self._images_argument}); got a list of {len(classes)}."
                     )
-        h_shape = self.h_shape(height, width, settings.site)
+        h_shape = self.h_shape(height, width)
         for classifier in settings.classifiers + settings.held:
             if list(classifier.config.h_shape) != h_shape:
                 raise ValueError(
                     f"`h_classifier` {classifier.config.attribute!r} was trained on h of shape "
                     f"{list(classifier.config.h_shape)} but this UNet gives h of shape {h_shape} at {height}x{width} "
-                    f"pixels at site {settings.site!r}; use a classifier trained for this model, site and resolution."
+                    "pixels; use a classifier trained for this model and resolution."
                 )
             if not classifier.covers_timesteps(timesteps):
                 heads = classifier._timesteps
@@ -1581,7 +1724,8 @@ class BalancingActMixin:
             raise ValueError(
                 f"`guidance_mode='distribution'` needs at least 2 images ({self._images_argument}) or a "
                 "`balance_state` that carries the counts across calls: the target is a distribution over images. "
-                f"For one image of a given class use `guidance_mode='sample'`; got {total} image."
+                f"For one image of a given class use `guidance_mode='sample'`; got {total} "
+                f"{'image' if total == 1 else 'images'}."
             )
         run.start(num_images, timesteps, cfg, guidance_scale, device, process_rows)
 
@@ -1601,6 +1745,13 @@ class BalancingActPipeline(BalancingActMixin, StableDiffusionPipeline):
     `StableDiffusionPipeline`. Guidance acts only on the call that asked for it: other pipelines sharing these
     components (`from_pipe`), in other threads, run unguided at the same time.
     """
+
+    def encode_prompt(self, *args, **kwargs):
+        # transformers' fast tokenizers keep their padding and truncation settings on the (shared) object, and
+        # `encode_prompt` tokenizes with two settings in turn: the calls of every pipeline of this project that share
+        # a tokenizer take turns on it (docs: what stays exposed when a stock pipeline shares it).
+        with tokenizer_lock(self.tokenizer):
+            return super().encode_prompt(*args, **kwargs)
 
     def prepare_latents(self, batch_size, num_channels_latents, height, width, dtype, device, generator, latents=None):
         # `StableDiffusionPipeline.__call__` calls this once, after it has resolved the batch size, the image size and
@@ -1669,9 +1820,7 @@ class BalancingActPipeline(BalancingActMixin, StableDiffusionPipeline):
                 `target_distribution` / `target_classes` is `"hold"` is held, not guided: at every guided step the
                 move of h loses its components along the held classifier's class directions (its head's weight
                 differences at that step), so the move leaves the held classifier's reading unchanged (exactly, at
-                that step's h) while the others are guided. Each classifier reads and moves h at the site stored in
-                its config (`site`: the mid block by default, or an up block's output `"up_blocks.<i>"`); the
-                classifiers of one call share one site.
+                that step's h) while the others are guided.
             guidance_mode (`str`, *optional*):
                 `None` (vanilla Stable Diffusion, bit-for-bit), `"sample"` (each image towards a class) or
                 `"distribution"` (the batch towards a distribution of classes).
@@ -1742,31 +1891,26 @@ class BalancingActPipeline(BalancingActMixin, StableDiffusionPipeline):
             [`~pipelines.stable_diffusion.StableDiffusionPipelineOutput`] or `tuple`, as `StableDiffusionPipeline`.
         """
         arguments = locals()
-        guidance = self.guidance_arguments(arguments)
-        self.check_guidance_inputs(**guidance)
         unknown = sorted(set(kwargs) - {"callback", "callback_steps"})
         if unknown:
-            raise TypeError(
-                f"BalancingActPipeline.__call__() got unexpected keyword argument(s) {unknown}; see the "
-                "StableDiffusionPipeline arguments and h_classifier, guidance_mode, target_distribution, "
-                "target_classes, guidance_strength, guidance_steps, distribution_solver, classifier_temperature, "
-                "guided_branches, balance_state, global_batch."
-            )
+            raise TypeError(unexpected_keywords_message(BalancingActPipeline, unknown, _STABLE_DIFFUSION_ARGUMENTS))
+        guidance = self.guidance_arguments(arguments)
+        self.check_guidance_inputs(**guidance)
         standard = {name: arguments[name] for name in _STABLE_DIFFUSION_ARGUMENTS} | kwargs
         if guidance_mode is None:
             return super().__call__(**standard)
 
         settings = self.prepare_guidance(**guidance)
-        run = _GuidanceRun(settings, unet_compiled=hasattr(self.unet, "_orig_mod"))
+        run = _GuidanceRun(settings, is_compiled(self.unet), getattr(self.scheduler, "timesteps", None))
         # The loop tells the run where it is: our step-end callback, around the caller's.
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             standard["callback_on_step_end_tensor_inputs"] = callback_on_step_end.tensor_inputs
         standard["callback_on_step_end"] = run.step_callback(callback_on_step_end)
         token = _CURRENT_RUN.set((self, run))
         try:
-            with MidBlockHook(self.unet, run.on_h, run.settings.site):
+            with MidBlockHook(self.unet, run.on_h):
                 output = super().__call__(**standard)
         finally:
             _CURRENT_RUN.reset(token)
-        run.finish()
+        run.finish(interrupted=self.interrupt)
         return output

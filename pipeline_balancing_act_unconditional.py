@@ -9,6 +9,7 @@ repository) or sit next to this file (the routes are in docs/unconditional.md).
 """
 
 import contextlib
+import numbers
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,6 +34,7 @@ if __package__:
         HClassifier,
         MidBlockHook,
         _GuidanceRun,
+        is_compiled,
     )
 else:
     # A top-level module: the installed package, or the repository root on `sys.path`. Written `import ... as`, not
@@ -46,6 +48,7 @@ else:
     HClassifier = _core.HClassifier
     MidBlockHook = _core.MidBlockHook
     _GuidanceRun = _core._GuidanceRun
+    is_compiled = _core.is_compiled
 
 
 if is_torch_xla_available():
@@ -84,6 +87,23 @@ class BalancingActUnconditionalPipeline(BalancingActMixin, DDIMPipeline):
     # for the error messages of the shared guidance checks
     _images_argument = "batch_size"
     _unguided_name = "the plain DDIMPipeline"
+    _wrapped_call = "BalancingActUnconditionalPipeline.__call__"
+
+    @staticmethod
+    def check_call_inputs(batch_size: Any, eta: Any, num_inference_steps: Any) -> None:
+        """The `DDIMPipeline` arguments a wrong value of which would fail deep inside torch or give noise with only a
+        warning: one-line `ValueError`s naming the argument instead."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            hint = " (an unconditional model takes no prompt)" if isinstance(batch_size, str) else ""
+            raise ValueError(f"`batch_size` must be a positive integer{hint}; got {batch_size!r}.")
+        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0.0 <= eta <= 1.0:
+            raise ValueError(f"`eta` must be a number from 0 (DDIM) to 1 (DDPM); got {eta!r}.")
+        if (
+            isinstance(num_inference_steps, bool)
+            or not isinstance(num_inference_steps, numbers.Integral)
+            or num_inference_steps < 1
+        ):
+            raise ValueError(f"`num_inference_steps` must be a positive integer; got {num_inference_steps!r}.")
 
     def _sample_size(self) -> tuple[int, int]:
         """The (height, width) in pixels of the images this UNet generates (its `sample_size`)."""
@@ -132,7 +152,7 @@ class BalancingActUnconditionalPipeline(BalancingActMixin, DDIMPipeline):
             h_classifier (`HClassifier`, `str`, `os.PathLike` or a list of those, *optional*):
                 The h-classifier(s) of the attribute(s) to guide: an `HClassifier` trained on this UNet's h (shape
                 `[C, H, W]` of `unet.mid_block`'s output at the UNet's `sample_size`, e.g. `[512, 8, 8]` for
-                `google/ddpm-celebahq-256`, or of the up block's output its config's `site` names), or a local directory / Hub id loaded with `HClassifier.from_pretrained`
+                `google/ddpm-celebahq-256`), or a local directory / Hub id loaded with `HClassifier.from_pretrained`
                 (safetensors only; cached on the pipeline). A list guides several attributes at once; then
                 `target_distribution` takes one entry per classifier (marginal targets) or one table over the cells
                 of their classes (a joint target), `target_classes` one entry per classifier, and
@@ -200,6 +220,7 @@ class BalancingActUnconditionalPipeline(BalancingActMixin, DDIMPipeline):
                 returned where the first element is a list with the generated images (as `DDIMPipeline`).
         """
         guidance = self.guidance_arguments(locals())  # no guided_branches: every row is an image
+        self.check_call_inputs(batch_size, eta, num_inference_steps)
         self.check_guidance_inputs(**guidance)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
@@ -224,17 +245,11 @@ class BalancingActUnconditionalPipeline(BalancingActMixin, DDIMPipeline):
         run = None
         if guidance_mode is not None:
             settings = self.prepare_guidance(**guidance)
-            run = _GuidanceRun(settings, unet_compiled=hasattr(self.unet, "_orig_mod"))
+            run = _GuidanceRun(settings, is_compiled(self.unet), getattr(self.scheduler, "timesteps", None))
 
         # As `DDIMPipeline.__call__` from here on, plus the guided call's start, its h function and its step ends.
         height, width = self._sample_size()
         image_shape = (batch_size, self.unet.config.in_channels, height, width)
-        if not 0.0 <= eta <= 1.0:
-            logger.warning(
-                f"`eta` should be between 0 and 1 (inclusive), but received {eta}. "
-                "A value of 0 corresponds to DDIM and 1 corresponds to DDPM. "
-                "Unexpected results may occur for values outside this range."
-            )
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"You have passed a list of generators of length {len(generator)}, but requested an effective batch"
@@ -249,7 +264,7 @@ class BalancingActUnconditionalPipeline(BalancingActMixin, DDIMPipeline):
         if run is not None:
             # checked against the batch, the UNet's h shape and the timesteps, before the first step
             self.start_guidance(run, batch_size, height, width, device, cfg=False, guidance_scale=1.0)
-        with MidBlockHook(self.unet, run.on_h, run.settings.site) if run is not None else contextlib.nullcontext():
+        with MidBlockHook(self.unet, run.on_h) if run is not None else contextlib.nullcontext():
             for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
                 # 1. predict noise model_output (on a guided step the up blocks run on the moved h)
                 model_output = self.unet(image, t).sample

@@ -20,7 +20,9 @@ __all__ = [
     "MidBlockHook",
     "assign_classes",
     "guidance_loss",
+    "install_h_hook",
     "largest_remainder",
+    "remove_h_hook",
 ]
 
 if TYPE_CHECKING:
@@ -36,7 +38,9 @@ if TYPE_CHECKING:
         MidBlockHook,
         assign_classes,
         guidance_loss,
+        install_h_hook,
         largest_remainder,
+        remove_h_hook,
     )
 
 

@@ -115,14 +115,6 @@ def _unet_size(pipe) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def _check_site(pipe, site: str) -> str:
-    """`site` if the pipeline's UNet has it (a one-line `ValueError` naming its sites otherwise)."""
-    from pipeline_balancing_act import site_module
-
-    site_module(pipe.unet, site)
-    return site
-
-
 def _is_unconditional(pipe) -> bool:
     """A pipeline without a text encoder: an unconditional one (`BalancingActUnconditionalPipeline`)."""
     return getattr(pipe, "text_encoder", None) is None
@@ -170,7 +162,6 @@ def extract_from_folders(
     width: int | None = None,
     progress: bool = True,
     state=None,
-    site: str = "mid_block",
 ) -> dict:
     """Recipe 1: labelled image folders -> DDIM inversion -> h at every step. Returns the manifest.
 
@@ -189,8 +180,6 @@ def extract_from_folders(
         chunk_size: images per chunk (the unit of resumption); `batch_size`: images per UNet call.
         dtype: storage dtype, "fp16" (default) or "fp32".
         state: an accelerate `PartialState` of several processes (each makes its share of the chunks), or None.
-        site: where in the UNet h is recorded: `"mid_block"` (default, the paper's h) or an up block's output
-            `"up_blocks.<i>"`; recorded in the manifest, and the site of the classifiers trained on it.
     Unreadable or corrupt images are skipped with a warning and listed in the manifest ("skipped").
     """
     output_dir = Path(output_dir)
@@ -247,7 +236,7 @@ def extract_from_folders(
         "class_names": class_names,
         "attribute": attribute,
         "label_source": "folders",
-        "site": _check_site(pipe, site),
+        "site": "mid_block",  # where h is recorded (a key kept from the versions with other sites)
     }
     manifest = _prepare_output_dir(output_dir, run, state)
     if not unconditional:
@@ -278,7 +267,7 @@ def extract_from_folders(
         else:
             embeds = cond.expand(n, -1, -1)
         scale = 1.0 if unconditional else guidance_scale
-        calls, _ = invert_and_record(pipe, torch.stack(tensors), scheduler, embeds, scale, storage_dtype, site)
+        calls, _ = invert_and_record(pipe, torch.stack(tensors), scheduler, embeds, scale, storage_dtype)
         labels = torch.tensor([r["label"] for r in records], dtype=torch.long)
         return _BatchResult(_split_branches(calls, n, cfg, branches), labels, records, skipped)
 
@@ -309,7 +298,6 @@ def extract_from_generation(
     progress: bool = True,
     state=None,
     eta: float | None = None,
-    site: str = "mid_block",
 ) -> dict:
     """Recipe 2: generate with `pipe`, record h at every step, pseudo-label the images with `labeller`.
 
@@ -329,7 +317,6 @@ def extract_from_generation(
             `batch_size=`, `guidance_scale` is unused (recorded as None) and the images have the UNet's size (no
             `negative_prompt`, `height` or `width`).
         eta: passed to every call when given (DDIM's eta: 0 deterministic, 1 DDPM-like); recorded in the plan.
-        site: where in the UNet h is recorded (as in `extract_from_folders`).
         Others as in `extract_from_folders`.
     """
     from pipeline_balancing_act import MidBlockHook
@@ -401,7 +388,7 @@ def extract_from_generation(
             for item in labellers
             if item.attribute is not None
         },
-        "site": _check_site(pipe, site),
+        "site": "mid_block",  # where h is recorded (a key kept from the versions with other sites)
     }
     manifest = _prepare_output_dir(output_dir, run, state)
     plan = list(range(num_images))
@@ -415,7 +402,7 @@ def extract_from_generation(
             seen_timesteps.append(timestep)
             return callback_kwargs
 
-        with MidBlockHook(pipe.unet, recorder, site):
+        with MidBlockHook(pipe.unet, recorder):
             # One call for the batch; `items` are consecutive image indices, so image items[j] is seeded seed + items[j].
             (generated,) = generate_batches(
                 pipe,

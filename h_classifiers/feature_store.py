@@ -146,7 +146,8 @@ class HFeatureStore:
 
     @property
     def site(self) -> str:
-        """Where h was recorded (`"mid_block"` or `"up_blocks.<i>"`): the site its classifiers read and move."""
+        """Where h was recorded: `"mid_block"` (a store of an older version may name an up block, which the
+        classifier then refuses)."""
         return _run_value(self.manifest, "site")
 
     @property

@@ -129,7 +129,6 @@ def invert_and_record(
     prompt_embeds: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
     storage_dtype: torch.dtype = torch.float16,
-    site: str = "mid_block",
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """DDIM-inverts a batch of images ([-1, 1]); returns (h at every step in generation order, step 0 first; the
     inverted latents at the noisiest timestep, from which a DDIM generation with eta = 0 reconstructs the images).
@@ -142,8 +141,6 @@ def invert_and_record(
     conditions the UNet, [uncond; cond] when `guidance_scale` > 1, else cond only. An unconditional pixel-space
     pipeline (no VAE, no text encoder: `BalancingActUnconditionalPipeline`, `DDIMPipeline`): the clean latent is the
     image itself, `prompt_embeds` is None and `guidance_scale` 1 (the UNet takes no condition).
-
-    `site`: where h is recorded (`"mid_block"`, or an up block's output `"up_blocks.<i>"`).
     """
     from pipeline_balancing_act import MidBlockHook
 
@@ -179,7 +176,7 @@ def invert_and_record(
             out = uncond + guidance_scale * (cond - uncond)
         return out
 
-    with MidBlockHook(unet, recorder, site):
+    with MidBlockHook(unet, recorder):
         out = predict(latents, ascending[0])
         latents = _ddim_move(
             latents, out, scheduler.final_alpha_cumprod.float(), alphas[int(ascending[0])], prediction_type

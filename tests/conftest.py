@@ -36,9 +36,9 @@ def shared_state(pipe) -> dict:
         "progress_bar": dict(getattr(pipe, "_progress_bar_config", {})),
         "classifier_cache": dict(getattr(pipe, "_h_classifier_cache", {})),
         "unet": (unet.dtype, unet.device, len(unet._forward_hooks), len(unet._forward_pre_hooks)),
-        # Balancing Act's dispatch hook stays on the mid block once installed (dormant); any other hook, or an h
+        # A call installs Balancing Act's hook for its own duration only: any hook left on the mid block, or an h
         # function left active after a call, is a leak.
-        "mid_block_hooks": [h for h in unet.mid_block._forward_hooks.values() if h is not pba._h_dispatch_hook],
+        "mid_block_hooks": list(unet.mid_block._forward_hooks.values()),
         "active_h_functions": pba._ACTIVE_H_FUNCTIONS.get(),
         "offload_or_lora": (hasattr(unet, "_hf_hook"), getattr(unet, "peft_config", None) is not None),
     }

@@ -52,8 +52,9 @@ def test_the_move_has_no_component_along_a_held_classifiers_directions(ba_pipe):
     _, held = run(ba_pipe, ba_pipe.unet, **guided, target_distribution=[[0.25, 0.75], HOLD, HOLD])
     for classifier in (glasses, hair):
         assert reading_change(classifier, free).abs().max() > 1e-2  # guided, it moves
+        # zero up to float32 rounding of the logits (the guided change above is a thousand times larger)
         torch.testing.assert_close(
-            reading_change(classifier, held), torch.zeros_like(reading_change(classifier, held))
+            reading_change(classifier, held), torch.zeros_like(reading_change(classifier, held)), atol=1e-4, rtol=0
         )
     moves = torch.stack([(a - b).norm() for a, b in zip(held.after, held.before)])
     assert (moves > 1e-2).all()  # skin is still guided at every step

@@ -162,11 +162,12 @@ def compiles():
 
 
 @pytest.mark.parametrize("vanilla_first", [False, True], ids=["fresh", "after-an-unguided-call"])
-def test_guidance_works_with_a_compiled_unet(compiles, vanilla_first):
+def test_guidance_works_with_a_compiled_unet_that_opted_in(compiles, vanilla_first):
     backend, graphs = compiles
     eager = make_pipe()
     expected_guided, expected_vanilla = generate(eager, **GUIDED), generate(eager)
     pipe = make_pipe()
+    pba.install_h_hook(pipe.unet.mid_block)  # the documented opt-in, before compiling
     pipe.unet = torch.compile(pipe.unet, backend=backend)
     if vanilla_first:
         np.testing.assert_allclose(generate(pipe), expected_vanilla, atol=1e-5)
@@ -176,17 +177,37 @@ def test_guidance_works_with_a_compiled_unet(compiles, vanilla_first):
     np.testing.assert_allclose(generate(pipe, **GUIDED), expected_guided, atol=1e-5)  # no recompilation ...
     np.testing.assert_allclose(generate(pipe), expected_vanilla, atol=1e-5)  # ... in any order of calls
     assert len(graphs) == compiled
+    assert list(pipe.unet.mid_block._forward_hooks.values()) == [pba._h_dispatch_hook]  # kept, as asked
+    pba.remove_h_hook(pipe.unet.mid_block)
+    assert list(pipe.unet.mid_block._forward_hooks.values()) == []
 
 
-def test_a_unet_compiled_before_the_hook_existed_raises_at_the_first_step_instead_of_running_vanilla(compiles):
+def test_a_guided_call_on_a_compiled_unet_without_the_opt_in_stops_before_the_first_step(compiles):
+    backend, _ = compiles
+    pipe = make_pipe()
+    pipe.unet = torch.compile(pipe.unet, backend=backend)
+    calls = []
+    handle = pipe.unet._orig_mod.register_forward_pre_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match=r"install_h_hook\(pipe.unet.mid_block\)") as error:
+        generate(pipe, **GUIDED)
+    handle.remove()
+    assert calls == [] and "\n" not in str(error.value)
+    assert guidance_is_off(pipe.unet._orig_mod)
+
+
+def test_a_unet_traced_before_the_opt_in_raises_at_the_first_step_instead_of_running_vanilla(compiles):
     backend, _ = compiles
     plain = make_pipe(StableDiffusionPipeline)
     plain.unet = torch.compile(plain.unet, backend=backend)
     generate(plain)  # traced without any hook on the mid block
+    pba.install_h_hook(plain.unet.mid_block)  # too late: the graph is already traced
     pipe = BalancingActPipeline.from_pipe(plain)
     steps = []
-    with pytest.raises(RuntimeError, match="did not run at denoising step 0.*compiled"):
-        generate(pipe, callback_on_step_end=lambda p, i, t, kw: steps.append(i) or {}, **GUIDED)
+    try:
+        with pytest.raises(RuntimeError, match="did not run at denoising step 0.*compiled"):
+            generate(pipe, callback_on_step_end=lambda p, i, t, kw: steps.append(i) or {}, **GUIDED)
+    finally:
+        pba.remove_h_hook(plain.unet.mid_block)
     assert steps == [0] and guidance_is_off(pipe.unet)
 
 
@@ -200,6 +221,23 @@ def test_fullgraph_compilation_is_refused_before_the_first_step(compiles):
         generate(pipe, **GUIDED)
     handle.remove()
     assert calls == []
+
+
+def test_unguided_calls_on_a_compiled_unet_are_stock_stable_diffusion(compiles):
+    """Without the opt-in, a Balancing Act pipeline (also one made with `from_pipe`) puts nothing on the UNet: an
+    unguided call compiles the graphs stock SD compiles, and `fullgraph=True` works."""
+    backend, graphs = compiles
+    stock = make_pipe(StableDiffusionPipeline)
+    stock.unet = torch.compile(stock.unet, backend=backend, fullgraph=True)
+    expected = generate(stock)
+    stock_graphs = len(graphs)
+    torch._dynamo.reset()
+    graphs.clear()
+    pipe = make_pipe()
+    BalancingActPipeline.from_pipe(pipe)
+    pipe.unet = torch.compile(pipe.unet, backend=backend, fullgraph=True)
+    np.testing.assert_allclose(generate(pipe), expected, atol=1e-5)
+    assert len(graphs) == stock_graphs == 1
 
 
 # --- shared components, threads -----------------------------------------------------------------------------------

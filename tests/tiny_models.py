@@ -166,12 +166,8 @@ class HRecorder:
 
 
 def guidance_is_off(unet) -> bool:
-    """Nothing of a guided call is left on `unet`: its mid block carries at most Balancing Act's dormant dispatch hook
-    (installed once, it does nothing until a call activates it), no h function is active in this thread, and the UNet
-    has no pre-hook."""
+    """Nothing of a guided call is left on `unet`: no hook on its mid block (unless the user kept Balancing Act's there
+    with `install_h_hook`), no h function active in this thread, and no pre-hook on the UNet."""
     hooks = list(unet.mid_block._forward_hooks.values())
-    return (
-        hooks in ([], [pba._h_dispatch_hook])
-        and pba._ACTIVE_H_FUNCTIONS.get() == ()
-        and len(unet._forward_pre_hooks) == 0
-    )
+    kept = [pba._h_dispatch_hook] if pba.has_h_hook(unet.mid_block, kept_only=True) else []
+    return hooks == kept and pba._ACTIVE_H_FUNCTIONS.get() == () and len(unet._forward_pre_hooks) == 0

@@ -129,12 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(RECORD_BRANCHES),
         help="With classifier-free guidance, which rows of [uncond; cond] to store (default: cond).",
     )
-    parser.add_argument(
-        "--site",
-        default="mid_block",
-        help="Where in the UNet h is recorded: mid_block (default, the paper's h) or an up block's output, "
-        "up_blocks.<i> (e.g. up_blocks.0). Classifiers trained on the features read and move h there.",
-    )
     parser.add_argument("--seed", type=int, default=0, help="Generation: image i uses seed + i (default: 0).")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="Images per UNet call.")
     parser.add_argument(
@@ -195,7 +189,6 @@ def run(args: argparse.Namespace) -> dict:
         "width": args.width,
         "progress": not args.no_progress,
         "state": state,
-        "site": args.site,
     }
     if args.image_dir is not None:
         unused = [name for name in ("num_images", "labeller") if getattr(args, name) is not None]
