@@ -1,5 +1,6 @@
 """`balancing-act` dispatch, help, and the clear errors of the generating commands for bad arguments."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -479,7 +480,6 @@ def thread_calls(monkeypatch):
 
 def command_argv(command, model, tmp_path):
     """Each command on `model` (train: features extracted from it)."""
-    import json
 
     if command in ("generate", "evaluate"):
         return [command, "--model", model, "--num-images", "4"]
@@ -497,6 +497,7 @@ def test_every_command_has_the_same_thread_default(command, thread_calls, tmp_pa
 
     other_model = tmp_path / "some-sd"
     other_model.mkdir()
+    (other_model / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     runs = [(str(TOY_MODEL_PATH), [], [1]), (str(other_model), [], []), (str(TOY_MODEL_PATH), ["--threads", "3"], [3])]
     for model, extra, expected in runs:
         thread_calls.clear()
