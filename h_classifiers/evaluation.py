@@ -261,13 +261,14 @@ def evaluate(
     progress: Callable[[int], None] | None = None,
     metadata: dict[str, Any] | None = None,
     state=None,
+    on_result: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """
     Run and measure each configuration (default: all but the opt-in ones). Returns `{**metadata, "spec": ...,
     "class_names": ..., "results": {configuration: summary}}`; with `output_dir`, also writes `results.json`,
     `grid_<configuration>.png` and `fractions.png` there. With an accelerate `state` of several processes, the
     processes share the generation and every one measures all the images (gathered), as one process would; the main
-    process writes the files.
+    process writes the files. `on_result(configuration, summary)` is called as each configuration is measured.
     """
     class_names = list(class_names or getattr(classifier, "config", {}).get("class_names", []))
     results = {}
@@ -281,6 +282,8 @@ def evaluate(
             summary.update(generation.selection)
         results[configuration] = summary
         grids[configuration] = generation.images
+        if on_result is not None:
+            on_result(configuration, summary)
     report = {**(metadata or {}), "spec": asdict(spec), "class_names": class_names, "results": results}
     report["verdict"] = target_verdicts(results)
     if output_dir is not None and is_main(state):

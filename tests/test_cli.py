@@ -520,3 +520,47 @@ def test_a_strength_past_the_pipelines_bound_is_one_argument_error_before_loadin
     assert info.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "error: `--strength` must be from 0 to 50" in last
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Progress (on the committed toy DDPM: fast)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def toy_ddpm_argv(command, tmp_path, *extra):
+    from h_classifiers.toy_world import TOY_DDPM_CLASSIFIERS_PATH, TOY_DDPM_PATH
+
+    if not (TOY_DDPM_PATH / "model_index.json").exists():
+        pytest.skip("the committed toy DDPM is missing")
+    argv = [command, "--model", str(TOY_DDPM_PATH), "--classifier", str(TOY_DDPM_CLASSIFIERS_PATH / "skin")]
+    return argv + ["--num-images", "2", "--batch-size", "2", "--steps", "2", "--output-dir", str(tmp_path), *extra]
+
+
+def test_generate_takes_no_progress(tmp_path, capsys):
+    cli.main(toy_ddpm_argv("generate", tmp_path / "quiet", "--no-progress"))
+    assert "generate:" not in capsys.readouterr().err  # no bar
+    cli.main(toy_ddpm_argv("generate", tmp_path / "bar"))
+    assert "generate: 100%" in capsys.readouterr().err  # the bar, without --no-progress
+
+
+def test_evaluate_without_progress_prints_each_configuration_as_it_finishes(tmp_path, monkeypatch, capsys):
+    """`--no-progress` printed nothing until every configuration was done (minutes on a real model)."""
+    import h_classifiers.evaluation
+
+    real, printed_before = h_classifiers.evaluation.run_configuration, {}
+
+    def recording(pipe, classifier, spec, configuration, *args, **kwargs):
+        printed_before[configuration] = capsys.readouterr().out
+        print(printed_before[configuration], end="")  # keep it in the captured output
+        return real(pipe, classifier, spec, configuration, *args, **kwargs)
+
+    monkeypatch.setattr(h_classifiers.evaluation, "run_configuration", recording)
+    argv = toy_ddpm_argv("evaluate", tmp_path, "--no-progress", "--configurations", "vanilla,sample,distribution")
+    cli.main(argv + ["--labeller", "toy:skin"])
+    out, err = capsys.readouterr()
+    assert "vanilla " not in printed_before["vanilla"]
+    assert "vanilla " in printed_before["sample"] and "sample " in printed_before["distribution"]
+    measures = ("valid", "no labelled image")  # a configuration's line (the verdict's lines are indented)
+    lines = [line.split()[0] for line in out.splitlines() if line[:1] != " " and any(m in line for m in measures)]
+    assert lines == ["vanilla", "sample", "distribution"]  # each once, in order
+    assert "evaluate:" not in err

@@ -263,7 +263,7 @@ def test_the_pipelines_own_shape_check_is_reworded_to_the_option(tmp_path, monke
     monkeypatch.setattr(preflight, "check_classifier_fits", lambda *args, **kwargs: None)
     argv = ["generate", "--model", str(TOY_DDPM_PATH), "--classifier", str(SD_SKIN), "--num-images", "2"]
     with pytest.raises(SystemExit) as info:
-        cli.main([*argv, "--steps", "1", "--output-dir", str(tmp_path)])
+        cli.main([*argv, "--steps", "1", "--output-dir", str(tmp_path), "--no-progress"])
     assert info.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("balancing-act generate: error: `--classifier` 'skin' was trained on h of shape [64, 4, 4]")

@@ -76,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output-dir", default="outputs/evaluate", help="Where results go (default: outputs/evaluate)."
     )
-    parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="Hide the progress bar (each configuration's line is still printed as it finishes).",
+    )
     _common.add_guidance_arguments(parser)
     _common.add_model_arguments(parser)
     return parser
@@ -218,6 +222,11 @@ def main(argv: list[str] | None = None) -> dict:
             "labeller": labeller.source,
             "num_processes": num_processes(state),
         }
+
+        def finished(name: str, summary: dict) -> None:  # one line per configuration, as it finishes
+            if is_main(state):
+                bar.write(_common.format_summary(name, summary, class_names))
+
         with _common.pipeline_input_errors(parser):
             report = evaluate(
                 pipe,
@@ -230,11 +239,10 @@ def main(argv: list[str] | None = None) -> dict:
                 bar.update,
                 metadata,
                 state,
+                on_result=finished,
             )
     if not is_main(state):
         return report
-    for name, summary in report["results"].items():
-        print(_common.format_summary(name, summary, class_names))
     for line in _common.format_verdicts(report):
         print(line)
     print(f"results: {args.output_dir}/results.json")

@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Also write every image as DIR/<set>/<index>_seed<seed>.png and DIR/manifest.jsonl; running the same "
         "command again resumes (default: images not saved).",
     )
+    parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
     _common.add_guidance_arguments(parser)
     _common.add_model_arguments(parser)
     return parser
@@ -74,6 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
     _model_kind.resolve_model_kind(parser, args, _common.text_defaults())
     run = _common.start_run(parser, args, distribution=args.mode == "distribution")
     state, device, classifier, class_names, target = run.state, run.device, run.classifier, run.class_names, run.target
+    from tqdm.auto import tqdm
+
     from h_classifiers import evaluation
     from h_classifiers.distributed import is_main, num_processes, wait
     from h_classifiers.io_utils import atomic_save_image, atomic_write_json, portable_path
@@ -92,8 +95,9 @@ def main(argv: list[str] | None = None) -> dict:
         warm_up(pipe, classifier, spec, [configuration for _, configuration in reversed(sets)], state)
     start = time.perf_counter()
     runs, images, saved = {}, {}, {}
+    bar = tqdm(total=2 * args.num_images, desc="generate", unit="img", disable=args.no_progress or not is_main(state))
     for name, configuration in sets:
-        options, reading = {"state": state}, contextlib.nullcontext()
+        options, reading = {"state": state, "progress": bar.update}, contextlib.nullcontext()
         if args.save_images is not None:
             settings = saved_settings(args, target, configuration, state)
             try:
@@ -113,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         with reading, _common.pipeline_input_errors(parser):
             runs[name] = evaluation.run_configuration(pipe, classifier, spec, configuration, **options)
         images[name] = runs[name].images  # every process's images, gathered
+    bar.close()
     wait(state)
     if not is_main(state):
         return None
