@@ -339,8 +339,17 @@ def write_outputs(
         measured,
         report["class_names"],
         output_dir / "fractions.png",
-        report["spec"]["prompt"] or "unconditional",
+        chart_title(report),
     )
+
+
+def chart_title(report: dict[str, Any]) -> str:
+    """The title of `fractions.png`: the prompt; for an unconditional model (no prompt) the model's name."""
+    if report["spec"].get("prompt"):
+        return report["spec"]["prompt"]
+    model = report.get("model")
+    name = os.path.basename(os.path.normpath(str(model))) if model else ""  # a folder's or a Hub repo's name
+    return f"{name} (unconditional, no prompt)" if name else "unconditional model (no prompt)"
 
 
 # ----------------------------------------------------------------------------------------------------------------

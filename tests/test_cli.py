@@ -480,6 +480,7 @@ def thread_calls(monkeypatch):
 
 def command_argv(command, model, tmp_path):
     """Each command on `model` (train: features extracted from it)."""
+    import json
 
     if command in ("generate", "evaluate"):
         return [command, "--model", model, "--num-images", "4"]
@@ -523,7 +524,7 @@ def test_a_strength_past_the_pipelines_bound_is_one_argument_error_before_loadin
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Progress (on the committed toy DDPM: fast)
+# Progress and what `--labeller auto` measures (the committed toy DDPM: fast, and a toy the oracle reads)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -536,11 +537,32 @@ def toy_ddpm_argv(command, tmp_path, *extra):
     return argv + ["--num-images", "2", "--batch-size", "2", "--steps", "2", "--output-dir", str(tmp_path), *extra]
 
 
-def test_generate_takes_no_progress(tmp_path, capsys):
+def test_generate_takes_no_progress_and_auto_measures_the_toy_ddpm_with_the_oracle(tmp_path, capsys):
     cli.main(toy_ddpm_argv("generate", tmp_path / "quiet", "--no-progress"))
-    assert "generate:" not in capsys.readouterr().err  # no bar
+    report = json.loads((tmp_path / "quiet" / "generate_results.json").read_text())
+    out, err = capsys.readouterr()
+    assert "generate:" not in err  # no bar
+    assert report["labeller"] == "toy_world.ToyOracle[skin]" and "No labeller" not in out
+    assert set(report["results"]["vanilla"]) >= {"fractions", "valid_rate"}
     cli.main(toy_ddpm_argv("generate", tmp_path / "bar"))
     assert "generate: 100%" in capsys.readouterr().err  # the bar, without --no-progress
+
+
+def test_auto_labeller_is_the_oracle_for_every_committed_toy_model_and_none_otherwise(tmp_path):
+    from types import SimpleNamespace
+
+    from h_classifiers.commands._common import build_labeller
+    from h_classifiers.labellers import ToyOracleLabeller
+    from h_classifiers.toy_world import TOY_DDPM_PATH, TOY_DEEP_MODEL_PATH, TOY_MODEL_PATH
+
+    classifier = SimpleNamespace(config=SimpleNamespace(attribute="skin", class_names=["light", "dark"]))
+    for model in (TOY_MODEL_PATH, TOY_DEEP_MODEL_PATH, TOY_DDPM_PATH):
+        args = SimpleNamespace(model=str(model), labeller="auto", labeller_prompts=None)
+        assert isinstance(build_labeller(args, classifier, "cpu"), ToyOracleLabeller), model
+    args = SimpleNamespace(model=str(tmp_path), labeller="auto", labeller_prompts=None)
+    assert build_labeller(args, classifier, "cpu") is None
+    other = SimpleNamespace(config=SimpleNamespace(attribute="age", class_names=["young", "old"]))
+    assert build_labeller(SimpleNamespace(model=str(TOY_DDPM_PATH), labeller="auto"), other, "cpu") is None
 
 
 def test_evaluate_without_progress_prints_each_configuration_as_it_finishes(tmp_path, monkeypatch, capsys):
@@ -564,3 +586,16 @@ def test_evaluate_without_progress_prints_each_configuration_as_it_finishes(tmp_
     lines = [line.split()[0] for line in out.splitlines() if line[:1] != " " and any(m in line for m in measures)]
     assert lines == ["vanilla", "sample", "distribution"]  # each once, in order
     assert "evaluate:" not in err
+
+
+def test_the_fractions_chart_of_an_unconditional_model_is_titled_with_its_name():
+    from h_classifiers.evaluation import chart_title
+
+    assert chart_title({"spec": {"prompt": None}, "model": "h_classifiers/assets/toy-ddpm"}) == (
+        "toy-ddpm (unconditional, no prompt)"
+    )
+    assert chart_title({"spec": {"prompt": None}, "model": "google/ddpm-celebahq-256/"}).startswith(
+        "ddpm-celebahq-256 "
+    )
+    assert chart_title({"spec": {"prompt": "a photo of a face"}, "model": "x"}) == "a photo of a face"
+    assert chart_title({"spec": {"prompt": None}}) == "unconditional model (no prompt)"

@@ -115,7 +115,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--labeller",
         default="auto",
-        help="Measures the images: 'auto' (the toy oracle for the toy model, else none), 'none', 'toy:ATTRIBUTE', "
+        help="Measures the images: 'auto' (the toy oracle for the committed toy models, else none), 'none', "
+        "'toy:ATTRIBUTE', "
         "'hf:MODEL_ID' (transformers image classifier) or 'clip:MODEL_ID' (CLIP zero-shot).",
     )
     parser.add_argument(
@@ -468,10 +469,10 @@ def build_labeller(args: argparse.Namespace, classifier, device: torch.device):
     spec = args.labeller
     if spec == "none":
         return None
-    if spec == "auto":
-        from h_classifiers.toy_assets import ATTRIBUTES
+    if spec == "auto":  # the toy oracle reads the images of every committed toy model
+        from h_classifiers.toy_assets import ATTRIBUTES, committed_toy_model
 
-        if not (is_toy_model(args.model) and ATTRIBUTES.get(attribute) == class_names):
+        if committed_toy_model(args.model) is None or ATTRIBUTES.get(attribute) != class_names:
             return None
         spec = f"toy:{attribute}"
     labeller = labeller_from_spec(
