@@ -123,7 +123,12 @@ def test_evaluate_rejects_unknown_configurations(tiny_classifier, capsys):
 
 def test_console_script_module_runs_as_a_process():
     out = subprocess.run(
-        [sys.executable, "-m", "h_classifiers.cli", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
+        [sys.executable, "-m", "h_classifiers.cli", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     ).stdout
     assert "generate" in out and "push" in out and "reproduce" not in out
 

@@ -6,6 +6,7 @@ moved h must be that of one process guiding all the images in one batch.
 """
 
 import os
+import time
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from tiny_models import HRecorder, tiny_classifier, tiny_components
 from pipeline_balancing_act import BalanceState, BalancingActPipeline
 
 
+JOIN_TIMEOUT_S = 240  # for the spawned processes' whole run, far above what it takes on a busy 2-core machine
 PROMPT = "a photo of a face"
 STEPS = 3
 # (name, images of process 0 and 1, guidance arguments); 1 x sum(rows) is the reference of each.
@@ -71,10 +73,24 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def start_and_join(worker, args: tuple, nprocs: int, timeout: float = JOIN_TIMEOUT_S) -> None:
+    """`torch.multiprocessing.start_processes` (spawn) joined with a deadline: a process that hangs (a collective
+    waiting for a peer that died, say) is killed and fails the test instead of hanging it; one that raises fails it
+    with its error."""
+    context = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=max(0.0, deadline - time.monotonic())):  # False: some process still runs
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            pytest.fail(f"the {nprocs} spawned processes did not finish within {timeout:g} s")
+
+
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
     root = tmp_path_factory.mktemp("global-batch")
-    mp.start_processes(_worker, args=(str(root / "store"), str(root)), nprocs=2, join=True, start_method="spawn")
+    start_and_join(_worker, (str(root / "store"), str(root)), nprocs=2)
     return [torch.load(root / f"rank{r}.pt") for r in range(2)]
 
 

@@ -55,7 +55,7 @@ def launch(tmp_path: Path, *command: str) -> subprocess.CompletedProcess:
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=240,  # a hung launch fails the test (the whole test: pyproject.toml, timeout)
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
