@@ -32,7 +32,6 @@ on the batch size unless the guidance does (only distribution mode couples the i
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -62,27 +61,24 @@ from .metrics import parse_target as parse_target
 from .metrics import summarize_labels as summarize_labels
 from .metrics import target_verdicts as target_verdicts
 
+# The names the command line offers, and what a model's files say, live in `preflight` (no torch import); these names
+# stay importable from here.
+from .preflight import CONFIGURATIONS as CONFIGURATIONS
+from .preflight import DEFAULT_CONFIGURATIONS as DEFAULT_CONFIGURATIONS
+from .preflight import DTYPE_NAMES, MODEL_EXPECTED
+from .preflight import OPT_IN_CONFIGURATIONS as OPT_IN_CONFIGURATIONS
+from .preflight import SCHEDULERS as SCHEDULERS
+from .preflight import TEXT_CONFIGURATIONS as TEXT_CONFIGURATIONS
+from .preflight import UNCONDITIONAL_CONFIGURATIONS as UNCONDITIONAL_CONFIGURATIONS
+from .preflight import UNCONDITIONAL_PIPELINES as UNCONDITIONAL_PIPELINES
+from .preflight import is_local_model as is_local_model
+from .preflight import model_index as model_index
+from .preflight import unconditional_model_class as unconditional_model_class
+from .preflight import unconditional_scheduler_error as unconditional_scheduler_error
 
-CONFIGURATIONS = ("vanilla", "sample", "distribution", "prompt", "fair_diffusion", "selection", "image_guidance")
-# Run only when asked for: selection may generate 20 x the images; image guidance needs an x0 classifier.
-OPT_IN_CONFIGURATIONS = ("selection", "image_guidance")
-DEFAULT_CONFIGURATIONS = tuple(c for c in CONFIGURATIONS if c not in OPT_IN_CONFIGURATIONS)
-# The baselines that write the class into the prompt: text-to-image models only.
-TEXT_CONFIGURATIONS = ("prompt", "fair_diffusion")
-# The baseline that guides pixels: unconditional pixel models only.
-UNCONDITIONAL_CONFIGURATIONS = ("image_guidance",)
+
 GUIDED_CONFIGURATIONS = {"sample": "sample", "distribution": "distribution"}
 
-# Scheduler names accepted by the command-line tools: class name in diffusers and the config overrides that make it
-# the variant people mean by that name.
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Pipeline helpers
@@ -265,13 +261,14 @@ def evaluate(
     progress: Callable[[int], None] | None = None,
     metadata: dict[str, Any] | None = None,
     state=None,
+    on_result: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """
     Run and measure each configuration (default: all but the opt-in ones). Returns `{**metadata, "spec": ...,
     "class_names": ..., "results": {configuration: summary}}`; with `output_dir`, also writes `results.json`,
     `grid_<configuration>.png` and `fractions.png` there. With an accelerate `state` of several processes, the
     processes share the generation and every one measures all the images (gathered), as one process would; the main
-    process writes the files.
+    process writes the files. `on_result(configuration, summary)` is called as each configuration is measured.
     """
     class_names = list(class_names or getattr(classifier, "config", {}).get("class_names", []))
     results = {}
@@ -285,6 +282,8 @@ def evaluate(
             summary.update(generation.selection)
         results[configuration] = summary
         grids[configuration] = generation.images
+        if on_result is not None:
+            on_result(configuration, summary)
     report = {**(metadata or {}), "spec": asdict(spec), "class_names": class_names, "results": results}
     report["verdict"] = target_verdicts(results)
     if output_dir is not None and is_main(state):
@@ -340,15 +339,24 @@ def write_outputs(
         measured,
         report["class_names"],
         output_dir / "fractions.png",
-        report["spec"]["prompt"] or "unconditional",
+        chart_title(report),
     )
+
+
+def chart_title(report: dict[str, Any]) -> str:
+    """The title of `fractions.png`: the prompt; for an unconditional model (no prompt) the model's name."""
+    if report["spec"].get("prompt"):
+        return report["spec"]["prompt"]
+    model = report.get("model")
+    name = os.path.basename(os.path.normpath(str(model))) if model else ""  # a folder's or a Hub repo's name
+    return f"{name} (unconditional, no prompt)" if name else "unconditional model (no prompt)"
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------------------------
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -363,49 +371,6 @@ def resolve_device(device: str) -> torch.device:
         return torch.device(device)
     except RuntimeError:
         raise ValueError(f"`device` must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}.") from None
-
-
-# A model whose model_index.json names one of these pipelines, or whose UNet is a `UNet2DModel` beside no text
-# encoder, is unconditional: it loads as `BalancingActUnconditionalPipeline` and takes no prompt.
-UNCONDITIONAL_PIPELINES = ("DDIMPipeline", "DDPMPipeline", "BalancingActUnconditionalPipeline")
-
-
-def is_local_model(model: str | os.PathLike) -> bool:
-    model = os.fspath(model)
-    return os.path.isabs(model) or model.startswith(".") or os.path.exists(model)
-
-
-def model_index(model: str | os.PathLike) -> dict[str, Any] | None:
-    """The model's `model_index.json` (a local folder's, or a Hub id's from the Hub or its cache), or None when it
-    cannot be read (loading the model then says what is wrong)."""
-    model = os.fspath(model)
-    try:
-        if is_local_model(model):
-            path = os.path.join(model, "model_index.json")
-        else:
-            from huggingface_hub import hf_hub_download
-
-            path = hf_hub_download(model, "model_index.json")
-        with open(path, encoding="utf-8") as file:
-            index = json.load(file)
-    except Exception:  # no such file or repo, offline, unreadable: the model's loading gives the real error
-        return None
-    return index if isinstance(index, dict) else None
-
-
-def unconditional_model_class(model: str | os.PathLike) -> str | None:
-    """The pipeline class an unconditional model was saved as (`UNCONDITIONAL_PIPELINES`, or the pipeline of a
-    `UNet2DModel` without a text encoder); None for a text-to-image model or one whose index cannot be read."""
-    index = model_index(model)
-    if index is None:
-        return None
-    name = str(index.get("_class_name"))
-    unet = index.get("unet")
-    if name in UNCONDITIONAL_PIPELINES:
-        return name
-    if isinstance(unet, list) and unet[-1:] == ["UNet2DModel"] and "text_encoder" not in index:
-        return name
-    return None
 
 
 def load_pipeline(
@@ -431,11 +396,10 @@ def load_pipeline(
         dtype = DTYPES[dtype]
     model = os.fspath(model)
     if is_local_model(model):
+        if not os.path.exists(model):
+            raise FileNotFoundError(f"`model` {model!r} does not exist; {MODEL_EXPECTED}.")
         if not os.path.isfile(os.path.join(model, "model_index.json")):
-            raise FileNotFoundError(
-                f"`model` {model!r} is not a diffusers Stable Diffusion directory (no model_index.json); pass a local "
-                "directory saved with `save_pretrained` or a Hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'."
-            )
+            raise FileNotFoundError(f"`model` {model!r} has no model_index.json; {MODEL_EXPECTED}.")
     if unconditional_model_class(model) is not None:
         if scheduler not in (None, "ddim"):
             raise ValueError(unconditional_scheduler_error(scheduler))
@@ -451,13 +415,6 @@ def load_pipeline(
             set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
-
-
-def unconditional_scheduler_error(scheduler: str) -> str:
-    return (
-        f"`--scheduler {scheduler}`: an unconditional model samples with DDIM only (its pipeline is a DDIMPipeline; "
-        "`--eta` 0 is deterministic DDIM, 1 adds DDPM-like noise); leave `--scheduler` at ddim."
-    )
 
 
 def safety_checker_kwargs(keep: bool) -> dict[str, Any]:

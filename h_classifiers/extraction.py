@@ -41,9 +41,7 @@ from .generation import generate_batches
 from .inversion import HRecorder, ddim_schedule, invert_and_record, list_labelled_images, load_image
 from .io_utils import json_default
 from .labellers import Labeller
-
-
-RECORD_BRANCHES = ("cond", "uncond", "both")
+from .preflight import RECORD_BRANCHES as RECORD_BRANCHES
 
 
 # ----------------------------------------------------------------------------------------------------------------

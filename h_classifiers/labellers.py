@@ -27,8 +27,8 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-
-LABELLER_KINDS = ("toy", "hf", "clip")
+from .preflight import LABELLER_KINDS as LABELLER_KINDS
+from .preflight import check_labeller_spec
 
 
 class Labeller:
@@ -278,11 +278,8 @@ def labeller_from_spec(
     device: str | torch.device | None = None,
 ) -> Labeller:
     """Builds a labeller from a command-line spec: `toy:ATTRIBUTE`, `hf:MODEL_ID_OR_PATH` or `clip:MODEL_ID_OR_PATH`."""
-    kind, sep, target = spec.partition(":")
-    if not sep or not target or kind not in LABELLER_KINDS:
-        raise ValueError(
-            f"`labeller` must be 'toy:ATTRIBUTE', 'hf:MODEL_ID_OR_PATH' or 'clip:MODEL_ID_OR_PATH', got {spec!r}."
-        )
+    check_labeller_spec(spec, "labeller")
+    kind, _, target = spec.partition(":")
     if kind == "toy":
         return ToyOracleLabeller(target)
     if class_names is None:

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from .preflight import TARGET_SUM_TOLERANCE
+
+
+if TYPE_CHECKING:  # torch is imported where it is used: parsing and checking a target needs none (`preflight`)
+    import torch
 
 
 # A configuration meets its target when the fairness discrepancy FD of its images is at most this (`evaluate`'s
@@ -46,8 +50,6 @@ def _target_numbers(target: str | Sequence[float], argument: str, accepted: str)
 
 def _check_probabilities(values: list[float], argument: str, accepted: str) -> None:
     """Non-negative and summing to 1 (within the pipeline's `TARGET_SUM_TOLERANCE`)."""
-    from pipeline_balancing_act import TARGET_SUM_TOLERANCE
-
     shown = format_probabilities(values)
     if any(math.isnan(v) or v < 0 for v in values):
         raise ValueError(
@@ -127,6 +129,8 @@ def class_fractions(
 ) -> list[float] | None:
     """One-hot class fractions over the labelled images (label >= 0), or over the images `keep` marks (and labelled);
     None when there is none. The one definition the evaluation, the reproduction table and the toy report use."""
+    import torch
+
     labels = torch.as_tensor(labels).long().flatten()
     counted = labels >= 0
     if keep is not None:
@@ -152,6 +156,8 @@ def hit_rates(
 ) -> tuple[float | None, float | None]:
     """(hit rate over the labelled images, strict hit rate over all images: an unlabelled image is a miss) of the
     classes `asked` of each image; None where there is no image to count."""
+    import torch
+
     labels = torch.as_tensor(labels).long().flatten()
     asked = torch.as_tensor(list(asked) if not isinstance(asked, torch.Tensor) else asked).long().flatten()
     if asked.shape != labels.shape:
@@ -173,6 +179,8 @@ def summarize_labels(
     `blacked_out`: the indices of the images a safety checker replaced with black (None: no safety checker ran);
     they count as unlabelled, whatever the labeller read in a black image, and their number is reported.
     """
+    import torch
+
     labels = torch.as_tensor(labels).long().flatten().clone()
     if blacked_out:
         labels[torch.as_tensor(list(blacked_out)).long()] = -1

@@ -22,21 +22,18 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
+# The paths of the committed assets, the attributes and the neutral prompt live in `toy_assets` (no torch import).
+from .toy_assets import ASSETS_PATH as ASSETS_PATH
+from .toy_assets import ATTRIBUTES as ATTRIBUTES
+from .toy_assets import NEUTRAL_PROMPT as NEUTRAL_PROMPT
+from .toy_assets import TOY_CLASSIFIERS_PATH as TOY_CLASSIFIERS_PATH
+from .toy_assets import TOY_DDPM_CLASSIFIERS_PATH as TOY_DDPM_CLASSIFIERS_PATH
+from .toy_assets import TOY_DDPM_PATH as TOY_DDPM_PATH
+from .toy_assets import TOY_DEEP_CLASSIFIERS_PATH as TOY_DEEP_CLASSIFIERS_PATH
+from .toy_assets import TOY_DEEP_MODEL_PATH as TOY_DEEP_MODEL_PATH
+from .toy_assets import TOY_MODEL_PATH as TOY_MODEL_PATH
 
-ASSETS_PATH = Path(__file__).resolve().parent / "assets"
-TOY_MODEL_PATH = ASSETS_PATH / "toy-sd"
-# The deep toy: the same VAE, h after three downsamplings (Stable Diffusion's proportions; `toy_model.build_unet`).
-TOY_DEEP_MODEL_PATH = ASSETS_PATH / "toy-sd-deep"
-TOY_DDPM_PATH = ASSETS_PATH / "toy-ddpm"  # the unconditional pixel-space DDPM (a DDIMPipeline)
-TOY_CLASSIFIERS_PATH = ASSETS_PATH / "classifiers"
-TOY_DDPM_CLASSIFIERS_PATH = TOY_CLASSIFIERS_PATH / "toy-ddpm"  # the toy DDPM's h-classifiers, one folder each
-TOY_DEEP_CLASSIFIERS_PATH = TOY_CLASSIFIERS_PATH / "toy-sd-deep"  # the deep toy's h-classifiers
 
-ATTRIBUTES: dict[str, list[str]] = {
-    "skin": ["light", "dark"],
-    "glasses": ["without", "with"],
-    "hair": ["none", "black", "red"],
-}
 # The data's bias: class probabilities in the order of ATTRIBUTES (what the neutral prompt should reproduce).
 DATA_BIAS: dict[str, list[float]] = {
     "skin": [0.8, 0.2],
@@ -45,7 +42,6 @@ DATA_BIAS: dict[str, list[float]] = {
 }
 
 IMAGE_SIZE = 32
-NEUTRAL_PROMPT = "a photo of a face"
 NEUTRAL_CAPTIONS = [NEUTRAL_PROMPT, "a face", "a picture of a face", "an image of a face", "a photo of one face"]
 
 # Colour prototypes (RGB in [0, 1]) shared by the generator and the oracle.

@@ -42,6 +42,7 @@ def test_generate_times_both_sets_warm(tmp_path, monkeypatch):
     in the reverse of the timed order."""
     from tiny_models import tiny_classifier, tiny_sd_pipeline
 
+    import h_classifiers.evaluation
     from h_classifiers.commands import generate as generate_command
 
     tiny_sd_pipeline().save_pretrained(tmp_path / "sd")
@@ -50,13 +51,13 @@ def test_generate_times_both_sets_warm(tmp_path, monkeypatch):
     classifier.set_calibration([1.0] * heads, [[0.0] * classes] * heads)
     classifier.save_pretrained(tmp_path / "skin")
     calls = []
-    real = generate_command.run_configuration
+    real = h_classifiers.evaluation.run_configuration  # generate imports it when it runs
 
     def recording(pipe, classifier, spec, configuration, **options):
         calls.append((configuration, spec.num_images, spec.num_inference_steps))
         return real(pipe, classifier, spec, configuration, **options)
 
-    monkeypatch.setattr(generate_command, "run_configuration", recording)
+    monkeypatch.setattr(h_classifiers.evaluation, "run_configuration", recording)
     argv = ["--model", str(tmp_path / "sd"), "--classifier", str(tmp_path / "skin"), "--threads", "1"]
     argv += ["--num-images", "5", "--batch-size", "2", "--steps", "3", "--output-dir", str(tmp_path / "out")]
     report = generate_command.main(argv)

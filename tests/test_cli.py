@@ -1,5 +1,6 @@
 """`balancing-act` dispatch, help, and the clear errors of the generating commands for bad arguments."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -122,7 +123,12 @@ def test_evaluate_rejects_unknown_configurations(tiny_classifier, capsys):
 
 def test_console_script_module_runs_as_a_process():
     out = subprocess.run(
-        [sys.executable, "-m", "h_classifiers.cli", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
+        [sys.executable, "-m", "h_classifiers.cli", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     ).stdout
     assert "generate" in out and "push" in out and "reproduce" not in out
 
@@ -497,6 +503,7 @@ def test_every_command_has_the_same_thread_default(command, thread_calls, tmp_pa
 
     other_model = tmp_path / "some-sd"
     other_model.mkdir()
+    (other_model / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     runs = [(str(TOY_MODEL_PATH), [], [1]), (str(other_model), [], []), (str(TOY_MODEL_PATH), ["--threads", "3"], [3])]
     for model, extra, expected in runs:
         thread_calls.clear()
@@ -519,3 +526,81 @@ def test_a_strength_past_the_pipelines_bound_is_one_argument_error_before_loadin
     assert info.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "error: `--strength` must be from 0 to 50" in last
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Progress and what `--labeller auto` measures (the committed toy DDPM: fast, and a toy the oracle reads)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def toy_ddpm_argv(command, tmp_path, *extra):
+    from h_classifiers.toy_world import TOY_DDPM_CLASSIFIERS_PATH, TOY_DDPM_PATH
+
+    if not (TOY_DDPM_PATH / "model_index.json").exists():
+        pytest.skip("the committed toy DDPM is missing")
+    argv = [command, "--model", str(TOY_DDPM_PATH), "--classifier", str(TOY_DDPM_CLASSIFIERS_PATH / "skin")]
+    return argv + ["--num-images", "2", "--batch-size", "2", "--steps", "2", "--output-dir", str(tmp_path), *extra]
+
+
+def test_generate_takes_no_progress_and_auto_measures_the_toy_ddpm_with_the_oracle(tmp_path, capsys):
+    cli.main(toy_ddpm_argv("generate", tmp_path / "quiet", "--no-progress"))
+    report = json.loads((tmp_path / "quiet" / "generate_results.json").read_text())
+    out, err = capsys.readouterr()
+    assert "generate:" not in err  # no bar
+    assert report["labeller"] == "toy_world.ToyOracle[skin]" and "No labeller" not in out
+    assert set(report["results"]["vanilla"]) >= {"fractions", "valid_rate"}
+    cli.main(toy_ddpm_argv("generate", tmp_path / "bar"))
+    assert "generate: 100%" in capsys.readouterr().err  # the bar, without --no-progress
+
+
+def test_auto_labeller_is_the_oracle_for_every_committed_toy_model_and_none_otherwise(tmp_path):
+    from types import SimpleNamespace
+
+    from h_classifiers.commands._common import build_labeller
+    from h_classifiers.labellers import ToyOracleLabeller
+    from h_classifiers.toy_world import TOY_DDPM_PATH, TOY_DEEP_MODEL_PATH, TOY_MODEL_PATH
+
+    classifier = SimpleNamespace(config=SimpleNamespace(attribute="skin", class_names=["light", "dark"]))
+    for model in (TOY_MODEL_PATH, TOY_DEEP_MODEL_PATH, TOY_DDPM_PATH):
+        args = SimpleNamespace(model=str(model), labeller="auto", labeller_prompts=None)
+        assert isinstance(build_labeller(args, classifier, "cpu"), ToyOracleLabeller), model
+    args = SimpleNamespace(model=str(tmp_path), labeller="auto", labeller_prompts=None)
+    assert build_labeller(args, classifier, "cpu") is None
+    other = SimpleNamespace(config=SimpleNamespace(attribute="age", class_names=["young", "old"]))
+    assert build_labeller(SimpleNamespace(model=str(TOY_DDPM_PATH), labeller="auto"), other, "cpu") is None
+
+
+def test_evaluate_without_progress_prints_each_configuration_as_it_finishes(tmp_path, monkeypatch, capsys):
+    """`--no-progress` printed nothing until every configuration was done (minutes on a real model)."""
+    import h_classifiers.evaluation
+
+    real, printed_before = h_classifiers.evaluation.run_configuration, {}
+
+    def recording(pipe, classifier, spec, configuration, *args, **kwargs):
+        printed_before[configuration] = capsys.readouterr().out
+        print(printed_before[configuration], end="")  # keep it in the captured output
+        return real(pipe, classifier, spec, configuration, *args, **kwargs)
+
+    monkeypatch.setattr(h_classifiers.evaluation, "run_configuration", recording)
+    argv = toy_ddpm_argv("evaluate", tmp_path, "--no-progress", "--configurations", "vanilla,sample,distribution")
+    cli.main(argv + ["--labeller", "toy:skin"])
+    out, err = capsys.readouterr()
+    assert "vanilla " not in printed_before["vanilla"]
+    assert "vanilla " in printed_before["sample"] and "sample " in printed_before["distribution"]
+    measures = ("valid", "no labelled image")  # a configuration's line (the verdict's lines are indented)
+    lines = [line.split()[0] for line in out.splitlines() if line[:1] != " " and any(m in line for m in measures)]
+    assert lines == ["vanilla", "sample", "distribution"]  # each once, in order
+    assert "evaluate:" not in err
+
+
+def test_the_fractions_chart_of_an_unconditional_model_is_titled_with_its_name():
+    from h_classifiers.evaluation import chart_title
+
+    assert chart_title({"spec": {"prompt": None}, "model": "h_classifiers/assets/toy-ddpm"}) == (
+        "toy-ddpm (unconditional, no prompt)"
+    )
+    assert chart_title({"spec": {"prompt": None}, "model": "google/ddpm-celebahq-256/"}).startswith(
+        "ddpm-celebahq-256 "
+    )
+    assert chart_title({"spec": {"prompt": "a photo of a face"}, "model": "x"}) == "a photo of a face"
+    assert chart_title({"spec": {"prompt": None}}) == "unconditional model (no prompt)"

@@ -142,3 +142,53 @@ def test_the_committed_tables_are_their_results_rendered():
             assert (world.output_dir / "table.md").read_text(encoding="utf-8") == reproduce.table_markdown(report)
             checked += 1
     assert checked == len(reproduce.WORLDS)
+
+
+# An option in the text: `--name` (not inside a longer word; `--num_images` is `--num-images`).
+OPTION = re.compile(r"(?<![\w-])(--[a-z][a-z0-9_-]*[a-z0-9])")
+CLI_COMMANDS = ("generate", "evaluate", "extract", "train", "push")
+
+
+def cli_options() -> dict[str, dict[str, object]]:
+    """Each command's options (dashed spelling) -> its argparse action."""
+    import importlib
+
+    parsers = {name: importlib.import_module(f"h_classifiers.commands.{name}").build_parser() for name in CLI_COMMANDS}
+    return {name: {o: a for a in p._actions for o in a.option_strings} for name, p in parsers.items()}
+
+
+def dashed(option: str) -> str:
+    return "--" + option[2:].replace("_", "-")
+
+
+def test_every_option_docs_cli_shows_is_one_of_its_command_and_flags_are_shown_as_flags():
+    """docs/cli.md showed `--save-images` as an on/off flag (it takes a directory): every option it names must be
+    an option of the command it documents (the `balancing-act <command>` lines of its examples, the section of
+    `generate` or `evaluate`), and the generate table says "off" exactly for the options that take no value."""
+    text = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    options = cli_options()
+    every = set().union(*options.values())
+    problems = []
+    for block in FENCE.finditer(text):
+        for line in re.split(r"(?<!\\)\n", block.group(0)):  # a command with its continuation lines
+            command = re.search(r"balancing-act (\w+)", line)
+            if command and command[1] in options:
+                problems += [
+                    f"{command[1]}: {o}" for o in OPTION.findall(line) if dashed(o) not in options[command[1]]
+                ]
+    for section in re.split(r"^## ", FENCE.sub("", text), flags=re.MULTILINE):
+        title = re.match(r"`(\w+)`", section)
+        allowed = options[title[1]] if title and title[1] in options else every
+        problems += [f"section {section[:20]!r}: {o}" for o in OPTION.findall(section) if dashed(o) not in allowed]
+        if title and title[1] == "generate":
+            rows = re.findall(r"^\| (`--[^|]*?) \| ([^|]*?) \|", section, flags=re.MULTILINE)
+            assert len(rows) >= 15
+            for cell, default in rows:
+                for option in OPTION.findall(cell):
+                    is_flag = options["generate"][dashed(option)].nargs == 0
+                    if is_flag != default.lower().startswith("off"):
+                        problems.append(f"generate table: {option} shown with default {default!r}")
+    assert not problems, problems
+    documented = {dashed(o) for o in OPTION.findall(text.split("## `generate`")[1].split("## `evaluate`")[0])}
+    hidden = {"--help", "-h"}
+    assert {o for o in options["generate"] if o.startswith("--")} - hidden <= documented

@@ -92,7 +92,12 @@ def test_evaluate_needs_class_prompts_for_the_prompt_baseline(tiny_assets, capsy
 
 def test_generate_script_runs_from_a_checkout():
     result = subprocess.run(
-        [sys.executable, "scripts/generate.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
+        [sys.executable, "scripts/generate.py", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     )
     assert "--scheduler" in result.stdout and "--target" in result.stdout
 

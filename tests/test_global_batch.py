@@ -6,6 +6,8 @@ moved h must be that of one process guiding all the images in one batch.
 """
 
 import os
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +15,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from tiny_models import HRecorder, tiny_classifier, tiny_components
 
+import h_classifiers
+import pipeline_balancing_act as pba
 from pipeline_balancing_act import BalanceState, BalancingActPipeline
 
 
+ROOT = Path(__file__).resolve().parent.parent
+JOIN_TIMEOUT_S = 240  # for the spawned processes' whole run, far above what it takes on a busy 2-core machine
 PROMPT = "a photo of a face"
 STEPS = 3
 # (name, images of process 0 and 1, guidance arguments); 1 x sum(rows) is the reference of each.
@@ -66,16 +72,37 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
         for name, rows, kwargs in SCENARIOS:
             start = sum(rows[:rank])
             results[name] = guided_run(pipe, range(start, start + rows[rank]), kwargs, global_batch=True)
+        results["files"] = {"pipeline": pba.__file__, "h_classifiers": h_classifiers.__file__}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
+def start_and_join(worker, args: tuple, nprocs: int, timeout: float = JOIN_TIMEOUT_S) -> None:
+    """`torch.multiprocessing.start_processes` (spawn) joined with a deadline: a process that hangs (a collective
+    waiting for a peer that died, say) is killed and fails the test instead of hanging it; one that raises fails it
+    with its error."""
+    context = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=max(0.0, deadline - time.monotonic())):  # False: some process still runs
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            pytest.fail(f"the {nprocs} spawned processes did not finish within {timeout:g} s")
+
+
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
     root = tmp_path_factory.mktemp("global-batch")
-    mp.start_processes(_worker, args=(str(root / "store"), str(root)), nprocs=2, join=True, start_method="spawn")
+    start_and_join(_worker, (str(root / "store"), str(root)), nprocs=2)
     return [torch.load(root / f"rank{r}.pt") for r in range(2)]
+
+
+def test_the_spawned_processes_import_this_checkout(two_process_results):
+    for result in two_process_results:
+        assert Path(result["files"]["pipeline"]).resolve() == (ROOT / "pipeline_balancing_act.py").resolve()
+        assert Path(result["files"]["h_classifiers"]).resolve() == (ROOT / "h_classifiers" / "__init__.py").resolve()
 
 
 @pytest.mark.parametrize("name, rows, kwargs", SCENARIOS, ids=[s[0] for s in SCENARIOS])

@@ -328,6 +328,9 @@ def test_evaluate_runs_image_guidance_on_an_unconditional_model(assets, tmp_path
         "labeller_from_spec",
         lambda spec, **kw: BrightnessLabeller() if spec == "test" else real(spec, **kw),
     )
+    from h_classifiers.commands import _common
+
+    monkeypatch.setattr(_common, "LABELLER_WORDS", (*_common.LABELLER_WORDS, "test"))  # past the early check
     argv = ["--model", str(assets / "ddim"), "--classifier", str(assets / "skin"), "--threads", "1", "--labeller"]
     argv += ["test", "--configurations", "vanilla,image_guidance", "--x0-classifier", str(assets / "x0-skin")]
     argv += ["--num-images", "2", "--batch-size", "2", "--steps", "2", "--output-dir", str(tmp_path), "--no-progress"]

@@ -7,7 +7,7 @@ accelerate's `--cpu` launches one process unless MPI is set up, so the launch is
 
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,31 +34,57 @@ N = 8
 STEPS = 3
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# A launch whose rendezvous lost its port to another process (the launcher picks a free port, then binds it).
+ADDRESS_IN_USE = re.compile(r"address already in use|EADDRINUSE|errno:? 98", re.IGNORECASE)
+LAUNCH_TIMEOUT_S = 240  # per launch: a hung process fails the test instead of hanging it
+LAUNCH_ATTEMPTS = 3
 
 
 def launch(tmp_path: Path, *command: str) -> subprocess.CompletedProcess:
-    """`accelerate launch` of 2 processes on this machine's loopback interface; returns the finished process."""
+    """`accelerate launch` of 2 processes on this machine's loopback interface; returns the finished process.
+
+    The processes run this checkout's code (its root first on PYTHONPATH; checked in them by the test below), the
+    launcher picks the port (`--main_process_port 0`), and a launch that lost its port to another process before
+    binding it is run again."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "PYTHONPATH"))}
     # No network, no accelerate config file of the user's, one thread per process, sockets on loopback only.
     env |= {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"), "OMP_NUM_THREADS": "1"}
-    env |= {"GLOO_SOCKET_IFNAME": "lo", "CUDA_VISIBLE_DEVICES": ""}
+    env |= {"GLOO_SOCKET_IFNAME": "lo", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launcher += ["--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
-    result = subprocess.run(
-        [*launcher, "-m", "h_classifiers.cli", *command],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    launcher += ["--main_process_ip", "127.0.0.1", "--main_process_port", "0"]
+    target = list(command) if command[0].endswith(".py") else ["-m", "h_classifiers.cli", *command]
+    for _ in range(LAUNCH_ATTEMPTS):
+        result = subprocess.run(
+            [*launcher, *target],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=LAUNCH_TIMEOUT_S,
+        )
+        if result.returncode == 0 or not ADDRESS_IN_USE.search(result.stderr):
+            break
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
+
+
+def test_the_launched_processes_import_this_checkout(tmp_path):
+    """Each launched process imports `h_classifiers` and the pipeline from this checkout, not from an installation
+    elsewhere (the launches run from a temporary folder)."""
+    script = tmp_path / "where.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "import h_classifiers, pipeline_balancing_act\n"
+        "files = {'h_classifiers': h_classifiers.__file__, 'pipeline': pipeline_balancing_act.__file__}\n"
+        "with open(os.path.join(sys.argv[1], f\"rank{os.environ['RANK']}.json\"), 'w') as f:\n"
+        "    json.dump(files, f)\n"
+    )
+    launch(tmp_path, str(script), str(tmp_path))
+    for rank in range(2):
+        files = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert Path(files["h_classifiers"]).resolve() == (ROOT / "h_classifiers" / "__init__.py").resolve(), files
+        assert Path(files["pipeline"]).resolve() == (ROOT / "pipeline_balancing_act.py").resolve(), files
 
 
 def manifest_lines(images_dir: Path) -> list[dict]:

@@ -18,7 +18,7 @@ from tiny_models import tiny_classifier
 from unconditional_models import UNCONDITIONAL_H_SHAPE, tiny_scheduler, tiny_unconditional_pipeline, tiny_unet
 
 from benchmarks import reproduce
-from h_classifiers import distributed, labellers
+from h_classifiers import distributed, labellers, preflight
 from h_classifiers.commands import evaluate as evaluate_command
 from h_classifiers.evaluation import EvaluationSpec, evaluate, run_configuration
 from h_classifiers.labellers import Labeller
@@ -287,6 +287,7 @@ def cycling_labeller(monkeypatch):
         "labeller_from_spec",
         lambda spec, **kwargs: CyclingLabeller() if spec == "test:cycle" else real(spec, **kwargs),
     )
+    monkeypatch.setattr(preflight, "LABELLER_KINDS", (*preflight.LABELLER_KINDS, "test"))  # the early check's
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from tiny_models import tiny_classifier
 from unconditional_models import UNCONDITIONAL_H_SHAPE, tiny_scheduler, tiny_unconditional_pipeline, tiny_unet
 
 import h_classifiers.evaluation
-from h_classifiers import cli, labellers
+from h_classifiers import cli, labellers, preflight
 from h_classifiers.commands import _common
 from h_classifiers.commands import evaluate as evaluate_command
 from h_classifiers.commands import generate as generate_command
@@ -66,6 +66,7 @@ def brightness_labeller(monkeypatch):
         return BrightnessLabeller() if spec == "test:brightness" else real(spec, **kwargs)
 
     monkeypatch.setattr(labellers, "labeller_from_spec", labeller_from_spec)
+    monkeypatch.setattr(preflight, "LABELLER_KINDS", (*preflight.LABELLER_KINDS, "test"))  # the early check's
 
 
 class Loading(Exception):
@@ -98,8 +99,7 @@ def loaded(monkeypatch):
         pipes.append(pipe)
         return pipe
 
-    for module in (generate_command, evaluate_command):
-        monkeypatch.setattr(module, "load_pipeline", recording_load)
+    monkeypatch.setattr(h_classifiers.evaluation, "load_pipeline", recording_load)  # the commands import it there
     return pipes, calls
 
 

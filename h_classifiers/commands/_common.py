@@ -1,24 +1,32 @@
 """Arguments and input resolution shared by the commands (and `benchmarks/reproduce.py`): the thread policy of every
 command, and the start of `generate` and `evaluate`.
 
-Argument parsing imports no diffusers (`--help` stays fast): the checks that need the pipeline's constants run in
-`start_run`, before anything is loaded.
+Argument parsing and the checks of `start_run` import neither torch nor diffusers (`h_classifiers.preflight`): `--help`
+and a bad argument are one quick answer; the heavy modules are imported once every check has passed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from h_classifiers.evaluation import DTYPES, SCHEDULERS, EvaluationSpec
+from h_classifiers import preflight
 from h_classifiers.metrics import check_target_values, parse_target
+from h_classifiers.preflight import DTYPE_NAMES, SCHEDULERS
+
+
+if TYPE_CHECKING:
+    import torch
+
+    from h_classifiers.evaluation import EvaluationSpec
 
 
 def positive_int(text: str) -> int:
@@ -62,7 +70,7 @@ def text_defaults() -> dict[str, Any]:
 
 
 def toy_defaults() -> dict[str, str]:
-    from h_classifiers.toy_world import NEUTRAL_PROMPT, TOY_CLASSIFIERS_PATH, TOY_MODEL_PATH
+    from h_classifiers.toy_assets import NEUTRAL_PROMPT, TOY_CLASSIFIERS_PATH, TOY_MODEL_PATH
 
     return {
         "model": str(TOY_MODEL_PATH),
@@ -99,13 +107,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps."
     )
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="Model dtype (default: float32).")
+    parser.add_argument(
+        "--dtype", default="float32", choices=list(DTYPE_NAMES), help="Model dtype (default: float32)."
+    )
     add_safety_checker_argument(parser)
     add_threads_argument(parser)
     parser.add_argument(
         "--labeller",
         default="auto",
-        help="Measures the images: 'auto' (the toy oracle for the toy model, else none), 'none', 'toy:ATTRIBUTE', "
+        help="Measures the images: 'auto' (the toy oracle for the committed toy models, else none), 'none', "
+        "'toy:ATTRIBUTE', "
         "'hf:MODEL_ID' (transformers image classifier) or 'clip:MODEL_ID' (CLIP zero-shot).",
     )
     parser.add_argument(
@@ -175,6 +186,8 @@ def evaluation_spec(
 ) -> EvaluationSpec:
     """The `EvaluationSpec` of the `generate` / `evaluate` command-line arguments (an unconditional model: no prompt,
     `--eta`)."""
+    from h_classifiers.evaluation import EvaluationSpec
+
     return EvaluationSpec(
         prompt=args.prompt,
         target=target,
@@ -195,7 +208,8 @@ def eta_note(args: argparse.Namespace) -> str:
 
 
 def is_toy_model(model: str | os.PathLike | None) -> bool:
-    from h_classifiers.toy_world import TOY_MODEL_PATH
+    """Whether `model` is the committed toy Stable Diffusion (the thread policy's and the prompt baseline's toy)."""
+    from h_classifiers.toy_assets import TOY_MODEL_PATH
 
     if model is None:
         return False
@@ -226,6 +240,8 @@ def apply_threads(threads: int | None, model: str | os.PathLike | None) -> int |
     (None: torch's choice, untouched)."""
     threads = default_threads(model) if threads is None else threads
     if threads is not None:
+        import torch
+
         torch.set_num_threads(threads)
     return threads
 
@@ -259,9 +275,7 @@ def check_classifier_path(path: str, argument: str = "--classifier") -> None:
     """A local classifier path that does not exist fails at once, before anything is loaded (no Hub lookup)."""
     if os.path.exists(path):
         return
-    from pipeline_balancing_act import looks_like_local_path
-
-    if looks_like_local_path(path):
+    if preflight.looks_like_local_path(path):
         raise FileNotFoundError(
             f"`{argument}` {path!r} does not exist (expected a directory written by `balancing-act train` / "
             "`HClassifier.save_pretrained`, or a Hub id 'user/name')."
@@ -273,11 +287,86 @@ def check_choice(value: str | None, accepted: tuple[str, ...] | list[str], argum
         raise ValueError(f"`{argument}` must be one of {list(accepted)}, got {value!r}.")
 
 
+# What `--labeller` takes besides a labeller spec (`preflight.check_labeller_spec`).
+LABELLER_WORDS = ("auto", "none")
+# The pipeline's (and the library's) argument names in their messages -> the options that set them.
+OPTION_OF_ARGUMENT = {
+    "h_classifier": "--classifier",
+    "target_distribution": "--target",
+    "target": "--target",
+    "guidance_strength": "--strength",
+    "distribution_solver": "--solver",
+    "classifier_temperature": "--temperature",
+    "guided_branches": "--guided-branches",
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance-scale",
+    "eta": "--eta",
+    "model": "--model",
+    "scheduler": "--scheduler",
+    "device": "--device",
+    "dtype": "--dtype",
+    "labeller": "--labeller",
+}
+# The start of the pipeline's input errors that name no argument: a scheduler on another timestep scale than the
+# classifier's heads.
+INPUT_ERROR_PREFIXES = ("The scheduler ",)
+
+
+def option_wording(message: str, names: dict[str, str] = OPTION_OF_ARGUMENT) -> str:
+    """`message` with the Python argument names in backquotes (`h_classifier`) replaced by the options that set them
+    (`--classifier`)."""
+    return re.sub(r"`(\w+)`", lambda m: f"`{names[m[1]]}`" if m[1] in names else m[0], message)
+
+
+def parser_options(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """`OPTION_OF_ARGUMENT` and, for each option of `parser`, its argparse dest -> its long form (`features_dir` ->
+    `--features-dir`): the library names its arguments as the options are named."""
+    names = dict(OPTION_OF_ARGUMENT)
+    for action in parser._actions:
+        long = [option for option in action.option_strings if option.startswith("--")]
+        if long and action.dest != "help":
+            names.setdefault(action.dest, long[0])
+    return names
+
+
+@contextlib.contextmanager
+def argument_errors(
+    parser: argparse.ArgumentParser, errors: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, OSError)
+) -> Iterator[None]:
+    """Any of `errors` raised inside becomes one argparse error (exit 2) in the options' words (`option_wording`
+    with `parser_options`)."""
+    try:
+        yield
+    except errors as error:
+        parser.error(option_wording(str(error), parser_options(parser)))
+
+
+def is_input_error(error: BaseException, names: dict[str, str] = OPTION_OF_ARGUMENT) -> bool:
+    """Whether a `ValueError` is one of the pipeline's input checks on an argument the command line sets: its message
+    starts with that argument's name in backquotes (or is one of `INPUT_ERROR_PREFIXES`)."""
+    if not isinstance(error, ValueError):
+        return False
+    text = str(error)
+    named = re.match(r"`(\w+)", text)
+    return (named is not None and named[1] in names) or text.startswith(INPUT_ERROR_PREFIXES)
+
+
+@contextlib.contextmanager
+def pipeline_input_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
+    """Around the pipeline's calls: an input check's `ValueError` (`is_input_error`: a classifier of another h shape
+    than the model's, a scheduler on another timestep scale, ...) becomes one argparse error naming the option; any
+    other error propagates with its traceback."""
+    try:
+        yield
+    except ValueError as error:
+        if not is_input_error(error):
+            raise
+        parser.error(option_wording(str(error), parser_options(parser)))
+
+
 def check_guidance_choices(args: argparse.Namespace) -> None:
     """`--solver`, `--guided-branches` and `--strength` against the pipeline's own lists and bound."""
-    if args.solver is None and args.guided_branches is None and args.strength is None:
-        return
-    from pipeline_balancing_act import DISTRIBUTION_SOLVERS, GUIDED_BRANCHES, MAX_GUIDANCE_STRENGTH
+    from h_classifiers.preflight import DISTRIBUTION_SOLVERS, GUIDED_BRANCHES, MAX_GUIDANCE_STRENGTH
 
     check_choice(args.solver, DISTRIBUTION_SOLVERS, "--solver")
     check_choice(args.guided_branches, GUIDED_BRANCHES, "--guided-branches")
@@ -330,33 +419,33 @@ class Run:
 
 
 def start_run(parser: argparse.ArgumentParser, args: argparse.Namespace, distribution: bool) -> Run:
-    """The start `generate` and `evaluate` share: the checks that need nothing loaded (one argparse error each: the
-    classifier path, the guidance choices, the image count, the target against the classifier's classes), the thread
-    count, the processes of `accelerate launch`, then the classifier and the target. `distribution`: the run guides
-    distribution mode (at least 2 images; whole rounds of a global batch)."""
-    from h_classifiers.distributed import process_device, process_state
-    from h_classifiers.evaluation import resolve_device
-    from h_classifiers.generation import check_global_rounds
-
-    try:
+    """The start `generate` and `evaluate` share: the checks that need nothing loaded and no torch (one argparse error
+    each: the classifier path, the guidance choices, the image count, the target against the classifier's classes,
+    the model path, the classifier's h shape against the model's, the labeller), the thread count, the processes of
+    `accelerate launch`, then the classifier and the target. `distribution`: the run guides distribution mode (at
+    least 2 images; whole rounds of a global batch)."""
+    with argument_errors(parser):
         check_classifier_path(args.classifier)
         check_guidance_choices(args)
         if distribution:
             check_distribution_images(args.num_images)
         check_target_early(args.target, args.classifier)
-    except (ValueError, FileNotFoundError) as error:
-        parser.error(str(error))
+        preflight.check_model_path(args.model)
+        preflight.check_classifier_fits(args.classifier, args.model)
+        preflight.check_labeller_spec(args.labeller, "--labeller", LABELLER_WORDS)
+    from h_classifiers.distributed import process_device, process_state
+    from h_classifiers.evaluation import resolve_device
+    from h_classifiers.generation import check_global_rounds
+
     apply_threads(args.threads, args.model)
     quiet_loading()
     state = process_state(cpu=args.device == "cpu")
-    try:
+    with argument_errors(parser):
         if distribution:
             check_global_rounds(args.num_images, args.batch_size, state)
         device = process_device(state, resolve_device(args.device))
         classifier = load_classifier(args.classifier)
         target = resolve_target(args.target, classifier)
-    except (ValueError, FileNotFoundError, OSError) as error:
-        parser.error(str(error))
     return Run(state, device, classifier, list(classifier.config.class_names), target)
 
 
@@ -380,10 +469,10 @@ def build_labeller(args: argparse.Namespace, classifier, device: torch.device):
     spec = args.labeller
     if spec == "none":
         return None
-    if spec == "auto":
-        from h_classifiers.toy_world import ATTRIBUTES
+    if spec == "auto":  # the toy oracle reads the images of every committed toy model
+        from h_classifiers.toy_assets import ATTRIBUTES, committed_toy_model
 
-        if not (is_toy_model(args.model) and ATTRIBUTES.get(attribute) == class_names):
+        if committed_toy_model(args.model) is None or ATTRIBUTES.get(attribute) != class_names:
             return None
         spec = f"toy:{attribute}"
     labeller = labeller_from_spec(

@@ -1,5 +1,5 @@
 """Which options apply depends on the model: a text-to-image model (Stable Diffusion) takes a prompt, an unconditional
-model (a `DDIMPipeline` / `DDPMPipeline` folder or Hub id, `evaluation.unconditional_model_class`) takes none
+model (a `DDIMPipeline` / `DDPMPipeline` folder or Hub id, `preflight.unconditional_model_class`) takes none
 (`extract --image-dir` works for both: the inversion recipe needs no prompt).
 
 The prompt-only options default to None on the command line, so that one given explicitly to an unconditional model is
@@ -45,7 +45,7 @@ def resolve_model_kind(
     the options that do not apply), then fills the defaults of the kind: `--eta` for an unconditional model,
     `text_defaults` (argparse dest -> value, for the options left unset) for a text-to-image one. Returns whether the
     model is unconditional (also set as `args.unconditional`)."""
-    from h_classifiers.evaluation import unconditional_model_class
+    from h_classifiers.preflight import check_model_path, unconditional_model_class, unconditional_scheduler_error
 
     saved_as = unconditional_model_class(args.model)
     given = [option for dest, option in PROMPT_ONLY_OPTIONS.items() if getattr(args, dest, None) not in (None, "")]
@@ -58,13 +58,15 @@ def resolve_model_kind(
             )
         scheduler = getattr(args, "scheduler", None)
         if scheduler not in (None, "ddim"):
-            from h_classifiers.evaluation import unconditional_scheduler_error
-
             parser.error(unconditional_scheduler_error(scheduler))
         if hasattr(args, "eta") and args.eta is None:
             args.eta = ETA_DEFAULT
     else:
         if getattr(args, "eta", None) is not None:
+            try:  # a model that is not there has no kind: say so rather than call it a text-to-image model
+                check_model_path(args.model)
+            except FileNotFoundError as error:
+                parser.error(str(error))
             parser.error(
                 f"`--eta`: for unconditional models (DDIMPipeline / DDPMPipeline) only; `--model` {args.model!r} is a "
                 "text-to-image model."

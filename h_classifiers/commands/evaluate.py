@@ -15,22 +15,18 @@ import argparse
 import os
 from dataclasses import replace
 
-from tqdm.auto import tqdm
-
 from h_classifiers.commands import _common, _model_kind
 from h_classifiers.commands._parser import CommandParser, silence_known_notices
-from h_classifiers.distributed import is_main, num_processes
-from h_classifiers.evaluation import (
+from h_classifiers.preflight import (
     CONFIGURATIONS,
     DEFAULT_CONFIGURATIONS,
     OPT_IN_CONFIGURATIONS,
     TEXT_CONFIGURATIONS,
     UNCONDITIONAL_CONFIGURATIONS,
-    evaluate,
-    load_pipeline,
 )
-from h_classifiers.io_utils import portable_path
-from h_classifiers.metrics import format_probabilities
+
+
+# The parser and the checks import no torch: the modules that generate are imported in `main` once they have passed.
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output-dir", default="outputs/evaluate", help="Where results go (default: outputs/evaluate)."
     )
-    parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="Hide the progress bar (each configuration's line is still printed as it finishes).",
+    )
     _common.add_guidance_arguments(parser)
     _common.add_model_arguments(parser)
     return parser
@@ -177,7 +177,14 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(str(error))
     run = _common.start_run(parser, args, distribution="distribution" in configurations)
     state, device, classifier, class_names, target = run.state, run.device, run.classifier, run.class_names, run.target
-    try:
+    from tqdm.auto import tqdm
+
+    from h_classifiers.distributed import is_main, num_processes
+    from h_classifiers.evaluation import evaluate, load_pipeline
+    from h_classifiers.io_utils import portable_path
+    from h_classifiers.metrics import format_probabilities
+
+    with _common.argument_errors(parser):
         class_prompts = default_class_prompts(args, classifier)
         if "prompt" in configurations and (class_prompts is None or len(class_prompts) != len(class_names)):
             raise ValueError(
@@ -195,8 +202,6 @@ def main(argv: list[str] | None = None) -> dict:
                 raise ValueError("The image_guidance configuration runs in one process; launch it without accelerate.")
             x0_classifier, _ = resolve_x0_classifier(args.x0_classifier, classifier, args.model)
         pipe = load_pipeline(args.model, device, args.dtype, args.scheduler, not args.no_safety_checker)
-    except (ValueError, FileNotFoundError, OSError) as error:
-        parser.error(str(error))
 
     if is_main(state):
         print(
@@ -217,13 +222,27 @@ def main(argv: list[str] | None = None) -> dict:
             "labeller": labeller.source,
             "num_processes": num_processes(state),
         }
-        report = evaluate(
-            pipe, classifier, spec, labeller, configurations, args.output_dir, class_names, bar.update, metadata, state
-        )
+
+        def finished(name: str, summary: dict) -> None:  # one line per configuration, as it finishes
+            if is_main(state):
+                bar.write(_common.format_summary(name, summary, class_names))
+
+        with _common.pipeline_input_errors(parser):
+            report = evaluate(
+                pipe,
+                classifier,
+                spec,
+                labeller,
+                configurations,
+                args.output_dir,
+                class_names,
+                bar.update,
+                metadata,
+                state,
+                on_result=finished,
+            )
     if not is_main(state):
         return report
-    for name, summary in report["results"].items():
-        print(_common.format_summary(name, summary, class_names))
     for line in _common.format_verdicts(report):
         print(line)
     print(f"results: {args.output_dir}/results.json")

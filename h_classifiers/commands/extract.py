@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from h_classifiers.commands._common import (
     add_safety_checker_argument,
     add_threads_argument,
     apply_threads,
+    argument_errors,
     blacked_out_note,
     positive_int,
     split_prompts,
@@ -33,10 +35,8 @@ from h_classifiers.commands._parser import CommandParser, silence_known_notices
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from h_classifiers.evaluation import DTYPES, SCHEDULERS
-    from h_classifiers.extraction import RECORD_BRANCHES
-    from h_classifiers.feature_store import STORAGE_DTYPES
-    from h_classifiers.toy_world import TOY_MODEL_PATH
+    from h_classifiers.preflight import DTYPE_NAMES, RECORD_BRANCHES, SCHEDULERS, STORAGE_DTYPE_NAMES
+    from h_classifiers.toy_assets import TOY_MODEL_PATH
 
     parser = CommandParser(
         prog="balancing-act extract",
@@ -140,13 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--storage-dtype",
         default="fp16",
-        choices=list(STORAGE_DTYPES),
+        choices=list(STORAGE_DTYPE_NAMES),
         help="dtype of the stored h (default: fp16).",
     )
     parser.add_argument("--height", type=positive_int, default=None, help="Image height (default: the model's).")
     parser.add_argument("--width", type=positive_int, default=None, help="Image width (default: the model's).")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps.")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="Model dtype (default: float32).")
+    parser.add_argument(
+        "--dtype", default="float32", choices=list(DTYPE_NAMES), help="Model dtype (default: float32)."
+    )
     add_safety_checker_argument(parser)
     add_threads_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
@@ -165,15 +167,37 @@ def parse_label_map(text: str | None) -> dict[str, str] | None:
     return mapping
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """What can be checked before anything is imported or loaded: the recipe, the model and image folder paths, the
+    labellers' and the label map's forms, the site's name (a one-line `ValueError` naming the option)."""
+    from h_classifiers import preflight
+
+    unconditional = getattr(args, "unconditional", False)  # then no --image-dir nor --prompt (`resolve_model_kind`)
+    if not unconditional and (args.image_dir is None) == (args.prompt is None):
+        raise ValueError("Give exactly one recipe: `--image-dir` (inversion) or `--prompt` (generation).")
+    preflight.check_model_path(args.model)
+    if args.image_dir is not None and not os.path.isdir(args.image_dir):
+        raise FileNotFoundError(
+            f"`--image-dir` {args.image_dir!r} is not a directory (expected one sub-folder of images per class)."
+        )
+    for spec in args.labeller or []:
+        preflight.check_labeller_spec(spec, "--labeller")
+    parse_label_map(args.label_map)
+    if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
+        raise ValueError(f"`--min-confidence` must be a number in [0, 1], got {args.min_confidence:g}.")
+    try:
+        preflight.up_block_index(args.site)
+    except ValueError as error:
+        raise ValueError(str(error).replace("`site`", "`--site`", 1)) from None
+
+
 def run(args: argparse.Namespace) -> dict:
     from h_classifiers.distributed import process_device, process_state
     from h_classifiers.evaluation import load_pipeline, resolve_device
     from h_classifiers.extraction import extract_from_folders, extract_from_generation
     from h_classifiers.labellers import labeller_from_spec
 
-    unconditional = getattr(args, "unconditional", False)  # then no --image-dir nor --prompt (`resolve_model_kind`)
-    if not unconditional and (args.image_dir is None) == (args.prompt is None):
-        raise ValueError("Give exactly one recipe: `--image-dir` (inversion) or `--prompt` (generation).")
+    unconditional = getattr(args, "unconditional", False)
     class_names = [c.strip() for c in args.class_names.split(",")] if args.class_names else None
     apply_threads(args.threads, args.model)
     state = process_state(cpu=args.device == "cpu")
@@ -267,10 +291,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     resolve_model_kind(parser, args)
-    try:
+    with argument_errors(parser, (ValueError, FileNotFoundError)):
+        check_arguments(args)
+    with argument_errors(parser, (ValueError, FileNotFoundError, TypeError)):
         manifest = run(args)
-    except (ValueError, FileNotFoundError, TypeError) as error:
-        parser.error(str(error))
     from h_classifiers.distributed import is_main, process_state
 
     if not is_main(process_state()):  # the main process reports the merged store

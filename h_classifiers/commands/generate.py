@@ -18,11 +18,10 @@ from pathlib import Path
 
 from h_classifiers.commands import _common, _model_kind
 from h_classifiers.commands._parser import CommandParser, silence_known_notices
-from h_classifiers.distributed import is_main, num_processes, wait
-from h_classifiers.evaluation import load_pipeline, make_grid, run_configuration, side_by_side
-from h_classifiers.io_utils import atomic_save_image, atomic_write_json, portable_path
-from h_classifiers.metrics import format_probabilities, summarize_labels
-from h_classifiers.saved_images import ImageSet, write_manifest
+
+
+# The parser and the checks import no torch: the modules that generate are imported in `main` once they have passed
+# (a bad argument is one quick argparse error).
 
 
 MODES = ("distribution", "sample")
@@ -63,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Also write every image as DIR/<set>/<index>_seed<seed>.png and DIR/manifest.jsonl; running the same "
         "command again resumes (default: images not saved).",
     )
+    parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
     _common.add_guidance_arguments(parser)
     _common.add_model_arguments(parser)
     return parser
@@ -75,20 +75,29 @@ def main(argv: list[str] | None = None) -> dict:
     _model_kind.resolve_model_kind(parser, args, _common.text_defaults())
     run = _common.start_run(parser, args, distribution=args.mode == "distribution")
     state, device, classifier, class_names, target = run.state, run.device, run.classifier, run.class_names, run.target
-    try:
+    from tqdm.auto import tqdm
+
+    from h_classifiers import evaluation
+    from h_classifiers.distributed import is_main, num_processes, wait
+    from h_classifiers.io_utils import atomic_save_image, atomic_write_json, portable_path
+    from h_classifiers.metrics import format_probabilities, summarize_labels
+    from h_classifiers.saved_images import ImageSet, write_manifest
+
+    with _common.argument_errors(parser):
         labeller = _common.build_labeller(args, classifier, device)
-        pipe = load_pipeline(args.model, device, args.dtype, args.scheduler, not args.no_safety_checker)
-    except (ValueError, FileNotFoundError, OSError) as error:
-        parser.error(str(error))
+        pipe = evaluation.load_pipeline(args.model, device, args.dtype, args.scheduler, not args.no_safety_checker)
 
     spec = _common.evaluation_spec(args, target)
     sets = (("vanilla", "vanilla"), ("balanced", args.mode))
-    # Neither set is timed from cold: both are warmed up first, in the reverse of the timed order.
-    warm_up(pipe, classifier, spec, [configuration for _, configuration in reversed(sets)], state)
+    # Neither set is timed from cold: both are warmed up first, in the reverse of the timed order. A classifier that
+    # does not fit the model, or another input the pipeline refuses, is one argparse error here.
+    with _common.pipeline_input_errors(parser):
+        warm_up(pipe, classifier, spec, [configuration for _, configuration in reversed(sets)], state)
     start = time.perf_counter()
     runs, images, saved = {}, {}, {}
+    bar = tqdm(total=2 * args.num_images, desc="generate", unit="img", disable=args.no_progress or not is_main(state))
     for name, configuration in sets:
-        options, reading = {"state": state}, contextlib.nullcontext()
+        options, reading = {"state": state, "progress": bar.update}, contextlib.nullcontext()
         if args.save_images is not None:
             settings = saved_settings(args, target, configuration, state)
             try:
@@ -105,9 +114,10 @@ def main(argv: list[str] | None = None) -> dict:
                 parser.error(str(error))
             options.update(saved[name].generation_options(pipe, classifier))
             reading = saved[name].reading
-        with reading:
-            runs[name] = run_configuration(pipe, classifier, spec, configuration, **options)
+        with reading, _common.pipeline_input_errors(parser):
+            runs[name] = evaluation.run_configuration(pipe, classifier, spec, configuration, **options)
         images[name] = runs[name].images  # every process's images, gathered
+    bar.close()
     wait(state)
     if not is_main(state):
         return None
@@ -118,10 +128,10 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = Path(args.output_dir)
     grid_path = output_dir / "generate_grid.png"
     panels = [
-        ("vanilla", make_grid(images["vanilla"])),
-        (f"balanced ({args.mode} mode)", make_grid(images["balanced"])),
+        ("vanilla", evaluation.make_grid(images["vanilla"])),
+        (f"balanced ({args.mode} mode)", evaluation.make_grid(images["balanced"])),
     ]
-    atomic_save_image(side_by_side(panels), grid_path)
+    atomic_save_image(evaluation.side_by_side(panels), grid_path)
 
     results, manifest = {}, []
     print(
@@ -175,6 +185,9 @@ def warm_up(pipe, classifier, spec, configurations: list[str], state) -> None:
     """One untimed call of each configuration before the timed sets, so that first-call costs (the classifier's
     loading and caching, allocations, kernel choices) fall on no set's time: one batch (with several processes, one
     global batch) of the run's shape, 1 denoising step, nothing kept."""
+    from h_classifiers.distributed import num_processes
+    from h_classifiers.evaluation import run_configuration
+
     short = replace(
         spec, num_images=min(spec.num_images, spec.batch_size * num_processes(state)), num_inference_steps=1
     )
@@ -200,6 +213,8 @@ def saved_settings(args: argparse.Namespace, target: list[float], configuration:
     if configuration != "vanilla":
         settings.update(classifier=args.classifier, target=target, guidance=_common.guidance_kwargs(args))
     if configuration == "distribution":  # the images of a global batch depend on its size
+        from h_classifiers.distributed import num_processes
+
         settings["global_batch_size"] = args.batch_size * num_processes(state)
     return settings
 

@@ -13,7 +13,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from types import SimpleNamespace
 
-from h_classifiers.commands._common import add_threads_argument, apply_threads, positive_int
+from h_classifiers.commands._common import add_threads_argument, apply_threads, argument_errors, positive_int
 from h_classifiers.commands._parser import CommandParser, silence_known_notices
 
 
@@ -104,6 +104,27 @@ def features_model(args: argparse.Namespace) -> str | None:
         return None  # training reports a missing or broken store
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """What can be checked before training starts (and before the pipeline is imported): `--push-to-hub` is a valid
+    repo id, the features folder holds a store, the output folder is free (or `--overwrite`)."""
+    if args.push_to_hub is not None:
+        from h_classifiers.hub import validate_repo_id
+
+        try:  # fail before training, not after
+            validate_repo_id(args.push_to_hub)
+        except Exception as error:
+            raise ValueError(f"`--push-to-hub` {args.push_to_hub!r} is not a valid Hub repo id: {error}") from None
+    from h_classifiers.feature_store import MANIFEST_NAME
+
+    if not (Path(args.features_dir) / MANIFEST_NAME).is_file():
+        what = "does not exist" if not Path(args.features_dir).exists() else f"has no {MANIFEST_NAME}"
+        raise FileNotFoundError(
+            f"`--features-dir` {args.features_dir!r} {what}; expected the `--output-dir` of `balancing-act extract`."
+        )
+    if Path(args.output_dir).exists() and not args.overwrite:
+        raise FileExistsError(f"`--output-dir` {args.output_dir!r} already exists; pass `--overwrite` to replace it.")
+
+
 def run(args: argparse.Namespace):
     from h_classifiers.training import TrainingConfig, train_classifier
 
@@ -122,13 +143,6 @@ def run(args: argparse.Namespace):
         branches=[b.strip() for b in args.branches.split(",")] if args.branches else None,
         device=args.device,
     )
-    if args.push_to_hub is not None:
-        from h_classifiers.hub import validate_repo_id
-
-        try:  # fail before training, not after
-            validate_repo_id(args.push_to_hub)
-        except Exception as error:
-            raise ValueError(f"`--push_to_hub` {args.push_to_hub!r} is not a valid Hub repo id: {error}") from None
     result = train_classifier(
         args.features_dir,
         args.output_dir,
@@ -160,10 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+    with argument_errors(parser, (ValueError, FileNotFoundError, FileExistsError)):
+        check_arguments(args)
         result, url = run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        parser.error(str(error))
     s = result.summary
     print(f"Saved the {result.classifier.config.attribute!r} classifier to {args.output_dir}")
     for name in ("first", "middle", "last"):

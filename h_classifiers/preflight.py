@@ -1,0 +1,274 @@
+"""What the commands check before they import torch, diffusers or the pipeline: a bad argument is one argparse line
+at once, instead of after seconds of imports (the commands import the heavy modules only once these checks pass).
+
+It holds:
+
+- the names the parsers offer (schedulers, model dtypes, evaluation configurations, labeller kinds, record branches),
+  defined here and re-exported by the modules that use them (`evaluation`, `extraction`, `labellers`);
+- copies of the few constants and rules of `pipeline_balancing_act` the checks need (the pipeline is a single-file
+  community pipeline that imports diffusers first; tests/test_preflight.py keeps the copies equal to the originals),
+  and of `feature_store.STORAGE_DTYPES`' names;
+- what a model's and a classifier's files say without loading them: the model's kind (`model_index.json`) and the
+  shape of h at a guidance site (`unet/config.json`), so that a classifier trained for another model is refused
+  before anything loads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from .toy_assets import ATTRIBUTES, TOY_MODEL_CLASSIFIERS, committed_toy_model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Names offered by the parsers
+# ----------------------------------------------------------------------------------------------------------------
+
+CONFIGURATIONS = ("vanilla", "sample", "distribution", "prompt", "fair_diffusion", "selection", "image_guidance")
+# Run only when asked for: selection may generate 20 x the images; image guidance needs an x0 classifier.
+OPT_IN_CONFIGURATIONS = ("selection", "image_guidance")
+DEFAULT_CONFIGURATIONS = tuple(c for c in CONFIGURATIONS if c not in OPT_IN_CONFIGURATIONS)
+# The baselines that write the class into the prompt: text-to-image models only.
+TEXT_CONFIGURATIONS = ("prompt", "fair_diffusion")
+# The baseline that guides pixels: unconditional pixel models only.
+UNCONDITIONAL_CONFIGURATIONS = ("image_guidance",)
+
+# Scheduler names accepted by the command-line tools: class name in diffusers and the config overrides that make it
+# the variant people mean by that name.
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+DTYPE_NAMES = ("float32", "float16", "bfloat16")  # the torch dtypes of `evaluation.DTYPES`
+STORAGE_DTYPE_NAMES = ("fp16", "fp32")  # the keys of `feature_store.STORAGE_DTYPES`
+RECORD_BRANCHES = ("cond", "uncond", "both")
+LABELLER_KINDS = ("toy", "hf", "clip")
+
+# ----------------------------------------------------------------------------------------------------------------
+# Copies of pipeline_balancing_act's (tests/test_preflight.py checks they are equal)
+# ----------------------------------------------------------------------------------------------------------------
+
+MAX_GUIDANCE_STRENGTH = 50.0
+DISTRIBUTION_SOLVERS = ("assign", "kl", "chi2")
+GUIDED_BRANCHES = ("cond", "both")
+TARGET_SUM_TOLERANCE = 1e-3
+DEFAULT_SITE = "mid_block"
+UP_BLOCK_SITE_PREFIX = "up_blocks."
+
+
+def looks_like_local_path(path: str | os.PathLike) -> bool:
+    """Whether `path` names a local path rather than a Hub id ('user/name'): absolute, starting with '.' or '~',
+    ending with a separator, with more than one '/', or with a parent directory that exists here."""
+    path = os.fspath(path)
+    if os.path.isabs(path) or path.startswith((".", "~")) or path.endswith(("/", os.sep)):
+        return True
+    if path.replace(os.sep, "/").count("/") > 1:  # a Hub id has at most one
+        return True
+    return os.path.isdir(os.path.dirname(path) or ".")
+
+
+def up_block_index(site: Any) -> int | None:
+    """The up block `"up_blocks.<i>"` names (None for the mid block); a one-line `ValueError` for anything else
+    (the pipeline's `_up_block_index`)."""
+    if site == DEFAULT_SITE:
+        return None
+    if isinstance(site, str) and site.startswith(UP_BLOCK_SITE_PREFIX):
+        index = site[len(UP_BLOCK_SITE_PREFIX) :]
+        if index.isdigit() and str(int(index)) == index:
+            return int(index)
+    raise ValueError(f"`site` must be {DEFAULT_SITE!r} or 'up_blocks.<i>' (e.g. 'up_blocks.0'); got {site!r}.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models: kind, path, h shape
+# ----------------------------------------------------------------------------------------------------------------
+
+# A model whose model_index.json names one of these pipelines, or whose UNet is a `UNet2DModel` beside no text
+# encoder, is unconditional: it loads as `BalancingActUnconditionalPipeline` and takes no prompt.
+UNCONDITIONAL_PIPELINES = ("DDIMPipeline", "DDPMPipeline", "BalancingActUnconditionalPipeline")
+# What `--model` accepts, for the messages about a model that is not there.
+MODEL_EXPECTED = (
+    "expected a diffusers pipeline folder saved with `save_pretrained` (with model_index.json): Stable Diffusion "
+    "1.x/2.x, or an unconditional DDIMPipeline / DDPMPipeline; or a Hub id such as "
+    "'stable-diffusion-v1-5/stable-diffusion-v1-5' or 'google/ddpm-celebahq-256'"
+)
+
+
+def is_local_model(model: str | os.PathLike) -> bool:
+    model = os.fspath(model)
+    return os.path.isabs(model) or model.startswith(".") or os.path.exists(model)
+
+
+def model_index(model: str | os.PathLike) -> dict[str, Any] | None:
+    """The model's `model_index.json` (a local folder's, or a Hub id's from the Hub or its cache), or None when it
+    cannot be read (loading the model then says what is wrong)."""
+    model = os.fspath(model)
+    try:
+        if is_local_model(model):
+            path = os.path.join(model, "model_index.json")
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(model, "model_index.json")
+        with open(path, encoding="utf-8") as file:
+            index = json.load(file)
+    except Exception:  # no such file or repo, offline, unreadable: the model's loading gives the real error
+        return None
+    return index if isinstance(index, dict) else None
+
+
+def unconditional_model_class(model: str | os.PathLike) -> str | None:
+    """The pipeline class an unconditional model was saved as (`UNCONDITIONAL_PIPELINES`, or the pipeline of a
+    `UNet2DModel` without a text encoder); None for a text-to-image model or one whose index cannot be read."""
+    index = model_index(model)
+    if index is None:
+        return None
+    name = str(index.get("_class_name"))
+    unet = index.get("unet")
+    if name in UNCONDITIONAL_PIPELINES:
+        return name
+    if isinstance(unet, list) and unet[-1:] == ["UNet2DModel"] and "text_encoder" not in index:
+        return name
+    return None
+
+
+def unconditional_scheduler_error(scheduler: str) -> str:
+    return (
+        f"`--scheduler {scheduler}`: an unconditional model samples with DDIM only (its pipeline is a DDIMPipeline; "
+        "`--eta` 0 is deterministic DDIM, 1 adds DDPM-like noise); leave `--scheduler` at ddim."
+    )
+
+
+def check_model_path(model: str | os.PathLike, argument: str = "--model") -> None:
+    """A local model that is not there fails at once, naming `argument`: a path that does not exist, a file, or a
+    folder without model_index.json (a Hub id passes: its loading says what is wrong)."""
+    path = os.fspath(model)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise FileNotFoundError(f"`{argument}` {path!r} has no model_index.json; {MODEL_EXPECTED}.")
+    elif os.path.exists(path):
+        raise FileNotFoundError(f"`{argument}` {path!r} is a file; {MODEL_EXPECTED}.")
+    elif looks_like_local_path(path):
+        raise FileNotFoundError(f"`{argument}` {path!r} does not exist; {MODEL_EXPECTED}.")
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any] | None:
+    """A JSON object from a file, or None when it is missing, unreadable or not an object."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+UNET_CLASSES = ("UNet2DConditionModel", "UNet2DModel")
+
+
+def _int_list(value: Any, length: int | None = None) -> bool:
+    return (
+        isinstance(value, list)
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+        and (length is None or len(value) == length)
+    )
+
+
+def unet_h_shape(model: str | os.PathLike, site: str = DEFAULT_SITE) -> list[int] | None:
+    """The per-sample shape `[C, H, W]` of h at `site` when a local `model` samples at its default resolution (its
+    UNet's `sample_size`, in latents or pixels), read from unet/config.json by the rule of the pipeline's
+    `site_h_shape`: every down block but the last halves the size (rounding up), every up block but the last brings
+    it back one level. None when the files do not say (a Hub id, another UNet class, missing fields, a site the UNet
+    lacks): the pipeline then checks the shape at its first call."""
+    config = read_json(Path(model) / "unet" / "config.json")
+    try:
+        index = up_block_index(site)
+    except ValueError:
+        return None
+    if config is None or config.get("_class_name") not in UNET_CLASSES:
+        return None
+    channels, size = config.get("block_out_channels"), config.get("sample_size")
+    down, up = config.get("down_block_types"), config.get("up_block_types")
+    size = [size, size] if isinstance(size, int) else size
+    if not (_int_list(channels) and _int_list(size, 2) and isinstance(down, list) and isinstance(up, list)):
+        return None
+    if not (len(channels) == len(down) == len(up) >= 1):
+        return None
+    sizes = [list(size)]
+    for _ in range(len(down) - 1):
+        sizes.append([math.ceil(n / 2) for n in sizes[-1]])
+    if index is None:
+        if "mid_block_type" in config and config["mid_block_type"] is None:  # no mid block
+            return None
+        return [channels[-1], *sizes[-1]]
+    if index >= len(up):
+        return None
+    level = len(sizes) - 1 - min(index + 1, len(up) - 1)
+    return [channels[::-1][index], *sizes[level]]
+
+
+def check_classifier_fits(
+    classifier: str | os.PathLike,
+    model: str | os.PathLike,
+    classifier_argument: str = "--classifier",
+    model_argument: str = "--model",
+) -> None:
+    """A local classifier folder trained on h of another shape than the local model gives at the classifier's site
+    (its default resolution): a one-line `ValueError` naming both arguments, before anything loads. Silent when the
+    files do not say (a Hub id, an unreadable config): the pipeline checks at its first call."""
+    config = read_json(Path(classifier) / "config.json")
+    if config is None or not _int_list(config.get("h_shape")):
+        return
+    site = config.get("site", DEFAULT_SITE)
+    expected = unet_h_shape(model, site)
+    if expected is None or list(config["h_shape"]) == expected:
+        return
+    attribute = config.get("attribute")
+    hint = ""
+    toy = committed_toy_model(model)
+    if toy is not None:  # a committed toy model: its own classifiers are shipped
+        shipped = TOY_MODEL_CLASSIFIERS[toy] / str(attribute)
+        if attribute in ATTRIBUTES and (shipped / "config.json").is_file():
+            hint = f" (its shipped {attribute} classifier: {_shown(shipped)})"
+        else:
+            hint = f" (its shipped classifiers: {_shown(TOY_MODEL_CLASSIFIERS[toy])}/<attribute>)"
+    raise ValueError(
+        f"`{classifier_argument}` {os.fspath(classifier)!r} ({attribute!r}) was trained on h of shape "
+        f"{list(config['h_shape'])} at site {site!r}, but `{model_argument}` {os.fspath(model)!r} gives h of shape "
+        f"{expected} there; use a classifier trained for this model{hint}."
+    )
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when it lies below it, else absolute."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Labellers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_labeller_spec(spec: str, argument: str = "labeller", words: tuple[str, ...] = ()) -> None:
+    """A labeller spec's form: `toy:ATTRIBUTE` (an attribute of the toy world), `hf:MODEL_ID_OR_PATH` or
+    `clip:MODEL_ID_OR_PATH`, or one of `words` (the commands' 'auto', 'none'); a one-line `ValueError` naming
+    `argument` otherwise."""
+    if spec in words:
+        return
+    kind, sep, target = spec.partition(":")
+    if not sep or not target or kind not in LABELLER_KINDS:
+        accepted = [repr(word) for word in words] + ["'toy:ATTRIBUTE'", "'hf:MODEL_ID_OR_PATH'"]
+        raise ValueError(f"`{argument}` must be {', '.join(accepted)} or 'clip:MODEL_ID_OR_PATH', got {spec!r}.")
+    if kind == "toy" and target not in ATTRIBUTES:
+        raise ValueError(
+            f"`{argument}` {spec!r}: the toy oracle reads the attributes {list(ATTRIBUTES)}; got {target!r}."
+        )
