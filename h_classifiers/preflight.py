@@ -9,7 +9,7 @@ It holds:
   community pipeline that imports diffusers first; tests/test_preflight.py keeps the copies equal to the originals),
   and of `feature_store.STORAGE_DTYPES`' names;
 - what a model's and a classifier's files say without loading them: the model's kind (`model_index.json`) and the
-  shape of h at a guidance site (`unet/config.json`), so that a classifier trained for another model is refused
+  shape of h at the mid block (`unet/config.json`), so that a classifier trained for another model is refused
   before anything loads.
 """
 
@@ -60,8 +60,7 @@ MAX_GUIDANCE_STRENGTH = 50.0
 DISTRIBUTION_SOLVERS = ("assign", "kl", "chi2")
 GUIDED_BRANCHES = ("cond", "both")
 TARGET_SUM_TOLERANCE = 1e-3
-DEFAULT_SITE = "mid_block"
-UP_BLOCK_SITE_PREFIX = "up_blocks."
+MID_BLOCK_SITE = "mid_block"
 
 
 def looks_like_local_path(path: str | os.PathLike) -> bool:
@@ -73,18 +72,6 @@ def looks_like_local_path(path: str | os.PathLike) -> bool:
     if path.replace(os.sep, "/").count("/") > 1:  # a Hub id has at most one
         return True
     return os.path.isdir(os.path.dirname(path) or ".")
-
-
-def up_block_index(site: Any) -> int | None:
-    """The up block `"up_blocks.<i>"` names (None for the mid block); a one-line `ValueError` for anything else
-    (the pipeline's `_up_block_index`)."""
-    if site == DEFAULT_SITE:
-        return None
-    if isinstance(site, str) and site.startswith(UP_BLOCK_SITE_PREFIX):
-        index = site[len(UP_BLOCK_SITE_PREFIX) :]
-        if index.isdigit() and str(int(index)) == index:
-            return int(index)
-    raise ValueError(f"`site` must be {DEFAULT_SITE!r} or 'up_blocks.<i>' (e.g. 'up_blocks.0'); got {site!r}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -180,17 +167,13 @@ def _int_list(value: Any, length: int | None = None) -> bool:
     )
 
 
-def unet_h_shape(model: str | os.PathLike, site: str = DEFAULT_SITE) -> list[int] | None:
-    """The per-sample shape `[C, H, W]` of h at `site` when a local `model` samples at its default resolution (its
-    UNet's `sample_size`, in latents or pixels), read from unet/config.json by the rule of the pipeline's
-    `site_h_shape`: every down block but the last halves the size (rounding up), every up block but the last brings
-    it back one level. None when the files do not say (a Hub id, another UNet class, missing fields, a site the UNet
-    lacks): the pipeline then checks the shape at its first call."""
+def unet_h_shape(model: str | os.PathLike) -> list[int] | None:
+    """The per-sample shape `[C, H, W]` of h = the mid block's output when a local `model` samples at its default
+    resolution (its UNet's `sample_size`, in latents or pixels), read from unet/config.json by the rule of the
+    pipeline's `mid_block_h_shape`: every down block but the last halves the size (rounding up). None when the files
+    do not say (a Hub id, another UNet class, missing fields, no mid block): the pipeline then checks the shape at its
+    first call."""
     config = read_json(Path(model) / "unet" / "config.json")
-    try:
-        index = up_block_index(site)
-    except ValueError:
-        return None
     if config is None or config.get("_class_name") not in UNET_CLASSES:
         return None
     channels, size = config.get("block_out_channels"), config.get("sample_size")
@@ -203,14 +186,9 @@ def unet_h_shape(model: str | os.PathLike, site: str = DEFAULT_SITE) -> list[int
     sizes = [list(size)]
     for _ in range(len(down) - 1):
         sizes.append([math.ceil(n / 2) for n in sizes[-1]])
-    if index is None:
-        if "mid_block_type" in config and config["mid_block_type"] is None:  # no mid block
-            return None
-        return [channels[-1], *sizes[-1]]
-    if index >= len(up):
+    if "mid_block_type" in config and config["mid_block_type"] is None:  # no mid block
         return None
-    level = len(sizes) - 1 - min(index + 1, len(up) - 1)
-    return [channels[::-1][index], *sizes[level]]
+    return [channels[-1], *sizes[-1]]
 
 
 def check_classifier_fits(
@@ -219,14 +197,19 @@ def check_classifier_fits(
     classifier_argument: str = "--classifier",
     model_argument: str = "--model",
 ) -> None:
-    """A local classifier folder trained on h of another shape than the local model gives at the classifier's site
-    (its default resolution): a one-line `ValueError` naming both arguments, before anything loads. Silent when the
+    """A local classifier folder trained on h of another shape than the local model gives (at its default resolution),
+    or at another site than the mid block: a one-line `ValueError` naming both arguments, before anything loads. Silent when the
     files do not say (a Hub id, an unreadable config): the pipeline checks at its first call."""
     config = read_json(Path(classifier) / "config.json")
     if config is None or not _int_list(config.get("h_shape")):
         return
-    site = config.get("site", DEFAULT_SITE)
-    expected = unet_h_shape(model, site)
+    site = config.get("site", MID_BLOCK_SITE)
+    if site != MID_BLOCK_SITE:
+        raise ValueError(
+            f"`{classifier_argument}` {os.fspath(classifier)!r} reads h at site {site!r}; only {MID_BLOCK_SITE!r} is "
+            "supported (up-block sites were removed). Retrain it with `balancing-act extract` / `train`."
+        )
+    expected = unet_h_shape(model)
     if expected is None or list(config["h_shape"]) == expected:
         return
     attribute = config.get("attribute")
@@ -240,8 +223,8 @@ def check_classifier_fits(
             hint = f" (its shipped classifiers: {_shown(TOY_MODEL_CLASSIFIERS[toy])}/<attribute>)"
     raise ValueError(
         f"`{classifier_argument}` {os.fspath(classifier)!r} ({attribute!r}) was trained on h of shape "
-        f"{list(config['h_shape'])} at site {site!r}, but `{model_argument}` {os.fspath(model)!r} gives h of shape "
-        f"{expected} there; use a classifier trained for this model{hint}."
+        f"{list(config['h_shape'])}, but `{model_argument}` {os.fspath(model)!r} gives h of shape "
+        f"{expected}; use a classifier trained for this model{hint}."
     )
 
 

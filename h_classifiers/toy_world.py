@@ -29,8 +29,6 @@ from .toy_assets import NEUTRAL_PROMPT as NEUTRAL_PROMPT
 from .toy_assets import TOY_CLASSIFIERS_PATH as TOY_CLASSIFIERS_PATH
 from .toy_assets import TOY_DDPM_CLASSIFIERS_PATH as TOY_DDPM_CLASSIFIERS_PATH
 from .toy_assets import TOY_DDPM_PATH as TOY_DDPM_PATH
-from .toy_assets import TOY_DEEP_CLASSIFIERS_PATH as TOY_DEEP_CLASSIFIERS_PATH
-from .toy_assets import TOY_DEEP_MODEL_PATH as TOY_DEEP_MODEL_PATH
 from .toy_assets import TOY_MODEL_PATH as TOY_MODEL_PATH
 
 

@@ -558,10 +558,10 @@ def test_auto_labeller_is_the_oracle_for_every_committed_toy_model_and_none_othe
 
     from h_classifiers.commands._common import build_labeller
     from h_classifiers.labellers import ToyOracleLabeller
-    from h_classifiers.toy_world import TOY_DDPM_PATH, TOY_DEEP_MODEL_PATH, TOY_MODEL_PATH
+    from h_classifiers.toy_world import TOY_DDPM_PATH, TOY_MODEL_PATH
 
     classifier = SimpleNamespace(config=SimpleNamespace(attribute="skin", class_names=["light", "dark"]))
-    for model in (TOY_MODEL_PATH, TOY_DEEP_MODEL_PATH, TOY_DDPM_PATH):
+    for model in (TOY_MODEL_PATH, TOY_DDPM_PATH):
         args = SimpleNamespace(model=str(model), labeller="auto", labeller_prompts=None)
         assert isinstance(build_labeller(args, classifier, "cpu"), ToyOracleLabeller), model
     args = SimpleNamespace(model=str(tmp_path), labeller="auto", labeller_prompts=None)

@@ -14,11 +14,11 @@ import pytest
 
 import pipeline_balancing_act as pba
 from h_classifiers import cli, preflight
-from h_classifiers.toy_assets import TOY_CLASSIFIERS_PATH, TOY_DDPM_PATH, TOY_DEEP_MODEL_PATH, TOY_MODEL_PATH
+from h_classifiers.toy_assets import TOY_CLASSIFIERS_PATH, TOY_DDPM_PATH, TOY_MODEL_PATH
 
 
 ROOT = Path(__file__).resolve().parent.parent
-TOY_MODELS = [TOY_MODEL_PATH, TOY_DEEP_MODEL_PATH, TOY_DDPM_PATH]
+TOY_MODELS = [TOY_MODEL_PATH, TOY_DDPM_PATH]
 SD_SKIN = TOY_CLASSIFIERS_PATH / "skin"  # the toy SD's: h [64, 4, 4]
 DDPM_SKIN = TOY_CLASSIFIERS_PATH / "toy-ddpm" / "skin"  # the toy DDPM's: h [128, 4, 4]
 pytestmark = pytest.mark.skipif(
@@ -39,8 +39,7 @@ pytestmark = pytest.mark.skipif(
         "DISTRIBUTION_SOLVERS",
         "GUIDED_BRANCHES",
         "TARGET_SUM_TOLERANCE",
-        "DEFAULT_SITE",
-        "UP_BLOCK_SITE_PREFIX",
+        "MID_BLOCK_SITE",
     ],
 )
 def test_the_copied_constants_are_the_pipelines(name):
@@ -53,20 +52,6 @@ def test_the_path_rule_is_the_pipelines_word_for_word():
         return [ast.dump(statement) for statement in definition.body] + [ast.dump(definition.args)]
 
     assert tree(preflight.looks_like_local_path) == tree(pba.looks_like_local_path)
-
-
-@pytest.mark.parametrize(
-    "site", ["mid_block", "up_blocks.0", "up_blocks.12", "up_blocks.01", "up_blocks.", "x", None, 3]
-)
-def test_the_site_rule_is_the_pipelines(site):
-    try:
-        expected = pba._up_block_index(site)
-    except ValueError as error:
-        with pytest.raises(ValueError, match="`site` must be"):
-            preflight.up_block_index(site)
-        assert str(error).startswith("`site` must be")
-    else:
-        assert preflight.up_block_index(site) == expected
 
 
 def test_the_dtype_names_are_the_loaders_and_the_stores():
@@ -95,7 +80,7 @@ def unet_folders(tmp_path):
     return folders
 
 
-def test_the_h_shape_read_from_the_files_is_the_pipelines_at_every_site(tmp_path):
+def test_the_h_shape_read_from_the_files_is_the_pipelines(tmp_path):
     from diffusers import UNet2DConditionModel, UNet2DModel
 
     for folder in unet_folders(tmp_path):
@@ -103,10 +88,7 @@ def test_the_h_shape_read_from_the_files_is_the_pipelines_at_every_site(tmp_path
         unet_class = UNet2DModel if config["_class_name"] == "UNet2DModel" else UNet2DConditionModel
         unet = unet_class.from_config(config)
         size = config["sample_size"]
-        sites = ["mid_block"] + [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
-        for site in sites:
-            assert preflight.unet_h_shape(folder, site) == pba.site_h_shape(unet, site, size, size), (folder, site)
-        assert preflight.unet_h_shape(folder, f"up_blocks.{len(unet.up_blocks)}") is None  # no such site
+        assert preflight.unet_h_shape(folder) == pba.mid_block_h_shape(unet, size, size), folder
 
 
 def test_the_h_shape_is_unknown_where_the_files_do_not_say(tmp_path):
@@ -121,7 +103,6 @@ def test_the_toy_models_classifiers_fit_them_and_not_the_others(monkeypatch):
     monkeypatch.chdir(ROOT)  # the shipped classifier is shown relative to the working directory
     preflight.check_classifier_fits(SD_SKIN, TOY_MODEL_PATH)
     preflight.check_classifier_fits(DDPM_SKIN, TOY_DDPM_PATH)
-    preflight.check_classifier_fits(TOY_CLASSIFIERS_PATH / "toy-sd-deep" / "skin", TOY_DEEP_MODEL_PATH)
     preflight.check_classifier_fits("someone/skin-classifier", TOY_DDPM_PATH)  # a Hub id: the pipeline checks
     with pytest.raises(ValueError) as info:
         preflight.check_classifier_fits(SD_SKIN, TOY_DDPM_PATH)
@@ -129,6 +110,13 @@ def test_the_toy_models_classifiers_fit_them_and_not_the_others(monkeypatch):
     assert message.startswith("`--classifier`") and "`--model`" in message and "\n" not in message
     assert "[64, 4, 4]" in message and "[128, 4, 4]" in message
     assert message.endswith("(its shipped skin classifier: h_classifiers/assets/classifiers/toy-ddpm/skin).")
+
+
+def test_a_classifier_of_a_removed_guidance_site_is_refused(tmp_path):
+    config = json.loads((SD_SKIN / "config.json").read_text()) | {"site": "up_blocks.0"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="reads h at site 'up_blocks.0'; only 'mid_block' is supported"):
+        preflight.check_classifier_fits(tmp_path, TOY_MODEL_PATH)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -177,7 +165,6 @@ EARLY_ERRORS = [
     (["generate", "--labeller", "oracle"], "`--labeller` must be 'auto', 'none', 'toy:ATTRIBUTE'"),
     (["extract", "--output-dir", "o", "--image-dir", "./missing-dir"], "`--image-dir` './missing-dir' is not a"),
     (["extract", "--output-dir", "o", "--prompt", "a", "--num-images", "2", "--labeller", "toy:age"], "'toy:age'"),
-    (["extract", "--output-dir", "o", "--image-dir", ".", "--site", "mid"], "`--site` must be"),
 ]
 
 

@@ -169,7 +169,7 @@ def parse_label_map(text: str | None) -> dict[str, str] | None:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """What can be checked before anything is imported or loaded: the recipe, the model and image folder paths, the
-    labellers' and the label map's forms, the site's name (a one-line `ValueError` naming the option)."""
+    labellers' and the label map's forms (a one-line `ValueError` naming the option)."""
     from h_classifiers import preflight
 
     unconditional = getattr(args, "unconditional", False)  # then no --image-dir nor --prompt (`resolve_model_kind`)
@@ -185,10 +185,6 @@ def check_arguments(args: argparse.Namespace) -> None:
     parse_label_map(args.label_map)
     if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
         raise ValueError(f"`--min-confidence` must be a number in [0, 1], got {args.min_confidence:g}.")
-    try:
-        preflight.up_block_index(args.site)
-    except ValueError as error:
-        raise ValueError(str(error).replace("`site`", "`--site`", 1)) from None
 
 
 def run(args: argparse.Namespace) -> dict:
