@@ -21,7 +21,7 @@ not in the objective.
 `ImageSpaceGuidance` is a callable with the call signature the generation loop uses for an unconditional pipeline
 (`batch_size`, a `generator` list, `num_inference_steps`, `eta`, `target_classes` / `target_distribution`,
 `output_type`), like `baselines.FairDiffusion`; with `scale=0` its images are `DDIMPipeline`'s, bit for bit.
-`benchmarks/train_x0_classifier.py` trains the classifiers shipped for the toy DDPM (docs/unconditional.md).
+`lab/train_x0_classifier.py` trains the classifiers shipped for the toy DDPM (docs/unconditional.md).
 """
 
 from __future__ import annotations
@@ -54,10 +54,10 @@ from .metrics import parse_target
 from .toy_world import TOY_CLASSIFIERS_PATH, TOY_DDPM_PATH
 
 
-# Chosen by `benchmarks/sweep_image_guidance.py` on the toy DDPM, on seeds disjoint from the evaluation's
+# Chosen by `lab/sweep_image_guidance.py` on the toy DDPM, on seeds disjoint from the evaluation's
 # (docs/results/sweep_image_guidance.md).
 DEFAULT_IMAGE_GUIDANCE_SCALE = 0.1
-# The shipped x0 classifiers of the toy DDPM, one folder per attribute (benchmarks/train_x0_classifier.py).
+# The shipped x0 classifiers of the toy DDPM, one folder per attribute (lab/train_x0_classifier.py).
 TOY_X0_CLASSIFIERS_PATH = TOY_CLASSIFIERS_PATH / "toy-ddpm-x0"
 
 
@@ -140,7 +140,7 @@ class X0Classifier(ModelMixin, ConfigMixin):
             )
         if not os.path.isdir(path) and (looks_like_local_path(path) or kwargs.get("local_files_only")):
             raise FileNotFoundError(
-                f"`x0_classifier` {path!r} does not exist; train one with `benchmarks/train_x0_classifier.py`."
+                f"`x0_classifier` {path!r} does not exist; train one with `lab/train_x0_classifier.py`."
             )
         if kwargs.get("use_safetensors") is False:
             raise ValueError("`use_safetensors=False` is not supported: X0Classifier loads safetensors only.")
@@ -340,7 +340,7 @@ def resolve_x0_classifier(
         raise ValueError(
             "The image_guidance configuration needs an x0 classifier (`--x0-classifier` / `EvaluationSpec."
             "x0_classifier`): a folder written by `X0Classifier.save_pretrained`, e.g. by "
-            "`benchmarks/train_x0_classifier.py`; only the toy DDPM has shipped ones."
+            "`lab/train_x0_classifier.py`; only the toy DDPM has shipped ones."
         )
     path = os.fspath(x0_classifier)
     classifier = X0Classifier.from_pretrained(path)

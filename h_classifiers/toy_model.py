@@ -1,9 +1,9 @@
 """The toy world's models: how they are built.
 
 - The miniature Stable Diffusion (`h_classifiers/assets/toy-sd`, text-to-image, latent space): its tokenizer, VAE,
-  text encoder, UNet and scheduler. Trained by `benchmarks/train_toy_model.py`.
+  text encoder, UNet and scheduler. Trained by `lab/train_toy_model.py`.
 - The unconditional pixel-space DDPM (`h_classifiers/assets/toy-ddpm`, the paper's unconditional setting): its
-  `UNet2DModel` and scheduler. Trained by `benchmarks/train_toy_ddpm.py`.
+  `UNet2DModel` and scheduler. Trained by `lab/train_toy_ddpm.py`.
 
 The training scripts are research tools outside the installed package; this module holds only the architectures, so
 the package describes the models it ships. diffusers and transformers are imported inside the builders.

@@ -1,4 +1,4 @@
-"""The benchmark harness (`python benchmarks/bench.py --quick`) on tiny in-process models: structure and arithmetic of its
+"""The benchmark harness (`python lab/bench.py --quick`) on tiny in-process models: structure and arithmetic of its
 output, never its timings."""
 
 import json
@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_models import tiny_classifier, tiny_sd_pipeline
 
-from benchmarks import bench
+from lab import bench
 
 
 @pytest.fixture(scope="module")

@@ -128,11 +128,11 @@ def test_the_checks_catch_what_they_name(tmp_path):
 
 
 def test_the_committed_tables_are_their_results_rendered():
-    """Each world's table.md (the README links it instead of quoting figures) is what benchmarks/reproduce.py renders
+    """Each world's table.md (the README links it instead of quoting figures) is what lab/reproduce.py renders
     from its results.json: nothing typed by hand, nothing left from an older renderer."""
     import json
 
-    from benchmarks import reproduce
+    from lab import reproduce
 
     checked = 0
     for world in reproduce.WORLDS.values():

@@ -61,7 +61,7 @@ def test_prompt_embeds_alone_and_bad_lengths():
 
 
 def test_toy_report_samples_one_seed_per_image():
-    from benchmarks.toy_report import sample_images
+    from lab.toy_report import sample_images
 
     for batch_size in (2, 5):
         pipe = RecordingPipe()
@@ -71,7 +71,7 @@ def test_toy_report_samples_one_seed_per_image():
 
 
 def test_bench_arms_use_one_seed_per_image():
-    from benchmarks import bench
+    from lab import bench
 
     stock = RecordingPipe()
     scale = SimpleNamespace(stock=stock, guided=None, num_images=3, call_kwargs={"prompt": ["a"] * 3, "steps": 1})

@@ -365,7 +365,7 @@ def test_evaluate_refuses_image_guidance_where_it_cannot_run(assets, model, extr
 
 
 def test_the_training_script_writes_a_loadable_classifier_and_its_report(tmp_path):
-    from benchmarks.train_x0_classifier import main
+    from lab.train_x0_classifier import main
 
     tiny = ["--num-train", "24", "--num-test", "12", "--eval-images", "6", "--steps", "2", "--batch-size", "8"]
     tiny += ["--widths", "4", "8", "--work-dir", str(tmp_path / "work"), "--report", str(tmp_path / "report.json")]
@@ -381,6 +381,6 @@ def test_the_training_script_writes_a_loadable_classifier_and_its_report(tmp_pat
     main(tiny + ["--attribute", "skin", "--augmentation", "none", "--output", str(tmp_path / "skin")])
     report = json.loads((tmp_path / "report.json").read_text())
     assert list(report) == ["hair", "skin"]  # merged, one entry per attribute
-    assert report["skin"]["command"].startswith("python benchmarks/train_x0_classifier.py --num-train 24")
+    assert report["skin"]["command"].startswith("python lab/train_x0_classifier.py --num-train 24")
     assert "comparison" not in report["skin"] and X0Classifier.from_pretrained(tmp_path / "skin").num_classes == 2
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == cached  # the cached x0_hat were reused

@@ -1,4 +1,4 @@
-"""The installed package holds only the product: research tools live in `benchmarks/` (run from a checkout, never
+"""The installed package holds only the product: research tools live in `lab/` (run from a checkout, never
 installed), and no module of the package grows past about 500 lines."""
 
 import configparser
@@ -35,8 +35,8 @@ def test_research_tools_are_outside_the_installed_package():
     for old, new in RESEARCH_TOOLS.items():
         assert not (PACKAGE / "commands" / f"{old}.py").exists(), old
         assert not (ROOT / "scripts" / new).exists(), new
-        assert (ROOT / "benchmarks" / new).is_file(), new
-    assert (ROOT / "benchmarks" / "bench_gpu.sh").is_file() and not (ROOT / "scripts" / "bench_gpu.sh").exists()
+        assert (ROOT / "lab" / new).is_file(), new
+    assert (ROOT / "lab" / "bench_gpu.sh").is_file() and not (ROOT / "scripts" / "bench_gpu.sh").exists()
     assert list(cli.COMMANDS) == ["generate", "extract", "train", "evaluate", "push"]
     packages = installed_packages()
     assert "h_classifiers" in packages and "h_classifiers.commands" in packages
@@ -56,14 +56,14 @@ def test_package_modules_stay_small():
 
 
 def test_bench_writes_into_the_checkout_not_the_package():
-    from benchmarks import bench
+    from lab import bench
 
     assert bench.DEFAULT_OUTPUT_DIR == ROOT / "docs" / "bench"
     assert PACKAGE not in bench.DEFAULT_OUTPUT_DIR.parents
 
 
 def test_benchmark_tools_run_as_files_from_a_checkout(tmp_path):
-    """`python benchmarks/<name>.py --help` from another directory: each file finds the repository on its own."""
+    """`python lab/<name>.py --help` from another directory: each file finds the repository on its own."""
     code = (
         "import runpy, sys\n"
         "for path in sys.argv[1:]:\n"
@@ -74,7 +74,7 @@ def test_benchmark_tools_run_as_files_from_a_checkout(tmp_path):
         "        assert exit.code == 0, (path, exit.code)\n"
         "    print('ran', path)\n"
     )
-    paths = [str(ROOT / "benchmarks" / name) for name in RESEARCH_TOOLS.values()]
+    paths = [str(ROOT / "lab" / name) for name in RESEARCH_TOOLS.values()]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [sys.executable, "-c", code, *paths], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120

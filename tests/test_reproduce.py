@@ -1,12 +1,12 @@
-"""benchmarks/reproduce.py: the measures of the table, the choice rule of the sweeps, and a tiny end-to-end run."""
+"""lab/reproduce.py: the measures of the table, the choice rule of the sweeps, and a tiny end-to-end run."""
 
 import json
 
 import pytest
 import torch
 
-from benchmarks import reproduce
 from h_classifiers.toy_world import TOY_MODEL_PATH
+from lab import reproduce
 
 
 def fake_result(skin, glasses, valid, asked=None, hair=None):
@@ -284,8 +284,8 @@ def test_the_reach_comparison_puts_each_sweeps_reach_of_a_class_side_by_side():
 
 
 def test_h_dependence_compares_the_same_seeds_with_h_zeroed(ba_pipe):
-    from benchmarks import h_dependence
     from h_classifiers.toy_world import ToyOracle
+    from lab import h_dependence
 
     sampler = reproduce.Sampler(steps=2, guidance_scale=1.0)
     result = h_dependence.measure(ba_pipe, ToyOracle(), sampler, num_images=3, seed=0, batch_size=2)

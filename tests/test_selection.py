@@ -17,7 +17,6 @@ from PIL import Image
 from tiny_models import tiny_classifier
 from unconditional_models import UNCONDITIONAL_H_SHAPE, tiny_scheduler, tiny_unconditional_pipeline, tiny_unet
 
-from benchmarks import reproduce
 from h_classifiers import distributed, labellers
 from h_classifiers.commands import evaluate as evaluate_command
 from h_classifiers.evaluation import EvaluationSpec, evaluate, run_configuration
@@ -25,6 +24,7 @@ from h_classifiers.labellers import Labeller
 from h_classifiers.metrics import class_counts
 from h_classifiers.selection import Selector, check_max_images, generate_selection, selection_rounds
 from h_classifiers.toy_world import TOY_MODEL_PATH
+from lab import reproduce
 
 
 class RecordingPipe:

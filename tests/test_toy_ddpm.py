@@ -76,7 +76,7 @@ def test_committed_model_loads_offline_and_samples(one_thread):
 def test_train_toy_ddpm_smoke_resume_and_report(tmp_path, one_thread):
     from diffusers import DDIMPipeline
 
-    from benchmarks.train_toy_ddpm import main
+    from lab.train_toy_ddpm import main
 
     tiny = ["--num-images", "16", "--steps", "4", "--batch-size", "4", "--checkpoint-every", "3"]
 

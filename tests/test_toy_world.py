@@ -144,7 +144,7 @@ def test_train_toy_smoke_and_resume(tmp_path):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
-    from benchmarks.train_toy_model import build_vae, load_checkpoint, main, save_checkpoint
+    from lab.train_toy_model import build_vae, load_checkpoint, main, save_checkpoint
 
     out, work = tmp_path / "toy-sd", tmp_path / "work"
     tiny = ["--num-images", "64", "--vae-steps", "2", "--unet-steps", "2", "--unet-batch-size", "8"]
@@ -189,8 +189,8 @@ def test_train_toy_smoke_and_resume(tmp_path):
 def test_the_deep_toy_trains_on_a_finished_models_vae_with_h_after_three_downsamplings(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from benchmarks.train_toy_model import main
     from h_classifiers.toy_model import build_unet
+    from lab.train_toy_model import main
     from pipeline_balancing_act import site_h_shape
 
     with pytest.raises(ValueError, match="depth must be one of"):

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--x0-classifier",
         default=None,
-        help="image_guidance: the x0 classifier folder (X0Classifier, benchmarks/train_x0_classifier.py) of the "
+        help="image_guidance: the x0 classifier folder (X0Classifier, lab/train_x0_classifier.py) of the "
         "--classifier's attribute and classes (default: the shipped one for the toy DDPM).",
     )
     parser.add_argument(
@@ -148,7 +148,7 @@ def check_x0_classifier_argument(args: argparse.Namespace, configurations: list[
     if not os.path.isdir(args.x0_classifier):
         raise FileNotFoundError(
             f"`--x0-classifier` {args.x0_classifier!r} is not a folder; expected one written by "
-            "`X0Classifier.save_pretrained` (benchmarks/train_x0_classifier.py)."
+            "`X0Classifier.save_pretrained` (lab/train_x0_classifier.py)."
         )
 
 

@@ -1,6 +1,6 @@
 """The cost of Balancing Act next to stock Stable Diffusion, measured side by side (a research tool, not installed).
 
-python benchmarks/bench.py [--threads 2] [--device cpu] [--quick] [--parts generation,extraction,training]
+python lab/bench.py [--threads 2] [--device cpu] [--quick] [--parts generation,extraction,training]
 
 Three parts, each measured in this one process (memory peaks of CPU runs in fresh worker processes, see below):
 
@@ -1567,7 +1567,7 @@ def build_parser() -> argparse.ArgumentParser:
     from h_classifiers.toy_world import TOY_CLASSIFIERS_PATH, TOY_MODEL_PATH
 
     parser = argparse.ArgumentParser(
-        prog="benchmarks/bench.py",
+        prog="lab/bench.py",
         description="Measure Balancing Act next to stock Stable Diffusion (generation), batched h extraction and "
         "classifier training memory; write bench.json and table.md.",
     )

@@ -1,8 +1,8 @@
 """Train the toy world's miniature Stable Diffusion from a seed: data, VAE, text encoder and UNet.
 
-    python benchmarks/train_toy_model.py                      # ~34 min on 2 shared CPU cores; rerun to resume
-    python benchmarks/train_toy_model.py --output /tmp/toy-sd --work-dir .work/toy-train
-    python benchmarks/train_toy_model.py --unet-depth deep --vae-from h_classifiers/assets/toy-sd \
+    python lab/train_toy_model.py                      # ~34 min on 2 shared CPU cores; rerun to resume
+    python lab/train_toy_model.py --output /tmp/toy-sd --work-dir .work/toy-train
+    python lab/train_toy_model.py --unet-depth deep --vae-from h_classifiers/assets/toy-sd \
         --unet-steps 1500 --output h_classifiers/assets/toy-sd-deep --work-dir .work/toy-train-deep
 
 Phases: (1) the VAE on the toy faces; (2) the dataset's latents, encoded once and cached; (3) a tiny CLIP text encoder

@@ -1,7 +1,7 @@
 """Train the x0 classifier of one toy attribute for the image-space guidance baseline (`h_classifiers.image_guidance`).
 
-    python benchmarks/train_x0_classifier.py --attribute skin --compare  # -> assets/classifiers/toy-ddpm-x0/skin
-    python benchmarks/train_x0_classifier.py --attribute hair --compare --report .work/x0.json --output .work/x0-hair
+    python lab/train_x0_classifier.py --attribute skin --compare  # -> assets/classifiers/toy-ddpm-x0/skin
+    python lab/train_x0_classifier.py --attribute hair --compare --report .work/x0.json --output .work/x0-hair
 
 The classifier reads the predicted clean image x0_hat, which early in sampling is a blurry, off-range guess rather than
 a clean face. The data: toy faces (`make_toy_dataset`, labels from the toy world) and, per `--augmentation`:
@@ -227,7 +227,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def command_line(argv: list[str]) -> str:
     """The command as run, with paths inside the repository relative to it."""
-    return " ".join(["python benchmarks/train_x0_classifier.py", *(portable_path(a) for a in argv)])
+    return " ".join(["python lab/train_x0_classifier.py", *(portable_path(a) for a in argv)])
 
 
 def main(argv: list[str] | None = None) -> dict:

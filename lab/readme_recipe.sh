@@ -2,7 +2,7 @@
 # A skin and a glasses classifier made the way docs/training.md tells a user to, with every default, on an extraction
 # of their own (other seeds and a third of the images of the shipped classifiers' extraction). The reproduction
 # table's "README-recipe" rows guide with them: rows the default strength was not tuned on.
-#   bash benchmarks/readme_recipe.sh [OUTPUT_DIR] [FEATURES_DIR]
+#   bash lab/readme_recipe.sh [OUTPUT_DIR] [FEATURES_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-.work/readme-classifiers}

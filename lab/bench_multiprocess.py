@@ -1,7 +1,7 @@
 """Several processes on this machine: `generate` throughput on 1 and 2 processes, and the cost of the per-step collective
 of a global batch (a research tool, not installed).
 
-python benchmarks/bench_multiprocess.py [--num-images 128] [--batch-size 64] [--steps 25] [--repeats 2] [--quick]
+python lab/bench_multiprocess.py [--num-images 128] [--batch-size 64] [--steps 25] [--repeats 2] [--quick]
 
 1. generate: the `balancing-act generate` command on the committed toy model (vanilla + distribution mode, the same
    global batch), as 1 process with 1 thread, 1 process with 2 threads, and 2 processes x 1 thread launched with
@@ -14,7 +14,7 @@ python benchmarks/bench_multiprocess.py [--num-images 128] [--batch-size 64] [--
    per-process batches n and class counts K, plus the size gather made once per call. The logits do not depend on h's
    shape, so these are the tensors of an SD1.5 run. Every case is warmed up, then the calls are timed in rounds that
    alternate the order of the cases. Compared with an SD1.5 UNet step of this machine when `docs/bench/bench.json`
-   (benchmarks/bench.py) holds one.
+   (lab/bench.py) holds one.
 
 Output: `<output-dir>/multiprocess.json` and the Markdown table `<output-dir>/multiprocess.md`, both generated.
 """
@@ -109,7 +109,7 @@ def _run_generate(label: str, processes: int, threads: int, args, out: Path, wor
 
 def bench_generate(args: argparse.Namespace, workdir: Path) -> tuple[list[dict[str, Any]], list[list[str]]]:
     """Every setup warmed up once (1 step), then `args.repeats` timed runs each, the setups in alternating order."""
-    from benchmarks.bench import alternating_order
+    from lab.bench import alternating_order
 
     setups = {label: (processes, threads) for label, processes, threads in GENERATE_SETUPS}
     for label, (processes, threads) in setups.items():
@@ -204,7 +204,7 @@ def bench_collective(iterations: int, workdir: Path) -> list[dict[str, Any]]:
 
 def unet_step_reference(path: Path) -> dict[str, Any] | None:
     """The vanilla pipeline step (UNet at the measured rows) of the toy model and of SD1.5 on this machine, measured
-    by benchmarks/bench.py, if its output is there."""
+    by lab/bench.py, if its output is there."""
     try:
         bench = json.loads(path.read_text())
         scales = {
@@ -286,7 +286,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python benchmarks/bench_multiprocess.py",
+        prog="python lab/bench_multiprocess.py",
         description="generate on 1 vs 2 processes (toy model) and the per-step all_gather of a global batch; writes "
         "multiprocess.json and multiprocess.md.",
     )
@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     import accelerate
 
-    from benchmarks.bench import cpu_model
+    from lab.bench import cpu_model
 
     args = build_parser().parse_args(argv)
     output_dir = Path(args.output_dir)

@@ -3,12 +3,12 @@
 # tools and every training default, as the shipped toy classifiers were (docs/training.md): h recorded while
 # generating from the neutral prompt (DDIM 50 steps, classifier-free guidance 7.5, seeds from 0) and read by the toy
 # oracle, then one classifier per attribute.
-#   bash benchmarks/toy_sd_classifiers.sh MODEL SITE OUTPUT_ROOT [FEATURES_DIR] [NUM_IMAGES]
+#   bash lab/toy_sd_classifiers.sh MODEL SITE OUTPUT_ROOT [FEATURES_DIR] [NUM_IMAGES]
 # The deep toy's shipped classifiers:
-#   bash benchmarks/toy_sd_classifiers.sh h_classifiers/assets/toy-sd-deep mid_block \
+#   bash lab/toy_sd_classifiers.sh h_classifiers/assets/toy-sd-deep mid_block \
 #       h_classifiers/assets/classifiers/toy-sd-deep .work/toy-sd-deep-h 3000
 # The site sweep's classifiers on the first up block (docs/results/sweep_site.md):
-#   bash benchmarks/toy_sd_classifiers.sh h_classifiers/assets/toy-sd up_blocks.0 .work/site-classifiers/toy-sd-up0 \
+#   bash lab/toy_sd_classifiers.sh h_classifiers/assets/toy-sd up_blocks.0 .work/site-classifiers/toy-sd-up0 \
 #       .work/toy-sd-up0-h 2000
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,7 +1,7 @@
 """Measure the committed toy model with the pixel oracle: class fractions and valid rates per prompt, and a grid.
 
-    python benchmarks/toy_report.py                          # 1,000 samples per prompt, DDIM 25 steps
-    python benchmarks/toy_report.py --num-samples 128 --output /tmp/report.json --grid /tmp/grid.png
+    python lab/toy_report.py                          # 1,000 samples per prompt, DDIM 25 steps
+    python lab/toy_report.py --num-samples 128 --output /tmp/report.json --grid /tmp/grid.png
 
 Prompts: the neutral prompt and the explicit prompt of every class of every attribute. For each, the oracle's
 class fractions over all samples, the valid rate, and for an explicit prompt its adherence (the fraction of samples
