@@ -94,37 +94,18 @@ def build_text_encoder(tokenizer, hidden_size: int):
     return CLIPTextModel(config)
 
 
-UNET_DEPTHS = ("shallow", "deep")
-
-
-def build_unet(cross_attention_dim: int, layers_per_block: int, depth: str = "shallow"):
-    """The toy text-to-image UNet on 4x8x8 latents.
-
-    - "shallow" (`h_classifiers/assets/toy-sd`): one downsampling, 8 -> 4, so h (the mid-block output) is
-      `[B, 64, 4, 4]`; cross-attention at the 4x4 level and in the mid block.
-    - "deep" (`h_classifiers/assets/toy-sd-deep`): Stable Diffusion's proportions. Three downsamplings, 8 -> 4 -> 2
-      -> 1, as Stable Diffusion 1.5 goes 64 -> 32 -> 16 -> 8, so h is `[B, 128, 1, 1]`: an eighth of the latent's
-      side, like SD's 8x8 from 64x64. Cross-attention at every level below the first and in the mid block, as in SD.
-    """
+def build_unet(cross_attention_dim: int, layers_per_block: int):
+    """The toy text-to-image UNet on 4x8x8 latents (`h_classifiers/assets/toy-sd`): one downsampling, 8 -> 4, so h
+    (the mid-block output) is `[B, 64, 4, 4]`; cross-attention at the 4x4 level and in the mid block."""
     from diffusers import UNet2DConditionModel
 
-    if depth not in UNET_DEPTHS:
-        raise ValueError(f"depth must be one of {UNET_DEPTHS}, got {depth!r}")
-    if depth == "shallow":
-        down = ("DownBlock2D", "CrossAttnDownBlock2D")
-        up = ("CrossAttnUpBlock2D", "UpBlock2D")
-        widths = (32, 64)
-    else:
-        down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3
-        up = ("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",)
-        widths = (32, 64, 64, 128)
     return UNet2DConditionModel(
         sample_size=IMAGE_SIZE // 4,
         in_channels=4,
         out_channels=4,
-        down_block_types=down,
-        up_block_types=up,
-        block_out_channels=widths,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64),
         layers_per_block=layers_per_block,
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=8,

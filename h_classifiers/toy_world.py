@@ -25,12 +25,9 @@ import torch.nn.functional as F
 
 ASSETS_PATH = Path(__file__).resolve().parent / "assets"
 TOY_MODEL_PATH = ASSETS_PATH / "toy-sd"
-# The deep toy: the same VAE, h after three downsamplings (Stable Diffusion's proportions; `toy_model.build_unet`).
-TOY_DEEP_MODEL_PATH = ASSETS_PATH / "toy-sd-deep"
 TOY_DDPM_PATH = ASSETS_PATH / "toy-ddpm"  # the unconditional pixel-space DDPM (a DDIMPipeline)
 TOY_CLASSIFIERS_PATH = ASSETS_PATH / "classifiers"
 TOY_DDPM_CLASSIFIERS_PATH = TOY_CLASSIFIERS_PATH / "toy-ddpm"  # the toy DDPM's h-classifiers, one folder each
-TOY_DEEP_CLASSIFIERS_PATH = TOY_CLASSIFIERS_PATH / "toy-sd-deep"  # the deep toy's h-classifiers
 
 ATTRIBUTES: dict[str, list[str]] = {
     "skin": ["light", "dark"],

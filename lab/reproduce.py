@@ -6,8 +6,6 @@
     python lab/reproduce.py --sweep strength                     # the default-strength sweep (tuning seeds)
     python lab/reproduce.py --sweep fair-diffusion               # the Fair Diffusion settings sweep
     python lab/reproduce.py --sweep reach                        # how far h guidance can take each class
-    python lab/reproduce.py --world sd-deep --sweep reach        # the same on the deep toy SD
-    python lab/reproduce.py --sweep site                         # the same at the first up block's output
 
 Everything runs on the toy world: the committed toy model, the neutral prompt, the toy oracle reading every
 attribute of every image from its pixels. The guided configurations use the pipeline's defaults (nothing is tuned
@@ -31,7 +29,7 @@ import json
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +54,6 @@ from h_classifiers.toy_world import (  # noqa: E402
     TOY_CLASSIFIERS_PATH,
     TOY_DDPM_CLASSIFIERS_PATH,
     TOY_DDPM_PATH,
-    TOY_DEEP_CLASSIFIERS_PATH,
-    TOY_DEEP_MODEL_PATH,
     TOY_MODEL_PATH,
 )
 
@@ -65,15 +61,9 @@ from h_classifiers.toy_world import (  # noqa: E402
 TABLE_SEED = 0
 TUNING_SEED = 1_000_000  # the sweeps' seeds: disjoint from the table's
 README_CLASSIFIERS = ROOT / ".work" / "readme-classifiers"  # made by lab/readme_recipe.sh
-# The site sweep's classifiers, on the first up block of the toy SD (made by lab/toy_sd_classifiers.sh).
-SITE_CLASSIFIERS = ROOT / ".work" / "site-classifiers" / "toy-sd-up0"
-# The text-to-image toys a sampler can run (`Sampler.model`).
-TEXT_TO_IMAGE_MODELS = {"toy-sd": TOY_MODEL_PATH, "toy-sd-deep": TOY_DEEP_MODEL_PATH}
 CLASSIFIER_SETS = {
     "shipped": TOY_CLASSIFIERS_PATH,
     "toy-ddpm": TOY_DDPM_CLASSIFIERS_PATH,
-    "toy-sd-deep": TOY_DEEP_CLASSIFIERS_PATH,
-    "toy-sd-up0": SITE_CLASSIFIERS,
     "readme": README_CLASSIFIERS,
 }
 SCHEDULER_LABELS = {"ddim": "DDIM", "pndm": "PNDM", "dpm++": "DPM-Solver++", "euler": "Euler", "euler_a": "Euler a"}
@@ -91,7 +81,6 @@ class Sampler:
     guidance_scale: float = 7.5
     # DDIM's eta of the unconditional world (None: the text-to-image world, which has classifier-free guidance)
     eta: float | None = None
-    model: str = "toy-sd"  # the text-to-image toy (`TEXT_TO_IMAGE_MODELS`)
 
     @property
     def label(self) -> str:
@@ -103,8 +92,7 @@ class Sampler:
     def key(self) -> str:
         if self.eta is not None:
             return f"{self.scheduler}{self.steps}-eta{self.eta:g}"
-        model = "" if self.model == "toy-sd" else f"-{self.model}"  # (the first toy's job keys are unchanged)
-        return f"{self.scheduler}{self.steps}-cfg{self.guidance_scale:g}{model}"
+        return f"{self.scheduler}{self.steps}-cfg{self.guidance_scale:g}"
 
 
 @dataclass(frozen=True)
@@ -251,14 +239,6 @@ DDPM_ROWS = (
         num_images=500,
     ),
 )
-# The deep toy (h after three downsamplings, `toy_model.build_unet(depth="deep")`) with its own classifiers: one row
-# per attribute, distribution mode against vanilla (its reach is the sweep's).
-DEEP = Sampler(model="toy-sd-deep")
-DEEP_ROWS = tuple(
-    replace(row, name=f"deep-{row.name}", sampler=DEEP, classifiers="toy-sd-deep", configurations=("distribution",))
-    for row in ROWS
-    if row.name in ("skin-50-50", "glasses-50-50", "hair-uniform")
-)
 
 
 @dataclass(frozen=True)
@@ -296,15 +276,6 @@ WORLDS = {
         DDPM_ROWS,
         ROOT / "docs" / "results" / "unconditional",
         ROOT / ".work" / "reproduce-jobs-ddpm",
-    ),
-    "sd-deep": World(
-        "sd-deep",
-        TOY_DEEP_MODEL_PATH,
-        TOY_DEEP_CLASSIFIERS_PATH,
-        NEUTRAL_PROMPT,
-        DEEP_ROWS,
-        ROOT / "docs" / "results" / "deep",
-        ROOT / ".work" / "reproduce-jobs-deep",
     ),
 }
 
@@ -349,7 +320,7 @@ class Toolkit:
         from h_classifiers.toy_world import ToyOracle
 
         self._load_pipeline = load_pipeline
-        self._text_to_image: dict[str, Any] = {}
+        self._sd = None  # the toy SD and its scheduler's original config
         self._ddpm = None
         self._set_scheduler = set_scheduler
         self.oracle = ToyOracle()
@@ -361,10 +332,10 @@ class Toolkit:
             if self._ddpm is None:
                 self._ddpm = self._load_pipeline(TOY_DDPM_PATH, "cpu", "float32")
             return self._ddpm
-        if sampler.model not in self._text_to_image:
-            pipe = self._load_pipeline(TEXT_TO_IMAGE_MODELS[sampler.model], "cpu", "float32")
-            self._text_to_image[sampler.model] = (pipe, dict(pipe.scheduler.config))
-        pipe, config = self._text_to_image[sampler.model]
+        if self._sd is None:
+            pipe = self._load_pipeline(TOY_MODEL_PATH, "cpu", "float32")
+            self._sd = (pipe, dict(pipe.scheduler.config))
+        pipe, config = self._sd
         self._set_scheduler(pipe, sampler.scheduler, config)
         return pipe
 
@@ -852,7 +823,7 @@ def table_markdown(report: dict[str, Any]) -> str:
     rows = report["rows"]
     world = WORLDS[report.get("world", "sd")]  # results written before the unconditional world have no "world"
     sd = world.prompt is not None  # a text-to-image toy
-    title = {"sd": "toy world", "sd-deep": "deep toy Stable Diffusion", "ddpm": "toy DDPM"}[world.name]
+    title = {"sd": "toy world", "ddpm": "toy DDPM"}[world.name]
     lines = [
         "<!-- generated by lab/reproduce.py: do not edit by hand -->",
         f"# Reproduction table ({title})",
@@ -1069,20 +1040,12 @@ REACH_ROWS = tuple(
     for c, name in enumerate(classes)
 )
 REACH_STRENGTHS = (2.5, 5.0, 10.0, 20.0)
-# The same rows on the toy DDPM (the deep toy: h after three downsamplings), in the paper's batches.
+# The same rows on the toy DDPM (h after three downsamplings), in the paper's batches.
 DDPM_REACH_ROWS = tuple(
     ddpm_row(row.name, row.attributes, row.target, configurations=("sample",)) for row in REACH_ROWS
 )
 # The default strength and the toy SD sweep's largest (each DDPM image costs 50 steps, the SD world's 25).
 DDPM_REACH_STRENGTHS = (5.0, 20.0)
-# The same rows on the deep toy Stable Diffusion, with its classifiers, at the same two strengths.
-DEEP_REACH_ROWS = tuple(replace(row, sampler=DEEP, classifiers="toy-sd-deep") for row in REACH_ROWS)
-# The site sweep: the same rows on the toy SD, guided at the output of its first up block ("up_blocks.0") by
-# classifiers trained there, against the mid block's reach in the reach sweep.
-SITE_REACH_ROWS = tuple(replace(row, classifiers="toy-sd-up0") for row in REACH_ROWS)
-# The mid block's compared strengths and two lower ones: the up block's output is nearer the image, so a move of one
-# class gap there may keep fewer images valid than one at the mid block.
-SITE_STRENGTHS = (1.0, 2.5, *DDPM_REACH_STRENGTHS)
 # The hold sweep: distribution mode with the other attributes' classifiers held ("hold") or not; entanglement is the
 # measure. Rows the table misses entanglement on, and one of each attribute.
 HOLD_ROWS = (
@@ -1110,19 +1073,8 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.sweep == "strength":
         rows, grid = STRENGTH_ROWS, [(("guidance_strength", s),) for s in STRENGTHS]
     elif args.sweep == "reach":
-        rows, strengths = {
-            "sd": (REACH_ROWS, REACH_STRENGTHS),
-            "ddpm": (DDPM_REACH_ROWS, DDPM_REACH_STRENGTHS),
-            "sd-deep": (DEEP_REACH_ROWS, DDPM_REACH_STRENGTHS),
-        }[args.world]
+        rows, strengths = (DDPM_REACH_ROWS, DDPM_REACH_STRENGTHS) if ddpm else (REACH_ROWS, REACH_STRENGTHS)
         grid = [(("guidance_strength", s),) for s in strengths]
-    elif args.sweep == "site":
-        if not (SITE_CLASSIFIERS / "skin").is_dir():
-            raise SystemExit(
-                "The site sweep's classifiers are missing: run lab/toy_sd_classifiers.sh (its header gives "
-                f"the command; -> {SITE_CLASSIFIERS})."
-            )
-        rows, grid = SITE_REACH_ROWS, [(("guidance_strength", s),) for s in SITE_STRENGTHS]
     elif args.sweep == "hold":
         rows, grid = DDPM_HOLD_ROWS if ddpm else HOLD_ROWS, list(HOLD_GRID)
     else:
@@ -1147,7 +1099,6 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any] | None:
         van = measure(load(vanilla), row, load(vanilla))
         result = {"row": row.name, "configuration": configuration, "settings": dict(settings), **summary}
         result["vanilla_valid"] = van["valid_rate"]
-        result["site"] = "up_blocks.0" if row.classifiers == "toy-sd-up0" else "mid_block"
         if 1.0 in row.target:  # one class asked of every image: how many reached it, against vanilla
             asked, attribute = row.target.index(1.0), row.attributes[0]
             result["reached"] = summary["fractions"][attribute][asked]
@@ -1206,16 +1157,8 @@ def sweep_markdown(report: dict[str, Any]) -> str:
             "Every image is asked the row's class (sample mode). Reached: the fraction of valid images of that class, "
             "against vanilla's; the sweep measures what moving h can do and chooses nothing. "
         )
-    if report["sweep"] == "site":
-        intro += (
-            "Guidance site: the output of the toy SD's first up block (`up_blocks.0`, h of shape [64, 8, 8]), with "
-            "classifiers trained there (lab/toy_sd_classifiers.sh); the mid block's reach is in "
-            "[sweep_reach.md](sweep_reach.md). "
-        )
     if report.get("world") == "ddpm":
         intro += "The unconditional toy DDPM (DDIM 50, eta 0, batches of 100). "
-    if report.get("world") == "sd-deep":
-        intro += "The deep toy Stable Diffusion (h after three downsamplings, [128, 1, 1]) and its classifiers. "
     lines = [
         "<!-- generated by lab/reproduce.py --sweep: do not edit by hand -->",
         f"# Sweep: {report['sweep']}",
@@ -1236,7 +1179,8 @@ def sweep_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# The reach sweeps read side by side (`--reach-comparison`): each one's JSON, and how its h is taken.
+# The reach sweeps read side by side (`--reach-comparison`): each one's JSON, and how its h is taken. The first up
+# block's and the deep toy's are records: the lab no longer runs them (commit 7d1b3a3 does).
 REACH_SWEEPS = (
     ("toy SD, mid block (h [64, 4, 4], one downsampling)", ROOT / "docs" / "results" / "sweep_reach.json"),
     ("toy SD, first up block (h [64, 8, 8])", ROOT / "docs" / "results" / "sweep_site.json"),
@@ -1309,13 +1253,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--world",
         choices=tuple(WORLDS),
         default="sd",
-        help="sd: the toy Stable Diffusion model; ddpm: the unconditional toy DDPM (the paper's setting); sd-deep: "
-        "the deep toy Stable Diffusion (h after three downsamplings).",
+        help="sd: the toy Stable Diffusion model; ddpm: the unconditional toy DDPM (the paper's setting).",
     )
     parser.add_argument(
         "--output-dir",
         default=None,
-        help="Where results go (sd: docs/results, ddpm: docs/results/unconditional, sd-deep: docs/results/deep).",
+        help="Where results go (sd: docs/results, ddpm: docs/results/unconditional).",
     )
     parser.add_argument(
         "--jobs-dir",
@@ -1334,9 +1277,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--sweep",
-        choices=("strength", "fair-diffusion", "reach", "hold", "site"),
+        choices=("strength", "fair-diffusion", "reach", "hold"),
         default=None,
-        help="Run a sweep instead (ddpm: reach and hold; sd-deep: reach; site: the toy SD's first up block).",
+        help="Run a sweep instead (ddpm: reach and hold).",
     )
     return parser
 
@@ -1362,8 +1305,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         parser.error(f"--rows: unknown rows {unknown}; rows: {', '.join(world.rows_by_name)}")
     if args.sweep in ("strength", "fair-diffusion") and args.world != "sd":
         parser.error(f"--sweep {args.sweep} tunes the text-to-image world's defaults; use --world sd.")
-    if (args.sweep == "site" and args.world != "sd") or (args.sweep == "hold" and args.world == "sd-deep"):
-        parser.error(f"--sweep {args.sweep} runs on --world {'sd' if args.sweep == 'site' else 'sd or ddpm'}.")
     if args.sweep:
         args.num_images = args.num_images or 256
         args.seed = TUNING_SEED if args.seed is None else args.seed

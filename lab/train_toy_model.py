@@ -2,8 +2,6 @@
 
     python lab/train_toy_model.py                      # ~34 min on 2 shared CPU cores; rerun to resume
     python lab/train_toy_model.py --output /tmp/toy-sd --work-dir .work/toy-train
-    python lab/train_toy_model.py --unet-depth deep --vae-from h_classifiers/assets/toy-sd \
-        --unet-steps 1500 --output h_classifiers/assets/toy-sd-deep --work-dir .work/toy-train-deep
 
 Phases: (1) the VAE on the toy faces; (2) the dataset's latents, encoded once and cached; (3) a tiny CLIP text encoder
 trained jointly with the UNet on varied captions with classifier-free-guidance caption dropout; (4) export of a
@@ -38,7 +36,6 @@ from h_classifiers.io_utils import atomic_save_file, make_temp_dir  # noqa: E402
 from h_classifiers.toy_model import (  # noqa: E402
     MAX_TOKENS,
     TRAIN_SCHEDULER_CONFIG,
-    UNET_DEPTHS,
     build_scheduler,
     build_text_encoder,
     build_tokenizer,
@@ -118,10 +115,6 @@ def _step_generator(seed: int, phase: int, step: int) -> torch.Generator:
 
 
 def train_vae(args, images: torch.Tensor, work: Path):
-    if args.vae_from is not None:  # a finished model's VAE, so two toys differ only in their UNet and text encoder
-        from diffusers import AutoencoderKL
-
-        return AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae")
     vae = build_vae()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     final = work / "vae_final.safetensors"
@@ -192,7 +185,7 @@ def train_unet(args, latents: torch.Tensor, token_ids: torch.Tensor, empty_ids: 
     from diffusers.training_utils import EMAModel
 
     torch.manual_seed(args.seed)
-    unet = build_unet(args.text_hidden_size, args.unet_layers_per_block, args.unet_depth)
+    unet = build_unet(args.text_hidden_size, args.unet_layers_per_block)
     text_encoder = build_text_encoder(tokenizer, args.text_hidden_size)
     # Copies that hold the EMA weights in checkpoints and in the exported model.
     ema_unet, ema_text = copy.deepcopy(unet), copy.deepcopy(text_encoder)
@@ -301,18 +294,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--unet-batch-size", type=positive_int, default=128)
     p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--unet-layers-per-block", type=int, default=1)
-    p.add_argument(
-        "--unet-depth",
-        choices=UNET_DEPTHS,
-        default="shallow",
-        help="shallow: h after one downsampling (toy-sd); deep: after three, Stable Diffusion's proportions.",
-    )
-    p.add_argument(
-        "--vae-from",
-        type=Path,
-        default=None,
-        help="A diffusers model directory whose VAE is reused (its training phase is skipped).",
-    )
     p.add_argument("--text-hidden-size", type=int, default=64, help="Text encoder width = cross_attention_dim.")
     p.add_argument("--caption-dropout", type=float, default=0.1, help="Empty-caption rate (classifier-free guidance).")
     p.add_argument("--ema-decay", type=float, default=0.999)

@@ -142,3 +142,19 @@ def test_the_committed_tables_are_their_results_rendered():
             assert (world.output_dir / "table.md").read_text(encoding="utf-8") == reproduce.table_markdown(report)
             checked += 1
     assert checked == len(reproduce.WORLDS)
+
+
+# Result pages the lab no longer regenerates (their code left with the deep toy and the site sweep): each says so and
+# names the commit that regenerates it.
+RECORDS = (
+    "docs/results/deep/table.md",
+    "docs/results/deep/sweep_reach.md",
+    "docs/results/sweep_site.md",
+    "docs/results/h_dependence.md",
+)
+
+
+@pytest.mark.parametrize("record", RECORDS)
+def test_a_record_names_the_commit_that_regenerates_it(record):
+    text = (ROOT / record).read_text(encoding="utf-8")
+    assert "> A record: the lab no longer regenerates this page" in text and "git checkout 7d1b3a3 && " in text

@@ -235,28 +235,6 @@ def test_the_hold_sweep_holds_every_other_attribute():
     assert held["target_distribution"] == [[0.3, 0.7], "hold", "hold"]
 
 
-def test_the_site_and_deep_reach_rows_use_their_classifiers_and_model_and_keep_the_first_toys_keys():
-    assert reproduce.Sampler().key == "ddim25-cfg7.5"  # the first toy's job files stay valid
-    assert reproduce.DEEP.key == "ddim25-cfg7.5-toy-sd-deep"
-    for rows, classifiers, sampler in (
-        (reproduce.SITE_REACH_ROWS, "toy-sd-up0", reproduce.Sampler()),
-        (reproduce.DEEP_REACH_ROWS, "toy-sd-deep", reproduce.DEEP),
-    ):
-        assert [r.name for r in rows] == [r.name for r in reproduce.REACH_ROWS]
-        assert {r.classifiers for r in rows} == {classifiers} and {r.sampler for r in rows} == {sampler}
-    site, mid = reproduce.SITE_REACH_ROWS[0], reproduce.REACH_ROWS[0]
-    assert reproduce.Job("sample", site.sampler, 8, 1, site).key != reproduce.Job("sample", mid.sampler, 8, 1, mid).key
-    assert reproduce.Job("vanilla", site.sampler, 8, 1).key == reproduce.Job("vanilla", mid.sampler, 8, 1).key
-    assert reproduce.CLASSIFIER_SETS["toy-sd-deep"].name == "toy-sd-deep"
-    assert {r.name for r in reproduce.DEEP_ROWS} == {"deep-skin-50-50", "deep-glasses-50-50", "deep-hair-uniform"}
-
-
-def test_the_site_sweep_runs_on_the_first_toy_only(capsys):
-    with pytest.raises(SystemExit):
-        reproduce.main(["--world", "ddpm", "--sweep", "site"])
-    assert "--sweep site runs on --world sd" in capsys.readouterr().err
-
-
 def test_the_reach_comparison_puts_each_sweeps_reach_of_a_class_side_by_side():
     def result(row, strength, reached):
         return {
@@ -281,16 +259,3 @@ def test_the_reach_comparison_puts_each_sweeps_reach_of_a_class_side_by_side():
     assert lines.index("| glasses: with | 2.5 | 50.0% (30.0%); valid 90.0%, ent. 5.0 |  |") < lines.index(
         "| hair: red | 20 |  | 60.0% (30.0%); valid 90.0%, ent. 5.0 |"
     )
-
-
-def test_h_dependence_compares_the_same_seeds_with_h_zeroed(ba_pipe):
-    from h_classifiers.toy_world import ToyOracle
-    from lab import h_dependence
-
-    sampler = reproduce.Sampler(steps=2, guidance_scale=1.0)
-    result = h_dependence.measure(ba_pipe, ToyOracle(), sampler, num_images=3, seed=0, batch_size=2)
-    assert result["num_images"] == 3 and result["mean_abs_change"] > 0  # the tiny UNet's images depend on h
-    assert set(result["class_changed"]) == set(reproduce.ATTRIBUTES)
-    report = {"num_images": 3, "seed": 0, "toys": {"tiny": result}}
-    table = h_dependence.markdown(report)
-    assert f"| tiny | {result['mean_abs_change']:.4f} |" in table
