@@ -13,10 +13,7 @@ These configurations are compared on the same prompt and the same per-image seed
   towards a class drawn at random per image from the target and away from the other classes;
 - `selection` (opt-in, `h_classifiers.selection`): vanilla images read by the labeller and kept while their class has
   room, until the target counts are filled; it reports the images generated per image kept, its seconds are those of
-  every image generated;
-- `image_guidance` (opt-in, unconditional models only, `h_classifiers.image_guidance`): the image-space guidance
-  baseline: an x0 classifier (`spec.x0_classifier`) reads the predicted clean image and its loss gradient steers x_t
-  toward the target distribution (exact counts per batch, a `BalanceState` across batches as in `distribution`).
+  every image generated.
 
 Measurement (the measures are defined in `h_classifiers.metrics`): a labeller (`h_classifiers.labellers`) gives each
 image a class index, or -1 when it cannot label it (the toy oracle: an invalid image). Class fractions are one-hot
@@ -63,14 +60,12 @@ from .metrics import summarize_labels as summarize_labels
 from .metrics import target_verdicts as target_verdicts
 
 
-CONFIGURATIONS = ("vanilla", "sample", "distribution", "prompt", "fair_diffusion", "selection", "image_guidance")
-# Run only when asked for: selection may generate 20 x the images; image guidance needs an x0 classifier.
-OPT_IN_CONFIGURATIONS = ("selection", "image_guidance")
+CONFIGURATIONS = ("vanilla", "sample", "distribution", "prompt", "fair_diffusion", "selection")
+# Run only when asked for: selection may generate 20 x the images.
+OPT_IN_CONFIGURATIONS = ("selection",)
 DEFAULT_CONFIGURATIONS = tuple(c for c in CONFIGURATIONS if c not in OPT_IN_CONFIGURATIONS)
 # The baselines that write the class into the prompt: text-to-image models only.
 TEXT_CONFIGURATIONS = ("prompt", "fair_diffusion")
-# The baseline that guides pixels: unconditional pixel models only.
-UNCONDITIONAL_CONFIGURATIONS = ("image_guidance",)
 GUIDED_CONFIGURATIONS = {"sample": "sample", "distribution": "distribution"}
 
 # Scheduler names accepted by the command-line tools: class name in diffusers and the config overrides that make it
@@ -172,7 +167,6 @@ class EvaluationSpec:
     eta: float | None = None
     # Selection: the most images it may generate (None: `selection.SELECTION_MAX_FACTOR` x num_images).
     selection_max_images: int | None = None
-    x0_classifier: str | None = None  # image_guidance's x0 classifier (None: the shipped one for the toy DDPM)
 
 
 @dataclass
@@ -240,10 +234,6 @@ def run_configuration(
                 from pipeline_balancing_act import BalanceState
 
                 common["balance_state"] = BalanceState()
-    elif configuration == "image_guidance":  # the x0 classifier's sampler; it sets its call arguments in `common`
-        from .image_guidance import prepare_evaluation
-
-        pipe = prepare_evaluation(pipe, classifier, spec, common, options.get("state"))
     elif configuration == "selection":  # vanilla's calls, images kept to the target counts
         from .selection import run_selection
 

@@ -419,9 +419,9 @@ def run_job(job: Job, kit: Toolkit) -> tuple[dict[str, Any], torch.Tensor]:
             if row.balance_state:
                 call["balance_state"] = BalanceState()
         elif job.configuration == "image_guidance":
-            from h_classifiers.image_guidance import evaluation_sampler
+            from lab.image_guidance import comparison_sampler
 
-            pipe = evaluation_sampler(pipe, classifiers[0], None)
+            pipe = comparison_sampler(pipe, classifiers[0], None)
             call["target_distribution"] = target
         elif job.configuration == "prompt":
             prompts = [class_prompts(attribute)[k] for k in asked]
@@ -735,7 +735,7 @@ def merge(rows: list[Row], by_row: dict[str, dict[str, Job]], jobs_dir: Path) ->
 def settings_summary() -> dict[str, Any]:
     import pipeline_balancing_act as pba
     from h_classifiers.baselines import DEFAULT_FAIR_DIFFUSION_SETTINGS
-    from h_classifiers.image_guidance import DEFAULT_IMAGE_GUIDANCE_SCALE
+    from lab.image_guidance import DEFAULT_IMAGE_GUIDANCE_SCALE
 
     return {
         "guidance_strength": pba.DEFAULT_GUIDANCE_STRENGTH,

@@ -1,8 +1,8 @@
-"""The sweep that chose `DEFAULT_IMAGE_GUIDANCE_SCALE` (image-space guidance, `h_classifiers.image_guidance`).
+"""The sweep that chose `DEFAULT_IMAGE_GUIDANCE_SCALE` (image-space guidance, `lab.image_guidance`).
 
     python lab/sweep_image_guidance.py          # -> docs/results/sweep_image_guidance.{json,md}
 
-The toy DDPM with the shipped x0 classifiers, distribution mode towards 50/50 per attribute, DDIM with eta 1 (the
+The toy DDPM with the lab's x0 classifiers, distribution mode towards 50/50 per attribute, DDIM with eta 1 (the
 paper's) and eta 0 (DDIMPipeline's default) and `balancing-act evaluate`'s 25 steps, one batch per setting, on the
 tuning seeds (`TUNING_SEED` + i, as `lab/reproduce.py --sweep`: disjoint from the evaluation's seeds 0 + i).
 The oracle reads every image. At eta 1 the toy DDPM draws few valid faces (docs/toy_world.md), so the FD that decides
@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from h_classifiers.commands._common import positive_int  # noqa: E402
-from h_classifiers.image_guidance import TOY_X0_CLASSIFIERS_PATH, ImageSpaceGuidance  # noqa: E402
 from h_classifiers.io_utils import atomic_write_json, atomic_write_text, portable_path  # noqa: E402
 from h_classifiers.metrics import fairness_discrepancy  # noqa: E402
 from h_classifiers.toy_world import ATTRIBUTES, TOY_DDPM_PATH, ToyOracle  # noqa: E402
+from lab.image_guidance import TOY_X0_CLASSIFIERS_PATH, ImageSpaceGuidance  # noqa: E402
 
 
 TUNING_SEED = 1_000_000  # the sweeps' seeds (lab/reproduce.py): disjoint from the evaluation's

@@ -1,6 +1,6 @@
-"""Train the x0 classifier of one toy attribute for the image-space guidance baseline (`h_classifiers.image_guidance`).
+"""Train the x0 classifier of one toy attribute for the image-space guidance baseline (`lab.image_guidance`).
 
-    python lab/train_x0_classifier.py --attribute skin --compare  # -> assets/classifiers/toy-ddpm-x0/skin
+    python lab/train_x0_classifier.py --attribute skin --compare  # -> lab/assets/toy-ddpm-x0/skin
     python lab/train_x0_classifier.py --attribute hair --compare --report .work/x0.json --output .work/x0-hair
 
 The classifier reads the predicted clean image x0_hat, which early in sampling is a blurry, off-range guess rather than
@@ -35,9 +35,9 @@ import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from h_classifiers.commands._common import positive_int  # noqa: E402
-from h_classifiers.image_guidance import TOY_X0_CLASSIFIERS_PATH, X0Classifier, predicted_x0  # noqa: E402
 from h_classifiers.io_utils import atomic_save_file, atomic_write_json, portable_path  # noqa: E402
 from h_classifiers.toy_world import ATTRIBUTES, TOY_DDPM_PATH, make_toy_dataset  # noqa: E402
+from lab.image_guidance import TOY_X0_CLASSIFIERS_PATH, X0Classifier, predicted_x0  # noqa: E402
 
 
 AUGMENTATIONS = ("none", "noise", "x0hat")
@@ -196,7 +196,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--output",
         type=Path,
         default=None,
-        help="Classifier folder (default: h_classifiers/assets/classifiers/toy-ddpm-x0/ATTRIBUTE).",
+        help="Classifier folder (default: lab/assets/toy-ddpm-x0/ATTRIBUTE).",
     )
     p.add_argument("--report", type=Path, default=REPORT_PATH, help="JSON report, one entry per attribute (merged).")
     p.add_argument("--augmentation", default="x0hat", choices=AUGMENTATIONS, help="What the training images are.")

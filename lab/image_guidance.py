@@ -1,4 +1,4 @@
-"""Image-space guidance, the baseline the paper compares with ("universal guidance", Bansal et al., 2023, forward
+"""Image-space guidance, the lab's peer of the unconditional table: the baseline the paper compares with ("universal guidance", Bansal et al., 2023, forward
 guidance): a small classifier reads the predicted clean image x0_hat, and the gradient of its loss with respect to the
 noisy sample x_t steers DDIM sampling of an unconditional pixel model.
 
@@ -21,7 +21,8 @@ not in the objective.
 `ImageSpaceGuidance` is a callable with the call signature the generation loop uses for an unconditional pipeline
 (`batch_size`, a `generator` list, `num_inference_steps`, `eta`, `target_classes` / `target_distribution`,
 `output_type`), like `baselines.FairDiffusion`; with `scale=0` its images are `DDIMPipeline`'s, bit for bit.
-`lab/train_x0_classifier.py` trains the classifiers shipped for the toy DDPM (docs/unconditional.md).
+`lab/train_x0_classifier.py` trains the toy DDPM's x0 classifiers, kept in `lab/assets/toy-ddpm-x0/`
+(docs/unconditional.md). Research code: not part of the installed package.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from h_classifiers.io_utils import atomic_directory
+from h_classifiers.metrics import parse_target
+from h_classifiers.toy_world import TOY_DDPM_PATH
 from pipeline_balancing_act import (
     SWITCH_PENALTY,
     BalanceState,
@@ -49,16 +53,12 @@ from pipeline_balancing_act import (
     looks_like_local_path,
 )
 
-from .io_utils import atomic_directory
-from .metrics import parse_target
-from .toy_world import TOY_CLASSIFIERS_PATH, TOY_DDPM_PATH
-
 
 # Chosen by `lab/sweep_image_guidance.py` on the toy DDPM, on seeds disjoint from the evaluation's
 # (docs/results/sweep_image_guidance.md).
 DEFAULT_IMAGE_GUIDANCE_SCALE = 0.1
-# The shipped x0 classifiers of the toy DDPM, one folder per attribute (lab/train_x0_classifier.py).
-TOY_X0_CLASSIFIERS_PATH = TOY_CLASSIFIERS_PATH / "toy-ddpm-x0"
+# The toy DDPM's x0 classifiers, one folder per attribute (lab/train_x0_classifier.py).
+TOY_X0_CLASSIFIERS_PATH = Path(__file__).resolve().parent / "assets" / "toy-ddpm-x0"
 
 
 class X0Classifier(ModelMixin, ConfigMixin):
@@ -166,7 +166,7 @@ def ddim_eps_slope(scheduler: Any, timestep: int | torch.Tensor, eta: float) -> 
 
 
 def default_x0_classifier(model: str | os.PathLike | None, attribute: str) -> Path | None:
-    """The shipped x0 classifier of `attribute` when `model` is the committed toy DDPM, else None."""
+    """The lab's x0 classifier of `attribute` when `model` is the committed toy DDPM, else None."""
     if model is None or not Path(model).exists() or Path(model).resolve() != TOY_DDPM_PATH.resolve():
         return None
     path = TOY_X0_CLASSIFIERS_PATH / attribute
@@ -330,17 +330,16 @@ class ImageSpaceGuidance:
 def resolve_x0_classifier(
     x0_classifier: str | os.PathLike | None, h_classifier: Any = None, model: str | os.PathLike | None = None
 ) -> tuple[str, X0Classifier]:
-    """The x0 classifier of an evaluation, and its path: `x0_classifier`, or (None) the shipped one of the
-    h-classifier's attribute when `model` is the toy DDPM. It must read the h-classifier's attribute and classes (the
-    evaluation's target and labeller are those of the h-classifier)."""
+    """The x0 classifier of a comparison with an h-classifier, and its path: `x0_classifier`, or (None) the lab's one
+    of the h-classifier's attribute when `model` is the toy DDPM. It must read the h-classifier's attribute and classes
+    (the target and the measure are those of the h-classifier)."""
     attribute = getattr(getattr(h_classifier, "config", None), "attribute", None)
     if x0_classifier is None and attribute is not None:
         x0_classifier = default_x0_classifier(model, attribute)
     if x0_classifier is None:
         raise ValueError(
-            "The image_guidance configuration needs an x0 classifier (`--x0-classifier` / `EvaluationSpec."
-            "x0_classifier`): a folder written by `X0Classifier.save_pretrained`, e.g. by "
-            "`lab/train_x0_classifier.py`; only the toy DDPM has shipped ones."
+            "Image-space guidance needs an x0 classifier: a folder written by `X0Classifier.save_pretrained`, e.g. by "
+            "`lab/train_x0_classifier.py`; only the toy DDPM has ones in the lab (lab/assets/toy-ddpm-x0)."
         )
     path = os.fspath(x0_classifier)
     classifier = X0Classifier.from_pretrained(path)
@@ -348,39 +347,17 @@ def resolve_x0_classifier(
         ours, theirs = classifier.config, h_classifier.config
         if (ours.attribute, list(ours.class_names)) != (theirs.attribute, list(theirs.class_names)):
             raise ValueError(
-                f"The x0 classifier {path!r} reads {ours.attribute!r} {list(ours.class_names)}, but the evaluation's "
+                f"The x0 classifier {path!r} reads {ours.attribute!r} {list(ours.class_names)}, but the h-"
                 f"classifier reads {theirs.attribute!r} {list(theirs.class_names)}; give an x0 classifier of the same "
                 "attribute and classes."
             )
     return path, classifier
 
 
-def evaluation_sampler(
+def comparison_sampler(
     pipe: Any, h_classifier: Any, x0_classifier: str | os.PathLike | None, scale: float | None = None
 ) -> ImageSpaceGuidance:
-    """The sampler of the evaluation's `image_guidance` configuration (`resolve_x0_classifier`, the model being the
+    """The sampler of the reproduction table's `image_guidance` jobs (`resolve_x0_classifier`, the model being the
     pipeline's `name_or_path`)."""
     _, classifier = resolve_x0_classifier(x0_classifier, h_classifier, getattr(pipe, "name_or_path", None))
     return ImageSpaceGuidance(pipe, classifier, scale)
-
-
-def prepare_evaluation(pipe: Any, h_classifier: Any, spec: Any, common: dict[str, Any], state: Any = None):
-    """The evaluation's `image_guidance` configuration (`evaluation.run_configuration`): the sampler of
-    `spec.x0_classifier` (`evaluation_sampler`), with its call arguments added to `common`: the target distribution,
-    and a `BalanceState` when the images take several calls, so that the whole run lands on the target counts (as
-    `distribution` does). Refused for a text-to-image model, and for several processes (the counts are not shared)."""
-    from .distributed import num_processes
-    from .evaluation import CONFIGURATIONS, UNCONDITIONAL_CONFIGURATIONS
-
-    if spec.prompt is not None:
-        raise ValueError(
-            "The image_guidance baseline guides the pixels of an unconditional model (a DDIMPipeline / DDPMPipeline); "
-            f"a text-to-image model runs {[c for c in CONFIGURATIONS if c not in UNCONDITIONAL_CONFIGURATIONS]}."
-        )
-    if num_processes(state) > 1:
-        raise ValueError("The image_guidance baseline runs in one process (its class counts are not shared).")
-    sampler = evaluation_sampler(pipe, h_classifier, spec.x0_classifier)
-    common["target_distribution"] = list(spec.target)
-    if spec.num_images > spec.batch_size:
-        common["balance_state"] = BalanceState()
-    return sampler
