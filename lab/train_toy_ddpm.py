@@ -5,7 +5,7 @@
     python lab/train_toy_ddpm.py --output .work/toy-ddpm --work-dir .work/toy-ddpm-train
 
 The data is the toy Stable Diffusion's: `make_toy_dataset(--num-images, seed=--seed)`, with the same bias, images
-only. A `UNet2DModel` (`h_classifiers.toy_model.build_pixel_unet`: h is `[B, 128, 4, 4]`, after three downsamplings)
+only. A `UNet2DModel` (`lab.toy_model.build_pixel_unet`: h is `[B, 128, 4, 4]`, after three downsamplings)
 learns epsilon prediction on DDPM's linear betas, with AdamW, a cosine learning-rate schedule and an EMA of the weights;
 the EMA weights are exported as a standard diffusers `DDIMPipeline` directory (unet + scheduler, safetensors).
 Checkpoints (safetensors) go under `--work-dir`; a rerun of the same command resumes from the last one, and once
@@ -34,8 +34,8 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from h_classifiers.commands._common import positive_int  # noqa: E402
 from h_classifiers.io_utils import atomic_save_file, atomic_write_json, atomic_write_text, portable_path  # noqa: E402
-from h_classifiers.toy_model import PIXEL_TRAIN_SCHEDULER_CONFIG, build_pixel_scheduler, build_pixel_unet  # noqa: E402
 from h_classifiers.toy_world import ATTRIBUTES, DATA_BIAS, TOY_DDPM_PATH, ToyOracle, make_toy_dataset  # noqa: E402
+from lab.toy_model import PIXEL_TRAIN_SCHEDULER_CONFIG, build_pixel_scheduler, build_pixel_unet  # noqa: E402
 from lab.toy_report import save_grid, summarise  # noqa: E402
 from lab.train_toy_model import (  # noqa: E402
     _step_generator,

@@ -7,7 +7,7 @@ Phases: (1) the VAE on the toy faces; (2) the dataset's latents, encoded once an
 trained jointly with the UNet on varied captions with classifier-free-guidance caption dropout; (4) export of a
 standard diffusers `StableDiffusionPipeline` directory (safetensors, DDIM scheduler, no safety checker).
 Checkpoints (safetensors) go under `--work-dir`; a rerun resumes from the last one of the unfinished phase.
-The model's architecture (tokenizer, VAE, text encoder, UNet, scheduler) is `h_classifiers.toy_model`.
+The model's architecture (tokenizer, VAE, text encoder, UNet, scheduler) is `lab.toy_model`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from h_classifiers.commands._common import positive_int  # noqa: E402
 from h_classifiers.io_utils import atomic_save_file, make_temp_dir  # noqa: E402
-from h_classifiers.toy_model import (  # noqa: E402
+from h_classifiers.toy_world import ATTRIBUTES, TOY_MODEL_PATH, caption_for, make_toy_dataset  # noqa: E402
+from lab.toy_model import (  # noqa: E402
     MAX_TOKENS,
     TRAIN_SCHEDULER_CONFIG,
     build_scheduler,
@@ -42,7 +43,6 @@ from h_classifiers.toy_model import (  # noqa: E402
     build_unet,
     build_vae,
 )
-from h_classifiers.toy_world import ATTRIBUTES, TOY_MODEL_PATH, caption_for, make_toy_dataset  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------------

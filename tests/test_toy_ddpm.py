@@ -35,7 +35,7 @@ def mid_block_output(unet, x: torch.Tensor, t) -> torch.Tensor:
 def test_builders_put_h_after_three_downsamplings():
     from diffusers import DDIMScheduler, UNet2DModel
 
-    from h_classifiers.toy_model import build_pixel_scheduler, build_pixel_unet
+    from lab.toy_model import build_pixel_scheduler, build_pixel_unet
 
     unet = build_pixel_unet()
     assert isinstance(unet, UNet2DModel) and unet.config.sample_size == IMAGE_SIZE

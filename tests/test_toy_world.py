@@ -126,7 +126,7 @@ def test_attribute_prompts():
 
 
 def test_tokenizer_spells_every_word_as_one_token(tmp_path):
-    from h_classifiers.toy_model import build_tokenizer
+    from lab.toy_model import build_tokenizer
 
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(tmp_path)

@@ -1,12 +1,11 @@
-"""The toy world's models: how they are built.
+"""The toy world's models: how they are built (the lab's: the package ships the trained models, not their recipes).
 
 - The miniature Stable Diffusion (`h_classifiers/assets/toy-sd`, text-to-image, latent space): its tokenizer, VAE,
   text encoder, UNet and scheduler. Trained by `lab/train_toy_model.py`.
 - The unconditional pixel-space DDPM (`h_classifiers/assets/toy-ddpm`, the paper's unconditional setting): its
   `UNet2DModel` and scheduler. Trained by `lab/train_toy_ddpm.py`.
 
-The training scripts are research tools outside the installed package; this module holds only the architectures, so
-the package describes the models it ships. diffusers and transformers are imported inside the builders.
+diffusers and transformers are imported inside the builders.
 """
 
 from __future__ import annotations
