@@ -41,7 +41,12 @@ import torch
 from PIL import Image
 
 from .distributed import gather_indexed, is_main
+
+# `Generation` (what one configuration generated) and `nsfw_flags` live in `generation`, below the tools that share
+# them (this module, selection, extraction); these names stay importable from here.
+from .generation import Generation as Generation
 from .generation import generate_batches
+from .generation import nsfw_flags as nsfw_flags
 from .grids import make_grid as make_grid
 from .grids import side_by_side as side_by_side
 from .io_utils import atomic_save_figure, atomic_save_image, atomic_write_json
@@ -96,15 +101,6 @@ def set_scheduler(pipe, name: str, config: dict[str, Any] | None = None, **overr
     class_name, defaults = SCHEDULERS[name]
     scheduler_class = getattr(diffusers, class_name)
     pipe.scheduler = scheduler_class.from_config(config or pipe.scheduler.config, **{**defaults, **overrides})
-
-
-def nsfw_flags(output: Any) -> list[bool | None]:
-    """Per image of a pipeline output: whether its safety checker blacked it out (`nsfw_content_detected`); None for
-    every image when no safety checker ran."""
-    flags = getattr(output, "nsfw_content_detected", None)
-    if flags is None:
-        return [None] * len(output.images)
-    return [bool(flag) for flag in flags]
 
 
 def generate_images(
@@ -167,17 +163,6 @@ class EvaluationSpec:
     eta: float | None = None
     # Selection: the most images it may generate (None: `selection.SELECTION_MAX_FACTOR` x num_images).
     selection_max_images: int | None = None
-
-
-@dataclass
-class Generation:
-    images: list[Image.Image]
-    seconds: float
-    asked: list[int] | None  # the class asked of each image (sample mode, prompt baseline), else None
-    # The indices of the images the safety checker blacked out (None: the pipeline has no safety checker).
-    blacked_out: list[int] | None = None
-    labels: torch.Tensor | None = None  # selection: the kept images' labels, and `Selector.report()`
-    selection: dict[str, Any] | None = None
 
 
 def run_configuration(

@@ -59,7 +59,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
-from h_classifiers.commands._common import positive_int  # noqa: E402
+from h_classifiers.arguments import positive_int  # noqa: E402
 from h_classifiers.generation import generate_batches  # noqa: E402
 from h_classifiers.io_utils import (  # noqa: E402
     atomic_save_file,

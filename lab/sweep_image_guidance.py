@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from h_classifiers.commands._common import positive_int  # noqa: E402
+from h_classifiers.arguments import positive_int  # noqa: E402
 from h_classifiers.io_utils import atomic_write_json, atomic_write_text, portable_path  # noqa: E402
 from h_classifiers.metrics import fairness_discrepancy  # noqa: E402
 from h_classifiers.toy_world import ATTRIBUTES, TOY_DDPM_PATH, ToyOracle  # noqa: E402

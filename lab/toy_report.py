@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from h_classifiers.commands._common import positive_int  # noqa: E402
+from h_classifiers.arguments import positive_int  # noqa: E402
 from h_classifiers.generation import generate_batches  # noqa: E402
 from h_classifiers.io_utils import atomic_save_image, atomic_write_json  # noqa: E402
 from h_classifiers.toy_world import (  # noqa: E402

@@ -32,7 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from h_classifiers.commands._common import positive_int  # noqa: E402
+from h_classifiers.arguments import positive_int  # noqa: E402
 from h_classifiers.io_utils import atomic_save_file, atomic_write_json, atomic_write_text, portable_path  # noqa: E402
 from h_classifiers.toy_world import ATTRIBUTES, DATA_BIAS, TOY_DDPM_PATH, ToyOracle, make_toy_dataset  # noqa: E402
 from lab.toy_model import PIXEL_TRAIN_SCHEDULER_CONFIG, build_pixel_scheduler, build_pixel_unet  # noqa: E402

@@ -31,7 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from h_classifiers.commands._common import positive_int  # noqa: E402
+from h_classifiers.arguments import positive_int  # noqa: E402
 from h_classifiers.io_utils import atomic_save_file, make_temp_dir  # noqa: E402
 from h_classifiers.toy_world import ATTRIBUTES, TOY_MODEL_PATH, caption_for, make_toy_dataset  # noqa: E402
 from lab.toy_model import (  # noqa: E402

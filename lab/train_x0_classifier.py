@@ -34,7 +34,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from h_classifiers.commands._common import positive_int  # noqa: E402
+from h_classifiers.arguments import positive_int  # noqa: E402
 from h_classifiers.io_utils import atomic_save_file, atomic_write_json, portable_path  # noqa: E402
 from h_classifiers.toy_world import ATTRIBUTES, TOY_DDPM_PATH, make_toy_dataset  # noqa: E402
 from lab.image_guidance import TOY_X0_CLASSIFIERS_PATH, X0Classifier, predicted_x0  # noqa: E402

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,38 +16,12 @@ from typing import Any
 
 import torch
 
+# The argparse value types live in `h_classifiers.arguments` (below the commands); these names stay importable here.
+from h_classifiers.arguments import non_negative_float as non_negative_float
+from h_classifiers.arguments import positive_float as positive_float
+from h_classifiers.arguments import positive_int as positive_int
 from h_classifiers.evaluation import DTYPES, SCHEDULERS, EvaluationSpec
 from h_classifiers.metrics import check_target_values, parse_target
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if math.isnan(value) or value < 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
 
 
 def split_prompts(text: str | None) -> list[str] | None:
