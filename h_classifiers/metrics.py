@@ -17,7 +17,7 @@ import torch
 
 
 # A configuration meets its target when the fairness discrepancy FD of its images is at most this (`evaluate`'s
-# verdict, and the FD target of the reproduction table, lab/reproduce.py).
+# verdict, and the FD target of the reproduction table, lab/reproduce/).
 TARGET_FD = 0.03
 
 

@@ -4,7 +4,7 @@
 
 The toy DDPM with the lab's x0 classifiers, distribution mode towards 50/50 per attribute, DDIM with eta 1 (the
 paper's) and eta 0 (DDIMPipeline's default) and `balancing-act evaluate`'s 25 steps, one batch per setting, on the
-tuning seeds (`TUNING_SEED` + i, as `lab/reproduce.py --sweep`: disjoint from the evaluation's seeds 0 + i).
+tuning seeds (`TUNING_SEED` + i, as `python -m lab.reproduce --sweep`: disjoint from the evaluation's seeds 0 + i).
 The oracle reads every image. At eta 1 the toy DDPM draws few valid faces (docs/toy_world.md), so the FD that decides
 is over every image with the oracle's best-guess class (FD over the valid ones is reported beside it). Choice rule
 (`choose`): over the (eta, attribute) pairs, the guided scale with the lowest mean FD plus mean loss of valid rate
@@ -35,7 +35,7 @@ from h_classifiers.toy_world import ATTRIBUTES, TOY_DDPM_PATH, ToyOracle  # noqa
 from lab.image_guidance import TOY_X0_CLASSIFIERS_PATH, ImageSpaceGuidance  # noqa: E402
 
 
-TUNING_SEED = 1_000_000  # the sweeps' seeds (lab/reproduce.py): disjoint from the evaluation's
+TUNING_SEED = 1_000_000  # the sweeps' seeds (lab/reproduce/rows.py): disjoint from the evaluation's
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
 
 

@@ -128,20 +128,20 @@ def test_the_checks_catch_what_they_name(tmp_path):
 
 
 def test_the_committed_tables_are_their_results_rendered():
-    """Each world's table.md (the README links it instead of quoting figures) is what lab/reproduce.py renders
+    """Each world's table.md (the README links it instead of quoting figures) is what `lab.reproduce` renders
     from its results.json: nothing typed by hand, nothing left from an older renderer."""
     import json
 
-    from lab import reproduce
+    from lab.reproduce import render, rows
 
     checked = 0
-    for world in reproduce.WORLDS.values():
+    for world in rows.WORLDS.values():
         results = world.output_dir / "results.json"
         if results.exists():
             report = json.loads(results.read_text(encoding="utf-8"))
-            assert (world.output_dir / "table.md").read_text(encoding="utf-8") == reproduce.table_markdown(report)
+            assert (world.output_dir / "table.md").read_text(encoding="utf-8") == render.table_markdown(report)
             checked += 1
-    assert checked == len(reproduce.WORLDS)
+    assert checked == len(rows.WORLDS)
 
 
 # Result pages the lab no longer regenerates (their code left with the deep toy and the site sweep): each says so and

@@ -1,4 +1,4 @@
-"""Arguments and input resolution shared by the commands (and `lab/reproduce.py`): the thread policy of every
+"""Arguments and input resolution shared by the commands (and `lab/reproduce/`): the thread policy of every
 command, and the start of `generate` and `evaluate`.
 
 Argument parsing imports no diffusers (`--help` stays fast): the checks that need the pipeline's constants run in
