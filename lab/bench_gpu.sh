@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# One-shot GPU benchmark of guided vs vanilla generation (lab/bench.py --device cuda --parts generation):
+# One-shot GPU benchmark of guided vs vanilla generation (python -m lab.bench --device cuda --parts generation):
 # SD1.5 shapes in fp16, batch 8 with classifier-free guidance (16 UNet rows), 512 px (h is 1280x8x8), 20 DDIM steps,
 # and the committed toy model (batch 64, 25 steps). Every arm is warmed up, one untimed call per arm counts its
 # host-device synchronisations (HostSyncCounter and torch.cuda.set_sync_debug_mode), then 5 timed rounds alternate
 # the order of the arms; peak memory from torch.cuda.max_memory_allocated.
 #
-#   lab/bench_gpu.sh [OUTPUT_DIR] [extra bench.py flags...]   (default OUTPUT_DIR: docs/bench/gpu)
+#   lab/bench_gpu.sh [OUTPUT_DIR] [extra lab.bench flags...]   (default OUTPUT_DIR: docs/bench/gpu)
 #   PYTHON=/path/to/python lab/bench_gpu.sh                   (default: python3, with a CUDA build of torch)
 #   lab/bench_gpu.sh --pack-wheels                            (see below; run where the deps are installed)
 #
@@ -71,6 +71,6 @@ fi
 }
 mkdir -p "$OUTPUT_DIR"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUTPUT_DIR/nvidia-smi.csv" 2>&1 || true
-"$PYTHON" lab/bench.py --device cuda --dtype float16 --parts generation --scales toy,sd15 \
+"$PYTHON" -m lab.bench --device cuda --dtype float16 --parts generation --scales toy,sd15 \
     --sd15-batch 8 --sd15-steps 20 --sd15-rounds 5 --sd15-warmup 1 --toy-rounds 5 \
     --output-dir "$OUTPUT_DIR" "$@"

@@ -14,7 +14,7 @@ python lab/bench_multiprocess.py [--num-images 128] [--batch-size 64] [--steps 2
    per-process batches n and class counts K, plus the size gather made once per call. The logits do not depend on h's
    shape, so these are the tensors of an SD1.5 run. Every case is warmed up, then the calls are timed in rounds that
    alternate the order of the cases. Compared with an SD1.5 UNet step of this machine when `docs/bench/bench.json`
-   (lab/bench.py) holds one.
+   (python -m lab.bench) holds one.
 
 Output: `<output-dir>/multiprocess.json` and the Markdown table `<output-dir>/multiprocess.md`, both generated.
 """
@@ -109,7 +109,7 @@ def _run_generate(label: str, processes: int, threads: int, args, out: Path, wor
 
 def bench_generate(args: argparse.Namespace, workdir: Path) -> tuple[list[dict[str, Any]], list[list[str]]]:
     """Every setup warmed up once (1 step), then `args.repeats` timed runs each, the setups in alternating order."""
-    from lab.bench import alternating_order
+    from lab.bench.measuring import alternating_order
 
     setups = {label: (processes, threads) for label, processes, threads in GENERATE_SETUPS}
     for label, (processes, threads) in setups.items():
@@ -204,7 +204,7 @@ def bench_collective(iterations: int, workdir: Path) -> list[dict[str, Any]]:
 
 def unet_step_reference(path: Path) -> dict[str, Any] | None:
     """The vanilla pipeline step (UNet at the measured rows) of the toy model and of SD1.5 on this machine, measured
-    by lab/bench.py, if its output is there."""
+    by python -m lab.bench, if its output is there."""
     try:
         bench = json.loads(path.read_text())
         scales = {
@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     import accelerate
 
-    from lab.bench import cpu_model
+    from lab.bench.measuring import cpu_model
 
     args = build_parser().parse_args(argv)
     output_dir = Path(args.output_dir)
