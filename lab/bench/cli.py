@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--training-timesteps", type=positive_int, default=None, help="Timesteps of synthetic features to train."
     )
     parser.add_argument("--training-samples", type=positive_int, default=None, help="Synthetic training images.")
+    parser.add_argument(
+        "--render", action="store_true", help="Rewrite table.md from the --output-dir's bench.json (runs nothing)."
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -238,6 +241,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.worker is not None:
         worker_main(args.worker)
         return None
+    if args.render:
+        results = json.loads((Path(args.output_dir) / "bench.json").read_text())
+        atomic_write_text(Path(args.output_dir) / "table.md", markdown_table(results) + "\n")
+        return results
     config = resolve_config(args)
     results = run_benchmark(config)
     output_dir = Path(config.output_dir)

@@ -10,8 +10,8 @@ from typing import Any
 
 from h_classifiers.io_utils import atomic_write_text
 from lab import ROOT
-from lab.reproduce.render import table_markdown
-from lab.reproduce.rows import DDPM_BATCH, TABLE_SEED, TUNING_SEED, WORLDS
+from lab.reproduce.render import render_file
+from lab.reproduce.rows import DDPM_BATCH, SWEEPS, TABLE_SEED, TUNING_SEED, WORLDS
 from lab.reproduce.runner import run_sweep, run_table, write_reach_comparison
 
 
@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--render",
         action="store_true",
-        help="Rewrite the world's table.md from its results.json (runs nothing).",
+        help="Rewrite the world's table.md from its results.json, or with --sweep the sweep's page from its JSON "
+        "(runs nothing).",
     )
     parser.add_argument(
         "--reach-comparison",
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--sweep",
-        choices=("strength", "fair-diffusion", "reach", "hold"),
+        choices=SWEEPS,
         default=None,
         help="Run a sweep instead (ddpm: reach and hold).",
     )
@@ -73,9 +74,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     world = WORLDS[args.world]
     args.output_dir = args.output_dir or str(world.output_dir)
     if args.render:
-        report = json.loads((Path(args.output_dir) / "results.json").read_text())
-        atomic_write_text(Path(args.output_dir) / "table.md", table_markdown(report))
-        return report
+        results = Path(args.output_dir) / (f"sweep_{args.sweep}.json" if args.sweep else "results.json")
+        page, text = render_file(results)
+        atomic_write_text(page, text)
+        return json.loads(results.read_text())
     args.jobs_dir = args.jobs_dir or str(world.jobs_dir)
     unknown = [n for n in args.rows.split(",") if n and n not in world.rows_by_name]
     if unknown:

@@ -1,7 +1,7 @@
 """Selection in the table: vanilla images kept while their class (a joint row: their cell) has room, drawn from the
 sampler's vanilla pool: the vanilla job's images, then more vanilla jobs on the next seeds (`pool_job`), generated
 after the other jobs and only as far as some row's counts need (`run_selection_jobs`); a selection job's file holds the
-kept images' readings and what it cost (`select_from_pool`)."""
+kept images' readings and the images it generated (`select_from_pool`)."""
 
 from __future__ import annotations
 
@@ -44,8 +44,7 @@ def select_from_pool(job: Job, jobs_dir: Path) -> tuple[dict[str, Any] | None, l
     chunks its next round still needs. The images are offered in seed order, in the rounds `balancing-act evaluate`
     would generate them (`selection.selection_rounds`: vanilla's images, then batches of the row's batch size), each
     kept while its class (a joint row: its cell) has room; invalid images never are. The result holds the kept
-    images' readings, the seconds of every image generated (the pool's wall time per image) and the selection
-    report."""
+    images' readings and the selection report (what it cost: the images generated per image kept)."""
     from h_classifiers.selection import Selector, default_max_images, selection_rounds
 
     row, n = job.row, job.num_images
@@ -79,9 +78,6 @@ def select_from_pool(job: Job, jobs_dir: Path) -> tuple[dict[str, Any] | None, l
         if selector.filled:
             break
     readings = [reading(i) for i in selector.kept]
-    # The cost of every image generated: each chunk's wall time per image.
-    used = {k: len(range(pool[k].start, min(pool[k].stop, selector.offered))) for k in chunks}
-    seconds = sum(chunks[k]["seconds"] * used[k] / len(pool[k]) for k in chunks)
     result = {
         "key": job.key,
         "configuration": job.configuration,
@@ -90,7 +86,6 @@ def select_from_pool(job: Job, jobs_dir: Path) -> tuple[dict[str, Any] | None, l
         "num_images": len(readings),
         "seed": job.seed,
         "settings": dict(job.settings),
-        "seconds": seconds,
         "valid": [r["valid"] for r in readings],
         "labels": {a: [r["labels"][a] for r in readings] for a in ATTRIBUTES},
         "asked": None,

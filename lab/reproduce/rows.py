@@ -242,6 +242,7 @@ WORLDS = {
 
 
 # The sweeps' rows and settings (tuning seeds, disjoint from the table's)
+SWEEPS = ("strength", "fair-diffusion", "reach", "hold")
 STRENGTH_ROWS = (
     Row("tune-skin-50-50", ("skin",), SKIN_50, configurations=("sample", "distribution")),
     Row("tune-skin-20-80", ("skin",), (0.2, 0.8), configurations=("distribution",)),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,7 @@ from lab.reproduce.jobs import Job, run_jobs, table_jobs
 from lab.reproduce.measures import measure, merge
 from lab.reproduce.pool import run_selection_jobs
 from lab.reproduce.render import (
-    REACH_SWEEPS,
-    reach_comparison_markdown,
+    reach_comparison_page,
     sweep_markdown,
     table_markdown,
     write_figures,
@@ -76,7 +74,6 @@ def run_table(args: argparse.Namespace) -> dict[str, Any] | None:
         for c in ("vanilla", "distribution", "fair_diffusion", "image_guidance") if r in by_row else ():
             if c in by_row[r]:
                 grids.setdefault(by_row[r][c].key, []).append(f"{r}_{c}")
-    start = time.perf_counter()
     selection = [job for job in jobs if job.configuration == "selection"]
     state = run_jobs([job for job in jobs if job.configuration != "selection"], Path(args.jobs_dir), output_dir, grids)
     run_selection_jobs(selection, Path(args.jobs_dir), output_dir)
@@ -87,7 +84,6 @@ def run_table(args: argparse.Namespace) -> dict[str, Any] | None:
         "num_images": args.num_images,
         "seed": args.seed,
         "settings": settings_summary(),
-        "seconds": time.perf_counter() - start,
         "processes": num_processes(state),
         "machine": machine(),
         "rows": merge(rows, by_row, Path(args.jobs_dir)),
@@ -122,7 +118,6 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any] | None:
                 job = Job(configuration, row.sampler, args.num_images, args.seed, row, settings)
                 jobs[job.key] = job
                 entries.append((row, configuration, settings, job, vanilla))
-    start = time.perf_counter()
     if not is_main(run_jobs(list(jobs.values()), jobs_dir, Path(args.output_dir), {})):
         return None
     load = lambda job: json.loads((jobs_dir / f"{job.key}.json").read_text())  # noqa: E731
@@ -141,7 +136,6 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any] | None:
         "sweep": args.sweep,
         "num_images": args.num_images,
         "seed": args.seed,
-        "seconds": time.perf_counter() - start,
         "results": results,
     }
     if args.sweep in ("strength", "fair-diffusion"):
@@ -170,7 +164,6 @@ def choose(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def write_reach_comparison(output: Path) -> str:
-    reports = [(label, json.loads(path.read_text())) for label, path in REACH_SWEEPS if path.exists()]
-    text = reach_comparison_markdown(reports)
+    text = reach_comparison_page()
     atomic_write_text(output, text)
     return text
