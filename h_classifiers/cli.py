@@ -2,7 +2,7 @@
 
 Each command is a module `h_classifiers.commands.<command>` (dashes become underscores) with `main(argv)`. The research
 tools (benchmark, reproduction table, toy model training and report) are not commands of the installed package: they
-live in `benchmarks/` of a checkout (`python benchmarks/<name>.py`).
+live in `lab/` of a checkout (`python lab/<name>.py`).
 """
 
 from __future__ import annotations

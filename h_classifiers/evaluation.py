@@ -13,10 +13,7 @@ These configurations are compared on the same prompt and the same per-image seed
   towards a class drawn at random per image from the target and away from the other classes;
 - `selection` (opt-in, `h_classifiers.selection`): vanilla images read by the labeller and kept while their class has
   room, until the target counts are filled; it reports the images generated per image kept, its seconds are those of
-  every image generated;
-- `image_guidance` (opt-in, unconditional models only, `h_classifiers.image_guidance`): the image-space guidance
-  baseline: an x0 classifier (`spec.x0_classifier`) reads the predicted clean image and its loss gradient steers x_t
-  toward the target distribution (exact counts per batch, a `BalanceState` across batches as in `distribution`).
+  every image generated.
 
 Measurement (the measures are defined in `h_classifiers.metrics`): a labeller (`h_classifiers.labellers`) gives each
 image a class index, or -1 when it cannot label it (the toy oracle: an invalid image). Class fractions are one-hot
@@ -43,7 +40,12 @@ import torch
 from PIL import Image
 
 from .distributed import gather_indexed, is_main
+
+# `Generation` (what one configuration generated) and `nsfw_flags` live in `generation`, below the tools that share
+# them (this module, selection, extraction); these names stay importable from here.
+from .generation import Generation as Generation
 from .generation import generate_batches
+from .generation import nsfw_flags as nsfw_flags
 from .grids import make_grid as make_grid
 from .grids import side_by_side as side_by_side
 from .io_utils import atomic_save_figure, atomic_save_image, atomic_write_json
@@ -69,7 +71,6 @@ from .preflight import DTYPE_NAMES, MODEL_EXPECTED
 from .preflight import OPT_IN_CONFIGURATIONS as OPT_IN_CONFIGURATIONS
 from .preflight import SCHEDULERS as SCHEDULERS
 from .preflight import TEXT_CONFIGURATIONS as TEXT_CONFIGURATIONS
-from .preflight import UNCONDITIONAL_CONFIGURATIONS as UNCONDITIONAL_CONFIGURATIONS
 from .preflight import UNCONDITIONAL_PIPELINES as UNCONDITIONAL_PIPELINES
 from .preflight import is_local_model as is_local_model
 from .preflight import model_index as model_index
@@ -97,15 +98,6 @@ def set_scheduler(pipe, name: str, config: dict[str, Any] | None = None, **overr
     class_name, defaults = SCHEDULERS[name]
     scheduler_class = getattr(diffusers, class_name)
     pipe.scheduler = scheduler_class.from_config(config or pipe.scheduler.config, **{**defaults, **overrides})
-
-
-def nsfw_flags(output: Any) -> list[bool | None]:
-    """Per image of a pipeline output: whether its safety checker blacked it out (`nsfw_content_detected`); None for
-    every image when no safety checker ran."""
-    flags = getattr(output, "nsfw_content_detected", None)
-    if flags is None:
-        return [None] * len(output.images)
-    return [bool(flag) for flag in flags]
 
 
 def generate_images(
@@ -168,18 +160,6 @@ class EvaluationSpec:
     eta: float | None = None
     # Selection: the most images it may generate (None: `selection.SELECTION_MAX_FACTOR` x num_images).
     selection_max_images: int | None = None
-    x0_classifier: str | None = None  # image_guidance's x0 classifier (None: the shipped one for the toy DDPM)
-
-
-@dataclass
-class Generation:
-    images: list[Image.Image]
-    seconds: float
-    asked: list[int] | None  # the class asked of each image (sample mode, prompt baseline), else None
-    # The indices of the images the safety checker blacked out (None: the pipeline has no safety checker).
-    blacked_out: list[int] | None = None
-    labels: torch.Tensor | None = None  # selection: the kept images' labels, and `Selector.report()`
-    selection: dict[str, Any] | None = None
 
 
 def run_configuration(
@@ -236,10 +216,6 @@ def run_configuration(
                 from pipeline_balancing_act import BalanceState
 
                 common["balance_state"] = BalanceState()
-    elif configuration == "image_guidance":  # the x0 classifier's sampler; it sets its call arguments in `common`
-        from .image_guidance import prepare_evaluation
-
-        pipe = prepare_evaluation(pipe, classifier, spec, common, options.get("state"))
     elif configuration == "selection":  # vanilla's calls, images kept to the target counts
         from .selection import run_selection
 

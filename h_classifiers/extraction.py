@@ -35,9 +35,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .evaluation import nsfw_flags
 from .feature_store import FORMAT_VERSION, _BatchResult, _check_dtype, _prepare_output_dir, _run_chunks
-from .generation import generate_batches
+from .generation import generate_batches, nsfw_flags
 from .inversion import HRecorder, ddim_schedule, invert_and_record, list_labelled_images, load_image
 from .io_utils import json_default
 from .labellers import Labeller

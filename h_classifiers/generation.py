@@ -32,6 +32,28 @@ class GeneratedBatch:
     output: Any
 
 
+@dataclass
+class Generation:
+    """What one configuration of an evaluation generated (`evaluation.run_configuration`, `selection.run_selection`)."""
+
+    images: list[Any]  # PIL images
+    seconds: float
+    asked: list[int] | None  # the class asked of each image (sample mode, prompt baseline), else None
+    # The indices of the images the safety checker blacked out (None: the pipeline has no safety checker).
+    blacked_out: list[int] | None = None
+    labels: torch.Tensor | None = None  # selection: the kept images' labels, and `Selector.report()`
+    selection: dict[str, Any] | None = None
+
+
+def nsfw_flags(output: Any) -> list[bool | None]:
+    """Per image of a pipeline output: whether its safety checker blacked it out (`nsfw_content_detected`); None for
+    every image when no safety checker ran."""
+    flags = getattr(output, "nsfw_content_detected", None)
+    if flags is None:
+        return [None] * len(output.images)
+    return [bool(flag) for flag in flags]
+
+
 def batch_ranges(n: int, batch_size: int) -> list[range]:
     """Split `range(n)` into ceil(n / batch_size) batches of near-equal size."""
     if n < 1 or batch_size < 1:

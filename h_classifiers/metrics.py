@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: parsing and checking a 
 
 
 # A configuration meets its target when the fairness discrepancy FD of its images is at most this (`evaluate`'s
-# verdict, and the FD target of the reproduction table, benchmarks/reproduce.py).
+# verdict, and the FD target of the reproduction table, lab/reproduce/).
 TARGET_FD = 0.03
 
 

@@ -28,14 +28,12 @@ from .toy_assets import ATTRIBUTES, TOY_MODEL_CLASSIFIERS, committed_toy_model
 # Names offered by the parsers
 # ----------------------------------------------------------------------------------------------------------------
 
-CONFIGURATIONS = ("vanilla", "sample", "distribution", "prompt", "fair_diffusion", "selection", "image_guidance")
-# Run only when asked for: selection may generate 20 x the images; image guidance needs an x0 classifier.
-OPT_IN_CONFIGURATIONS = ("selection", "image_guidance")
+CONFIGURATIONS = ("vanilla", "sample", "distribution", "prompt", "fair_diffusion", "selection")
+# Run only when asked for: selection may generate 20 x the images.
+OPT_IN_CONFIGURATIONS = ("selection",)
 DEFAULT_CONFIGURATIONS = tuple(c for c in CONFIGURATIONS if c not in OPT_IN_CONFIGURATIONS)
 # The baselines that write the class into the prompt: text-to-image models only.
 TEXT_CONFIGURATIONS = ("prompt", "fair_diffusion")
-# The baseline that guides pixels: unconditional pixel models only.
-UNCONDITIONAL_CONFIGURATIONS = ("image_guidance",)
 
 # Scheduler names accepted by the command-line tools: class name in diffusers and the config overrides that make it
 # the variant people mean by that name.

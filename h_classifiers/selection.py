@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from .distributed import gather_indexed, num_processes
-from .generation import batch_ranges, generate_batches
+from .generation import Generation, batch_ranges, generate_batches, nsfw_flags
 from .metrics import class_counts
 
 
@@ -147,8 +147,6 @@ def generate_selection(
         state: an accelerate state of several processes (None: one process).
         call_kwargs: arguments of every pipeline call (`num_inference_steps`, `guidance_scale`, `eta`, ...).
     """
-    from .evaluation import nsfw_flags
-
     max_images = check_max_images(max_images, num_images)
     selector = Selector(class_counts(target, num_images), max_images)
     kept_images: dict[int, Image.Image] = {}
@@ -210,10 +208,8 @@ def run_selection(
     **options: Any,
 ):
     """The `selection` configuration of `evaluation.run_configuration`: an `EvaluationSpec`'s images with vanilla's
-    `call_kwargs`, kept to the target counts. Returns an `evaluation.Generation` of the kept images, with their
+    `call_kwargs`, kept to the target counts. Returns a `generation.Generation` of the kept images, with their
     `labels` and the `selection` report (a blacked-out image is never kept: `generated_blacked_out` counts them)."""
-    from .evaluation import Generation
-
     if labeller is None:
         raise ValueError("The selection configuration reads every image it generates: pass a `labeller`.")
     unsupported = sorted(set(options) - {"state"})

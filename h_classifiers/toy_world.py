@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m h_classifiers.toy_world --write-folders DIR --attribute ATTRIBUTE`: `write_class_folders`."""
     import argparse
 
-    from h_classifiers.commands._common import positive_int
+    from h_classifiers.arguments import positive_int
 
     parser = argparse.ArgumentParser(
         prog="python -m h_classifiers.toy_world",

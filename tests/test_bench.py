@@ -1,4 +1,4 @@
-"""The benchmark harness (`python benchmarks/bench.py --quick`) on tiny in-process models: structure and arithmetic of its
+"""The benchmark harness (`python -m lab.bench --quick`) on tiny in-process models: structure and arithmetic of its
 output, never its timings."""
 
 import json
@@ -8,7 +8,8 @@ import pytest
 import torch
 from tiny_models import tiny_classifier, tiny_sd_pipeline
 
-from benchmarks import bench
+from lab import ROOT
+from lab.bench import arms, cli, config, generation, measuring, targets
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def quick_run(tiny_assets, tmp_path_factory):
         "--output-dir",
         str(out),
     ]
-    returned = bench.main(argv)
+    returned = cli.main(argv)
     return out, returned
 
 
@@ -69,19 +70,19 @@ def test_generation_ratios_come_from_the_measurements(quick_run):
     assert celebahq["h_shape"] == [64, 2, 2] and celebahq["unet_rows"] == celebahq["num_images"] == 2
     assert celebahq["arm_names"] == ["vanilla", "distribution"] and set(celebahq["ratios"]) == {"distribution"}
     for name, scale in data["generation"].items():
-        rounds, arms = scale["rounds"], scale["arm_names"]
-        assert arms == (["vanilla", "distribution"] if name == "celebahq" else list(bench.ARMS))
+        rounds, names = scale["rounds"], scale["arm_names"]
+        assert names == (["vanilla", "distribution"] if name == "celebahq" else list(config.ARMS))
         # Every arm is warmed up before the timed rounds, which alternate the order of the arms.
-        assert scale["warmup_rounds"] >= 1 and scale["warmup_order"][0] == arms
-        assert scale["order"] == bench.alternating_order(arms, rounds)
-        assert scale["order"][0] == arms and scale["order"][1] == list(reversed(arms))
+        assert scale["warmup_rounds"] >= 1 and scale["warmup_order"][0] == names
+        assert scale["order"] == measuring.alternating_order(names, rounds)
+        assert scale["order"][0] == names and scale["order"][1] == list(reversed(names))
         # The default path: a classifier with a calibration and anchors.
         assert scale["classifier"]["calibrated"] and scale["classifier"]["anchor_source"] is not None
         vanilla = scale["arms"]["vanilla"]
         assert isinstance(vanilla["host_syncs_per_call"]["counter"], int)
         assert vanilla["host_syncs_per_call"]["cuda_sync_debug"] is None  # counted by torch on CUDA only
-        assert set(scale["arms"]) == set(arms)
-        for arm in arms:
+        assert set(scale["arms"]) == set(names)
+        for arm in names:
             values = scale["arms"][arm]
             assert len(values["wall_s"]) == rounds
             assert values["median_s"] == statistics.median(values["wall_s"])
@@ -90,7 +91,7 @@ def test_generation_ratios_come_from_the_measurements(quick_run):
             memory = values["memory"]
             assert memory["peak_bytes"] >= memory["baseline_bytes"] > 0
             assert memory["increment_bytes"] == memory["peak_bytes"] - memory["baseline_bytes"]
-        for arm in arms[1:]:
+        for arm in names[1:]:
             values, ratios = scale["arms"][arm], scale["ratios"][arm]
             assert ratios["wall"] == pytest.approx(values["median_s"] / vanilla["median_s"])
             assert ratios["peak_memory"] == pytest.approx(
@@ -142,18 +143,18 @@ def test_extraction_and_training_figures(quick_run):
 
 def test_targets_use_the_measured_ratios(quick_run):
     data = quick_run[1]
-    targets = {t["name"]: t for t in data["targets"]}
+    by_name = {t["name"]: t for t in data["targets"]}
     # On CPU only the SD1.5 wall ratio has a target; --quick runs 2 rounds: reported, not judged.
     sd15 = data["generation"]["sd15"]["ratios"]["distribution"]
-    wall = targets["generation sd15 distribution: guided/vanilla wall"]
-    assert wall["value"] == sd15["wall"] and wall["limit"] == f"<= {bench.TARGET_CPU_SD15_WALL_RATIO}"
-    assert wall["met"] is None and wall["verdict"] == f"not judged (2 rounds < {bench.MIN_TIMED_ROUNDS})"
-    assert not any(name.startswith("generation toy") for name in targets)
-    speedup = targets[f"extraction: images/s at batch {data['extraction']['speedup_of'][0]} / batch 1"]
+    wall = by_name["generation sd15 distribution: guided/vanilla wall"]
+    assert wall["value"] == sd15["wall"] and wall["limit"] == f"<= {config.TARGET_CPU_SD15_WALL_RATIO}"
+    assert wall["met"] is None and wall["verdict"] == f"not judged (2 rounds < {config.MIN_TIMED_ROUNDS})"
+    assert not any(name.startswith("generation toy") for name in by_name)
+    speedup = by_name[f"extraction: images/s at batch {data['extraction']['speedup_of'][0]} / batch 1"]
     assert speedup["value"] == data["extraction"]["speedup"] and speedup["met"] is None
     assert not any(t["met"] for t in data["targets"])
     table = (quick_run[0] / "table.md").read_text()
-    assert f"| not judged (2 rounds < {bench.MIN_TIMED_ROUNDS}) |" in table
+    assert f"| not judged (2 rounds < {config.MIN_TIMED_ROUNDS}) |" in table
     assert "| yes |" not in table
 
 
@@ -165,52 +166,52 @@ def _generation_results(device: str, rounds: int, wall: float, batch: int = 8, d
 
 @pytest.mark.parametrize("rounds", [1, 4])
 def test_a_target_from_fewer_than_five_rounds_is_not_met(rounds):
-    (wall, _) = bench.evaluate_targets(_generation_results("cuda", rounds, wall=0.5))
+    (wall, _) = targets.evaluate_targets(_generation_results("cuda", rounds, wall=0.5))
     assert wall["met"] is None and not wall["judged"]
     assert wall["verdict"] == f"not judged ({rounds} rounds < 5)"
 
 
 def test_targets_are_judged_from_five_rounds():
-    wall, memory = bench.evaluate_targets(_generation_results("cuda", 5, wall=1.01))
+    wall, memory = targets.evaluate_targets(_generation_results("cuda", 5, wall=1.01))
     assert wall["name"] == "generation sd15 distribution: guided/vanilla wall"
-    assert (wall["met"], wall["verdict"], wall["limit"]) == (True, "yes", f"<= {bench.TARGET_GPU_SD15_WALL_RATIO}")
+    assert (wall["met"], wall["verdict"], wall["limit"]) == (True, "yes", f"<= {config.TARGET_GPU_SD15_WALL_RATIO}")
     assert memory["name"].endswith("peak memory") and memory["met"] is True
-    (cpu_wall,) = bench.evaluate_targets(_generation_results("cpu", 7, wall=1.04))
+    (cpu_wall,) = targets.evaluate_targets(_generation_results("cpu", 7, wall=1.04))
     assert (cpu_wall["met"], cpu_wall["verdict"]) == (False, "no")
 
 
 def test_gpu_sd15_target_needs_its_batch_and_dtype():
-    (wall, _) = bench.evaluate_targets(_generation_results("cuda", 5, wall=1.0, batch=4))
+    (wall, _) = targets.evaluate_targets(_generation_results("cuda", 5, wall=1.0, batch=4))
     assert wall["met"] is None and wall["verdict"].startswith("not judged (batch 4 + CFG, float16")
-    (wall, _) = bench.evaluate_targets(_generation_results("cuda", 5, wall=1.0, dtype="float32"))
+    (wall, _) = targets.evaluate_targets(_generation_results("cuda", 5, wall=1.0, dtype="float32"))
     assert wall["met"] is None
 
 
 def test_random_classifier_is_made_as_train_makes_one():
     from diffusers import DDIMScheduler
 
-    scheduler = DDIMScheduler(**bench.SD15_SCHEDULER_CONFIG)
-    classifier = bench.random_classifier([8, 2, 2], scheduler, 0, "attribute", ["a", "b", "c"])
+    scheduler = DDIMScheduler(**config.SD15_SCHEDULER_CONFIG)
+    classifier = arms.random_classifier([8, 2, 2], scheduler, 0, "attribute", ["a", "b", "c"])
     assert classifier.config.anchor_source == "class_means_spread" and classifier.has_anchors
     assert classifier.config.calibration_scale is not None and classifier.config.calibration_bias is not None
     assert classifier.anchors.shape == classifier.weight.shape == (50, 3, 32)
     assert torch.isfinite(classifier.anchors).all() and classifier.anchors.abs().sum() > 0
-    described = bench.classifier_description(classifier)
+    described = arms.classifier_description(classifier)
     assert described == {"calibrated": True, "anchor_source": "class_means_spread", "num_heads": 50}
 
 
 def test_memory_worker_runs_in_a_fresh_process(tiny_assets):
     """The per-arm CPU memory measurement spawns a worker that rebuilds the scale and reports its own peak."""
-    config = bench.resolve_config(
-        bench.build_parser().parse_args(["--quick", "--threads", "1", "--toy-model", str(tiny_assets / "toy-sd")])
+    run = cli.resolve_config(
+        cli.build_parser().parse_args(["--quick", "--threads", "1", "--toy-model", str(tiny_assets / "toy-sd")])
     )
-    result = bench.run_worker({"kind": "generation", "scale": "toy", "arm": "distribution"}, config)
+    result = measuring.run_worker({"kind": "generation", "scale": "toy", "arm": "distribution"}, run)
     assert result["peak_bytes"] >= result["baseline_bytes"] > 0
     assert result["wall_s"] > 0
 
 
 def test_missing_toy_model_is_reported_not_fatal(tmp_path):
-    data = bench.main(
+    data = cli.main(
         [
             "--quick",
             "--threads",
@@ -240,21 +241,21 @@ def test_missing_toy_model_is_reported_not_fatal(tmp_path):
 )
 def test_bad_arguments_name_the_argument(argv, message, capsys):
     with pytest.raises(SystemExit):
-        bench.main(argv)
+        cli.main(argv)
     assert message in capsys.readouterr().err
 
 
 def test_timing_without_warm_up_is_refused():
     with pytest.raises(SystemExit, match="--sd15-warmup must be >= 1"):
-        bench.main(["--sd15-warmup", "0", "--parts", "generation"])
+        cli.main(["--sd15-warmup", "0", "--parts", "generation"])
 
 
 def test_bad_device_is_refused():
     with pytest.raises(SystemExit, match="--device"):
-        bench.main(["--device", "tpu", "--parts", "training"])
+        cli.main(["--device", "tpu", "--parts", "training"])
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="CUDA is not available"):
-            bench.main(["--device", "cuda", "--parts", "training"])
+            cli.main(["--device", "cuda", "--parts", "training"])
 
 
 def test_distribution_mode_at_one_image_per_call_carries_a_balance_state():
@@ -263,31 +264,31 @@ def test_distribution_mode_at_one_image_per_call_carries_a_balance_state():
     from pipeline_balancing_act import BalanceState
 
     def scale(num_images):
-        return bench.GenerationScale("sd15", None, None, "classifier", {}, {}, num_images, 1, 7.5, [4, 2, 2], [])
+        return arms.GenerationScale("sd15", None, None, "classifier", {}, {}, num_images, 1, 7.5, [4, 2, 2], [])
 
     one = scale(1)
-    first, second = bench.guidance_kwargs(one, "distribution"), bench.guidance_kwargs(one, "distribution")
+    first, second = arms.guidance_kwargs(one, "distribution"), arms.guidance_kwargs(one, "distribution")
     assert isinstance(first["balance_state"], BalanceState) and first["balance_state"] is second["balance_state"]
-    assert "balance_state" not in bench.guidance_kwargs(one, "sample") and "BalanceState" in one.notes[-1]
-    assert "balance_state" not in bench.guidance_kwargs(scale(2), "distribution")
+    assert "balance_state" not in arms.guidance_kwargs(one, "sample") and "BalanceState" in one.notes[-1]
+    assert "balance_state" not in arms.guidance_kwargs(scale(2), "distribution")
 
 
 def test_written_paths_name_no_machine_path(tmp_path):
     """bench.json under docs/ must not hold an absolute path of the machine that wrote it."""
-    assert bench.written_path(bench.REPO_ROOT / "docs" / "bench") == "docs/bench"
-    assert bench.written_path(tmp_path / "out") == ".../out"
-    config = bench.resolve_config(bench.build_parser().parse_args(["--parts", "training"]))
-    written = bench.written_config(config)
+    assert config.written_path(ROOT / "docs" / "bench") == "docs/bench"
+    assert config.written_path(tmp_path / "out") == ".../out"
+    run = cli.resolve_config(cli.build_parser().parse_args(["--parts", "training"]))
+    written = config.written_config(run)
     assert written["output_dir"] == "docs/bench" and not written["toy_model"].startswith("/")
 
 
 def test_celebahq_scale_is_measured_only_when_asked_for():
-    parse = bench.build_parser().parse_args
-    assert bench.resolve_config(parse([])).scales == ["toy", "sd15"]
-    config = bench.resolve_config(parse(["--scales", "celebahq", "--celebahq-steps", "3", "--celebahq-rounds", "5"]))
-    assert config.scales == ["celebahq"] and (config.celebahq_steps, config.celebahq_rounds) == (3, 5)
-    assert bench.memory_mode(config, "celebahq") == "inprocess"  # a fresh worker would cost a long UNet call
+    parse = cli.build_parser().parse_args
+    assert cli.resolve_config(parse([])).scales == ["toy", "sd15"]
+    run = cli.resolve_config(parse(["--scales", "celebahq", "--celebahq-steps", "3", "--celebahq-rounds", "5"]))
+    assert run.scales == ["celebahq"] and (run.celebahq_steps, run.celebahq_rounds) == (3, 5)
+    assert generation.memory_mode(run, "celebahq") == "inprocess"  # a fresh worker would cost a long UNet call
 
 
 def test_alternating_order_reverses_every_other_round():
-    assert bench.alternating_order(["a", "b", "c"], 3) == [["a", "b", "c"], ["c", "b", "a"], ["a", "b", "c"]]
+    assert measuring.alternating_order(["a", "b", "c"], 3) == [["a", "b", "c"], ["c", "b", "a"], ["a", "b", "c"]]

@@ -1,9 +1,9 @@
-"""benchmarks/bench_multiprocess.py: its collective timing runs (2 gloo processes, a few calls) and its table is
+"""lab/bench_multiprocess.py: its collective timing runs (2 gloo processes, a few calls) and its table is
 generated from its JSON; never its timings."""
 
 import json
 
-from benchmarks import bench_multiprocess as bench
+from lab import bench_multiprocess as bench
 
 
 def test_collective_timing_covers_every_case(tmp_path):

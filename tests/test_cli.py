@@ -108,7 +108,7 @@ def test_missing_classifier_and_model_are_clear(tiny_classifier, tmp_path, capsy
 
 
 def test_reproduce_rejects_unknown_rows(capsys):
-    from benchmarks import reproduce
+    from lab.reproduce import cli as reproduce
 
     with pytest.raises(SystemExit):
         reproduce.main(["--rows", "skin-50-50,skin-99-1"])

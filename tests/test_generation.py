@@ -61,7 +61,7 @@ def test_prompt_embeds_alone_and_bad_lengths():
 
 
 def test_toy_report_samples_one_seed_per_image():
-    from benchmarks.toy_report import sample_images
+    from lab.toy_report import sample_images
 
     for batch_size in (2, 5):
         pipe = RecordingPipe()
@@ -71,15 +71,15 @@ def test_toy_report_samples_one_seed_per_image():
 
 
 def test_bench_arms_use_one_seed_per_image():
-    from benchmarks import bench
+    from lab.bench import arms
 
     stock = RecordingPipe()
     scale = SimpleNamespace(stock=stock, guided=None, num_images=3, call_kwargs={"prompt": ["a"] * 3, "steps": 1})
-    bench.run_arm(scale, "vanilla", SimpleNamespace(seed=5))
+    arms.run_arm(scale, "vanilla", SimpleNamespace(seed=5))
     assert stock.calls == [{"seeds": [5, 6, 7], "prompt": ["a"] * 3, "steps": 1}]
     embeds = {"prompt_embeds": torch.zeros(3, 4), "negative_prompt_embeds": torch.ones(3, 4)}
     scale.call_kwargs = dict(embeds, height=8)
-    bench.run_arm(scale, "vanilla", SimpleNamespace(seed=0))
+    arms.run_arm(scale, "vanilla", SimpleNamespace(seed=0))
     assert stock.calls[-1]["seeds"] == [0, 1, 2] and torch.equal(
         stock.calls[-1]["negative_prompt_embeds"], embeds["negative_prompt_embeds"]
     )

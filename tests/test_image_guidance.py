@@ -1,11 +1,10 @@
-"""The image-space guidance baseline (`h_classifiers.image_guidance`): the x0 classifier's files, the guided DDIM loop
-against `DDIMPipeline`, what the gradient does to the images, the evaluation configuration and the training script."""
+"""The image-space guidance baseline, the lab's peer of the unconditional table (`lab.image_guidance`): the x0
+classifier's files, the guided DDIM loop against `DDIMPipeline`, what the gradient does to the images, the sampler the
+table builds and the training script. The product's `evaluate` has no such configuration."""
 
 import json
 import os
 import stat
-from dataclasses import replace
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,23 +12,20 @@ import torch
 from diffusers import DDIMPipeline
 from diffusers.models.modeling_utils import ModelMixin
 from tiny_models import tiny_classifier
-from unconditional_models import IMAGE_SIZE, UNCONDITIONAL_H_SHAPE, tiny_ddim_pipeline, tiny_scheduler, tiny_unet
+from unconditional_models import IMAGE_SIZE, UNCONDITIONAL_H_SHAPE, tiny_ddim_pipeline, tiny_unet
 
-import h_classifiers.image_guidance as image_guidance
-from h_classifiers import cli, labellers
-from h_classifiers.commands import _common
+import lab.image_guidance as image_guidance
 from h_classifiers.commands import evaluate as evaluate_command
-from h_classifiers.evaluation import EvaluationSpec, run_configuration
-from h_classifiers.image_guidance import (
+from h_classifiers.io_utils import atomic_directory
+from h_classifiers.toy_world import ATTRIBUTES, TOY_DDPM_PATH, make_toy_dataset
+from lab.image_guidance import (
     DEFAULT_IMAGE_GUIDANCE_SCALE,
     TOY_X0_CLASSIFIERS_PATH,
     ImageSpaceGuidance,
     X0Classifier,
+    comparison_sampler,
     default_x0_classifier,
 )
-from h_classifiers.io_utils import atomic_directory
-from h_classifiers.labellers import Labeller
-from h_classifiers.toy_world import ATTRIBUTES, TOY_DDPM_PATH, make_toy_dataset
 from pipeline_balancing_act import BalanceState
 
 
@@ -119,7 +115,7 @@ def test_a_failed_save_keeps_the_previous_classifier_whole(tmp_path, monkeypatch
     assert [p.name for p in (tmp_path / "x0").iterdir()] == ["only.txt"]
 
 
-def test_the_shipped_x0_classifiers_read_held_out_toy_faces():
+def test_the_labs_x0_classifiers_read_held_out_toy_faces():
     """Small files, the toy world's classes, and they read faces they never saw (another seed than training's)."""
     report = json.loads(open(os.path.join(ROOT, "docs", "x0_classifiers.json"), encoding="utf-8").read())
     faces = make_toy_dataset(96, seed=123_456)
@@ -132,7 +128,7 @@ def test_the_shipped_x0_classifiers_read_held_out_toy_faces():
             predicted = classifier(faces.images * 2 - 1).argmax(1)
         assert (predicted == faces.labels[attribute]).float().mean() >= 0.95, attribute
         entry = report[attribute]
-        assert entry["output"] == f"h_classifiers/assets/classifiers/toy-ddpm-x0/{attribute}"
+        assert entry["output"] == f"lab/assets/toy-ddpm-x0/{attribute}"
         assert entry["held_out"]["clean"]["accuracy"] >= 0.99 and set(entry["comparison"]) == {
             "none",
             "noise",
@@ -264,102 +260,29 @@ def test_the_sampler_refuses_a_text_to_image_pipeline_and_a_bad_scale(sd_pipe, p
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Evaluation: the image_guidance configuration and `evaluate --x0-classifier`
+# The reproduction table's sampler; the product has no image_guidance configuration
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("image-guidance-assets")
-    DDIMPipeline(unet=tiny_unet(), scheduler=tiny_scheduler()).save_pretrained(root / "ddim")
-    tiny_classifier(scale=0.05, h_shape=UNCONDITIONAL_H_SHAPE).save_pretrained(root / "skin")
-    brightness_classifier().save_pretrained(root / "x0-skin")
-    X0Classifier(attribute="glasses", class_names=["without", "with"]).save_pretrained(root / "x0-glasses")
-    (root / "sd").mkdir()
-    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}
-    (root / "sd" / "model_index.json").write_text(json.dumps(index))
-    return root
-
-
-def test_the_configuration_guides_an_unconditional_model_towards_the_target(pipe, assets, monkeypatch):
-    calls = []
-    real_call = ImageSpaceGuidance.__call__
-
-    def recording(self, **kwargs):
-        calls.append({"scale": self.scale, **kwargs})
-        return real_call(self, **kwargs)
-
-    monkeypatch.setattr(ImageSpaceGuidance, "__call__", recording)
-    spec = EvaluationSpec(prompt=None, target=[0.25, 0.75], num_images=3, batch_size=2, num_inference_steps=2, eta=1.0)
-    spec = replace(spec, x0_classifier=str(assets / "x0-skin"))
-    generation = run_configuration(pipe, tiny_classifier(h_shape=UNCONDITIONAL_H_SHAPE), spec, "image_guidance")
-    assert len(generation.images) == 3 and generation.asked is None
-    assert [call["batch_size"] for call in calls] == [2, 1]
-    assert all(call["scale"] == DEFAULT_IMAGE_GUIDANCE_SCALE for call in calls)
-    assert all(call["target_distribution"] == [0.25, 0.75] and call["eta"] == 1.0 for call in calls)
-    assert calls[0]["balance_state"] is calls[1]["balance_state"]  # one job: the counts carry over
-    assert calls[1]["balance_state"].num_images == 3
-
-    with pytest.raises(ValueError, match="guides the pixels of an unconditional model"):
-        run_configuration(pipe, None, replace(spec, prompt="a face"), "image_guidance")
+def test_the_tables_sampler_needs_an_x0_classifier_of_the_h_classifiers_attribute_and_classes(pipe, tmp_path):
+    brightness_classifier().save_pretrained(tmp_path / "x0-skin")
+    X0Classifier(attribute="glasses", class_names=["without", "with"]).save_pretrained(tmp_path / "x0-glasses")
+    h_classifier = tiny_classifier(h_shape=UNCONDITIONAL_H_SHAPE)
+    sampler = comparison_sampler(pipe, h_classifier, tmp_path / "x0-skin")
+    assert sampler.scale == DEFAULT_IMAGE_GUIDANCE_SCALE and sampler.classifier.config.attribute == "skin"
     with pytest.raises(ValueError, match="needs an x0 classifier"):
-        run_configuration(pipe, tiny_classifier(), replace(spec, x0_classifier=None), "image_guidance")
-    with pytest.raises(ValueError, match="runs in one process"):
-        run_configuration(pipe, None, spec, "image_guidance", state=SimpleNamespace(num_processes=2))
-    with pytest.raises(ValueError, match="reads 'glasses' \\['without', 'with'\\], but the evaluation's classifier"):
-        run_configuration(
-            pipe, tiny_classifier(), replace(spec, x0_classifier=str(assets / "x0-glasses")), "image_guidance"
-        )
+        comparison_sampler(pipe, h_classifier, None)  # the tiny pipeline is not the toy DDPM: no default
+    with pytest.raises(ValueError, match="reads 'glasses' \\['without', 'with'\\], but the h-classifier"):
+        comparison_sampler(pipe, h_classifier, tmp_path / "x0-glasses")
 
 
-class BrightnessLabeller(Labeller):
-    class_names = ["light", "dark"]
-    attribute = "skin"
-    source = "test.BrightnessLabeller"
-
-    def label(self, images):
-        return torch.tensor([int(np.asarray(image.convert("L")).mean() < 127.5) for image in images])
-
-
-def test_evaluate_runs_image_guidance_on_an_unconditional_model(assets, tmp_path, monkeypatch, capsys):
-    real = labellers.labeller_from_spec
-    monkeypatch.setattr(
-        labellers,
-        "labeller_from_spec",
-        lambda spec, **kw: BrightnessLabeller() if spec == "test" else real(spec, **kw),
-    )
-    from h_classifiers.commands import _common
-
-    monkeypatch.setattr(_common, "LABELLER_WORDS", (*_common.LABELLER_WORDS, "test"))  # past the early check
-    argv = ["--model", str(assets / "ddim"), "--classifier", str(assets / "skin"), "--threads", "1", "--labeller"]
-    argv += ["test", "--configurations", "vanilla,image_guidance", "--x0-classifier", str(assets / "x0-skin")]
-    argv += ["--num-images", "2", "--batch-size", "2", "--steps", "2", "--output-dir", str(tmp_path), "--no-progress"]
-    report = evaluate_command.main(argv)
-    assert list(report["results"]) == ["vanilla", "image_guidance"]
-    assert report["results"]["image_guidance"]["num_images"] == 2
-    assert report["spec"]["x0_classifier"] == str(assets / "x0-skin") and report["x0_classifier"]
-    assert (tmp_path / "grid_image_guidance.png").exists()
-    assert "image_guidance" not in evaluate_command.parse_configurations(None, unconditional=True)
-
-
-@pytest.mark.parametrize(
-    "model, extra, fragment",
-    [
-        ("sd", ["--configurations", "image_guidance"], "image-space guidance steers the pixels of an unconditional"),
-        ("ddim", ["--x0-classifier", "x0-skin"], "`--x0-classifier` applies to the image_guidance configuration"),
-        ("ddim", ["--configurations", "image_guidance", "--x0-classifier", "nowhere"], "'nowhere' is not a folder"),
-    ],
-)
-def test_evaluate_refuses_image_guidance_where_it_cannot_run(assets, model, extra, fragment, monkeypatch, capsys):
-    def loading(*args, **kwargs):
-        raise AssertionError("the arguments should have been refused before anything loads")
-
-    monkeypatch.setattr(_common, "quiet_loading", loading)
-    extra = [str(assets / e) if e == "x0-skin" else e for e in extra]
-    with pytest.raises(SystemExit) as info:
-        cli.main(["evaluate", "--model", str(assets / model), "--classifier", str(assets / "skin")] + extra)
-    assert info.value.code == 2
-    assert fragment in capsys.readouterr().err
+def test_evaluate_has_no_image_guidance_configuration(capsys):
+    assert "image_guidance" not in evaluate_command.CONFIGURATIONS
+    with pytest.raises(ValueError, match="comma-separated subset"):
+        evaluate_command.parse_configurations("vanilla,image_guidance", unconditional=True)
+    with pytest.raises(SystemExit):
+        evaluate_command.build_parser().parse_args(["--x0-classifier", "x0"])
+    assert "--x0-classifier" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -368,7 +291,7 @@ def test_evaluate_refuses_image_guidance_where_it_cannot_run(assets, model, extr
 
 
 def test_the_training_script_writes_a_loadable_classifier_and_its_report(tmp_path):
-    from benchmarks.train_x0_classifier import main
+    from lab.train_x0_classifier import main
 
     tiny = ["--num-train", "24", "--num-test", "12", "--eval-images", "6", "--steps", "2", "--batch-size", "8"]
     tiny += ["--widths", "4", "8", "--work-dir", str(tmp_path / "work"), "--report", str(tmp_path / "report.json")]
@@ -384,6 +307,6 @@ def test_the_training_script_writes_a_loadable_classifier_and_its_report(tmp_pat
     main(tiny + ["--attribute", "skin", "--augmentation", "none", "--output", str(tmp_path / "skin")])
     report = json.loads((tmp_path / "report.json").read_text())
     assert list(report) == ["hair", "skin"]  # merged, one entry per attribute
-    assert report["skin"]["command"].startswith("python benchmarks/train_x0_classifier.py --num-train 24")
+    assert report["skin"]["command"].startswith("python lab/train_x0_classifier.py --num-train 24")
     assert "comparison" not in report["skin"] and X0Classifier.from_pretrained(tmp_path / "skin").num_classes == 2
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == cached  # the cached x0_hat were reused

@@ -34,7 +34,7 @@ def reference_make_grid(images, columns=8, tile=None, padding=2):
 
 
 def reference_toy_report_grid(rows, columns, scale=2):
-    """benchmarks/toy_report.save_grid's image before it used diffusers.utils.make_image_grid."""
+    """lab/toy_report.save_grid's image before it used diffusers.utils.make_image_grid."""
     size = rows[0][1].shape[-1] * scale
     label_width, pad = 280, 2
     grid = Image.new("RGB", (label_width + columns * (size + pad), len(rows) * (size + pad)), "white")
@@ -78,7 +78,7 @@ def test_make_grid_converts_other_modes():
 
 
 def test_toy_report_grid_is_pixel_identical(tmp_path):
-    from benchmarks.toy_report import save_grid
+    from lab.toy_report import save_grid
 
     data = toy_world.make_toy_dataset(7, seed=2)
     rows = [("a photo of a face", data.images[:7]), ("a face with red hair", data.images[:3])]  # one row is short

@@ -495,13 +495,13 @@ def test_from_pipe_of_a_ddim_pipeline(ddim_pipe):
 
 
 def test_the_papers_model_has_h_512x8x8_and_a_guided_step_runs_on_it():
-    """google/ddpm-celebahq-256's UNet2DModel config (`CELEBAHQ_UNET_CONFIG` in benchmarks/bench.py, where its
+    """google/ddpm-celebahq-256's UNet2DModel config (`CELEBAHQ_UNET_CONFIG` in lab/bench/config.py, where its
     source is given) and DDPM scheduler, with random weights (nothing is downloaded): h is [B, 512, 8, 8], and one
     guided DDIM step moves the h the decoder receives. One image, one step, one UNet call: the 256 px UNet costs
     about 0.5 TFLOP per image."""
     from diffusers import DDPMScheduler, UNet2DModel
 
-    from benchmarks.bench import CELEBAHQ_SCHEDULER_CONFIG, CELEBAHQ_UNET_CONFIG
+    from lab.bench.config import CELEBAHQ_SCHEDULER_CONFIG, CELEBAHQ_UNET_CONFIG
 
     torch.manual_seed(0)
     unet = UNet2DModel(**CELEBAHQ_UNET_CONFIG).eval()

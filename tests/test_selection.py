@@ -17,7 +17,6 @@ from PIL import Image
 from tiny_models import tiny_classifier
 from unconditional_models import UNCONDITIONAL_H_SHAPE, tiny_scheduler, tiny_unconditional_pipeline, tiny_unet
 
-from benchmarks import reproduce
 from h_classifiers import distributed, labellers, preflight
 from h_classifiers.commands import evaluate as evaluate_command
 from h_classifiers.evaluation import EvaluationSpec, evaluate, run_configuration
@@ -25,6 +24,7 @@ from h_classifiers.labellers import Labeller
 from h_classifiers.metrics import class_counts
 from h_classifiers.selection import Selector, check_max_images, generate_selection, selection_rounds
 from h_classifiers.toy_world import TOY_MODEL_PATH
+from lab.reproduce import jobs, measures, pool, render, rows
 
 
 class RecordingPipe:
@@ -356,48 +356,48 @@ def test_selection_is_opt_in_and_its_cap_is_checked_before_loading(capsys):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def write_chunk(jobs_dir, row, k, skin, valid, glasses=None, seconds=4.0):
+def write_chunk(jobs_dir, row, k, skin, valid, glasses=None):
     """Pool chunk k of a 4-image row (k = 0: the vanilla job, 1: the next 64 seeds): the readings given, then invalid
     images."""
-    chunk = reproduce.pool_chunks(4, 80)[k]
+    chunk = pool.pool_chunks(4, 80)[k]
     pad = [0] * (len(chunk) - len(skin))
     labels = {"skin": skin + pad, "glasses": (glasses or [0] * len(skin)) + pad, "hair": [0] * len(chunk)}
-    result = {"valid": valid + pad, "labels": labels, "seconds": seconds}
-    (jobs_dir / f"{reproduce.pool_job(row.sampler, 0, chunk).key}.json").write_text(json.dumps(result))
+    result = {"valid": valid + pad, "labels": labels}
+    (jobs_dir / f"{pool.pool_job(row.sampler, 0, chunk).key}.json").write_text(json.dumps(result))
 
 
 def test_reproduce_selects_from_the_vanilla_pool_and_measures_the_kept_images(tmp_path):
-    row = reproduce.Row("t", ("skin",), (0.5, 0.5), configurations=("selection",), batch_size=2)
-    job = reproduce.Job("selection", row.sampler, 4, 0, row)
+    row = rows.Row("t", ("skin",), (0.5, 0.5), configurations=("selection",), batch_size=2)
+    job = jobs.Job("selection", row.sampler, 4, 0, row)
     write_chunk(tmp_path, row, 0, skin=[0, 0, 0, 1], valid=[1, 1, 0, 1])  # the vanilla job: one dark image
-    assert reproduce.select_from_pool(job, tmp_path) == (None, [1])
-    write_chunk(tmp_path, row, 1, skin=[0, 1, 1, 1], valid=[1, 1, 1, 1], seconds=8.0)
-    result, missing = reproduce.select_from_pool(job, tmp_path)
+    assert pool.select_from_pool(job, tmp_path) == (None, [1])
+    write_chunk(tmp_path, row, 1, skin=[0, 1, 1, 1], valid=[1, 1, 1, 1])
+    result, missing = pool.select_from_pool(job, tmp_path)
     assert missing == [] and result["labels"]["skin"] == [0, 0, 1, 1] and result["valid"] == [1, 1, 1, 1]
     assert result["selection"]["images_generated"] == 6  # the 4 vanilla images, then a round of 2
-    assert result["seconds"] == pytest.approx(4.0 + 8.0 * 2 / 64)  # what every image generated took
-    vanilla = json.loads((tmp_path / f"{reproduce.pool_job(row.sampler, 0, range(4)).key}.json").read_text())
-    summary = reproduce.measure(result, row, vanilla)
+    assert "seconds" not in result  # what it cost is the images it generated, not a wall time
+    vanilla = json.loads((tmp_path / f"{pool.pool_job(row.sampler, 0, range(4)).key}.json").read_text())
+    summary = measures.measure(result, row, vanilla)
     assert summary["fd"] == 0.0 and summary["valid_rate"] == 1.0
     assert summary["selection"]["images_generated_per_kept"] == 1.5
-    entry = {"title": "skin 50/50", "configurations": {"selection": summary, "distribution": {"seconds": 2.0}}}
-    table = reproduce.selection_markdown({"num_images": 4, "rows": {"t": entry}})
-    assert "| skin 50/50 | [2, 2] | 4 | 6 | 1.50 | 83.3% | 4 / 2 |" in table
+    entry = {"title": "skin 50/50", "configurations": {"selection": summary}}
+    table = render.selection_markdown({"num_images": 4, "rows": {"t": entry}})
+    assert "| skin 50/50 | [2, 2] | 4 | 6 | 1.50 | 83.3% |" in table
 
 
 def test_reproduce_selects_joint_rows_by_cell():
-    row = reproduce.ROWS_BY_NAME["skin-x-glasses-uniform"]
+    row = rows.ROWS_BY_NAME["skin-x-glasses-uniform"]
     assert "selection" in row.configurations
     labels = {"skin": torch.tensor([0, 1, 1, 0]), "glasses": torch.tensor([1, 0, 1, 0])}
-    assert reproduce.joint_cells(row, labels).tolist() == [1, 2, 3, 0]
+    assert measures.joint_cells(row, labels).tolist() == [1, 2, 3, 0]
 
 
 def test_reproduce_joint_selection_fills_every_cell(tmp_path):
-    row = replace(reproduce.ROWS_BY_NAME["skin-x-glasses-uniform"], batch_size=4)
-    job = reproduce.Job("selection", row.sampler, 4, 0, row)
+    row = replace(rows.ROWS_BY_NAME["skin-x-glasses-uniform"], batch_size=4)
+    job = jobs.Job("selection", row.sampler, 4, 0, row)
     # cells 0, 0, 3, 1 (the second cell-0 image has no room), then 2: every cell of the 2 x 2 table once
     write_chunk(tmp_path, row, 0, skin=[0, 0, 1, 0], glasses=[0, 0, 1, 1], valid=[1, 1, 1, 1])
     write_chunk(tmp_path, row, 1, skin=[1, 1, 1, 1], glasses=[0, 0, 0, 0], valid=[0, 1, 1, 1])
-    result, _ = reproduce.select_from_pool(job, tmp_path)
+    result, _ = pool.select_from_pool(job, tmp_path)
     assert result["selection"]["kept_counts"] == [1, 1, 1, 1] and result["selection"]["images_generated"] == 8
     assert result["labels"]["skin"] == [0, 1, 0, 1] and result["labels"]["glasses"] == [0, 1, 1, 0]

@@ -35,7 +35,7 @@ def mid_block_output(unet, x: torch.Tensor, t) -> torch.Tensor:
 def test_builders_put_h_after_three_downsamplings():
     from diffusers import DDIMScheduler, UNet2DModel
 
-    from h_classifiers.toy_model import build_pixel_scheduler, build_pixel_unet
+    from lab.toy_model import build_pixel_scheduler, build_pixel_unet
 
     unet = build_pixel_unet()
     assert isinstance(unet, UNet2DModel) and unet.config.sample_size == IMAGE_SIZE
@@ -76,7 +76,7 @@ def test_committed_model_loads_offline_and_samples(one_thread):
 def test_train_toy_ddpm_smoke_resume_and_report(tmp_path, one_thread):
     from diffusers import DDIMPipeline
 
-    from benchmarks.train_toy_ddpm import main
+    from lab.train_toy_ddpm import main
 
     tiny = ["--num-images", "16", "--steps", "4", "--batch-size", "4", "--checkpoint-every", "3"]
 

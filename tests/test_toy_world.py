@@ -9,8 +9,6 @@ from h_classifiers.toy_world import (
     ATTRIBUTES,
     DATA_BIAS,
     NEUTRAL_PROMPT,
-    TOY_DEEP_CLASSIFIERS_PATH,
-    TOY_DEEP_MODEL_PATH,
     TOY_MODEL_PATH,
     ToyOracle,
     attribute_prompt,
@@ -128,7 +126,7 @@ def test_attribute_prompts():
 
 
 def test_tokenizer_spells_every_word_as_one_token(tmp_path):
-    from h_classifiers.toy_model import build_tokenizer
+    from lab.toy_model import build_tokenizer
 
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(tmp_path)
@@ -144,7 +142,7 @@ def test_train_toy_smoke_and_resume(tmp_path):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
-    from benchmarks.train_toy_model import build_vae, load_checkpoint, main, save_checkpoint
+    from lab.train_toy_model import build_vae, load_checkpoint, main, save_checkpoint
 
     out, work = tmp_path / "toy-sd", tmp_path / "work"
     tiny = ["--num-images", "64", "--vae-steps", "2", "--unet-steps", "2", "--unet-batch-size", "8"]
@@ -184,65 +182,6 @@ def test_train_toy_smoke_and_resume(tmp_path):
 
     with pytest.raises(SystemExit):
         main(["--caption-dropout", "1.5"])
-
-
-def test_the_deep_toy_trains_on_a_finished_models_vae_with_h_after_three_downsamplings(tmp_path):
-    from diffusers import StableDiffusionPipeline
-
-    from benchmarks.train_toy_model import main
-    from h_classifiers.toy_model import build_unet
-    from pipeline_balancing_act import site_h_shape
-
-    with pytest.raises(ValueError, match="depth must be one of"):
-        build_unet(64, 1, "medium")
-    out, work = tmp_path / "toy-sd-deep", tmp_path / "work"
-    argv = ["--num-images", "16", "--unet-steps", "1", "--unet-batch-size", "4", "--unet-depth", "deep"]
-    threads = torch.get_num_threads()
-    try:
-        main(argv + ["--vae-from", str(TOY_MODEL_PATH), "--output", str(out), "--work-dir", str(work)])
-    finally:
-        torch.set_num_threads(threads)
-    assert not (work / "vae_final.safetensors").exists()  # the VAE phase was skipped
-    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
-    shipped = StableDiffusionPipeline.from_pretrained(TOY_MODEL_PATH, local_files_only=True)
-    for name, weight in shipped.vae.state_dict().items():
-        torch.testing.assert_close(pipe.vae.state_dict()[name], weight)
-    assert len(pipe.unet.down_blocks) == 4
-    assert site_h_shape(pipe.unet, "mid_block", 8, 8) == [128, 1, 1]
-
-
-@pytest.mark.skipif(not (TOY_DEEP_MODEL_PATH / "model_index.json").exists(), reason="the deep toy is missing")
-def test_the_committed_deep_toy_loads_with_its_classifiers_and_a_guided_step_moves_h_towards_the_class():
-    from pipeline_balancing_act import BalancingActPipeline, HClassifier, MidBlockHook
-
-    pipe = BalancingActPipeline.from_pretrained(TOY_DEEP_MODEL_PATH, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    classifiers = [HClassifier.from_pretrained(TOY_DEEP_CLASSIFIERS_PATH / a) for a in ATTRIBUTES]
-    assert all(list(c.config.h_shape) == [128, 1, 1] and c.config.site == "mid_block" for c in classifiers)
-    before, after = [], []
-    handle = pipe.unet.up_blocks[0].register_forward_pre_hook(
-        lambda module, args, kwargs: after.append((kwargs.get("hidden_states", args[0] if args else None)).clone()),
-        with_kwargs=True,
-    )
-    try:
-        with MidBlockHook(pipe.unet, lambda h: before.append(h.clone())):
-            pipe(
-                NEUTRAL_PROMPT,
-                num_images_per_prompt=4,
-                num_inference_steps=3,
-                guidance_scale=1.0,
-                generator=torch.Generator().manual_seed(0),
-                h_classifier=classifiers[0],
-                guidance_mode="sample",
-                target_classes="dark",
-            )
-    finally:
-        handle.remove()
-    timesteps = [float(t) for t in pipe.scheduler.timesteps]
-    for h, moved, t in zip(before, after, timesteps):
-        gap = lambda x: (lambda z: z[:, 1] - z[:, 0])(classifiers[0].calibrated_logits(x, t))  # noqa: E731
-        # The move raises "dark" in the classifier's reading (an image already past the margin is left where it is).
-        assert (gap(moved) >= gap(h) - 1e-3).all() and (gap(moved) > gap(h) + 1.0).any()
 
 
 def test_committed_model_samples_valid_biased_faces():

@@ -1,4 +1,4 @@
-"""Arguments and input resolution shared by the commands (and `benchmarks/reproduce.py`): the thread policy of every
+"""Arguments and input resolution shared by the commands (and `lab/reproduce/`): the thread policy of every
 command, and the start of `generate` and `evaluate`.
 
 Argument parsing and the checks of `start_run` import neither torch nor diffusers (`h_classifiers.preflight`): `--help`
@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import re
 from collections.abc import Iterator
@@ -19,6 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from h_classifiers import preflight
+
+# The argparse value types live in `h_classifiers.arguments` (below the commands); these names stay importable here.
+from h_classifiers.arguments import non_negative_float as non_negative_float
+from h_classifiers.arguments import positive_float as positive_float
+from h_classifiers.arguments import positive_int as positive_int
 from h_classifiers.metrics import check_target_values, parse_target
 from h_classifiers.preflight import DTYPE_NAMES, SCHEDULERS
 
@@ -27,36 +31,6 @@ if TYPE_CHECKING:
     import torch
 
     from h_classifiers.evaluation import EvaluationSpec
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if math.isnan(value) or value < 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
 
 
 def split_prompts(text: str | None) -> list[str] | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from h_classifiers.commands._common import non_negative_float
+from h_classifiers.arguments import non_negative_float
 
 
 # argparse dest -> the option, for every option that only means something with a prompt.

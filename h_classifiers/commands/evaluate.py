@@ -5,14 +5,12 @@ Writes `results.json`, a grid PNG per configuration and `fractions.png` (measure
 Several processes / GPUs: `accelerate launch --num_processes N -m h_classifiers.cli evaluate ...` shares each
 configuration's images between the processes (rounds of N x --batch-size; distribution mode guides each round as one
 global batch) and gathers them all before measuring, so the metrics are those of one process making the same images.
-Selection too: each process labels its share of a round, and the labels are gathered before the next round. The
-image_guidance baseline (unconditional models, `--x0-classifier`) runs in one process.
+Selection too: each process labels its share of a round, and the labels are gathered before the next round.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import replace
 
 from h_classifiers.commands import _common, _model_kind
@@ -22,7 +20,6 @@ from h_classifiers.preflight import (
     DEFAULT_CONFIGURATIONS,
     OPT_IN_CONFIGURATIONS,
     TEXT_CONFIGURATIONS,
-    UNCONDITIONAL_CONFIGURATIONS,
 )
 
 
@@ -45,9 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--configurations",
         default=None,
         help=f"Comma-separated subset of {','.join(CONFIGURATIONS)} (default: all but the opt-in "
-        f"{','.join(OPT_IN_CONFIGURATIONS)}: selection generates vanilla images until the target counts are filled, "
-        "image_guidance (unconditional models only) guides pixels with an x0 classifier; an unconditional model: "
-        f"{','.join(default_configurations(True))}, as {' and '.join(TEXT_CONFIGURATIONS)} need a prompt).",
+        f"{','.join(OPT_IN_CONFIGURATIONS)}: selection generates vanilla images until the target counts are filled; "
+        f"an unconditional model: {','.join(default_configurations(True))}, as {' and '.join(TEXT_CONFIGURATIONS)} "
+        "need a prompt).",
     )
     parser.add_argument(
         "--selection-max-images",
@@ -55,12 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="selection: the most images it generates before it stops and reports the classes that fell short "
         "(default: 20 x --num-images).",
-    )
-    parser.add_argument(
-        "--x0-classifier",
-        default=None,
-        help="image_guidance: the x0 classifier folder (X0Classifier, benchmarks/train_x0_classifier.py) of the "
-        "--classifier's attribute and classes (default: the shipped one for the toy DDPM).",
     )
     parser.add_argument(
         "--class-prompts",
@@ -112,13 +103,6 @@ def parse_configurations(text: str | None, unconditional: bool = False) -> list[
             f"`--configurations` {text_only}: the prompt and Fair Diffusion baselines write the class into the prompt, "
             f"and an unconditional model takes no prompt; choose from {unconditional_configurations()}."
         )
-    pixel_only = [c for c in names if c in UNCONDITIONAL_CONFIGURATIONS]
-    if not unconditional and pixel_only:
-        raise ValueError(
-            f"`--configurations` {pixel_only}: image-space guidance steers the pixels of an unconditional model "
-            "(a DDIMPipeline / DDPMPipeline folder), and `--model` is a text-to-image model; choose from "
-            f"{[c for c in CONFIGURATIONS if c not in UNCONDITIONAL_CONFIGURATIONS]}."
-        )
     return names
 
 
@@ -134,22 +118,6 @@ def check_selection_arguments(args: argparse.Namespace, configurations: list[str
     from h_classifiers.selection import check_max_images
 
     check_max_images(args.selection_max_images, args.num_images, "--selection-max-images")
-
-
-def check_x0_classifier_argument(args: argparse.Namespace, configurations: list[str]) -> None:
-    """`--x0-classifier`: for the image_guidance configuration, and a folder that exists (checked before loading)."""
-    if args.x0_classifier is None:
-        return
-    if "image_guidance" not in configurations:
-        raise ValueError(
-            "`--x0-classifier` applies to the image_guidance configuration only; add image_guidance to "
-            f"`--configurations` (got {','.join(configurations)})."
-        )
-    if not os.path.isdir(args.x0_classifier):
-        raise FileNotFoundError(
-            f"`--x0-classifier` {args.x0_classifier!r} is not a folder; expected one written by "
-            "`X0Classifier.save_pretrained` (benchmarks/train_x0_classifier.py)."
-        )
 
 
 def default_class_prompts(args: argparse.Namespace, classifier) -> list[str] | None:
@@ -172,7 +140,6 @@ def main(argv: list[str] | None = None) -> dict:
     try:  # what can be checked before anything is loaded
         configurations = parse_configurations(args.configurations, args.unconditional)
         check_selection_arguments(args, configurations)
-        check_x0_classifier_argument(args, configurations)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     run = _common.start_run(parser, args, distribution="distribution" in configurations)
@@ -194,13 +161,6 @@ def main(argv: list[str] | None = None) -> dict:
         labeller = _common.build_labeller(args, classifier, device)
         if labeller is None:
             raise ValueError("`--labeller` is required to evaluate (e.g. 'clip:MODEL_ID' or 'hf:MODEL_ID').")
-        x0_classifier = None
-        if "image_guidance" in configurations:  # the given or shipped x0 classifier, of the classifier's classes
-            from h_classifiers.image_guidance import resolve_x0_classifier
-
-            if num_processes(state) > 1:
-                raise ValueError("The image_guidance configuration runs in one process; launch it without accelerate.")
-            x0_classifier, _ = resolve_x0_classifier(args.x0_classifier, classifier, args.model)
         pipe = load_pipeline(args.model, device, args.dtype, args.scheduler, not args.no_safety_checker)
 
     if is_main(state):
@@ -210,14 +170,13 @@ def main(argv: list[str] | None = None) -> dict:
             f"{args.steps} steps" + _common.eta_note(args)
         )
     spec = _common.evaluation_spec(args, target, class_prompts)
-    spec = replace(spec, selection_max_images=args.selection_max_images, x0_classifier=args.x0_classifier)
+    spec = replace(spec, selection_max_images=args.selection_max_images)
     total = args.num_images * len(configurations)  # selection advances the bar by the images it keeps
     with tqdm(total=total, desc="evaluate", unit="img", disable=args.no_progress or not is_main(state)) as bar:
         metadata = {
             "attribute": classifier.config.attribute,
             "model": portable_path(args.model),
             "classifier": portable_path(args.classifier),
-            **({"x0_classifier": portable_path(x0_classifier)} if x0_classifier is not None else {}),
             "scheduler": args.scheduler,
             "labeller": labeller.source,
             "num_processes": num_processes(state),
