@@ -58,6 +58,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     command = load_command(argv[0])
     command(argv[1:])
+    end_process_group()
+
+
+def end_process_group() -> None:
+    """Under `accelerate launch`: take the process group down once the command is done, before the interpreter exits
+    (left to interpreter shutdown, gloo's threads can abort a process that finished its work)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

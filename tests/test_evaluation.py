@@ -302,9 +302,11 @@ def test_a_negative_target_says_probabilities_must_be_non_negative():
 
 def test_the_target_tolerance_is_the_pipelines(monkeypatch):
     import pipeline_balancing_act as pba
+    from h_classifiers import metrics
 
+    assert metrics.TARGET_SUM_TOLERANCE == pba.TARGET_SUM_TOLERANCE  # the command line's copy (no diffusers import)
     assert parse_target("0.5,0.5009", ["a", "b"]) == [0.5, 0.5009]  # within 1e-3
-    monkeypatch.setattr(pba, "TARGET_SUM_TOLERANCE", 1e-4)
+    monkeypatch.setattr(metrics, "TARGET_SUM_TOLERANCE", 1e-4)
     with pytest.raises(ValueError, match="sums to"):
         parse_target("0.5,0.5009", ["a", "b"])
 

@@ -260,7 +260,7 @@ def test_the_pipelines_own_shape_check_is_reworded_to_the_option(tmp_path, monke
 def test_only_the_pipelines_input_errors_become_argument_errors():
     import argparse
 
-    from h_classifiers.commands._common import pipeline_input_errors
+    from h_classifiers.commands._errors import pipeline_input_errors
 
     parser = argparse.ArgumentParser(prog="p")
     with pytest.raises(SystemExit):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from h_classifiers.commands import _common, _model_kind
+from h_classifiers.commands import _common, _errors, _model_kind
 from h_classifiers.commands._parser import CommandParser, silence_known_notices
 from h_classifiers.preflight import (
     CONFIGURATIONS,
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     from h_classifiers.io_utils import portable_path
     from h_classifiers.metrics import format_probabilities
 
-    with _common.argument_errors(parser):
+    with _errors.argument_errors(parser):
         class_prompts = default_class_prompts(args, classifier)
         if "prompt" in configurations and (class_prompts is None or len(class_prompts) != len(class_names)):
             raise ValueError(
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
             if is_main(state):
                 bar.write(_common.format_summary(name, summary, class_names))
 
-        with _common.pipeline_input_errors(parser):
+        with _errors.pipeline_input_errors(parser):
             report = evaluate(
                 pipe,
                 classifier,

@@ -25,11 +25,11 @@ from h_classifiers.commands._common import (
     add_safety_checker_argument,
     add_threads_argument,
     apply_threads,
-    argument_errors,
     blacked_out_note,
     positive_int,
     split_prompts,
 )
+from h_classifiers.commands._errors import argument_errors
 from h_classifiers.commands._model_kind import add_eta_argument, resolve_model_kind
 from h_classifiers.commands._parser import CommandParser, silence_known_notices
 

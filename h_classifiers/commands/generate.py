@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from h_classifiers.commands import _common, _model_kind
+from h_classifiers.commands import _common, _errors, _model_kind
 from h_classifiers.commands._parser import CommandParser, silence_known_notices
 
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     from h_classifiers.metrics import format_probabilities, summarize_labels
     from h_classifiers.saved_images import ImageSet, write_manifest
 
-    with _common.argument_errors(parser):
+    with _errors.argument_errors(parser):
         labeller = _common.build_labeller(args, classifier, device)
         pipe = evaluation.load_pipeline(args.model, device, args.dtype, args.scheduler, not args.no_safety_checker)
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     sets = (("vanilla", "vanilla"), ("balanced", args.mode))
     # Neither set is timed from cold: both are warmed up first, in the reverse of the timed order. A classifier that
     # does not fit the model, or another input the pipeline refuses, is one argparse error here.
-    with _common.pipeline_input_errors(parser):
+    with _errors.pipeline_input_errors(parser):
         warm_up(pipe, classifier, spec, [configuration for _, configuration in reversed(sets)], state)
     start = time.perf_counter()
     runs, images, saved = {}, {}, {}
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
                 parser.error(str(error))
             options.update(saved[name].generation_options(pipe, classifier))
             reading = saved[name].reading
-        with reading, _common.pipeline_input_errors(parser):
+        with reading, _errors.pipeline_input_errors(parser):
             runs[name] = evaluation.run_configuration(pipe, classifier, spec, configuration, **options)
         images[name] = runs[name].images  # every process's images, gathered
     bar.close()

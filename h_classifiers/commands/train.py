@@ -13,7 +13,8 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from types import SimpleNamespace
 
-from h_classifiers.commands._common import add_threads_argument, apply_threads, argument_errors, positive_int
+from h_classifiers.commands._common import add_threads_argument, apply_threads, positive_int
+from h_classifiers.commands._errors import argument_errors
 from h_classifiers.commands._parser import CommandParser, silence_known_notices
 
 
