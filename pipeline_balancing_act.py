@@ -1,30 +1,30 @@
 # Copyright 2026 The Balancing Act diffusers contributors. Licensed under the Apache License, Version 2.0.
 """Balancing Act: distribution-guided debiasing for Stable Diffusion (Parihar et al., CVPR 2024).
 
-A single-file diffusers community pipeline. It imports only the standard library, torch, diffusers, transformers,
-huggingface_hub and safetensors, so that `DiffusionPipeline.from_pretrained(..., custom_pipeline=...)` can load it on
-its own. It defines:
+A single-file diffusers community pipeline: it imports only the standard library, numpy, torch and diffusers, so that
+`DiffusionPipeline.from_pretrained(..., custom_pipeline=...)` loads it on its own. In order, it defines:
 
-- `HClassifier`: per-timestep linear heads over the UNet bottleneck features h (the paper's "Attribute Distribution
-  Predictor"), with a per-timestep calibration and per-class anchors in h; a diffusers `ModelMixin` + `ConfigMixin`
-  saved as safetensors + config.json.
-- `assign_classes` / `largest_remainder`: exact class counts for a batch and the min-cost assignment of images to them.
-- `BalanceState`: class counts carried across calls, so a long job in small batches ends on the target counts.
-- `MidBlockHook`: the one mechanism that reads (and optionally replaces) h = `unet.mid_block(...)`, for the calls of
-  the thread (context) that activated it only. Its hook is on the mid block only while a call uses it, unless the user
-  keeps it there for a `torch.compile`d UNet (`install_h_hook` / `remove_h_hook`).
-- `guidance_loss`: the one guidance loss (towards classes, or the paper's soft KL / chi-square), and
-  `logit_directions`, its gradient in closed form.
-- `BalancingActPipeline`: `StableDiffusionPipeline` plus h-space guidance during denoising.
+- `HClassifier`: per-timestep linear heads over the UNet bottleneck h = `unet.mid_block(...)`, with a calibration and
+  class anchors in h (a diffusers `ModelMixin` + `ConfigMixin`, saved as safetensors + config.json);
+- `largest_remainder` / `assign_classes`: exact class counts for a batch and the min-cost assignment of images to
+  them; `BalanceState`: the counts carried across calls;
+- `MidBlockHook`: reads and replaces h for the calls of the context that activated it (`install_h_hook` keeps the
+  hook in a compiled UNet); `guidance_loss` and `logit_directions`, its gradient in closed form;
+- `GuidanceArguments` / `GUIDANCE_ARGS_DOCSTRING`: the Balancing Act arguments of a call, declared and documented
+  once; `GuidanceSettings` / `_GuidanceRun`: a guided call's validated settings and its per-call state;
+- `BalancingActMixin`: the checks, preparation and start of a guided call, shared with
+  `pipeline_balancing_act_unconditional.py`; `BalancingActPipeline`: `StableDiffusionPipeline` plus h-space guidance.
 """
 
 import contextlib
 import contextvars
+import dataclasses
 import difflib
 import inspect
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -42,46 +42,30 @@ from diffusers.image_processor import PipelineImageInput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
-from diffusers.utils import logging
+from diffusers.utils import logging, replace_example_docstring
 
 
 logger = logging.get_logger(__name__)
 
-# Softmax temperature of the paper's soft distribution loss (`distribution_solver="kl"` / `"chi2"`).
-DEFAULT_TEMPERATURE = 8.0
-# `guidance_strength`, in class gaps per denoising step: a strength of 1 moves an image that is surely of class a and
-# asked to be class c by the whole distance between the class anchors a -> c in h on that step, as seen in the
-# output after classifier-free guidance (see `BalancingActPipeline.__call__`).
-# Chosen on the toy world's tuning seeds (benchmarks/reproduce.py --sweep strength, docs/results/sweep_strength.md).
-DEFAULT_GUIDANCE_STRENGTH = 5.0
-# Largest accepted `guidance_strength`: far past it h leaves the range the decoder was trained on and the images turn
-# to colour noise (docs/guidance.md, "Strength", gives the range that keeps images intact).
-MAX_GUIDANCE_STRENGTH = 50.0
-# The class-guidance loss aims past the decision boundary: it treats an image as of its asked class only once that
-# class leads the others by this many calibrated logits (so an image barely on the right side keeps moving).
-GUIDANCE_MARGIN = 2.0
-# Cost (in nats of calibrated log-probability) of moving an image to another class when the assignment is solved
-# again at a later step: predictions sharpen, but an image does not flip back and forth between classes.
+DEFAULT_TEMPERATURE = 8.0  # softmax temperature of the paper's soft distribution loss ("kl" / "chi2")
+DEFAULT_GUIDANCE_STRENGTH = 5.0  # class gaps per step, chosen on the toy world (docs/results/sweep_strength.md)
+MAX_GUIDANCE_STRENGTH = 50.0  # far past it, h leaves the decoder's range and images turn to noise (docs/guidance.md)
+GUIDANCE_MARGIN = 2.0  # the class loss counts an image as of its class once that class leads by this many logits
+# Cost (nats) of moving an image to another class when the assignment is solved again at a later step: predictions
+# sharpen, but an image does not flip back and forth between classes.
 SWITCH_PENALTY = 1.0
-
 GUIDANCE_MODES = ("sample", "distribution")
-# The target of a classifier that is held, not guided: the guided moves leave its logits unchanged (`_held_bases`).
-HOLD = "hold"
+HOLD = "hold"  # the target of a classifier that is held, not guided: the guided moves leave its logits unchanged
 DISTRIBUTION_SOLVERS = ("assign", "kl", "chi2")
 GUIDED_BRANCHES = ("cond", "both")
-# Tolerance on the sum of a target distribution.
 TARGET_SUM_TOLERANCE = 1e-3
-# Probabilities of a target are clamped to at least this inside the soft losses (KL / chi-square stay finite).
-TARGET_PROB_FLOOR = 1e-3
-# Where h is read and moved: the output of `unet.mid_block` (the paper's h). The up blocks were measured and rejected
-# as sites (the lab's site sweep); a classifier's config keeps the key `site` from the versions that had them.
-MID_BLOCK_SITE = "mid_block"
+TARGET_PROB_FLOOR = 1e-3  # target probabilities are clamped to at least this in the soft losses
+MID_BLOCK_SITE = "mid_block"  # where h is read and moved; a classifier's config keeps the key `site` of old versions
 
 
 def mid_block_h_shape(unet: torch.nn.Module, latent_height: int, latent_width: int) -> list[int]:
-    """The per-sample shape `[C, H, W]` of h = `unet.mid_block` output for a UNet input of `latent_height` x
-    `latent_width`, read from the UNet's blocks (no forward pass): each downsampler halves the size (3x3 conv, stride
-    2, padding 1: ceil(n / 2))."""
+    """The per-sample shape `[C, H, W]` of h for a UNet input of `latent_height` x `latent_width`, read from the
+    UNet's blocks: each downsampler (3x3 conv, stride 2, padding 1) maps n to ceil(n / 2)."""
     if getattr(unet, "mid_block", None) is None:
         raise ValueError("This UNet has no mid block; Balancing Act guidance needs one (h is its output).")
     size = [int(latent_height), int(latent_width)]
@@ -91,59 +75,26 @@ def mid_block_h_shape(unet: torch.nn.Module, latent_height: int, latent_width: i
     return [int(unet.config.block_out_channels[-1]), *size]
 
 
-def _timestep_value(timestep: int | float | torch.Tensor) -> float:
-    """One scalar timestep from an int, a float or a tensor (0-d, or 1-d with equal entries)."""
-    if isinstance(timestep, torch.Tensor):
-        flat = timestep.detach().flatten()
-        if flat.numel() == 0:
-            raise ValueError("`timestep` is an empty tensor; expected a scalar timestep.")
-        if flat.numel() > 1 and not bool((flat == flat[0]).all()):
-            raise ValueError(f"`timestep` must be one value for the whole batch, got {flat.tolist()}.")
-        return float(flat[0].item())
-    if isinstance(timestep, (bool, str, bytes)):
-        raise TypeError(f"`timestep` must be an int, a float or a tensor, got {type(timestep).__name__}.")
-    try:
-        # int, float and numpy scalars
-        return float(timestep)
-    except (TypeError, ValueError):
-        raise TypeError(f"`timestep` must be an int, a float or a tensor, got {type(timestep).__name__}.") from None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The h-classifier
-# ----------------------------------------------------------------------------------------------------------------
+# --- The h-classifier -----------------------------------------------------------------------------------------------
 
 
 class HClassifier(ModelMixin, ConfigMixin):
     r"""
-    Per-timestep linear heads over the flattened UNet bottleneck h: `logits = W_t @ flatten(h) + b_t`.
-
-    One head per trained timestep; any scheduler's timestep (int or float, any step count) uses the head of the
-    nearest trained timestep (`head_index`). Two optional per-timestep parts make guidance behave the same for every
-    classifier:
-
-    - a calibration (`calibration_scale`, `calibration_bias`): `calibrated_logits = logits * scale_t + bias_t`,
-      fitted on held-out images when the heads are trained, so that softmax(calibrated_logits) estimates the
-      probability of each class of the image that will come out;
-    - class anchors (`anchors`, `[T, K, *h_shape]`, present when `anchor_source` is set): a point in h per class,
-      e.g. the class means of the training h. Guidance moves h along differences of anchors, in units of the class
-      gaps.
-
-    `balancing-act train` writes both. Guidance needs both: a classifier without them is refused (`check_guidance_ready`).
+    Per-timestep linear heads over the flattened UNet bottleneck h: `logits = W_t @ flatten(h) + b_t`, a timestep
+    using the head of the nearest trained one. Guidance needs two more per-timestep parts, which `balancing-act train`
+    writes: a calibration (`logits * scale_t + bias_t`, whose softmax estimates the class probabilities of the final
+    image) and class anchors `[T, K, *h_shape]` (a point in h per class; guidance moves h along their differences).
 
     Args:
         attribute (`str`): Name of the attribute, e.g. `"skin"`.
         class_names (`list[str]`): The K >= 2 class names; class index = position in this list.
-        h_shape (`list[int]`): The shape `[C, H, W]` of one sample's h the heads were trained on.
-        timesteps (`list[int | float]`): The scheduler timesteps of the heads, in the order they were recorded.
+        h_shape (`list[int]`): The shape `[C, H, W]` of one sample's h.
+        timesteps (`list[int | float]`): The scheduler timesteps of the heads.
         temperature (`float`, defaults to 8.0): Softmax temperature of the paper's soft distribution loss.
         base_model (`str`, *optional*): The model the heads were trained on (Hub id or folder name).
-        calibration_scale (`list[float]`, *optional*): Per head, the factor on the logits (temperature scaling).
-        calibration_bias (`list[list[float]]`, *optional*): Per head, K offsets added after the scale.
-        anchor_source (`str`, *optional*): How the anchors were made (`balancing-act train` writes
-            `"class_means_spread"`); `None` means the classifier has no anchors.
-        site (`str`, defaults to `"mid_block"`): Where in the UNet its h is read and moved; only `"mid_block"` (the
-            paper's h) is accepted. Kept in the config for classifiers saved by versions that had other sites.
+        calibration_scale, calibration_bias (*optional*): Per head, the factor on the logits and K offsets after it.
+        anchor_source (`str`, *optional*): How the anchors were made; `None`: the classifier has no anchors.
+        site (`str`, defaults to `"mid_block"`): Kept from older versions; only `"mid_block"` is accepted.
     """
 
     config_name = "config.json"
@@ -230,18 +181,32 @@ class HClassifier(ModelMixin, ConfigMixin):
         self.register_to_config(anchor_source=str(source))
 
     def head_index(self, timestep: int | float | torch.Tensor) -> int:
-        """Index of the head trained at the timestep nearest to `timestep` (first one on a tie)."""
-        value = _timestep_value(timestep)
-        distances = (self._timesteps - value).abs()
-        return int(torch.argmin(distances).item())
+        """Index of the head trained at the timestep nearest to `timestep` (an int, a float or a tensor with one
+        value; the first head on a tie)."""
+        if isinstance(timestep, torch.Tensor):
+            flat = timestep.detach().flatten()
+            if flat.numel() == 0:
+                raise ValueError("`timestep` is an empty tensor; expected a scalar timestep.")
+            if flat.numel() > 1 and not bool((flat == flat[0]).all()):
+                raise ValueError(f"`timestep` must be one value for the whole batch, got {flat.tolist()}.")
+            value = float(flat[0].item())
+        else:
+            try:
+                if isinstance(timestep, (bool, str, bytes)):
+                    raise TypeError
+                value = float(timestep)  # int, float and numpy scalars
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"`timestep` must be an int, a float or a tensor, got {type(timestep).__name__}."
+                ) from None
+        return int(torch.argmin((self._timesteps - value).abs()).item())
 
     def covers_timesteps(self, timesteps: Sequence[float]) -> bool:
         """Whether every timestep lies within the heads' timesteps, give or take the widest gap between two heads
         (a scheduler on another timestep scale, e.g. continuous sigmas, would map every step to one head)."""
         heads = self._timesteps.sort().values
         slack = float((heads[1:] - heads[:-1]).max()) if len(heads) > 1 else 1.0
-        low, high = float(heads[0]) - slack, float(heads[-1]) + slack
-        return all(low <= float(t) <= high for t in timesteps)
+        return all(float(heads[0]) - slack <= float(t) <= float(heads[-1]) + slack for t in timesteps)
 
     def class_index(self, name_or_index: str | int) -> int:
         """Class name or index -> index; a clear `ValueError` for anything else."""
@@ -264,21 +229,14 @@ class HClassifier(ModelMixin, ConfigMixin):
             f"{names} or an index 0..{len(names) - 1}."
         )
 
-    def _check_h(self, h: torch.Tensor) -> None:
+    def forward(self, h: torch.Tensor, timestep: int | float | torch.Tensor) -> torch.Tensor:
+        """Raw logits `[B, K]` (float32) of the head nearest to `timestep` for h `[B, C, H, W]`. The head runs in
+        float32 on h's device (the classifier itself is not moved); gradients flow to h and to the parameters."""
         expected = tuple(self.config.h_shape)
         if h.ndim != 4 or tuple(h.shape[1:]) != expected:
             raise ValueError(
                 f"h has shape {list(h.shape)} but this classifier was trained on h of shape [B, {', '.join(map(str, expected))}]."
             )
-
-    def forward(self, h: torch.Tensor, timestep: int | float | torch.Tensor) -> torch.Tensor:
-        """
-        Raw logits `[B, K]` (float32) of the head nearest to `timestep` for h of shape `[B, C, H, W]`.
-
-        The head is used in float32 on h's device (the classifier itself is not moved), so it may stay on the CPU
-        while the UNet runs elsewhere and h may be fp16/bf16; gradients flow to h and to the parameters.
-        """
-        self._check_h(h)
         index = self.head_index(timestep)
         weight = self.weight[index].to(device=h.device, dtype=torch.float32)
         bias = self.bias[index].to(device=h.device, dtype=torch.float32)
@@ -286,17 +244,13 @@ class HClassifier(ModelMixin, ConfigMixin):
 
     def calibrated_logits(self, h: torch.Tensor, timestep: int | float | torch.Tensor) -> torch.Tensor:
         """Calibrated logits `[B, K]`: softmax of them estimates the class probabilities of the final images."""
-        index = self.head_index(timestep)
-        scale, bias = (c[index].to(h.device) for c in self._calibration)
+        scale, bias = (c[self.head_index(timestep)].to(h.device) for c in self._calibration)
         return self(h, timestep) * scale + bias
-
-    @property
-    def is_calibrated(self) -> bool:
-        return self.config.calibration_scale is not None and self.config.calibration_bias is not None
 
     def check_guidance_ready(self) -> None:
         """Raise a one-line `ValueError` unless this classifier has the calibration and class anchors guidance needs."""
-        missing = [name for name, ok in (("calibration", self.is_calibrated), ("anchors", self.has_anchors)) if not ok]
+        calibrated = self.config.calibration_scale is not None and self.config.calibration_bias is not None
+        missing = [name for name, ok in (("calibration", calibrated), ("anchors", self.has_anchors)) if not ok]
         if missing:
             raise ValueError(
                 f"h-classifier {self.config.attribute!r} has no {' and no '.join(missing)} (saved by an older version): "
@@ -304,20 +258,15 @@ class HClassifier(ModelMixin, ConfigMixin):
             )
 
     def move_directions(self, timestep: int | float | torch.Tensor) -> torch.Tensor:
-        """The K class anchors `[K, D]` (float32) of the head nearest to `timestep`: guidance moves h along their
-        differences."""
+        """The K class anchors `[K, D]` (float32) of the head nearest to `timestep`."""
         self.check_guidance_ready()
         return self.anchors[self.head_index(timestep)].float()
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
-        """
-        `ModelMixin.save_pretrained` (safetensors + config.json) as one unit: the classifier is written to a new
-        folder next to `save_directory`, the other files of an existing `save_directory` (a model card, metrics) are
-        carried over, and the new folder then takes the old one's place by two renames (the old one is put back if
-        the second fails). An interrupted save leaves the old classifier or the new one, never a config of one with
-        the weights of the other. With `push_to_hub=True` the saved classifier is then uploaded with
-        `push_to_hub` (`repo_id`, `commit_message`, `private`, `token`, `create_pr` are passed to it).
-        """
+        """`ModelMixin.save_pretrained` as one unit: written to a new folder (with the other files of an existing
+        `save_directory` carried over) that replaces the old one by two renames, so that an interrupted save leaves
+        the old classifier or the new one. `push_to_hub=True` then uploads it (`repo_id`, `commit_message`, `private`,
+        `token`, `create_pr` go to `push_to_hub`)."""
         if kwargs.get("safe_serialization", True) is False:
             raise ValueError("`safe_serialization=False` is not supported: HClassifier weights are safetensors.")
         hub_kwargs = {
@@ -330,7 +279,7 @@ class HClassifier(ModelMixin, ConfigMixin):
         try:
             super().save_pretrained(new, **kwargs)
             if os.path.isdir(target):
-                for entry in os.listdir(target):
+                for entry in os.listdir(target):  # carry over what the save did not write (a model card, metrics)
                     if not os.path.exists(os.path.join(new, entry)):
                         source = os.path.join(target, entry)
                         carry = shutil.copytree if os.path.isdir(source) else shutil.copy2
@@ -351,16 +300,12 @@ class HClassifier(ModelMixin, ConfigMixin):
             if os.path.isdir(new):
                 shutil.rmtree(new)
         if push_to_hub:
-            repo_id = hub_kwargs.pop("repo_id", name)
-            self.push_to_hub(repo_id, **hub_kwargs)
+            self.push_to_hub(hub_kwargs.pop("repo_id", name), **hub_kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "HClassifier":
-        """
-        Load from a directory written by `save_pretrained` or from a Hub id. Only safetensors weights are read;
-        pickled checkpoints (`.pt`, `.pth`, `.bin`, `.ckpt`, ...) are refused, never unpickled. A classifier saved
-        without calibration or anchors (by an older version) is refused with how to retrain it.
-        """
+        """Load from a directory written by `save_pretrained` or a Hub id: safetensors only (pickled checkpoints are
+        refused, never unpickled), with the calibration and anchors guidance needs."""
         path = os.fspath(pretrained_model_name_or_path)
         if os.path.isfile(path):
             raise ValueError(
@@ -398,16 +343,12 @@ def looks_like_local_path(path: str | os.PathLike) -> bool:
     return os.path.isdir(os.path.dirname(path) or ".")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Exact class counts: apportionment, assignment, and the state carried across calls
-# ----------------------------------------------------------------------------------------------------------------
+# --- Exact class counts: apportionment, assignment, and the state carried across calls ------------------------------
 
 
 def largest_remainder(probabilities: Sequence[float] | torch.Tensor, total: int) -> torch.Tensor:
-    """
-    Integer counts summing to `total` in the proportions `probabilities` (Hamilton's largest-remainder method: floors
-    first, then one more for the largest remainders; ties go to the lower class index).
-    """
+    """Integer counts summing to `total` in the proportions `probabilities` (Hamilton's largest-remainder method:
+    floors first, then one more for the largest remainders; ties go to the lower class index)."""
     p = torch.as_tensor(probabilities, dtype=torch.float64).flatten()
     if total < 0 or p.numel() == 0 or bool((p < 0).any()) or float(p.sum()) <= 0:
         raise ValueError(
@@ -421,11 +362,9 @@ def largest_remainder(probabilities: Sequence[float] | torch.Tensor, total: int)
 
 
 def apportion(counts: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-    """
-    `counts` `[K]` (integers summing to N) rescaled to integers summing to `total` (a 0-d integer tensor, <= N) by
-    largest remainder (ties to the lower class index), with integer arithmetic on the tensors' device: no value is
-    read on the host. `total == N` gives `counts` back. Used when some rows of a batch cannot be assigned.
-    """
+    """`counts` `[K]` (integers summing to N) rescaled to integers summing to `total` (a 0-d integer tensor, <= N) by
+    largest remainder (ties to the lower class index), in integer arithmetic on the tensors' device (no host read).
+    Used when some rows of a batch cannot be assigned."""
     counts = counts.long()
     scaled = counts * total.long()
     num_rows = counts.sum().clamp_min(1)
@@ -435,17 +374,10 @@ def apportion(counts: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
 
 
 def assign_classes(cost: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-    """
-    The assignment of N rows to K classes with exactly `counts[k]` rows in class k that minimises the summed
-    `cost[i, class_i]` (an exact min-cost transportation solver). Returns a LongTensor [N] on `cost`'s device.
-
-    A row with a non-finite cost (NaN or inf: an image whose h overflowed) is not assigned (class -1), and the other
-    rows share the counts among themselves, rescaled to their number (`apportion`): exact counts among them.
-
-    - Two classes have a closed form (the rows that gain the most by being class 1), computed on `cost`'s device
-      without reading any value on the host: no host-device synchronisation.
-    - K >= 3 (and joint cells) are solved on the host (`_transport_on_host`): one copy of the cost to the host.
-    """
+    """The assignment (LongTensor [N] on `cost`'s device) of N rows to K classes, `counts[k]` rows in class k, that
+    minimises the summed `cost[i, class_i]`. A row with a non-finite cost is not assigned (-1); the others share the
+    counts rescaled to their number (`apportion`). K = 2 is solved on the device with no host read, K >= 3 on the
+    host (`_transport_on_host`) from one copy of the cost."""
     if cost.ndim != 2:
         raise ValueError(f"`cost` must be [N, K], got shape {list(cost.shape)}.")
     num_rows, num_classes = cost.shape
@@ -479,14 +411,10 @@ PRICE_ROUNDS = 3
 
 
 def _transport_on_host(cost: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """
-    Exact min-cost assignment with class counts, in numpy, for a finite cost. Any assignment "each row to its cheapest
-    class after subtracting a price per class" is optimal for the class counts it happens to have, so the solver (1)
-    sets the prices: each update makes one class's count right given the others (a quantile of the rows' gaps), a few
-    rounds over the classes; (2) repairs the remaining excess by successive shortest paths on the K classes
-    (Bellman-Ford, since moves can have negative cost), each keeping the assignment optimal for its loads. Each
-    repair moves one row's worth of excess, so at most N repairs are needed; more is a bug, raised as one.
-    """
+    """Exact min-cost assignment with class counts for a finite cost. Each row to its cheapest class after a price per
+    class is optimal for the counts it gives, so the solver sets the prices (each update makes one class's count
+    right given the others), then repairs what excess remains by shortest paths on the K classes (Bellman-Ford),
+    one row's worth per repair: at most N repairs; more is a bug, raised as one."""
     if not np.isfinite(cost).all():
         raise ValueError("The assignment solver needs a finite cost; `assign_classes` leaves non-finite rows out.")
     num_rows, num_classes = cost.shape
@@ -545,17 +473,11 @@ def _transport_on_host(cost: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 class BalanceState:
     r"""
-    Class counts of the images generated so far, for a job generated in several calls (small batches).
-
-    Pass the same state to every call (`balance_state=state`): each distribution-mode call is assigned the class
-    counts that bring the whole job closest to `target_distribution` (largest remainder over all images so far plus
-    this batch), and afterwards adds the class of each of its images as the classifier reads it at the last denoising
-    step (its calibrated prediction from that step's h, not a label of the finished image). Then the job ends on the
-    target counts whatever the batch size, 1 included. Only calls that finish add anything: a call that raises or is
-    interrupted leaves the state as it was, and an image whose h was not finite at the last step is not counted.
-
-    The state is tied to the classifiers (attribute and class names) and to marginal versus joint targets of its
-    first use. It saves to and loads from JSON, so a long job can stop and resume.
+    Class counts of the images generated so far, for a job generated in several calls: pass the same state to every
+    call (`balance_state=state`). Each call is assigned the counts that bring the whole job closest to the target, and
+    adds the classes of its images as the classifier reads them at the last step; so the job ends on the target
+    counts whatever the batch size. Only calls that finish add anything, and images whose h was not finite at the last
+    step are not counted. A state is tied to the classifiers and target kind (marginal or joint) of its first use.
 
     Example:
         ```py
@@ -592,15 +514,13 @@ class BalanceState:
         self._check_groups(groups)
         result = []
         for so_far, target in zip(self.counts, targets):
-            wanted = largest_remainder(target.flatten(), int(so_far.sum()) + num_images) - so_far
-            missing = wanted.clamp_min(0)
-            # Classes already over their share get nothing; the others share the batch in proportion to what they lack.
+            missing = (largest_remainder(target.flatten(), int(so_far.sum()) + num_images) - so_far).clamp_min(0)
+            # Classes over their share get nothing; the others share the batch in proportion to what they lack.
             result.append(largest_remainder(missing, num_images) if int(missing.sum()) > num_images else missing)
         return result
 
     def update(self, groups: list[dict[str, Any]], classes: list[torch.Tensor]) -> None:
-        """Add one generated class (cell index for a joint target) per image and group; -1 (an image whose h was not
-        finite) is not counted."""
+        """Add one class (joint: cell index) per image and group; -1 (h not finite) is not counted."""
         self._check_groups(groups)
         for i, values in enumerate(classes):
             values = values.cpu().long()
@@ -623,8 +543,9 @@ class BalanceState:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the state as JSON (to a temporary file next to `path`, then renamed: never half-written)."""
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".balance-state-", suffix=".json")
+        fd, tmp = tempfile.mkstemp(
+            dir=os.path.dirname(os.path.abspath(path)), prefix=".balance-state-", suffix=".json"
+        )
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump(self.to_dict(), f, indent=1)
@@ -639,13 +560,9 @@ class BalanceState:
             return cls.from_dict(json.load(f))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# h capture / replacement
-# ----------------------------------------------------------------------------------------------------------------
+# --- h capture / replacement ----------------------------------------------------------------------------------------
 
-# The h functions active in this thread (asyncio task, contextvars context): (module, fn) pairs in activation order.
-# The hook on a module reads them, so an activation acts only for the calls made where it was set, and another
-# thread running the same (shared) UNet at the same time is left alone.
+# The (module, h function) pairs active in this context (thread, asyncio task), in activation order.
 _ACTIVE_H_FUNCTIONS: contextvars.ContextVar[tuple[tuple[torch.nn.Module, Callable], ...]] = contextvars.ContextVar(
     "balancing_act_h_functions", default=()
 )
@@ -653,10 +570,8 @@ _ACTIVE_H_FUNCTIONS: contextvars.ContextVar[tuple[tuple[torch.nn.Module, Callabl
 
 @torch.compiler.disable
 def _h_dispatch_hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
-    """The one forward hook Balancing Act puts on a module (`unet.mid_block`): passes h to the functions active for
-    that module in the calling context, and returns the h they made (None: unchanged). `torch.compiler.disable`
-    makes a compiled UNet break its graph here and call the hook at every run, so what the hook does can change
-    from call to call without recompiling."""
+    """The forward hook on `unet.mid_block`: passes h to the functions active for it in the calling context. Outside
+    any compiled graph (`torch.compiler.disable`), so what it does can change without recompiling."""
     active = _ACTIVE_H_FUNCTIONS.get()
     if not active:
         return None
@@ -679,37 +594,29 @@ def _h_dispatch_hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
 
 @dataclass
 class _HookRecord:
-    handle: Any  # the torch.utils.hooks.RemovableHandle of the dispatch hook
+    handle: Any  # the RemovableHandle of the dispatch hook
     users: int = 0  # activations (calls) in progress, in any thread
     kept: bool = False  # installed by the user (`install_h_hook`): stays until `remove_h_hook`
 
 
-# The modules that carry the dispatch hook now, and why. Guarded by `_HOOKS_LOCK`: calls in several threads share it.
-# Weak keys: the table keeps no module of the user's alive.
+# The modules that carry the dispatch hook now, and why; weak keys keep no module alive. Guarded by `_HOOKS_LOCK`.
 _HOOKS: "weakref.WeakKeyDictionary[torch.nn.Module, _HookRecord]" = weakref.WeakKeyDictionary()
 _HOOKS_LOCK = threading.Lock()
 
 
-def _attach(module: torch.nn.Module, kept: bool) -> None:
+def _use_hook(module: torch.nn.Module, kept: bool, add: bool) -> None:
+    """Add or remove a use of the dispatch hook on `module`: a call in progress, or (`kept`) the user's keep. The
+    hook is on the module exactly while it has a use."""
     with _HOOKS_LOCK:
         record = _HOOKS.get(module)
         if record is None:
+            if not add:
+                return
             record = _HOOKS[module] = _HookRecord(module.register_forward_hook(_h_dispatch_hook))
         if kept:
-            record.kept = True
+            record.kept = add
         else:
-            record.users += 1
-
-
-def _detach(module: torch.nn.Module, kept: bool) -> None:
-    with _HOOKS_LOCK:
-        record = _HOOKS.get(module)
-        if record is None:
-            return
-        if kept:
-            record.kept = False
-        else:
-            record.users -= 1
+            record.users += 1 if add else -1
         if record.users <= 0 and not record.kept:
             record.handle.remove()
             del _HOOKS[module]
@@ -721,16 +628,14 @@ def is_compiled(module: torch.nn.Module) -> bool:
 
 
 def install_h_hook(module: torch.nn.Module) -> None:
-    """Opt in to keep Balancing Act's hook on `module` (`pipe.unet.mid_block`) until `remove_h_hook`, for a UNet you
-    will `torch.compile`: call it once before compiling, so the compiled UNet contains the hook and guided and
-    unguided calls both run without recompiling (each unguided call then crosses one graph break). Without it, a
-    guided call installs the hook for its own duration only and removes it when it returns or fails."""
-    _attach(module, kept=True)
+    """Keep Balancing Act's hook on `module` (`pipe.unet.mid_block`) until `remove_h_hook`; call it before you
+    `torch.compile` the UNet (otherwise a guided call installs the hook for its duration only)."""
+    _use_hook(module, kept=True, add=True)
 
 
 def remove_h_hook(module: torch.nn.Module) -> None:
     """Undo `install_h_hook`: the hook leaves `module` (once no guided call in progress still uses it)."""
-    _detach(module, kept=True)
+    _use_hook(module, kept=True, add=False)
 
 
 def has_h_hook(module: torch.nn.Module, kept_only: bool = False) -> bool:
@@ -742,13 +647,9 @@ def has_h_hook(module: torch.nn.Module, kept_only: bool = False) -> bool:
 
 class MidBlockHook:
     r"""
-    Context manager: while active, every `unet.mid_block` output h computed in this thread (context) is passed to
-    `fn(h)`; a returned tensor replaces h for the rest of the UNet (up blocks), `None` keeps it. Calls of the same UNet
-    from other threads are not seen. Several activations on one UNet run in the order they were entered, each on the h
-    the previous one returned.
-
-    The hook is put on the mid block on entry and taken off on exit, also on an exception, unless the user keeps it
-    there with `install_h_hook` (needed for a `torch.compile`d UNet: see `install_h_hook`).
+    Context manager: while active, every `unet.mid_block` output h computed in this context (thread) is passed to
+    `fn(h)`; a returned tensor replaces h for the rest of the UNet, `None` keeps it. Other threads' calls are not
+    seen; several activations run in the order they were entered, each on the h the previous one returned.
 
     Example (recording h):
         ```py
@@ -768,7 +669,7 @@ class MidBlockHook:
     def __enter__(self) -> "MidBlockHook":
         if self._entry is not None:
             raise RuntimeError("This MidBlockHook is already active.")
-        _attach(self.module, kept=False)
+        _use_hook(self.module, kept=False, add=True)
         self._entry = (self.module, self.fn)
         _ACTIVE_H_FUNCTIONS.set((*_ACTIVE_H_FUNCTIONS.get(), self._entry))
         return self
@@ -780,12 +681,10 @@ class MidBlockHook:
         if self._entry is not None:
             _ACTIVE_H_FUNCTIONS.set(tuple(e for e in _ACTIVE_H_FUNCTIONS.get() if e is not self._entry))
             self._entry = None
-            _detach(self.module, kept=False)
+            _use_hook(self.module, kept=False, add=False)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The guidance loss, and the direction it asks of the logits
-# ----------------------------------------------------------------------------------------------------------------
+# --- The guidance loss, and the direction it asks of the logits -----------------------------------------------------
 
 
 def guidance_loss(
@@ -797,27 +696,16 @@ def guidance_loss(
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""
-    The Balancing Act guidance loss over `logits` `[N, K]`: the documented objective. Guidance follows its negative
-    gradient with respect to the logits, computed in closed form by `logit_directions`, and turns it into a move of
-    h (see `BalancingActPipeline.__call__`, `guidance_strength`).
+    The guidance loss over `logits` `[N, K]` (0-d, float32); guidance follows its negative gradient in the logits
+    (`logit_directions`). `valid` (bool `[N]`) leaves rows out, as are rows with non-finite logits or class -1.
 
-    - `loss="classes"`: `targets` is a LongTensor `[N]` (each image's asked or assigned class c_i) and
-      `L = sum_i CE(z_i - margin * e_{c_i}, c_i)`, the cross-entropy of calibrated logits z_i with the asked class
-      handicapped by `margin`: the gradient `softmax(z_i - margin e_c) - e_c` does not vanish for an image that is
-      confidently another class (the paper's `-p[c]` saturates there), and fades once class c leads by the margin.
-    - `loss="kl"` / `"chi2"` (the paper's distribution loss): `targets` is a probability K-vector p_ref,
-      `p_i = softmax(z_i / temperature)`, `p_hat = mean_i p_i`, and `L = N * temperature * D(p_hat, p_ref)` with D the
-      KL divergence `sum_k p_hat_k log(p_hat_k / p_ref_k)` or chi-square `sum_k (p_hat_k - p_ref_k)^2 / p_ref_k`
-      (p_ref clamped to at least `TARGET_PROB_FLOOR`). The factors N and temperature put its per-image gradient in
-      the same units as `"classes"`, whatever the batch size.
-
-    `valid` (bool `[N]`, default: the rows whose logits are all finite) leaves rows out: they add nothing to the
-    loss and N counts only the valid rows. Returns a 0-d float32 tensor.
+    - `loss="classes"`: `targets` holds each image's class c_i and `L = sum_i CE(z_i - margin * e_{c_i}, c_i)`: the
+      handicap keeps the gradient from vanishing for an image confidently of another class (the paper's `-p[c]`
+      saturates there), until class c leads by the margin.
+    - `loss="kl"` / `"chi2"` (the paper's distribution loss): `targets` is a probability vector p_ref and
+      `L = N * temperature * D(mean_i softmax(z_i / temperature), p_ref)`, in the units of `"classes"` per image.
     """
-    logits, targets = _check_loss_inputs(logits, targets, loss, temperature)
-    valid = _valid_rows(logits, valid)
-    if loss == "classes":
-        valid = valid & (targets >= 0)
+    logits, targets, valid = _loss_inputs(logits, targets, loss, temperature, valid)
     if loss == "classes":
         per_row = F.cross_entropy(
             logits - margin * _one_hot(targets, logits.shape[1]), targets.clamp_min(0), reduction="none"
@@ -841,17 +729,10 @@ def logit_directions(
     margin: float = GUIDANCE_MARGIN,
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """
-    `-d guidance_loss / d logits` `[N, K]` (float32) in closed form: how each image's logits should change; rows sum
-    to zero. With `p_i = softmax(z_i / T)`, `p_hat` their mean and `a = dD / dp_hat` (KL: `log p_hat - log p_ref + 1`,
-    chi-square: `2 (p_hat - p_ref) / p_ref`), the soft losses give `-p_ij (a_j - sum_k p_ik a_k)`; the class loss
-    gives `e_c - softmax(z - margin e_c)`. Rows left out by `valid` (as in `guidance_loss`) get zero. No autograd and
-    no value read on the host.
-    """
-    logits, targets = _check_loss_inputs(logits, targets, loss, temperature)
-    valid = _valid_rows(logits, valid)
-    if loss == "classes":
-        valid = valid & (targets >= 0)
+    """`-d guidance_loss / d logits` `[N, K]` (float32) in closed form, with no autograd and no host read: the class
+    loss gives `e_c - softmax(z - margin e_c)`, the soft losses `-p_ij (a_j - sum_k p_ik a_k)` with
+    `p_i = softmax(z_i / T)` and `a = dD / dp_hat` at their mean."""
+    logits, targets, valid = _loss_inputs(logits, targets, loss, temperature, valid)
     if loss == "classes":
         asked = _one_hot(targets, logits.shape[1])
         directions = asked - torch.softmax(logits - margin * asked, dim=1)
@@ -866,22 +747,15 @@ def logit_directions(
     return torch.where(valid[:, None], directions, 0.0)
 
 
-def _valid_rows(logits: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """The rows the loss reads: those of `valid` whose logits are all finite (on the device, no host read). A row
-    whose class is -1 (left unassigned by `assign_classes`) is not read either."""
-    finite = torch.isfinite(logits).all(dim=1)
-    return finite if valid is None else finite & valid
-
-
 def _one_hot(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
     # a comparison, not F.one_hot, which checks the class range on the host (a device synchronisation on CUDA)
     return (classes[:, None] == torch.arange(num_classes, device=classes.device)).float()
 
 
-def _check_loss_inputs(
-    logits: torch.Tensor, targets: torch.Tensor, loss: str, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shapes and values the loss needs (checked on shapes only: nothing here reads a device value)."""
+def _loss_inputs(
+    logits: torch.Tensor, targets: torch.Tensor, loss: str, temperature: float, valid: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss's logits (float32), targets and rows read, checked on shapes only (no device value read)."""
     if logits.ndim != 2 or logits.shape[1] < 2:
         raise ValueError(f"`logits` must have shape [N, K] with K >= 2, got {list(logits.shape)}.")
     logits = logits.float()
@@ -889,26 +763,128 @@ def _check_loss_inputs(
         targets = torch.as_tensor(targets, device=logits.device).long().flatten()
         if targets.shape[0] != logits.shape[0]:
             raise ValueError(f"`targets` must hold one class per row ({logits.shape[0]}), got {targets.shape[0]}.")
-        return logits, targets
-    if loss not in ("kl", "chi2"):
-        raise ValueError(f"`loss` must be one of ['classes', 'kl', 'chi2'], got {loss!r}.")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"`temperature` must be a positive number, got {temperature}.")
-    p_ref = torch.as_tensor(targets, device=logits.device, dtype=torch.float32).flatten()
-    if p_ref.shape[0] != logits.shape[1]:
-        raise ValueError(f"`targets` must be a {logits.shape[1]}-vector, got {p_ref.shape[0]} entries.")
-    return logits, p_ref.clamp_min(TARGET_PROB_FLOOR)
+    else:
+        if loss not in ("kl", "chi2"):
+            raise ValueError(f"`loss` must be one of ['classes', 'kl', 'chi2'], got {loss!r}.")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"`temperature` must be a positive number, got {temperature}.")
+        targets = torch.as_tensor(targets, device=logits.device, dtype=torch.float32).flatten()
+        if targets.shape[0] != logits.shape[1]:
+            raise ValueError(f"`targets` must be a {logits.shape[1]}-vector, got {targets.shape[0]} entries.")
+        targets = targets.clamp_min(TARGET_PROB_FLOOR)
+    finite = torch.isfinite(logits).all(dim=1)
+    valid = finite if valid is None else finite & valid
+    return logits, targets, valid & (targets >= 0) if loss == "classes" else valid
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# One guided call: its settings and its per-call state
-# ----------------------------------------------------------------------------------------------------------------
+# --- A guided call: its arguments (declared and documented once), its settings and its per-call state -------------
+
+
+@dataclass
+class GuidanceArguments:
+    """The Balancing Act arguments of a pipeline call and their defaults (`GUIDANCE_ARGS_DOCSTRING`). The checked copy
+    `check_guidance_inputs` returns has one float strength per classifier and the steps and temperature normalised."""
+
+    h_classifier: "HClassifier | str | os.PathLike | Sequence[HClassifier | str | os.PathLike] | None" = None
+    guidance_mode: str | None = None
+    target_distribution: Any = None
+    target_classes: Any = None
+    guidance_strength: float | Sequence[float] = DEFAULT_GUIDANCE_STRENGTH
+    guidance_steps: tuple[float, float] | Sequence[int] = (0.0, 1.0)
+    distribution_solver: str = "assign"
+    classifier_temperature: float | None = None
+    guided_branches: str = "cond"
+    balance_state: BalanceState | None = None
+    global_batch: bool = False
+    _checked: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.init]
+
+    @classmethod
+    def from_call(cls, arguments: dict[str, Any]) -> "GuidanceArguments":
+        """The Balancing Act arguments of a call, from its `locals()` (one a pipeline does not take: its default)."""
+        return cls(**{name: arguments[name] for name in cls.names() if name in arguments})
+
+
+# The Args entries of the Balancing Act arguments, indented for a pipeline's `__call__` docstring:
+# `guidance_args_docstring` keeps those the pipeline takes and fills in its {unguided}, {images}, {strength_divisor}.
+GUIDANCE_ARGS_DOCSTRING = """
+            h_classifier (`HClassifier`, `str`, `os.PathLike` or a list of those, *optional*):
+                The h-classifier(s) of the attribute(s) to guide, trained on this UNet's h: an `HClassifier`, or a
+                local directory / Hub id loaded with `HClassifier.from_pretrained` (safetensors only; cached on the
+                pipeline, loaded again when a local folder's files change). A list guides several attributes at
+                once: then `target_distribution` takes one entry per classifier (marginal targets) or one table over
+                the cells of their classes (a joint target), `target_classes` one entry per classifier, and
+                `guidance_strength` one number or one per classifier. A classifier whose entry is `"hold"` is held,
+                not guided: every guided move of h loses its components along the held classifier's class
+                directions (its head's weight differences at that step), so its reading of that step's h stays.
+            guidance_mode (`str`, *optional*):
+                `None` ({unguided}, bit-for-bit), `"sample"` (each image towards a class) or `"distribution"` (the
+                batch towards a distribution of classes).
+            target_distribution (`list[float]`, `torch.Tensor` or `str`, *optional*):
+                Distribution mode: per classifier a probability vector over its classes (non-negative, sums to 1) or
+                the name of one class (every image is guided to it). With several classifiers, a table shaped
+                `[K_1, ..., K_n]` summing to 1 is a joint target over the cells of their classes (e.g. skin x
+                glasses, 2 x 2). Needs at least 2 images, or a `balance_state`.
+            target_classes (`int`, `str` or `list`, *optional*):
+                Sample mode: per classifier one class (index or name) for all images, or a list of one class per
+                image (`len == {images}`, in the order of the output images).
+            guidance_strength (`float` or `list[float]`, *optional*, defaults to `DEFAULT_GUIDANCE_STRENGTH`):
+                How far h moves per guided step, in class gaps (one number, or one per classifier; 0 to
+                `MAX_GUIDANCE_STRENGTH`): image i moves as `h_i' = h_i + s / w * sum_k g_ik a_k`, where `a_k` are the
+                classifier's class anchors at this timestep, `g_i = -d L / d z_i` the direction the guidance loss
+                asks of the image's calibrated logits z_i (`e_c - e_a` for an image surely of class a asked to be
+                c: a move by s times the gap from anchor a to anchor c), and w is {strength_divisor}.
+            guidance_steps (`tuple[float, float]` or `list[int]`, *optional*, defaults to `(0.0, 1.0)`):
+                The guided steps: a tuple `(start, end)` of fractions guides loop steps i with
+                `start <= i / num_inference_steps < end`; a list gives step indices (0-based, as in callbacks).
+            distribution_solver (`str`, *optional*, defaults to `"assign"`):
+                Distribution mode: `"assign"` turns the target into exact class counts for the batch (largest
+                remainder), assigns each image a class by a min-cost assignment on the calibrated log-probabilities
+                (solved again at every guided step, with a cost for switching) and guides each image to its class.
+                `"kl"` / `"chi2"` are the paper's soft losses on the batch mean of `softmax(logits / temperature)`.
+            classifier_temperature (`float`, *optional*):
+                The soft solvers' softmax temperature; defaults to each classifier's `config.temperature` (8).
+            guided_branches (`str`, *optional*, defaults to `"cond"`):
+                With classifier-free guidance the UNet sees `[uncond; cond]`: `"cond"` moves only the conditional
+                rows, `"both"` both rows of each image by the same amount. The classifiers read the conditional rows.
+            balance_state (`BalanceState`, *optional*):
+                Distribution mode with `distribution_solver="assign"`: class counts carried across calls, so that a
+                job generated in small batches (1 included) ends on the target counts; saves to JSON.
+            global_batch (`bool`, *optional*, defaults to `False`):
+                Distribution mode across processes (e.g. `accelerate launch`): the logits of every process's images
+                are gathered at each guided step and the counts, the assignment (or the soft solvers' batch mean)
+                and a `balance_state` are those of all of them, identically on every process; each process moves its
+                own images. Needs torch.distributed initialised and the same call on every process (each with its
+                own inputs and generators).
+"""
+
+
+def guidance_args_docstring(**words: str) -> Callable:
+    """Like diffusers' `replace_example_docstring`: ends the `Args:` section of a pipeline's `__call__` docstring
+    (before its `Examples:` line) with the `GUIDANCE_ARGS_DOCSTRING` entries of the arguments it takes."""
+
+    def decorator(fn: Callable) -> Callable:
+        lines = fn.__doc__.split("\n")
+        args = next((i for i, line in enumerate(lines) if re.fullmatch(r"\s*Args:\s*", line)), None)
+        end = next((i for i, line in enumerate(lines) if re.fullmatch(r"\s*Examples?:\s*", line)), None)
+        if args is None or end is None or end < args:
+            raise ValueError(f"The docstring of {fn} needs an 'Args:' line and, after it, an 'Examples:' line.")
+        while end > args + 1 and not lines[end - 1].strip():  # after the pipeline's own entries
+            end -= 1
+        entries = re.split(r"\n(?=\s{12}\S)", GUIDANCE_ARGS_DOCSTRING.strip("\n").format(**words))
+        ours = [entry for entry in entries if entry.split()[0] in inspect.signature(fn).parameters]
+        fn.__doc__ = "\n".join([*lines[:end], *ours, *lines[end:]])
+        return fn
+
+    return decorator
 
 
 def _all_gather_rows(rows: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
-    """The `rows` `[n_p, ...]` of every process, concatenated in process order (`torch.distributed.all_gather`;
-    `sizes` holds each process's n_p, and shorter ones are padded to the longest for the collective). On the gloo
-    backend the tensors travel through the CPU."""
+    """The `rows` `[n_p, ...]` of every process in process order (`sizes`: each n_p; padded to the longest for
+    `all_gather`, through the CPU on gloo)."""
     import torch.distributed as dist
 
     device = torch.device("cpu") if dist.get_backend() == "gloo" else rows.device
@@ -929,11 +905,8 @@ def _fmt(values: Any) -> str:
 
 @dataclass(frozen=True)
 class GuidanceSettings:
-    """What a guided call asked for, validated, with its classifiers loaded; nothing in it changes during the call.
-
-    A "group" is what one solver balances: one classifier (marginal targets, sample mode) or all of them together (a
-    joint target over the cells of their classes).
-    """
+    """What a guided call asked for, validated, with its classifiers loaded. A "group" is what one solver balances: one
+    classifier, or all of them together for a joint target."""
 
     classifiers: tuple[HClassifier, ...]
     mode: str  # "sample" or "distribution"
@@ -966,28 +939,19 @@ class GuidanceSettings:
 
     def is_guided(self, step: int, num_steps: int) -> bool:
         if len(self.steps) == 2 and isinstance(self.steps[0], float):
-            start, end = self.steps
-            return start * num_steps <= step < end * num_steps
+            return self.steps[0] * num_steps <= step < self.steps[1] * num_steps
         return step in self.steps
 
 
 class _GuidanceRun:
-    """
-    The state of one guided call: the heads on the device, the class counts of the batch, the last assignment, the
-    step the denoising loop is at. `start` builds it once the pipeline knows the batch, the image size and the
-    timesteps (before the first step); `on_h` is the call's h function (read h, move it on guided steps) and
-    `end_step` runs after every step of the loop, from the loop's own step index; `finish` after the loop.
-
-    Everything the steps need goes to the device in `start`; a step reads no device value on the host, except the
-    one copy of the cost matrix to the host solver for K >= 3 classes (or joint cells) with the default solver.
-    An image whose h (so its logits) is not finite at a step is left unguided there; the others keep exact counts
-    among themselves; `finish` reports such images once, after the loop.
-    """
+    """The state of one guided call. `start` puts on the device, before the first step, all that the steps need: a
+    step reads no device value on the host but for the host solver's cost (K >= 3). `on_h` is the call's h function,
+    `end_step` runs after every step and `finish` after the loop. An image whose h is not finite at a step is left
+    unguided there (the others keep exact counts) and reported once, by `finish`."""
 
     def __init__(self, settings: GuidanceSettings, unet_compiled: bool, stale_timesteps: Any = None):
         self.settings = settings
         self.unet_compiled = unet_compiled
-        # the scheduler's timesteps before the call: `start_guidance` refuses to read these (another call's schedule)
         self.stale_timesteps = stale_timesteps
         self.started = False
 
@@ -1003,16 +967,14 @@ class _GuidanceRun:
         settings = self.settings
         self.num_images, self.num_steps, self.cfg = num_images, len(timesteps), cfg
         self.rows = num_images * (2 if cfg else 1)
-        # With classifier-free guidance the output is e_u + w (e_c - e_u): a move of the conditional rows alone
-        # reaches it amplified by w. Divide by w, so a strength means the same change of the output at any scale.
+        # With CFG the output is e_u + w (e_c - e_u): a move of the conditional rows alone is amplified by w.
         amplification = guidance_scale if cfg and settings.branches == "cond" else 1.0
         self.step_sizes = [strength / amplification for strength in settings.strengths]
         self.guided = [settings.is_guided(i, self.num_steps) for i in range(self.num_steps)]
         last = self.num_steps - 1
         self.reads = [g or (settings.balance_state is not None and i == last) for i, g in enumerate(self.guided)]
         # Per classifier: the heads of the steps that read h, stacked once on the device; per step its row.
-        self.head_row: list[list[int]] = []
-        self.heads: list[tuple[torch.Tensor, ...]] = []
+        self.head_row, self.heads = [], []
         for classifier in settings.classifiers:
             indices = [classifier.head_index(t) if read else 0 for t, read in zip(timesteps, self.reads)]
             used = sorted({i for i, read in zip(indices, self.reads) if read})
@@ -1021,13 +983,10 @@ class _GuidanceRun:
             scale, bias = classifier._calibration
             parts = (classifier.weight, classifier.bias, scale[:, None], bias, classifier.anchors)
             self.heads.append(tuple(p.detach()[rows].to(device=device, dtype=torch.float32) for p in parts))
-        # Global batch (distribution mode): each process's number of images, in process order, and this process's
-        # rows of the global batch. The counts, the assignment and the soft solvers' p_hat are over the global rows.
+        # Global batch: each process's number of images, and this process's rows of the global batch.
         self.process_rows, self.own_rows, total = process_rows, slice(0, num_images), num_images
         if process_rows is not None:
-            import torch.distributed as dist
-
-            first = sum(process_rows[: dist.get_rank()])
+            first = sum(process_rows[: torch.distributed.get_rank()])
             self.own_rows, total = slice(first, first + num_images), sum(process_rows)
         self.counts: list[list[int]] | None = None
         self.class_targets: list[torch.Tensor | None] = []  # per group: each (global) image's class, when fixed
@@ -1054,8 +1013,6 @@ class _GuidanceRun:
         self.non_finite = torch.zeros(self.num_steps, dtype=torch.long, device=device)
         self.step_index, self.calls_in_step, self.started = 0, 0, True
 
-    # -- the h function ---------------------------------------------------------------------------------------------
-
     def on_h(self, h: torch.Tensor) -> torch.Tensor | None:
         """Read h at this step (calibrated logits of the conditional rows); on a guided step return the moved h."""
         if not self.started:
@@ -1079,8 +1036,14 @@ class _GuidanceRun:
             calibrated = [r * scale + cal_bias for r, (_, _, scale, cal_bias, _) in zip(raw, heads)]
             finite = torch.stack([torch.isfinite(r).all(dim=1) for r in raw]).all(dim=0)
             self.non_finite[step] = (~finite).sum()
-            if self.settings.balance_state is not None:
-                self.final_classes = self._predicted_classes(calibrated, finite)
+            if self.settings.balance_state is not None:  # each image's class (joint: cell), -1 where not finite
+                predicted = [z.argmax(1) for z in calibrated]
+                if self.settings.joint:
+                    cells = predicted[0]
+                    for z, p in zip(calibrated[1:], predicted[1:]):
+                        cells = cells * z.shape[1] + p
+                    predicted = [cells]
+                self.final_classes = [torch.where(finite, p, -1) for p in predicted]
             if not self.guided[step]:
                 return None
             directions = self._directions(calibrated, raw)
@@ -1096,11 +1059,9 @@ class _GuidanceRun:
         return torch.cat([h[:first], h[first:] + delta])
 
     def _held_bases(self, timesteps: list[float], device: torch.device) -> tuple[torch.Tensor | None, list[int]]:
-        """Per guided step, an orthonormal basis `[D, M]` of the directions of h the held classifiers read: the
-        differences `w_k - w_0` of each held head's class weights (softmax reads logit differences only; the
-        calibration scales a head's logits by one positive number). A move with these components removed leaves
-        every held classifier's calibrated logits at this step unchanged, up to one common shift per image. Built
-        once per call, before the loop (one QR of the distinct head combinations); returns (bases, row per step)."""
+        """Per guided step, an orthonormal basis `[D, M]` of the held heads' weight differences `w_k - w_0`: a move
+        without these components leaves their calibrated logits unchanged up to one shift per image. Returns (bases,
+        row per step)."""
         held = self.settings.held
         if not held:
             return None, []
@@ -1120,9 +1081,8 @@ class _GuidanceRun:
         return bases, rows
 
     def _directions(self, calibrated: list[torch.Tensor], raw: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per classifier, the logit-space directions `[N, K]` of this step (`logit_directions`; zero for an image
-        whose logits of any classifier are not finite). With a global batch the solvers see the rows of every
-        process (gathered) and this process's rows are returned."""
+        """Per classifier, the logit directions `[N, K]` of this process's rows (zero where any logit is not finite);
+        with a global batch the solvers see every process's rows."""
         settings = self.settings
         if self.process_rows is not None:  # one all_gather of every classifier's calibrated and raw logits
             widths = [z.shape[1] for z in calibrated + raw]
@@ -1166,19 +1126,6 @@ class _GuidanceRun:
         self.previous[group] = _assign_checked(cost, self.counts[group], self.device_counts[group])
         return self.previous[group]
 
-    def _predicted_classes(self, calibrated: list[torch.Tensor], finite: torch.Tensor) -> list[torch.Tensor]:
-        """Each image's predicted class (joint: cell) at this step, -1 where h was not finite; the last reading is
-        what the state counts."""
-        predicted = [z.argmax(1) for z in calibrated]
-        if self.settings.joint:
-            cells = predicted[0]
-            for z, p in zip(calibrated[1:], predicted[1:]):
-                cells = cells * z.shape[1] + p
-            predicted = [cells]
-        return [torch.where(finite, p, -1) for p in predicted]
-
-    # -- the loop ---------------------------------------------------------------------------------------------------
-
     def step_callback(self, callback: Callable | None) -> Callable:
         """A `callback_on_step_end` that runs the caller's callback, then `end_step` with the loop's step index."""
 
@@ -1190,8 +1137,7 @@ class _GuidanceRun:
         return on_step_end
 
     def end_step(self, step: int) -> None:
-        """After loop step `step`: the steps must come in order, and h must have been read exactly once in each (else
-        the step was not guided as asked)."""
+        """After loop step `step`: the steps come in order and h was read exactly once in each."""
         calls, self.calls_in_step = self.calls_in_step, 0
         if step != self.step_index or step >= self.num_steps:
             raise RuntimeError(
@@ -1217,10 +1163,8 @@ class _GuidanceRun:
         self.step_index = step + 1
 
     def finish(self, interrupted: bool = False) -> None:
-        """After the loop (once per call, outside it): check that it ran every step of the schedule read at the start
-        (unless `interrupted`), report the images whose h was not finite, then, for a call that ran every step, add
-        its final classes to the `balance_state` (every process's, in a global batch). A call that raises never gets
-        here: the state counts finished calls only."""
+        """After the loop: check it ran every step (unless `interrupted`), report the images whose h was not finite,
+        and, if it ran every step, add its final classes to the `balance_state` (every process's)."""
         if not interrupted and self.step_index != self.num_steps:
             raise RuntimeError(
                 f"The denoising loop ran {self.step_index} steps, but the scheduler's timesteps read when the guided "
@@ -1248,8 +1192,7 @@ _TOKENIZER_LOCKS: "weakref.WeakKeyDictionary[Any, threading.Lock]" = weakref.Wea
 
 
 def tokenizer_lock(tokenizer: Any) -> threading.Lock:
-    """The one lock of `tokenizer` (made on first use; `contextlib.nullcontext` for None): the project's pipelines
-    hold it while they tokenize, so that threads sharing the tokenizer do not change its settings under each other."""
+    """The lock the project's pipelines hold while they tokenize with `tokenizer` (shared by threads)."""
     if tokenizer is None:
         return contextlib.nullcontext()
     with _HOOKS_LOCK:
@@ -1262,20 +1205,6 @@ _CURRENT_RUN: contextvars.ContextVar[tuple[Any, _GuidanceRun] | None] = contextv
 )
 
 
-def unexpected_keywords_message(pipeline: type, unknown: Sequence[str], standard: Sequence[str]) -> str:
-    """The `TypeError` message for unknown keyword arguments of `pipeline`'s call, naming the closest known argument
-    of each (a typo such as `target_distrbution`)."""
-    known = [*standard, *BalancingActMixin.guidance_parameters()]
-    hints = []
-    for name in unknown:
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
-        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return (
-        f"{pipeline.__name__}.__call__() got unexpected keyword argument(s) {', '.join(hints)}; it takes the "
-        f"arguments of {pipeline.__mro__[2].__name__} and {', '.join(BalancingActMixin.guidance_parameters())}."
-    )
-
-
 def _class_index(classifier: HClassifier, value: Any, argument: str) -> int:
     """`classifier.class_index` with the name of the argument in the error."""
     try:
@@ -1284,53 +1213,24 @@ def _class_index(classifier: HClassifier, value: Any, argument: str) -> int:
         raise ValueError(f"`{argument}`: {error}") from None
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The pipeline
-# ----------------------------------------------------------------------------------------------------------------
-
-
-# The arguments of `StableDiffusionPipeline.__call__`, passed on as they are (read from it, not copied).
-_STABLE_DIFFUSION_ARGUMENTS = tuple(
-    name
-    for name, parameter in inspect.signature(StableDiffusionPipeline.__call__).parameters.items()
-    if name != "self" and parameter.kind is not inspect.Parameter.VAR_KEYWORD
-)
+# --- The pipelines --------------------------------------------------------------------------------------------------
 
 
 class BalancingActMixin:
     r"""
-    The Balancing Act guidance of a diffusers pipeline, shared by every pipeline that offers it: the h hook installed
-    on the UNet when the pipeline is made, the classifiers, the checks of the arguments (`check_guidance_inputs`,
-    pure), their preparation (`prepare_guidance`), and the start of a guided call (`start_guidance`). A pipeline
-    subclasses it before its diffusers base class and, in its `__call__`, activates `_GuidanceRun.on_h` with a
-    `MidBlockHook` and calls `_GuidanceRun.end_step` after every step of its loop.
+    Balancing Act guidance for a diffusers pipeline, which subclasses it before its diffusers base class, sets
+    `_images_argument`, `_unguided_name` and `_wrapped_call` (words of the messages) and, in its `__call__`, checks
+    (`check_guidance_inputs`), prepares (`prepare_guidance`) and starts (`start_guidance`) a guided call, runs
+    `_GuidanceRun.on_h` in a `MidBlockHook` and calls `_GuidanceRun.end_step` after every step.
     """
 
-    # For the error messages: how the pipeline's arguments give its number of images, and what it is unguided.
-    _images_argument = "batch size x num_images_per_prompt"
-    _unguided_name = "vanilla Stable Diffusion"
-    # the diffusers call whose order `start_guidance` relies on (named in its error)
-    _wrapped_call = "StableDiffusionPipeline.__call__"
-
-    @classmethod
-    def guidance_parameters(cls) -> list[str]:
-        """The names of the Balancing Act arguments, as `check_guidance_inputs` and `prepare_guidance` take them."""
-        return list(inspect.signature(cls.check_guidance_inputs).parameters)[1:]
-
-    @classmethod
-    def guidance_arguments(cls, arguments: dict[str, Any]) -> dict[str, Any]:
-        """The Balancing Act arguments of a call (from its `locals()`); a pipeline without one of them
-        (`guided_branches` without classifier-free guidance) gets its default."""
-        return {name: arguments[name] for name in cls.guidance_parameters() if name in arguments}
-
-    # Pixels per latent pixel (a latent diffusion pipeline's VAE factor); 1 for a pixel-space model.
-    @property
-    def h_scale_factor(self) -> int:
-        return getattr(self, "vae_scale_factor", 1)
+    def h_shape(self, height: int, width: int) -> list[int]:
+        """The per-sample shape [C, H, W] of h = `unet.mid_block` output for images of `height` x `width` pixels."""
+        scale = getattr(self, "vae_scale_factor", 1)  # pixels per latent pixel; 1 for a pixel-space model
+        return mid_block_h_shape(self.unet, int(height) // scale, int(width) // scale)
 
     def _resolve_classifier(self, classifier: "HClassifier | str | os.PathLike") -> HClassifier:
-        # Duck-typed: diffusers' custom_pipeline loader imports this file as a second module, whose HClassifier is a
-        # different class object from `h_classifiers.HClassifier`; both must be accepted.
+        # Duck-typed: the HClassifier of this file loaded by diffusers' custom_pipeline loader is another class.
         if isinstance(classifier, torch.nn.Module) and all(
             hasattr(classifier, name) for name in ("config", "head_index", "calibrated_logits", "check_guidance_ready")
         ):
@@ -1338,10 +1238,9 @@ class BalancingActMixin:
             return classifier
         if isinstance(classifier, (str, os.PathLike)):
             key = os.fspath(classifier)
-            # A local folder is loaded again when its files change (a classifier retrained in place).
             files = [os.path.join(key, n) for n in ("config.json", "diffusion_pytorch_model.safetensors")]
             stamp = tuple(os.path.getmtime(f) for f in files if os.path.isfile(f))
-            cache = self.__dict__.setdefault("_h_classifier_cache", {})
+            cache = self.__dict__.setdefault("_h_classifier_cache", {})  # loaded again when the files change
             if key not in cache or cache[key][0] != stamp:
                 cache[key] = (stamp, HClassifier.from_pretrained(key).eval())
             return cache[key][1]
@@ -1349,11 +1248,6 @@ class BalancingActMixin:
             "`h_classifier` must be an HClassifier, a local directory or Hub id (str / PathLike), or a list of "
             f"those; got {type(classifier).__name__}."
         )
-
-    def h_shape(self, height: int, width: int) -> list[int]:
-        """The per-sample shape [C, H, W] of h = `unet.mid_block` output for images of `height` x `width` pixels."""
-        scale = self.h_scale_factor
-        return mid_block_h_shape(self.unet, int(height) // scale, int(width) // scale)
 
     @staticmethod
     def _per_classifier(value: Any, name: str, num_classifiers: int, is_list: bool) -> list[Any]:
@@ -1386,7 +1280,7 @@ class BalancingActMixin:
                 f"`target_distribution` for the {classifier.config.attribute!r} classifier must have {len(names)} "
                 f"entries (classes {names}); got {target.numel()}."
             )
-        return BalancingActPipeline._check_probabilities(target)
+        return BalancingActMixin._check_probabilities(target)
 
     @staticmethod
     def _check_probabilities(target: torch.Tensor) -> torch.Tensor:
@@ -1403,8 +1297,7 @@ class BalancingActMixin:
 
     @staticmethod
     def _joint_target(value: Any, classifiers: list[HClassifier]) -> torch.Tensor | None:
-        """A joint target over the cells of several classifiers' classes: a table shaped [K_1, ..., K_n] summing to
-        1 (marginal targets, one vector per classifier, each sum to 1 instead). None when `value` is not one."""
+        """A joint target (a table shaped [K_1, ..., K_n] summing to 1), or None when `value` is not one."""
         shape = tuple(c.num_classes for c in classifiers)
         try:
             table = torch.as_tensor(value, dtype=torch.float64).float()
@@ -1412,12 +1305,11 @@ class BalancingActMixin:
             return None
         if tuple(table.shape) != shape or abs(float(table.sum()) - 1.0) > TARGET_SUM_TOLERANCE:
             return None
-        return BalancingActPipeline._check_probabilities(table.flatten()).reshape(shape)
+        return BalancingActMixin._check_probabilities(table.flatten()).reshape(shape)
 
     @staticmethod
     def _target_indices(value: Any, classifier: HClassifier) -> list[int]:
-        """Sample mode: one class index for every image, or one per image (its length is checked against the batch
-        when the call starts)."""
+        """Sample mode: one class index for every image, or one per image."""
         if not isinstance(value, str) and getattr(value, "ndim", 1) > 0 and hasattr(value, "__len__"):
             if len(value) == 0:
                 raise ValueError("`target_classes` is an empty list; give one class for all images or one per image.")
@@ -1428,23 +1320,20 @@ class BalancingActMixin:
     def _check_steps(guidance_steps: Any) -> tuple[float, float] | tuple[int, ...]:
         accepted = "a fraction window (start, end) with 0 <= start < end <= 1, or a non-empty list of step indices"
         if isinstance(guidance_steps, tuple):
-            if len(guidance_steps) != 2 or not all(
+            if len(guidance_steps) == 2 and all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in guidance_steps
             ):
-                raise ValueError(f"`guidance_steps` must be {accepted}; got {guidance_steps!r}.")
-            start, end = (float(v) for v in guidance_steps)
-            if not (0.0 <= start < end <= 1.0):
-                raise ValueError(f"`guidance_steps` must be {accepted}; got {guidance_steps!r}.")
-            return (start, end)
-        if isinstance(guidance_steps, (list, range, torch.Tensor)):
+                start, end = (float(v) for v in guidance_steps)
+                if 0.0 <= start < end <= 1.0:
+                    return (start, end)
+        elif isinstance(guidance_steps, (list, range, torch.Tensor)):
             steps = guidance_steps.tolist() if isinstance(guidance_steps, torch.Tensor) else list(guidance_steps)
-            if len(steps) == 0 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in steps):
-                raise ValueError(f"`guidance_steps` must be {accepted}; got {guidance_steps!r}.")
-            return tuple(sorted(set(steps)))
+            if steps and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in steps):
+                return tuple(sorted(set(steps)))
         raise ValueError(f"`guidance_steps` must be {accepted}; got {guidance_steps!r}.")
 
     @staticmethod
-    def _check_strengths(guidance_strength: Any, num_classifiers: int) -> list[float]:
+    def _check_strengths(guidance_strength: Any, num_classifiers: int) -> tuple[float, ...]:
         if isinstance(guidance_strength, (list, tuple)):
             strengths = list(guidance_strength)
             if len(strengths) != num_classifiers:
@@ -1454,111 +1343,80 @@ class BalancingActMixin:
                 )
         else:
             strengths = [guidance_strength] * num_classifiers
-        for value in strengths:
+        for value in strengths:  # `not 0 <= value <= MAX` also refuses nan
             if (
                 isinstance(value, bool)
                 or not isinstance(value, (int, float))
-                or not 0 <= value <= MAX_GUIDANCE_STRENGTH  # also refuses nan
+                or not 0 <= value <= MAX_GUIDANCE_STRENGTH
             ):
                 raise ValueError(
                     f"`guidance_strength` must be a number from 0 to {MAX_GUIDANCE_STRENGTH:g} (class gaps per guided "
                     f"step; default {DEFAULT_GUIDANCE_STRENGTH:g}); got {_fmt(guidance_strength)}."
                 )
-        return [float(v) for v in strengths]
+        return tuple(float(v) for v in strengths)
 
-    @staticmethod
-    def _check_temperatures(classifier_temperature: Any, classifiers: list[HClassifier]) -> list[float]:
-        if classifier_temperature is None:
-            return [float(c.config.temperature) for c in classifiers]
-        if (
-            isinstance(classifier_temperature, (int, float))
-            and not isinstance(classifier_temperature, bool)
-            and math.isfinite(classifier_temperature)
-            and classifier_temperature > 0
-        ):
-            return [float(classifier_temperature)] * len(classifiers)
-        raise ValueError(f"`classifier_temperature` must be a positive number; got {classifier_temperature!r}.")
-
-    def check_guidance_inputs(
-        self,
-        h_classifier: Any,
-        guidance_mode: str | None,
-        target_distribution: Any,
-        target_classes: Any,
-        guidance_strength: float | list[float],
-        guidance_steps: Any,
-        distribution_solver: str,
-        classifier_temperature: float | None,
-        balance_state: BalanceState | None,
-        global_batch: bool,
-        guided_branches: str = "cond",
-    ) -> None:
-        """Validate the Balancing Act arguments, as `check_inputs` does the others: no file, Hub or process is touched.
-        What needs the classifiers (class names, shapes) is checked by `prepare_guidance`, what needs the batch and
-        the timesteps when the call starts."""
-        if guidance_mode is None:
-            given = [
-                name
-                for name, value in (
-                    ("h_classifier", h_classifier),
-                    ("target_distribution", target_distribution),
-                    ("target_classes", target_classes),
-                    ("balance_state", balance_state),
-                    ("global_batch", global_batch or None),
-                )
-                if value is not None
-            ]
+    def check_guidance_inputs(self, arguments: GuidanceArguments) -> GuidanceArguments:
+        """Validate the Balancing Act arguments, as `check_inputs` does the others (touching no file, Hub or process),
+        and return them checked for `prepare_guidance`."""
+        a = arguments
+        if a.guidance_mode is None:
+            names = ("h_classifier", "target_distribution", "target_classes", "balance_state")
+            given = [n for n in names if getattr(a, n) is not None] + (["global_batch"] if a.global_batch else [])
             if given:
                 raise ValueError(
                     f"{', '.join(f'`{n}`' for n in given)} given without `guidance_mode`: no guidance would be applied. "
                     "Add guidance_mode='distribution' (with target_distribution) or guidance_mode='sample' (with "
                     f"target_classes), or drop those arguments for {self._unguided_name}."
                 )
-            return
-        if guidance_mode not in GUIDANCE_MODES:
-            raise ValueError(f"`guidance_mode` must be None, 'sample' or 'distribution'; got {guidance_mode!r}.")
-        if h_classifier is None or (isinstance(h_classifier, (list, tuple)) and len(h_classifier) == 0):
+            return arguments
+        mode, solver = a.guidance_mode, a.distribution_solver
+        if mode not in GUIDANCE_MODES:
+            raise ValueError(f"`guidance_mode` must be None, 'sample' or 'distribution'; got {mode!r}.")
+        if a.h_classifier is None or (isinstance(a.h_classifier, (list, tuple)) and len(a.h_classifier) == 0):
             raise ValueError(
-                f"`guidance_mode={guidance_mode!r}` needs `h_classifier`: an HClassifier, a folder or a Hub id (or a "
+                f"`guidance_mode={mode!r}` needs `h_classifier`: an HClassifier, a folder or a Hub id (or a "
                 "non-empty list of them)."
             )
-        if guidance_mode == "distribution" and target_distribution is None:
+        if mode == "distribution" and a.target_distribution is None:
             raise ValueError(
                 "`guidance_mode='distribution'` needs `target_distribution`: a probability vector or a class name per "
                 "classifier, or with several classifiers a joint table over their classes."
             )
-        if guidance_mode == "sample" and target_classes is None:
+        if mode == "sample" and a.target_classes is None:
             raise ValueError(
                 "`guidance_mode='sample'` needs `target_classes`: a class (name or index) for all images or a list of "
                 "one class per image."
             )
-        if distribution_solver not in DISTRIBUTION_SOLVERS:
-            raise ValueError(
-                f"`distribution_solver` must be one of {list(DISTRIBUTION_SOLVERS)}; got {distribution_solver!r}."
-            )
-        if guided_branches not in GUIDED_BRANCHES:
-            raise ValueError(f"`guided_branches` must be one of {list(GUIDED_BRANCHES)}; got {guided_branches!r}.")
-        if balance_state is not None:
-            if not isinstance(balance_state, BalanceState) and not hasattr(balance_state, "batch_counts"):
-                raise TypeError(f"`balance_state` must be a BalanceState; got {type(balance_state).__name__}.")
-            if guidance_mode != "distribution" or distribution_solver != "assign":
+        if solver not in DISTRIBUTION_SOLVERS:
+            raise ValueError(f"`distribution_solver` must be one of {list(DISTRIBUTION_SOLVERS)}; got {solver!r}.")
+        if a.guided_branches not in GUIDED_BRANCHES:
+            raise ValueError(f"`guided_branches` must be one of {list(GUIDED_BRANCHES)}; got {a.guided_branches!r}.")
+        if a.balance_state is not None:
+            if not isinstance(a.balance_state, BalanceState) and not hasattr(a.balance_state, "batch_counts"):
+                raise TypeError(f"`balance_state` must be a BalanceState; got {type(a.balance_state).__name__}.")
+            if mode != "distribution" or solver != "assign":
                 raise ValueError(
                     "`balance_state` counts the classes of distribution mode with `distribution_solver='assign'`; "
-                    f"got guidance_mode={guidance_mode!r}, distribution_solver={distribution_solver!r}."
+                    f"got guidance_mode={mode!r}, distribution_solver={solver!r}."
                 )
-        if not isinstance(global_batch, bool):
-            raise TypeError(f"`global_batch` must be True or False; got {global_batch!r}.")
-        if global_batch and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if not isinstance(a.global_batch, bool):
+            raise TypeError(f"`global_batch` must be True or False; got {a.global_batch!r}.")
+        if a.global_batch and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             raise ValueError(
                 "`global_batch=True` computes the guidance statistics over the batches of all processes, but "
                 "torch.distributed is not initialised in this process. Launch every process with `accelerate launch` "
                 "(and create `accelerate.PartialState()`), or call `torch.distributed.init_process_group`, then make "
                 "the same call on every process; or drop `global_batch` for a single process."
             )
-        num_classifiers = len(h_classifier) if isinstance(h_classifier, (list, tuple)) else 1
-        self._check_steps(guidance_steps)
-        self._check_strengths(guidance_strength, num_classifiers)
-        self._check_temperatures(classifier_temperature, [])
+        num_classifiers = len(a.h_classifier) if isinstance(a.h_classifier, (list, tuple)) else 1
+        steps = self._check_steps(a.guidance_steps)
+        strengths = self._check_strengths(a.guidance_strength, num_classifiers)
+        temperature = a.classifier_temperature
+        if temperature is not None:
+            number = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+            if not (number and math.isfinite(temperature) and temperature > 0):
+                raise ValueError(f"`classifier_temperature` must be a positive number; got {temperature!r}.")
+            temperature = float(temperature)
         context = getattr(self.unet, "dynamo_ctx", None)  # set by torch.compile on the module it returns
         if getattr(context, "fullgraph", False) or getattr(context, "error_on_graph_break", False):
             raise ValueError(
@@ -1572,73 +1430,61 @@ class BalancingActMixin:
                 "`install_h_hook(pipe.unet.mid_block)` once before `torch.compile` (then guided and unguided calls "
                 "both run without recompiling)."
             )
+        checked = dataclasses.replace(
+            a, guidance_steps=steps, guidance_strength=strengths, classifier_temperature=temperature
+        )
+        checked._checked = True
+        return checked
 
-    def prepare_guidance(
-        self,
-        h_classifier: Any,
-        guidance_mode: str,
-        target_distribution: Any,
-        target_classes: Any,
-        guidance_strength: float | list[float],
-        guidance_steps: Any,
-        distribution_solver: str,
-        classifier_temperature: float | None,
-        balance_state: BalanceState | None,
-        global_batch: bool,
-        guided_branches: str = "cond",
-    ) -> GuidanceSettings:
-        """Load the classifiers (folders, Hub ids; cached on the pipeline) and check the targets against their
-        classes. Call after `check_guidance_inputs`."""
-        is_list = isinstance(h_classifier, (list, tuple))
-        classifiers = [self._resolve_classifier(c) for c in (h_classifier if is_list else [h_classifier])]
-        strengths = self._check_strengths(guidance_strength, len(classifiers))
-        temperatures = self._check_temperatures(classifier_temperature, classifiers)
-        argument = "target_distribution" if guidance_mode == "distribution" else "target_classes"
-        given = target_distribution if guidance_mode == "distribution" else target_classes
+    def prepare_guidance(self, arguments: GuidanceArguments) -> GuidanceSettings:
+        """Load the classifiers (cached on the pipeline) and check the targets against their classes; `arguments` not
+        returned by `check_guidance_inputs` are checked first."""
+        a = arguments if arguments._checked else self.check_guidance_inputs(arguments)
+        mode = a.guidance_mode
+        is_list = isinstance(a.h_classifier, (list, tuple))
+        classifiers = [self._resolve_classifier(c) for c in (a.h_classifier if is_list else [a.h_classifier])]
+        strengths = list(a.guidance_strength)
+        temperature = a.classifier_temperature
+        temperatures = [float(c.config.temperature) if temperature is None else temperature for c in classifiers]
+        argument = "target_distribution" if mode == "distribution" else "target_classes"
+        given = getattr(a, argument)
         held = self._held_entries(given, argument, len(classifiers), is_list)
-        if any(held):
+        held_classifiers = tuple(c for c, h in zip(classifiers, held) if h)
+        if held_classifiers:
             keep = [i for i, h in enumerate(held) if not h]
-            held_classifiers = tuple(c for c, h in zip(classifiers, held) if h)
-            classifiers, strengths, temperatures = (
-                [values[i] for i in keep] for values in (classifiers, strengths, temperatures)
+            classifiers, strengths, temperatures, given = (
+                [values[i] for i in keep] for values in (classifiers, strengths, temperatures, given)
             )
-            given = [given[i] for i in keep]
             if len(given) == 1:  # one guided classifier: as if it had been passed alone
                 given, is_list = given[0], False
-            if guidance_mode == "distribution":
-                target_distribution = given
-            else:
-                target_classes = given
-        else:
-            held_classifiers = ()
         joint = False
-        if guidance_mode == "distribution":
-            table = self._joint_target(target_distribution, classifiers) if is_list else None
+        if mode == "distribution":
+            table = self._joint_target(given, classifiers) if is_list else None
             if table is not None:
-                if distribution_solver != "assign":
+                if a.distribution_solver != "assign":
                     raise ValueError(
                         "A joint `target_distribution` (a table over the classes of several classifiers) needs "
-                        f"`distribution_solver='assign'`; got {distribution_solver!r}."
+                        f"`distribution_solver='assign'`; got {a.distribution_solver!r}."
                     )
                 joint, targets = True, [table]
             else:
-                entries = self._per_classifier(target_distribution, "target_distribution", len(classifiers), is_list)
+                entries = self._per_classifier(given, argument, len(classifiers), is_list)
                 targets = [self._target_vector(v, c) for v, c in zip(entries, classifiers)]
         else:
-            entries = self._per_classifier(target_classes, "target_classes", len(classifiers), is_list)
+            entries = self._per_classifier(given, argument, len(classifiers), is_list)
             targets = [self._target_indices(v, c) for v, c in zip(entries, classifiers)]
         return GuidanceSettings(
             classifiers=tuple(classifiers),
-            mode=guidance_mode,
-            solver="classes" if guidance_mode == "sample" else distribution_solver,
+            mode=mode,
+            solver="classes" if mode == "sample" else a.distribution_solver,
             joint=joint,
             targets=tuple(targets),
             strengths=tuple(strengths),
             temperatures=tuple(temperatures),
-            steps=self._check_steps(guidance_steps),
-            branches=guided_branches,
-            balance_state=balance_state,
-            global_batch=global_batch,
+            steps=a.guidance_steps,
+            branches=a.guided_branches,
+            balance_state=a.balance_state,
+            global_batch=a.global_batch,
             held=held_classifiers,
         )
 
@@ -1664,10 +1510,8 @@ class BalancingActMixin:
         cfg: bool = False,
         guidance_scale: float = 1.0,
     ) -> None:
-        """Check a guided call against its batch, image size and the scheduler's timesteps, then build its per-call
-        state, before the first step. The timesteps must be the ones this call set: a new schedule since the run was
-        made (`run.stale_timesteps`). `cfg`: the UNet sees `[uncond; cond]` rows, and moves of the conditional rows
-        are amplified by `guidance_scale`. The global batch's collective comes last, after everything that can fail."""
+        """Before the first step: check a guided call against its batch, image size and the timesteps this call set,
+        then start its run (`cfg`: the UNet sees `[uncond; cond]` rows). The collective comes after all checks."""
         settings = run.settings
         schedule = getattr(self.scheduler, "timesteps", None)
         if schedule is None or schedule is run.stale_timesteps:
@@ -1677,7 +1521,7 @@ class BalancingActMixin:
                 "before `prepare_latents` and run the loop after it (the order of the tested diffusers versions, "
                 "in setup.cfg). Use a tested diffusers version."
             )
-        timesteps = [float(t) for t in schedule.cpu()]  # once per call, before the loop
+        timesteps = [float(t) for t in schedule.cpu()]
         num_steps = len(timesteps)
         if isinstance(settings.steps[0], int) and settings.steps[-1] >= num_steps:
             raise ValueError(
@@ -1730,32 +1574,67 @@ class BalancingActMixin:
         run.start(num_images, timesteps, cfg, guidance_scale, device, process_rows)
 
 
+def unexpected_keywords_message(pipeline: type, unknown: Sequence[str], standard: Sequence[str]) -> str:
+    """The `TypeError` message for unknown keyword arguments of `pipeline`'s call, naming the closest known argument
+    of each (a typo such as `target_distrbution`)."""
+    guidance = GuidanceArguments.names()
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, [*standard, *guidance], n=1, cutoff=0.75)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return (
+        f"{pipeline.__name__}.__call__() got unexpected keyword argument(s) {', '.join(hints)}; it takes the "
+        f"arguments of {pipeline.__mro__[2].__name__} and {', '.join(guidance)}."
+    )
+
+
+# The arguments of `StableDiffusionPipeline.__call__`, passed on as they are (read from it, not copied).
+_STABLE_DIFFUSION_ARGUMENTS = tuple(
+    name
+    for name, parameter in inspect.signature(StableDiffusionPipeline.__call__).parameters.items()
+    if name != "self" and parameter.kind is not inspect.Parameter.VAR_KEYWORD
+)
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> from pipeline_balancing_act import BalancingActPipeline
+
+        >>> pipe = BalancingActPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
+        >>> images = pipe(
+        ...     "a photo of a doctor",
+        ...     num_images_per_prompt=8,
+        ...     h_classifier="user/gender-h-classifier",
+        ...     guidance_mode="distribution",
+        ...     target_distribution=[0.5, 0.5],
+        ... ).images
+        ```
+"""
+
+
 class BalancingActPipeline(BalancingActMixin, StableDiffusionPipeline):
     r"""
-    Stable Diffusion with Balancing Act h-space guidance (Parihar et al., CVPR 2024).
+    Stable Diffusion with Balancing Act h-space guidance (Parihar et al., CVPR 2024): during denoising, the UNet
+    bottleneck h = `unet.mid_block(...)` is read by h-classifiers and moved towards classes, per image
+    (`guidance_mode="sample"`) or to a target distribution over the batch (`"distribution"`, debiasing).
 
-    During denoising, the UNet bottleneck h = `unet.mid_block(...)` is read by per-timestep linear h-classifiers
-    (`HClassifier`) and moved towards classes, and the rest of the UNet runs on the moved h.
-    `guidance_mode="distribution"` steers the batch to a target distribution of an attribute (debiasing): by default
-    the target becomes exact class counts, assigned to the images at the least cost; `guidance_mode="sample"` steers
-    each image to a class.
-
-    Everything else is `StableDiffusionPipeline`: same components, arguments, schedulers, callbacks, LoRA, offload,
-    `torch.compile` (without `fullgraph=True`). With `guidance_mode=None` the output is identical to
-    `StableDiffusionPipeline`. Guidance acts only on the call that asked for it: other pipelines sharing these
-    components (`from_pipe`), in other threads, run unguided at the same time.
+    Everything else is `StableDiffusionPipeline` (components, arguments, schedulers, callbacks, LoRA, offload,
+    `torch.compile` without `fullgraph=True`); with `guidance_mode=None` the output is identical. Guidance acts only on
+    the call that asked for it: pipelines sharing these components (`from_pipe`) in other threads run unguided.
     """
 
+    # words of the error messages and of the argument documentation
+    _images_argument = "batch size x num_images_per_prompt"
+    _unguided_name = "vanilla Stable Diffusion"
+    _wrapped_call = "StableDiffusionPipeline.__call__"
+
     def encode_prompt(self, *args, **kwargs):
-        # transformers' fast tokenizers keep their padding and truncation settings on the (shared) object, and
-        # `encode_prompt` tokenizes with two settings in turn: the calls of every pipeline of this project that share
-        # a tokenizer take turns on it (docs: what stays exposed when a stock pipeline shares it).
+        # A fast tokenizer keeps its padding and truncation settings on the (shared) object: calls take turns on it.
         with tokenizer_lock(self.tokenizer):
             return super().encode_prompt(*args, **kwargs)
 
     def prepare_latents(self, batch_size, num_channels_latents, height, width, dtype, device, generator, latents=None):
-        # `StableDiffusionPipeline.__call__` calls this once, after it has resolved the batch size, the image size and
-        # the scheduler's timesteps: where a guided call is checked against them and starts, before the first step.
+        # Called once per call, after the batch size, image size and timesteps are set: where a guided call starts.
         current = _CURRENT_RUN.get()
         if current is not None and current[0] is self and not current[1].started:
             cfg, scale = self.do_classifier_free_guidance, self.guidance_scale
@@ -1765,6 +1644,13 @@ class BalancingActPipeline(BalancingActMixin, StableDiffusionPipeline):
         )
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    @guidance_args_docstring(
+        unguided=_unguided_name,
+        images=_images_argument,
+        strength_divisor="`guidance_scale` when only the conditional branch moves (classifier-free guidance "
+        "amplifies that move by w in the output), else 1",
+    )
     def __call__(
         self,
         prompt: str | list[str] = None,
@@ -1807,85 +1693,11 @@ class BalancingActPipeline(BalancingActMixin, StableDiffusionPipeline):
         The call function to the pipeline for generation. The arguments from `prompt` to
         `callback_on_step_end_tensor_inputs`, their defaults, `**kwargs` (the deprecated `callback` and
         `callback_steps`) and the return value are exactly those of [`StableDiffusionPipeline.__call__`]; the
-        arguments below are added.
+        Balancing Act arguments below are added.
 
         Args:
-            h_classifier (`HClassifier`, `str`, `os.PathLike` or a list of those, *optional*):
-                The h-classifier(s) of the attribute(s) to guide: an `HClassifier`, or a local directory / Hub id
-                loaded with `HClassifier.from_pretrained` (safetensors only; loaded once and cached on the pipeline,
-                again when a local folder's files change). A list guides several attributes at once; then
-                `target_distribution` takes one entry per classifier (marginal targets) or one table over the cells
-                of their classes (a joint target), `target_classes` one entry per classifier, and
-                `guidance_strength` one number or one per classifier. A classifier whose entry in
-                `target_distribution` / `target_classes` is `"hold"` is held, not guided: at every guided step the
-                move of h loses its components along the held classifier's class directions (its head's weight
-                differences at that step), so the move leaves the held classifier's reading unchanged (exactly, at
-                that step's h) while the others are guided.
-            guidance_mode (`str`, *optional*):
-                `None` (vanilla Stable Diffusion, bit-for-bit), `"sample"` (each image towards a class) or
-                `"distribution"` (the batch towards a distribution of classes).
-            target_distribution (`list[float]`, `torch.Tensor` or `str`, *optional*):
-                Distribution mode: per classifier a probability vector over its classes (non-negative, sums to 1) or
-                the name of one class (then every image is guided to it, as in sample mode). With several
-                classifiers, a table shaped `[K_1, ..., K_n]` summing to 1 is a joint target over the cells of
-                their classes (e.g. skin x glasses, 2 x 2). Needs at least 2 images, or a `balance_state`.
-            target_classes (`int`, `str` or `list`, *optional*):
-                Sample mode: per classifier one class (index or name) for all images, or a list of one class per
-                image (`len == batch size x num_images_per_prompt`, in the order of the output images).
-            guidance_strength (`float` or `list[float]`, *optional*, defaults to `DEFAULT_GUIDANCE_STRENGTH`):
-                How far h moves per guided step, in class gaps (one number, or one per classifier; >= 0). Each image
-                i moves as `h_i' = h_i + s / w * sum_k g_ik a_k`, where `a_k` are the classifier's class anchors at
-                this timestep, `g_i = -d L / d z_i` is the direction the guidance loss asks of the image's
-                calibrated logits z_i (rows sum to 0; for an image surely of class a asked to become c it is
-                `e_c - e_a`: a move by `s` times the gap from anchor a to anchor c), and w is `guidance_scale` when
-                only the conditional branch moves (classifier-free guidance amplifies that move by w in the output),
-                else 1. The same strength therefore means the same thing for every classifier, CFG scale and
-                batch size.
-            guidance_steps (`tuple[float, float]` or `list[int]`, *optional*, defaults to `(0.0, 1.0)`):
-                Which denoising steps are guided: a tuple `(start, end)` of fractions guides loop steps i with
-                `start <= i / num_steps < end`; a list gives explicit step indices (0-based, as in
-                `callback_on_step_end`).
-            distribution_solver (`str`, *optional*, defaults to `"assign"`):
-                Distribution mode: `"assign"` turns the target into exact class counts for the batch (largest
-                remainder), assigns each image a class by a min-cost assignment on the calibrated log-probabilities
-                (images already of a class keep it; the fewest, cheapest images change; solved again at every
-                guided step with a cost for switching), and guides each image to its class. `"kl"` / `"chi2"` are
-                the paper's soft losses on the batch mean of `softmax(logits / classifier_temperature)`.
-            classifier_temperature (`float`, *optional*):
-                Softmax temperature of the soft solvers; defaults to each classifier's `config.temperature` (8, as
-                the authors). The default solver and sample mode read calibrated probabilities instead.
-            guided_branches (`str`, *optional*, defaults to `"cond"`):
-                With classifier-free guidance the UNet sees `[uncond; cond]`. `"cond"` moves only the conditional
-                rows; `"both"` moves both rows of each image by the same amount. The classifiers always read the
-                conditional rows (the images the user gets).
-            balance_state (`BalanceState`, *optional*):
-                Distribution mode with `distribution_solver="assign"`: class counts carried across calls. Each call
-                is assigned the counts that bring all images so far to the target and adds its images' classes to
-                the state. Then a job in small batches (1 included) ends on the target counts; the state saves to JSON.
-            global_batch (`bool`, *optional*, defaults to `False`):
-                Distribution mode across processes (e.g. `accelerate launch`, one pipeline per GPU): when `True`,
-                the guidance statistics are computed over the images of every process's call, as if they were one
-                batch: at each guided step every process's logits are gathered (`torch.distributed.all_gather`),
-                the target counts are those of the global number of images, the assignment (or the soft solvers'
-                batch mean) is solved on all of them, identically on every process, and each process moves its own
-                images. A `balance_state` then counts the classes of every process's images and stays the same on
-                all of them. Needs torch.distributed initialised and the same call on every process (same
-                arguments; each its own prompts and generators, in process order). Sample mode has no batch
-                statistics and is unaffected. `False` (default): a single process, torch.distributed is not used.
 
         Examples:
-            ```py
-            >>> from pipeline_balancing_act import BalancingActPipeline
-
-            >>> pipe = BalancingActPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
-            >>> images = pipe(
-            ...     "a photo of a doctor",
-            ...     num_images_per_prompt=8,
-            ...     h_classifier="user/gender-h-classifier",
-            ...     guidance_mode="distribution",
-            ...     target_distribution=[0.5, 0.5],
-            ... ).images
-            ```
 
         Returns:
             [`~pipelines.stable_diffusion.StableDiffusionPipelineOutput`] or `tuple`, as `StableDiffusionPipeline`.
@@ -1894,14 +1706,14 @@ class BalancingActPipeline(BalancingActMixin, StableDiffusionPipeline):
         unknown = sorted(set(kwargs) - {"callback", "callback_steps"})
         if unknown:
             raise TypeError(unexpected_keywords_message(BalancingActPipeline, unknown, _STABLE_DIFFUSION_ARGUMENTS))
-        guidance = self.guidance_arguments(arguments)
-        self.check_guidance_inputs(**guidance)
+        guidance = self.check_guidance_inputs(GuidanceArguments.from_call(arguments))
         standard = {name: arguments[name] for name in _STABLE_DIFFUSION_ARGUMENTS} | kwargs
         if guidance_mode is None:
             return super().__call__(**standard)
 
-        settings = self.prepare_guidance(**guidance)
-        run = _GuidanceRun(settings, is_compiled(self.unet), getattr(self.scheduler, "timesteps", None))
+        run = _GuidanceRun(
+            self.prepare_guidance(guidance), is_compiled(self.unet), getattr(self.scheduler, "timesteps", None)
+        )
         # The loop tells the run where it is: our step-end callback, around the caller's.
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             standard["callback_on_step_end_tensor_inputs"] = callback_on_step_end.tensor_inputs

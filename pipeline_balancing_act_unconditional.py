@@ -3,9 +3,9 @@
 
 A diffusers community pipeline for an unconditional `UNet2DModel`, e.g. `google/ddpm-celebahq-256`, the paper's main
 setting (an unconditional DDPM of faces; h = `unet.mid_block(...)` output is [B, 512, 8, 8] at 256 x 256 pixels).
-The guidance itself (`HClassifier`, calibration, anchors, exact counts, `BalanceState`, the mid-block hook) is not
-copied here: it is imported from `pipeline_balancing_act.py`, which must be installed (`pip install` of this
-repository) or sit next to this file (the routes are in docs/unconditional.md).
+The guidance itself (`HClassifier`, calibration, anchors, exact counts, `BalanceState`, the mid-block hook, the
+guidance arguments and their documentation) is not copied here: it is imported from `pipeline_balancing_act.py`,
+which must be installed (`pip install` of this repository) or sit next to this file (routes: docs/unconditional.md).
 """
 
 import contextlib
@@ -18,7 +18,7 @@ import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.ddim.pipeline_ddim import DDIMPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-from diffusers.utils import is_torch_xla_available, logging
+from diffusers.utils import is_torch_xla_available, logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
 
@@ -31,9 +31,11 @@ if __package__:
         DEFAULT_GUIDANCE_STRENGTH,
         BalanceState,
         BalancingActMixin,
+        GuidanceArguments,
         HClassifier,
         MidBlockHook,
         _GuidanceRun,
+        guidance_args_docstring,
         is_compiled,
     )
 else:
@@ -45,9 +47,11 @@ else:
     DEFAULT_GUIDANCE_STRENGTH = _core.DEFAULT_GUIDANCE_STRENGTH
     BalanceState = _core.BalanceState
     BalancingActMixin = _core.BalancingActMixin
+    GuidanceArguments = _core.GuidanceArguments
     HClassifier = _core.HClassifier
     MidBlockHook = _core.MidBlockHook
     _GuidanceRun = _core._GuidanceRun
+    guidance_args_docstring = _core.guidance_args_docstring
     is_compiled = _core.is_compiled
 
 
@@ -59,6 +63,23 @@ else:
     XLA_AVAILABLE = False
 
 logger = logging.get_logger(__name__)
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> from pipeline_balancing_act_unconditional import BalancingActUnconditionalPipeline
+
+        >>> pipe = BalancingActUnconditionalPipeline.from_pretrained("google/ddpm-celebahq-256")
+        >>> images = pipe(
+        ...     batch_size=16,
+        ...     eta=1.0,
+        ...     num_inference_steps=50,
+        ...     h_classifier="path/to/gender-h-classifier",  # trained on this UNet's h, [512, 8, 8]
+        ...     guidance_mode="distribution",
+        ...     target_distribution=[0.5, 0.5],
+        ... ).images
+        ```
+"""
 
 
 class BalancingActUnconditionalPipeline(BalancingActMixin, DDIMPipeline):
@@ -84,7 +105,7 @@ class BalancingActUnconditionalPipeline(BalancingActMixin, DDIMPipeline):
     """
 
     _callback_tensor_inputs = ["image"]
-    # for the error messages of the shared guidance checks
+    # words of the error messages and of the argument documentation
     _images_argument = "batch_size"
     _unguided_name = "the plain DDIMPipeline"
     _wrapped_call = "BalancingActUnconditionalPipeline.__call__"
@@ -111,6 +132,10 @@ class BalancingActUnconditionalPipeline(BalancingActMixin, DDIMPipeline):
         return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    @guidance_args_docstring(
+        unguided=_unguided_name, images=_images_argument, strength_divisor="1 (there is no classifier-free guidance)"
+    )
     def __call__(
         self,
         batch_size: int = 1,
@@ -136,8 +161,8 @@ class BalancingActUnconditionalPipeline(BalancingActMixin, DDIMPipeline):
         r"""
         The call function to the pipeline for generation. The arguments from `batch_size` to `return_dict`, their
         defaults and the return value are exactly those of [`DDIMPipeline.__call__`]; the arguments below are added.
-        The Balancing Act arguments mean what they mean in `BalancingActPipeline.__call__` (same units and
-        defaults), without classifier-free guidance: there is no prompt, every row the UNet sees is an image.
+        The Balancing Act arguments are those of `BalancingActPipeline.__call__` without classifier-free guidance:
+        there is no prompt, every row the UNet sees is an image.
 
         Args:
             callback_on_step_end (`Callable`, `PipelineCallback`, `MultiPipelineCallbacks`, *optional*):
@@ -149,79 +174,17 @@ class BalancingActUnconditionalPipeline(BalancingActMixin, DDIMPipeline):
             callback_on_step_end_tensor_inputs (`list`, *optional*, defaults to `["image"]`):
                 The tensor inputs of `callback_on_step_end`: a subset of `._callback_tensor_inputs` (`["image"]`, the
                 sample being denoised).
-            h_classifier (`HClassifier`, `str`, `os.PathLike` or a list of those, *optional*):
-                The h-classifier(s) of the attribute(s) to guide: an `HClassifier` trained on this UNet's h (shape
-                `[C, H, W]` of `unet.mid_block`'s output at the UNet's `sample_size`, e.g. `[512, 8, 8]` for
-                `google/ddpm-celebahq-256`), or a local directory / Hub id loaded with `HClassifier.from_pretrained`
-                (safetensors only; cached on the pipeline). A list guides several attributes at once; then
-                `target_distribution` takes one entry per classifier (marginal targets) or one table over the cells
-                of their classes (a joint target), `target_classes` one entry per classifier, and
-                `guidance_strength` one number or one per classifier. A classifier whose entry in
-                `target_distribution` / `target_classes` is `"hold"` is held, not guided: at every guided step the
-                move of h loses its components along the held classifier's class directions (its head's weight
-                differences at that step), so the move leaves the held classifier's reading unchanged (exactly, at
-                that step's h) while the others are guided.
-            guidance_mode (`str`, *optional*):
-                `None` (plain `DDIMPipeline`, bit-for-bit), `"sample"` (each image towards a class) or
-                `"distribution"` (the batch towards a distribution of classes).
-            target_distribution (`list[float]`, `torch.Tensor` or `str`, *optional*):
-                Distribution mode: per classifier a probability vector over its classes (non-negative, sums to 1) or
-                the name of one class (then every image is guided to it, as in sample mode). With several
-                classifiers, a table shaped `[K_1, ..., K_n]` summing to 1 is a joint target over the cells of
-                their classes. Needs `batch_size >= 2`, or a `balance_state`.
-            target_classes (`int`, `str` or `list`, *optional*):
-                Sample mode: per classifier one class (index or name) for all images, or a list of one class per
-                image (`len == batch_size`).
-            guidance_strength (`float` or `list[float]`, *optional*, defaults to `DEFAULT_GUIDANCE_STRENGTH`):
-                How far h moves per guided step, in class gaps (one number, or one per classifier; 0 to
-                `MAX_GUIDANCE_STRENGTH`). Each image i moves as `h_i' = h_i + s * sum_k g_ik a_k`, where `a_k` are
-                the classifier's class anchors at this timestep and `g_i = -d L / d z_i` is the direction the
-                guidance loss asks of the image's calibrated logits z_i (for an image surely of class a asked to
-                become c it is `e_c - e_a`: a move by `s` times the gap from anchor a to anchor c). The same
-                formula as `BalancingActPipeline` with `guidance_scale=1`.
-            guidance_steps (`tuple[float, float]` or `list[int]`, *optional*, defaults to `(0.0, 1.0)`):
-                Which denoising steps are guided: a tuple `(start, end)` of fractions guides loop steps i with
-                `start <= i / num_inference_steps < end`; a list gives explicit step indices (0-based, as in
-                `callback_on_step_end`).
-            distribution_solver (`str`, *optional*, defaults to `"assign"`):
-                Distribution mode: `"assign"` turns the target into exact class counts for the batch (largest
-                remainder) and assigns each image a class by a min-cost assignment on the calibrated
-                log-probabilities (solved again at every guided step, with a cost for switching), then guides each
-                image to its class. `"kl"` / `"chi2"` are the paper's soft losses on the batch mean of
-                `softmax(logits / classifier_temperature)` (the authors' unconditional code uses chi-square).
-            classifier_temperature (`float`, *optional*):
-                Softmax temperature of the soft solvers; defaults to each classifier's `config.temperature` (8, as
-                the authors).
-            balance_state (`BalanceState`, *optional*):
-                Distribution mode with `distribution_solver="assign"`: class counts carried across calls, so that a
-                job generated in small batches (1 included) ends on the target counts; saves to JSON.
-            global_batch (`bool`, *optional*, defaults to `False`):
-                Distribution mode across processes (torch.distributed initialised, the same call on every process):
-                the guidance statistics are computed over the images of every process's call, as one batch.
 
         Examples:
-            ```py
-            >>> from pipeline_balancing_act_unconditional import BalancingActUnconditionalPipeline
-
-            >>> pipe = BalancingActUnconditionalPipeline.from_pretrained("google/ddpm-celebahq-256")
-            >>> images = pipe(
-            ...     batch_size=16,
-            ...     eta=1.0,
-            ...     num_inference_steps=50,
-            ...     h_classifier="path/to/gender-h-classifier",  # trained on this UNet's h, [512, 8, 8]
-            ...     guidance_mode="distribution",
-            ...     target_distribution=[0.5, 0.5],
-            ... ).images
-            ```
 
         Returns:
             [`~pipelines.ImagePipelineOutput`] or `tuple`:
                 If `return_dict` is `True`, [`~pipelines.ImagePipelineOutput`] is returned, otherwise a `tuple` is
                 returned where the first element is a list with the generated images (as `DDIMPipeline`).
         """
-        guidance = self.guidance_arguments(locals())  # no guided_branches: every row is an image
+        guidance = GuidanceArguments.from_call(locals())  # no guided_branches: every row is an image
         self.check_call_inputs(batch_size, eta, num_inference_steps)
-        self.check_guidance_inputs(**guidance)
+        guidance = self.check_guidance_inputs(guidance)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         if callback_on_step_end is not None:
@@ -244,7 +207,7 @@ class BalancingActUnconditionalPipeline(BalancingActMixin, DDIMPipeline):
 
         run = None
         if guidance_mode is not None:
-            settings = self.prepare_guidance(**guidance)
+            settings = self.prepare_guidance(guidance)
             run = _GuidanceRun(settings, is_compiled(self.unet), getattr(self.scheduler, "timesteps", None))
 
         # As `DDIMPipeline.__call__` from here on, plus the guided call's start, its h function and its step ends.

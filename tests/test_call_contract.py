@@ -58,9 +58,9 @@ def test_a_schedule_not_set_by_this_call_is_refused_naming_the_call_order(ba_pip
 
 
 def test_a_loop_that_skips_or_repeats_steps_is_refused(ba_pipe):
-    from pipeline_balancing_act import _GuidanceRun
+    from pipeline_balancing_act import GuidanceArguments, _GuidanceRun
 
-    run = _GuidanceRun(ba_pipe.prepare_guidance(**GUIDED_ARGS, **GUIDED), False)
+    run = _GuidanceRun(ba_pipe.prepare_guidance(GuidanceArguments(**GUIDED)), False)
     run.start(2, [901.0, 601.0, 301.0], False, 1.0, "cpu", None)
     run.calls_in_step = 1
     with pytest.raises(RuntimeError, match="reported step 1 where Balancing Act expected step 0"):
@@ -69,18 +69,6 @@ def test_a_loop_that_skips_or_repeats_steps_is_refused(ba_pipe):
     run.end_step(0)
     with pytest.raises(RuntimeError, match="ran 1 steps.*have 3"):
         run.finish()
-
-
-GUIDED_ARGS = {
-    "guidance_strength": 5.0,
-    "guidance_steps": (0.0, 1.0),
-    "distribution_solver": "assign",
-    "classifier_temperature": None,
-    "balance_state": None,
-    "global_batch": False,
-    "guided_branches": "cond",
-    "target_classes": None,
-}
 
 
 # --- BalanceState counts finished calls only ------------------------------------------------------------------------

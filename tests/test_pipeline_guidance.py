@@ -315,16 +315,12 @@ def test_marginal_targets_for_several_classifiers_each_get_exact_counts(ba_pipe)
     skin = tiny_classifier(seed=1)
     hair = tiny_classifier(class_names=("none", "black", "red"), attribute="hair", seed=2)
     settings = ba_pipe.prepare_guidance(
-        h_classifier=[skin, hair],
-        guidance_mode="distribution",
-        target_distribution=[[0.5, 0.5], [0.2, 0.4, 0.4]],
-        target_classes=None,
-        guidance_strength=1.0,
-        guidance_steps=(0.0, 1.0),
-        distribution_solver="assign",
-        classifier_temperature=None,
-        balance_state=None,
-        global_batch=False,
+        pba.GuidanceArguments(
+            h_classifier=[skin, hair],
+            guidance_mode="distribution",
+            target_distribution=[[0.5, 0.5], [0.2, 0.4, 0.4]],
+            guidance_strength=1.0,
+        )
     )
     run = pba._GuidanceRun(settings, unet_compiled=False)
     run.start(5, [999.0, 500.0, 1.0], False, 1.0, torch.device("cpu"), None)
