@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -71,12 +70,6 @@ def loopback_env(threads: int) -> dict[str, str]:
     return env | {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def generate_command(
     processes: int, threads: int, args: argparse.Namespace, out: Path, steps: int | None = None
 ) -> list[str]:
@@ -87,7 +80,8 @@ def generate_command(
         return [sys.executable, *command]
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
     launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    return [*launcher, "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()), *command]
+    # port 0: the rendezvous binds a free port itself (a port picked here could be taken before the launcher binds it)
+    return [*launcher, "--main_process_ip", "127.0.0.1", "--main_process_port", "0", *command]
 
 
 def _run_generate(label: str, processes: int, threads: int, args, out: Path, workdir: Path, steps=None):
