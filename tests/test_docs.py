@@ -9,6 +9,7 @@ import pytest
 
 
 ROOT = Path(__file__).resolve().parent.parent
+LAB = ROOT / "docs" / "lab"  # the lab's record: its pages and results (the user docs are docs/*.md)
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
 DOC_FILES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "docs").rglob("*.json")])
 
@@ -54,7 +55,7 @@ def relative(path: Path) -> str:
 
 def test_the_pages_are_found():
     names = {relative(page) for page in PAGES}
-    assert {"README.md", "docs/usage.md", "docs/guidance.md", "docs/results.md"} <= names
+    assert {"README.md", "docs/usage.md", "docs/guidance.md", "docs/lab/results.md"} <= names
 
 
 def broken_links(page: Path, root: Path = ROOT) -> list[str]:
@@ -149,13 +150,13 @@ def rendered_pages() -> dict[str, tuple[str, str]]:
             if results.exists():
                 page, text = render.render_file(results)
                 made[page] = text
-    made[ROOT / "docs" / "results" / "reach_comparison.md"] = render.reach_comparison_page()
-    sweep = ROOT / "docs" / "results" / "sweep_image_guidance.json"
+    made[LAB / "results" / "reach_comparison.md"] = render.reach_comparison_page()
+    sweep = LAB / "results" / "sweep_image_guidance.json"
     made[sweep.with_suffix(".md")] = sweep_image_guidance.markdown(read(sweep))
-    made[ROOT / "docs" / "toy_ddpm_report.md"] = report_markdown(read(ROOT / "docs" / "toy_ddpm_report.json"))
-    for folder in (ROOT / "docs" / "bench", ROOT / "docs" / "bench" / "celebahq"):  # the benchmark: the cost
+    made[LAB / "toy_ddpm_report.md"] = report_markdown(read(LAB / "toy_ddpm_report.json"))
+    for folder in (LAB / "bench", LAB / "bench" / "celebahq"):  # the benchmark: the cost
         made[folder / "table.md"] = markdown_table(read(folder / "bench.json")) + "\n"
-    bench = ROOT / "docs" / "bench"
+    bench = LAB / "bench"
     made[bench / "multiprocess.md"] = bench_multiprocess.markdown(read(bench / "multiprocess.json")) + "\n"
     made[bench / "solver.md"] = bench_solver.markdown(read(bench / "solver.json"))
     return {relative(page): (page.read_text(encoding="utf-8"), text) for page, text in made.items()}
@@ -165,29 +166,31 @@ def test_the_committed_tables_are_their_results_rendered():
     """Each table the lab writes (the README links them instead of quoting figures) is what the lab renders from its
     committed results now: nothing typed by hand, nothing left from an older renderer."""
     pages = rendered_pages()
-    assert {"docs/results/table.md", "docs/results/unconditional/table.md", "docs/results/sweep_strength.md"} <= set(
-        pages
-    )
+    assert {
+        "docs/lab/results/table.md",
+        "docs/lab/results/unconditional/table.md",
+        "docs/lab/results/sweep_strength.md",
+    } <= set(pages)
     assert [page for page, (committed, rendered) in pages.items() if committed != rendered] == []
 
 
 def test_the_result_tables_hold_no_time():
     """The reproduction tables and sweeps hold what the oracle reads, not how long the jobs took on a shared machine:
     the reproduction tables link the benchmark, which measures the cost."""
-    pages = {page: text for page, (text, _) in rendered_pages().items() if page.startswith("docs/results/")}
+    pages = {page: text for page, (text, _) in rendered_pages().items() if page.startswith("docs/lab/results/")}
     timed = re.compile(r"(?i)wall time|time per image|seconds|\bmin\b")
     assert {page for page, text in pages.items() if timed.search(text)} == set()
-    for table in ("docs/results/table.md", "docs/results/unconditional/table.md"):
+    for table in ("docs/lab/results/table.md", "docs/lab/results/unconditional/table.md"):
         assert "[benchmark.md](" in pages[table]
 
 
 # Result pages the lab no longer regenerates (their code left with the deep toy and the site sweep): each says so and
 # names the commit that regenerates it.
 RECORDS = (
-    "docs/results/deep/table.md",
-    "docs/results/deep/sweep_reach.md",
-    "docs/results/sweep_site.md",
-    "docs/results/h_dependence.md",
+    "docs/lab/results/deep/table.md",
+    "docs/lab/results/deep/sweep_reach.md",
+    "docs/lab/results/sweep_site.md",
+    "docs/lab/results/h_dependence.md",
 )
 
 

@@ -90,7 +90,7 @@ def test_no_file_outside_the_tests_grows_past_600_lines():
 def test_bench_writes_into_the_checkout_not_the_package():
     from lab.bench import config
 
-    assert config.DEFAULT_OUTPUT_DIR == ROOT / "docs" / "bench"
+    assert config.DEFAULT_OUTPUT_DIR == ROOT / "docs" / "lab" / "bench"
     assert PACKAGE not in config.DEFAULT_OUTPUT_DIR.parents
 
 
