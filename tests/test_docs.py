@@ -254,3 +254,34 @@ def test_every_option_docs_cli_shows_is_one_of_its_command_and_flags_are_shown_a
     documented = {dashed(o) for o in OPTION.findall(text.split("## `generate`")[1].split("## `evaluate`")[0])}
     hidden = {"--help", "-h"}
     assert {o for o in options["generate"] if o.startswith("--")} - hidden <= documented
+
+
+def test_the_arguments_section_of_usage_is_the_pipelines_docstring():
+    """docs/usage.md's "Arguments" section is `BalancingActPipeline.__call__`'s docstring entries of the Balancing Act
+    arguments (`GUIDANCE_ARGS_DOCSTRING`, as `guidance_args_docstring` writes it), every one, in order, word for word:
+    the arguments are documented once. `python lab/usage_arguments.py` rewrites the section."""
+    from lab import usage_arguments
+    from pipeline_balancing_act import BalancingActPipeline, GuidanceArguments
+
+    text = (ROOT / "docs" / "usage.md").read_text(encoding="utf-8")
+    assert text.count(usage_arguments.BEGIN) == 1 and text.count(usage_arguments.END) == 1
+    assert usage_arguments.rewrite(text) == text, "docs/usage.md's arguments: run python lab/usage_arguments.py"
+    section = text[text.index(usage_arguments.BEGIN) + len(usage_arguments.BEGIN) : text.index(usage_arguments.END)]
+    entries = section.split("\n\nConstants named above")[0].strip().split("\n- ")
+    names = [re.match(r"(?:- )?\*\*`(\w+)`\*\* ", entry)[1] for entry in entries]
+    assert names == GuidanceArguments.names()
+    # Each entry, read independently of the renderer: "name (kinds): description" is a run of the docstring's words.
+    docstring = " ".join(BalancingActPipeline.__call__.__doc__.split())
+    for name, entry in zip(names, entries):
+        words = " ".join(re.sub(r"^(?:- )?\*\*`(\w+)`\*\*", r"\1", entry).split())
+        assert words in docstring, name
+
+
+def test_the_readme_names_the_arguments_usage_documents():
+    """The README lists the Balancing Act arguments by name (no second table of them), all of them, in order."""
+    from pipeline_balancing_act import GuidanceArguments
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    paragraph = re.search(r"^The arguments Balancing Act adds.*?(?=\n\n)", text, flags=re.MULTILINE | re.DOTALL)[0]
+    assert "(docs/usage.md#arguments)" in paragraph
+    assert re.findall(r"`(\w+)`", paragraph.split(":", 1)[1]) == GuidanceArguments.names()

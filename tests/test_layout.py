@@ -27,6 +27,7 @@ LAB_TOOLS = (
     "train_toy_ddpm.py",
     "train_toy_model.py",
     "train_x0_classifier.py",
+    "usage_arguments.py",
 )
 # Tools that were commands of the package once: they must not come back there.
 FORMER_COMMANDS = ("bench", "reproduce", "train_toy", "toy_report", "bench_multiprocess")
