@@ -22,7 +22,7 @@ not in the objective.
 (`batch_size`, a `generator` list, `num_inference_steps`, `eta`, `target_classes` / `target_distribution`,
 `output_type`), like `baselines.FairDiffusion`; with `scale=0` its images are `DDIMPipeline`'s, bit for bit.
 `lab/train_x0_classifier.py` trains the toy DDPM's x0 classifiers, kept in `lab/assets/toy-ddpm-x0/`
-(docs/unconditional.md). Research code: not part of the installed package.
+(docs/lab/unconditional.md). Research code: not part of the installed package.
 """
 
 from __future__ import annotations
