@@ -48,7 +48,7 @@ from diffusers.utils import logging, replace_example_docstring
 logger = logging.get_logger(__name__)
 
 DEFAULT_TEMPERATURE = 8.0  # softmax temperature of the paper's soft distribution loss ("kl" / "chi2")
-DEFAULT_GUIDANCE_STRENGTH = 5.0  # class gaps per step, chosen on the toy world (docs/results/sweep_strength.md)
+DEFAULT_GUIDANCE_STRENGTH = 5.0  # class gaps per step, chosen on the toy world (docs/lab/results/sweep_strength.md)
 MAX_GUIDANCE_STRENGTH = 50.0  # far past it, h leaves the decoder's range and images turn to noise (docs/guidance.md)
 GUIDANCE_MARGIN = 2.0  # the class loss counts an image as of its class once that class leads by this many logits
 # Cost (nats) of moving an image to another class when the assignment is solved again at a later step: predictions

@@ -22,7 +22,7 @@ import torch
 
 
 # SEGA settings, chosen on the toy world on seeds disjoint from the reproduction table's
-# (`python -m lab.reproduce --sweep fair-diffusion`, docs/results/sweep_fair-diffusion.md).
+# (`python -m lab.reproduce --sweep fair-diffusion`, docs/lab/results/sweep_fair-diffusion.md).
 DEFAULT_FAIR_DIFFUSION_SETTINGS: dict[str, Any] = {
     "edit_guidance_scale": 8.0,
     "edit_warmup_steps": 5,

@@ -196,7 +196,7 @@ def train_head(
     n = len(rows)
     epochs = max(config.epochs, math.ceil(config.min_steps / math.ceil(n / config.batch_size)))
     # Mini-batch buffers allocated once per head: a fresh gather and float32 copy per step cost about half the time
-    # of training at Stable Diffusion's h size (docs/bench).
+    # of training at Stable Diffusion's h size (docs/lab/bench).
     gathered = torch.empty(min(config.batch_size, n), x.shape[1], dtype=x.dtype, device=x.device)
     standardised = torch.empty(min(config.batch_size, n), x.shape[1], dtype=torch.float32, device=device)
     for _ in range(epochs):

@@ -6,3 +6,5 @@ from pathlib import Path
 
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout's root: pipeline_balancing_act.py and h_classifiers/
+# The lab's record: every page and result file the lab writes goes under here (the user docs are docs/*.md).
+LAB_DOCS = ROOT / "docs" / "lab"

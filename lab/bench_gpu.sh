@@ -5,7 +5,7 @@
 # host-device synchronisations (HostSyncCounter and torch.cuda.set_sync_debug_mode), then 5 timed rounds alternate
 # the order of the arms; peak memory from torch.cuda.max_memory_allocated.
 #
-#   lab/bench_gpu.sh [OUTPUT_DIR] [extra lab.bench flags...]   (default OUTPUT_DIR: docs/bench/gpu)
+#   lab/bench_gpu.sh [OUTPUT_DIR] [extra lab.bench flags...]   (default OUTPUT_DIR: docs/lab/bench/gpu)
 #   PYTHON=/path/to/python lab/bench_gpu.sh                   (default: python3, with a CUDA build of torch)
 #   lab/bench_gpu.sh --pack-wheels                            (see below; run where the deps are installed)
 #
@@ -56,7 +56,7 @@ EOF
     exit 0
 fi
 
-OUTPUT_DIR="${1:-docs/bench/gpu}"
+OUTPUT_DIR="${1:-docs/lab/bench/gpu}"
 shift || true
 
 if compgen -G ".whl/*.whl" > /dev/null; then

@@ -13,7 +13,7 @@ python lab/bench_multiprocess.py [--num-images 128] [--batch-size 64] [--steps 2
    logits, `[n, 2K]` float32 (the pipeline's own `_all_gather_rows`), timed between 2 gloo processes for several
    per-process batches n and class counts K, plus the size gather made once per call. The logits do not depend on h's
    shape, so these are the tensors of an SD1.5 run. Every case is warmed up, then the calls are timed in rounds that
-   alternate the order of the cases. Compared with an SD1.5 UNet step of this machine when `docs/bench/bench.json`
+   alternate the order of the cases. Compared with an SD1.5 UNet step of this machine when `docs/lab/bench/bench.json`
    (python -m lab.bench) holds one.
 
 Output: `<output-dir>/multiprocess.json` and the Markdown table `<output-dir>/multiprocess.md`, both generated.
@@ -43,7 +43,7 @@ import torch  # noqa: E402
 from h_classifiers.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
 
 
-DEFAULT_OUTPUT_DIR = REPO_ROOT / "docs" / "bench"
+DEFAULT_OUTPUT_DIR = REPO_ROOT / "docs" / "lab" / "bench"
 # (label, processes, torch threads per process)
 GENERATE_SETUPS = [("1 process x 1 thread", 1, 1), ("1 process x 2 threads", 1, 2), ("2 processes x 1 thread", 2, 1)]
 COLLECTIVE_ROWS = [1, 4, 16, 64]  # images per process and call
@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--markdown-only", action="store_true", help="Only write multiprocess.md again from multiprocess.json."
     )
     parser.add_argument(
-        "--output-dir", default=str(DEFAULT_OUTPUT_DIR), help="Where the outputs go (default: docs/bench)."
+        "--output-dir", default=str(DEFAULT_OUTPUT_DIR), help="Where the outputs go (default: docs/lab/bench)."
     )
     return parser
 

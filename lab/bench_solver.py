@@ -1,6 +1,6 @@
 """What the default solver's assignment costs on the host, at the sizes a guided step meets (a research tool).
 
-    python lab/bench_solver.py                 # docs/bench/solver.json + docs/bench/solver.md
+    python lab/bench_solver.py                 # docs/lab/bench/solver.json + docs/lab/bench/solver.md
 
 For K >= 3 classes (and joint cells) `assign_classes` copies the [N, K] cost matrix to the host once per guided step
 and solves there (two classes are solved on the device). This times that host solve on cost matrices shaped like a
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "docs" / "bench")
+    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "docs" / "lab" / "bench")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = {

@@ -22,7 +22,7 @@ not in the objective.
 (`batch_size`, a `generator` list, `num_inference_steps`, `eta`, `target_classes` / `target_distribution`,
 `output_type`), like `baselines.FairDiffusion`; with `scale=0` its images are `DDIMPipeline`'s, bit for bit.
 `lab/train_x0_classifier.py` trains the toy DDPM's x0 classifiers, kept in `lab/assets/toy-ddpm-x0/`
-(docs/unconditional.md). Research code: not part of the installed package.
+(docs/lab/unconditional.md). Research code: not part of the installed package.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from pipeline_balancing_act import (
 
 
 # Chosen by `lab/sweep_image_guidance.py` on the toy DDPM, on seeds disjoint from the evaluation's
-# (docs/results/sweep_image_guidance.md).
+# (docs/lab/results/sweep_image_guidance.md).
 DEFAULT_IMAGE_GUIDANCE_SCALE = 0.1
 # The toy DDPM's x0 classifiers, one folder per attribute (lab/train_x0_classifier.py).
 TOY_X0_CLASSIFIERS_PATH = Path(__file__).resolve().parent / "assets" / "toy-ddpm-x0"

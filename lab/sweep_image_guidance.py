@@ -1,11 +1,11 @@
 """The sweep that chose `DEFAULT_IMAGE_GUIDANCE_SCALE` (image-space guidance, `lab.image_guidance`).
 
-    python lab/sweep_image_guidance.py          # -> docs/results/sweep_image_guidance.{json,md}
+    python lab/sweep_image_guidance.py          # -> docs/lab/results/sweep_image_guidance.{json,md}
 
 The toy DDPM with the lab's x0 classifiers, distribution mode towards 50/50 per attribute, DDIM with eta 1 (the
 paper's) and eta 0 (DDIMPipeline's default) and `balancing-act evaluate`'s 25 steps, one batch per setting, on the
 tuning seeds (`TUNING_SEED` + i, as `python -m lab.reproduce --sweep`: disjoint from the evaluation's seeds 0 + i).
-The oracle reads every image. At eta 1 the toy DDPM draws few valid faces (docs/toy_world.md), so the FD that decides
+The oracle reads every image. At eta 1 the toy DDPM draws few valid faces (docs/lab/toy_world.md), so the FD that decides
 is over every image with the oracle's best-guess class (FD over the valid ones is reported beside it). Choice rule
 (`choose`): over the (eta, attribute) pairs, the guided scale with the lowest mean FD plus mean loss of valid rate
 against unguided sampling (both fractions of the images: a scale may not buy fairness with broken faces).
@@ -32,11 +32,12 @@ from h_classifiers.arguments import positive_int  # noqa: E402
 from h_classifiers.io_utils import atomic_write_json, atomic_write_text, portable_path  # noqa: E402
 from h_classifiers.metrics import fairness_discrepancy  # noqa: E402
 from h_classifiers.toy_world import ATTRIBUTES, TOY_DDPM_PATH, ToyOracle  # noqa: E402
+from lab import LAB_DOCS  # noqa: E402
 from lab.image_guidance import TOY_X0_CLASSIFIERS_PATH, ImageSpaceGuidance  # noqa: E402
 
 
 TUNING_SEED = 1_000_000  # the sweeps' seeds (lab/reproduce/rows.py): disjoint from the evaluation's
-RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
+RESULTS = LAB_DOCS / "results"
 
 
 def fractions(classes: torch.Tensor, num_classes: int) -> list[float] | None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The toy DDPM's shipped h-classifiers (skin, glasses, hair), made with the command-line tools and every default:
-# h recorded while generating (DDIM 50 steps, eta 0, where the toy DDPM makes valid faces; docs/toy_ddpm_report.md)
+# h recorded while generating (DDIM 50 steps, eta 0, where the toy DDPM makes valid faces; docs/lab/toy_ddpm_report.md)
 # and read by the toy oracle, then one classifier per attribute. Two processes share the extraction (accelerate, CPU).
 #   bash lab/toy_ddpm_classifiers.sh [FEATURES_DIR] [NUM_PROCESSES]
 set -euo pipefail

@@ -36,6 +36,7 @@ from h_classifiers.toy_world import (  # noqa: E402
     explicit_prompts,
     make_toy_dataset,
 )
+from lab import LAB_DOCS  # noqa: E402
 
 
 def load_toy_pipeline(path: str | Path = TOY_MODEL_PATH):
@@ -142,8 +143,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance-scale", type=float, default=7.5, help="Classifier-free guidance scale.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dataset-samples", type=positive_int, default=10_000, help="Dataset images for the oracle check.")
-    p.add_argument("--output", type=Path, default=Path("docs/toy_world_report.json"))
-    p.add_argument("--grid", type=Path, default=Path("docs/toy_world_grid.png"))
+    p.add_argument("--output", type=Path, default=LAB_DOCS / "toy_world_report.json")
+    p.add_argument("--grid", type=Path, default=LAB_DOCS / "toy_world_grid.png")
     p.add_argument("--grid-columns", type=positive_int, default=16)
     p.add_argument(
         "--threads", type=positive_int, default=1, help="torch threads; 1 is fastest on a busy 2-core machine."

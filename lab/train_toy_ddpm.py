@@ -1,7 +1,7 @@
 """Train the toy world's unconditional pixel-space DDPM (the paper's unconditional setting) from a seed.
 
-    python lab/train_toy_ddpm.py --report docs/toy_ddpm_report.json --grid docs/toy_ddpm_grid.png
-    python lab/train_toy_ddpm.py --steps 4000 --report docs/toy_ddpm_report.json --grid docs/toy_ddpm_grid.png
+    python lab/train_toy_ddpm.py --report docs/lab/toy_ddpm_report.json --grid docs/lab/toy_ddpm_grid.png
+    python lab/train_toy_ddpm.py --steps 4000 --report docs/lab/toy_ddpm_report.json --grid docs/lab/toy_ddpm_grid.png
     python lab/train_toy_ddpm.py --output .work/toy-ddpm --work-dir .work/toy-ddpm-train
 
 The data is the toy Stable Diffusion's: `make_toy_dataset(--num-images, seed=--seed)`, with the same bias, images

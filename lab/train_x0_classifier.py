@@ -13,7 +13,7 @@ a clean face. The data: toy faces (`make_toy_dataset`, labels from the toy world
 
 Held-out faces (another seed) measure the accuracy on clean images and on the DDPM's x0_hat at several timesteps;
 `--compare` trains every augmentation on the same data and reports them all (the one named by `--augmentation` is
-saved). The report (`--report`, default docs/x0_classifiers.json) holds one entry per attribute: the command, the
+saved). The report (`--report`, default docs/lab/x0_classifiers.json) holds one entry per attribute: the command, the
 recipe and the accuracies. CPU, one thread, a few minutes per attribute.
 """
 
@@ -37,13 +37,14 @@ from safetensors.torch import load_file  # noqa: E402
 from h_classifiers.arguments import positive_int  # noqa: E402
 from h_classifiers.io_utils import atomic_save_file, atomic_write_json, portable_path  # noqa: E402
 from h_classifiers.toy_world import ATTRIBUTES, TOY_DDPM_PATH, make_toy_dataset  # noqa: E402
+from lab import LAB_DOCS  # noqa: E402
 from lab.image_guidance import TOY_X0_CLASSIFIERS_PATH, X0Classifier, predicted_x0  # noqa: E402
 
 
 AUGMENTATIONS = ("none", "noise", "x0hat")
 # Timesteps at which the held-out accuracy on x0_hat is measured (the DDPM has 1,000).
 EVAL_TIMESTEPS = (100, 300, 500, 700, 900)
-REPORT_PATH = Path(__file__).resolve().parent.parent / "docs" / "x0_classifiers.json"
+REPORT_PATH = LAB_DOCS / "x0_classifiers.json"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -274,12 +274,12 @@ def test_distribution_mode_at_one_image_per_call_carries_a_balance_state():
 
 
 def test_written_paths_name_no_machine_path(tmp_path):
-    """bench.json under docs/ must not hold an absolute path of the machine that wrote it."""
-    assert config.written_path(ROOT / "docs" / "bench") == "docs/bench"
+    """bench.json under docs/lab/ must not hold an absolute path of the machine that wrote it."""
+    assert config.written_path(ROOT / "docs" / "lab" / "bench") == "docs/lab/bench"
     assert config.written_path(tmp_path / "out") == ".../out"
     run = cli.resolve_config(cli.build_parser().parse_args(["--parts", "training"]))
     written = config.written_config(run)
-    assert written["output_dir"] == "docs/bench" and not written["toy_model"].startswith("/")
+    assert written["output_dir"] == "docs/lab/bench" and not written["toy_model"].startswith("/")
 
 
 def test_celebahq_scale_is_measured_only_when_asked_for():

@@ -103,7 +103,7 @@ def test_markdown_is_generated_from_the_json(tmp_path):
             {"case": "logits, 2 classes", "rows_per_process": 4, "width": 4, "median_us": 500, "p90_us": 900}
         ],
         "unet_step_reference": {
-            "source": "docs/bench/bench.json",
+            "source": "docs/lab/bench/bench.json",
             "device": "cpu",
             "scales": {"toy": {"s_per_step": 0.05, "unet_rows": 8}},
         },

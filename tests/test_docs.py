@@ -9,6 +9,7 @@ import pytest
 
 
 ROOT = Path(__file__).resolve().parent.parent
+LAB = ROOT / "docs" / "lab"  # the lab's record: its pages and results (the user docs are docs/*.md)
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
 DOC_FILES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "docs").rglob("*.json")])
 
@@ -54,7 +55,7 @@ def relative(path: Path) -> str:
 
 def test_the_pages_are_found():
     names = {relative(page) for page in PAGES}
-    assert {"README.md", "docs/usage.md", "docs/guidance.md", "docs/results.md"} <= names
+    assert {"README.md", "docs/usage.md", "docs/guidance.md", "docs/lab/results.md"} <= names
 
 
 def broken_links(page: Path, root: Path = ROOT) -> list[str]:
@@ -149,13 +150,13 @@ def rendered_pages() -> dict[str, tuple[str, str]]:
             if results.exists():
                 page, text = render.render_file(results)
                 made[page] = text
-    made[ROOT / "docs" / "results" / "reach_comparison.md"] = render.reach_comparison_page()
-    sweep = ROOT / "docs" / "results" / "sweep_image_guidance.json"
+    made[LAB / "results" / "reach_comparison.md"] = render.reach_comparison_page()
+    sweep = LAB / "results" / "sweep_image_guidance.json"
     made[sweep.with_suffix(".md")] = sweep_image_guidance.markdown(read(sweep))
-    made[ROOT / "docs" / "toy_ddpm_report.md"] = report_markdown(read(ROOT / "docs" / "toy_ddpm_report.json"))
-    for folder in (ROOT / "docs" / "bench", ROOT / "docs" / "bench" / "celebahq"):  # the benchmark: the cost
+    made[LAB / "toy_ddpm_report.md"] = report_markdown(read(LAB / "toy_ddpm_report.json"))
+    for folder in (LAB / "bench", LAB / "bench" / "celebahq"):  # the benchmark: the cost
         made[folder / "table.md"] = markdown_table(read(folder / "bench.json")) + "\n"
-    bench = ROOT / "docs" / "bench"
+    bench = LAB / "bench"
     made[bench / "multiprocess.md"] = bench_multiprocess.markdown(read(bench / "multiprocess.json")) + "\n"
     made[bench / "solver.md"] = bench_solver.markdown(read(bench / "solver.json"))
     return {relative(page): (page.read_text(encoding="utf-8"), text) for page, text in made.items()}
@@ -165,29 +166,31 @@ def test_the_committed_tables_are_their_results_rendered():
     """Each table the lab writes (the README links them instead of quoting figures) is what the lab renders from its
     committed results now: nothing typed by hand, nothing left from an older renderer."""
     pages = rendered_pages()
-    assert {"docs/results/table.md", "docs/results/unconditional/table.md", "docs/results/sweep_strength.md"} <= set(
-        pages
-    )
+    assert {
+        "docs/lab/results/table.md",
+        "docs/lab/results/unconditional/table.md",
+        "docs/lab/results/sweep_strength.md",
+    } <= set(pages)
     assert [page for page, (committed, rendered) in pages.items() if committed != rendered] == []
 
 
 def test_the_result_tables_hold_no_time():
     """The reproduction tables and sweeps hold what the oracle reads, not how long the jobs took on a shared machine:
     the reproduction tables link the benchmark, which measures the cost."""
-    pages = {page: text for page, (text, _) in rendered_pages().items() if page.startswith("docs/results/")}
+    pages = {page: text for page, (text, _) in rendered_pages().items() if page.startswith("docs/lab/results/")}
     timed = re.compile(r"(?i)wall time|time per image|seconds|\bmin\b")
     assert {page for page, text in pages.items() if timed.search(text)} == set()
-    for table in ("docs/results/table.md", "docs/results/unconditional/table.md"):
+    for table in ("docs/lab/results/table.md", "docs/lab/results/unconditional/table.md"):
         assert "[benchmark.md](" in pages[table]
 
 
 # Result pages the lab no longer regenerates (their code left with the deep toy and the site sweep): each says so and
 # names the commit that regenerates it.
 RECORDS = (
-    "docs/results/deep/table.md",
-    "docs/results/deep/sweep_reach.md",
-    "docs/results/sweep_site.md",
-    "docs/results/h_dependence.md",
+    "docs/lab/results/deep/table.md",
+    "docs/lab/results/deep/sweep_reach.md",
+    "docs/lab/results/sweep_site.md",
+    "docs/lab/results/h_dependence.md",
 )
 
 
@@ -251,3 +254,34 @@ def test_every_option_docs_cli_shows_is_one_of_its_command_and_flags_are_shown_a
     documented = {dashed(o) for o in OPTION.findall(text.split("## `generate`")[1].split("## `evaluate`")[0])}
     hidden = {"--help", "-h"}
     assert {o for o in options["generate"] if o.startswith("--")} - hidden <= documented
+
+
+def test_the_arguments_section_of_usage_is_the_pipelines_docstring():
+    """docs/usage.md's "Arguments" section is `BalancingActPipeline.__call__`'s docstring entries of the Balancing Act
+    arguments (`GUIDANCE_ARGS_DOCSTRING`, as `guidance_args_docstring` writes it), every one, in order, word for word:
+    the arguments are documented once. `python lab/usage_arguments.py` rewrites the section."""
+    from lab import usage_arguments
+    from pipeline_balancing_act import BalancingActPipeline, GuidanceArguments
+
+    text = (ROOT / "docs" / "usage.md").read_text(encoding="utf-8")
+    assert text.count(usage_arguments.BEGIN) == 1 and text.count(usage_arguments.END) == 1
+    assert usage_arguments.rewrite(text) == text, "docs/usage.md's arguments: run python lab/usage_arguments.py"
+    section = text[text.index(usage_arguments.BEGIN) + len(usage_arguments.BEGIN) : text.index(usage_arguments.END)]
+    entries = section.split("\n\nConstants named above")[0].strip().split("\n- ")
+    names = [re.match(r"(?:- )?\*\*`(\w+)`\*\* ", entry)[1] for entry in entries]
+    assert names == GuidanceArguments.names()
+    # Each entry, read independently of the renderer: "name (kinds): description" is a run of the docstring's words.
+    docstring = " ".join(BalancingActPipeline.__call__.__doc__.split())
+    for name, entry in zip(names, entries):
+        words = " ".join(re.sub(r"^(?:- )?\*\*`(\w+)`\*\*", r"\1", entry).split())
+        assert words in docstring, name
+
+
+def test_the_readme_names_the_arguments_usage_documents():
+    """The README lists the Balancing Act arguments by name (no second table of them), all of them, in order."""
+    from pipeline_balancing_act import GuidanceArguments
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    paragraph = re.search(r"^The arguments Balancing Act adds.*?(?=\n\n)", text, flags=re.MULTILINE | re.DOTALL)[0]
+    assert "(docs/usage.md#arguments)" in paragraph
+    assert re.findall(r"`(\w+)`", paragraph.split(":", 1)[1]) == GuidanceArguments.names()

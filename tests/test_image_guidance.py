@@ -117,7 +117,7 @@ def test_a_failed_save_keeps_the_previous_classifier_whole(tmp_path, monkeypatch
 
 def test_the_labs_x0_classifiers_read_held_out_toy_faces():
     """Small files, the toy world's classes, and they read faces they never saw (another seed than training's)."""
-    report = json.loads(open(os.path.join(ROOT, "docs", "x0_classifiers.json"), encoding="utf-8").read())
+    report = json.loads(open(os.path.join(ROOT, "docs", "lab", "x0_classifiers.json"), encoding="utf-8").read())
     faces = make_toy_dataset(96, seed=123_456)
     for attribute, class_names in ATTRIBUTES.items():
         folder = TOY_X0_CLASSIFIERS_PATH / attribute

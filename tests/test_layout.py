@@ -27,6 +27,7 @@ LAB_TOOLS = (
     "train_toy_ddpm.py",
     "train_toy_model.py",
     "train_x0_classifier.py",
+    "usage_arguments.py",
 )
 # Tools that were commands of the package once: they must not come back there.
 FORMER_COMMANDS = ("bench", "reproduce", "train_toy", "toy_report", "bench_multiprocess")
@@ -90,7 +91,7 @@ def test_no_file_outside_the_tests_grows_past_600_lines():
 def test_bench_writes_into_the_checkout_not_the_package():
     from lab.bench import config
 
-    assert config.DEFAULT_OUTPUT_DIR == ROOT / "docs" / "bench"
+    assert config.DEFAULT_OUTPUT_DIR == ROOT / "docs" / "lab" / "bench"
     assert PACKAGE not in config.DEFAULT_OUTPUT_DIR.parents
 
 

@@ -66,7 +66,7 @@ def test_committed_model_loads_offline_and_samples(one_thread):
     assert 0 <= out.images.min() and out.images.max() <= 1
 
     # The committed oracle report describes this model, with a path relative to the repository.
-    report = json.loads((ROOT / "docs" / "toy_ddpm_report.json").read_text())
+    report = json.loads((ROOT / "docs" / "lab" / "toy_ddpm_report.json").read_text())
     assert report["model"] == "h_classifiers/assets/toy-ddpm"
     assert report["architecture"]["h_shape"] == list(h.shape[1:])
     assert report["architecture"]["parameters"] == sum(p.numel() for p in pipe.unet.parameters())

@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Comma-separated generation scales, of {','.join(SCALES)} (default: {','.join(DEFAULT_SCALES)}).",
     )
     parser.add_argument(
-        "--output-dir", default=str(DEFAULT_OUTPUT_DIR), help="Where bench.json and table.md go (default: docs/bench)."
+        "--output-dir",
+        default=str(DEFAULT_OUTPUT_DIR),
+        help="Where bench.json and table.md go (default: docs/lab/bench).",
     )
     parser.add_argument("--toy-model", default=str(TOY_MODEL_PATH), help="Toy model directory (diffusers layout).")
     parser.add_argument(

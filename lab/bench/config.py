@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from h_classifiers.io_utils import portable_path
-from lab import ROOT
+from lab import LAB_DOCS
 
 
 PARTS = ("generation", "extraction", "training")
@@ -24,7 +24,7 @@ CELEBAHQ_ARMS = ("vanilla", "distribution")
 MEMORY_MODES = ("auto", "subprocess", "inprocess")
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 WORKER_TAG = "BENCH_WORKER_RESULT "
-DEFAULT_OUTPUT_DIR = ROOT / "docs" / "bench"
+DEFAULT_OUTPUT_DIR = LAB_DOCS / "bench"
 
 # Targets (measured and reported in the table, never asserted in a test). Guided / vanilla, per call:
 # on a GPU at SD1.5 shapes (fp16, batch 8 with classifier-free guidance) wall time and peak memory,

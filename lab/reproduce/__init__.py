@@ -1,6 +1,6 @@
 """The reproduction table on the toy world, and the sweeps that chose the defaults. From a checkout's root:
 
-    python -m lab.reproduce                                      # the table -> docs/results/
+    python -m lab.reproduce                                      # the table -> docs/lab/results/
     python -m lab.reproduce --world ddpm                         # the unconditional table (toy DDPM)
     python -m lab.reproduce --sweep strength                     # the default-strength sweep (tuning seeds)
     python -m lab.reproduce --sweep fair-diffusion               # the Fair Diffusion settings sweep

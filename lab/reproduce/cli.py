@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from h_classifiers.io_utils import atomic_write_text
-from lab import ROOT
+from lab import LAB_DOCS
 from lab.reproduce.render import render_file
 from lab.reproduce.rows import DDPM_BATCH, SWEEPS, TABLE_SEED, TUNING_SEED, WORLDS
 from lab.reproduce.runner import run_sweep, run_table, write_reach_comparison
@@ -18,7 +18,7 @@ from lab.reproduce.runner import run_sweep, run_table, write_reach_comparison
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m lab.reproduce",
-        description="The reproduction table on the toy world (docs/results/), or a sweep that chose a default.",
+        description="The reproduction table on the toy world (docs/lab/results/), or a sweep that chose a default.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--rows", default="", help="Comma-separated subset of the table's rows (default: all).")
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output-dir",
         default=None,
-        help="Where results go (sd: docs/results, ddpm: docs/results/unconditional).",
+        help="Where results go (sd: docs/lab/results, ddpm: docs/lab/results/unconditional).",
     )
     parser.add_argument(
         "--jobs-dir",
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--reach-comparison",
         action="store_true",
-        help="Write docs/results/reach_comparison.md from the reach sweeps' results (runs nothing).",
+        help="Write docs/lab/results/reach_comparison.md from the reach sweeps' results (runs nothing).",
     )
     parser.add_argument(
         "--sweep",
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.reach_comparison:
-        write_reach_comparison(Path(args.output_dir or ROOT / "docs" / "results") / "reach_comparison.md")
+        write_reach_comparison(Path(args.output_dir or LAB_DOCS / "results") / "reach_comparison.md")
         return None
     world = WORLDS[args.world]
     args.output_dir = args.output_dir or str(world.output_dir)

@@ -88,7 +88,7 @@ def check_targets(row: Row, measured: dict[str, dict[str, Any]]) -> dict[str, An
             e = default["entanglement_max"]
             checks["entanglement (points)"] = (100 * e, 100 * TARGET_ENTANGLEMENT, e <= TARGET_ENTANGLEMENT)
         image_space = measured.get("image_guidance")
-        if image_space is not None:  # lower FD than image-space guidance (its cost: docs/benchmark.md)
+        if image_space is not None:  # lower FD than image-space guidance (its cost: docs/lab/benchmark.md)
             shown = (default["fd"], image_space["fd"])
             checks["beats image-space guidance"] = (shown, None, default["fd"] < image_space["fd"])
         peer = measured.get("fair_diffusion")

@@ -11,7 +11,7 @@ from typing import Any
 
 from h_classifiers.io_utils import atomic_save_image
 from h_classifiers.toy_world import ATTRIBUTES, NEUTRAL_PROMPT
-from lab import ROOT
+from lab import LAB_DOCS
 from lab.reproduce.rows import REACH_ROWS, TUNING_SEED, WORLDS, Row, World
 
 
@@ -83,8 +83,8 @@ def summary_markdown(report: dict[str, Any]) -> list[str]:
 
 
 def docs_link(world: World, page: str) -> str:
-    """The link from the world's results folder to `page`, a path under docs/."""
-    return Path(os.path.relpath(ROOT / "docs" / page, world.output_dir)).as_posix()
+    """The link from the world's results folder to `page`, a path under docs/lab/."""
+    return Path(os.path.relpath(LAB_DOCS / page, world.output_dir)).as_posix()
 
 
 def table_markdown(report: dict[str, Any]) -> str:
@@ -244,15 +244,15 @@ def sweep_markdown(report: dict[str, Any]) -> str:
 # The reach sweeps read side by side (`--reach-comparison`): each one's JSON, and how its h is taken. The first up
 # block's and the deep toy's are records: the lab no longer runs them (commit 7d1b3a3 does).
 REACH_SWEEPS = (
-    ("toy SD, mid block (h [64, 4, 4], one downsampling)", ROOT / "docs" / "results" / "sweep_reach.json"),
-    ("toy SD, first up block (h [64, 8, 8])", ROOT / "docs" / "results" / "sweep_site.json"),
+    ("toy SD, mid block (h [64, 4, 4], one downsampling)", LAB_DOCS / "results" / "sweep_reach.json"),
+    ("toy SD, first up block (h [64, 8, 8])", LAB_DOCS / "results" / "sweep_site.json"),
     (
         "deep toy SD, mid block (h [128, 1, 1], three downsamplings)",
-        ROOT / "docs" / "results" / "deep" / "sweep_reach.json",
+        LAB_DOCS / "results" / "deep" / "sweep_reach.json",
     ),
     (
         "toy DDPM, mid block (h [128, 4, 4], three downsamplings)",
-        ROOT / "docs" / "results" / "unconditional" / "sweep_reach.json",
+        LAB_DOCS / "results" / "unconditional" / "sweep_reach.json",
     ),
 )
 
@@ -269,7 +269,7 @@ def reach_comparison_markdown(reports: list[tuple[str, dict[str, Any]]]) -> str:
         "of that class (vanilla's in brackets), the valid rate, and the entanglement (the largest change, in points, of "
         "another attribute's class fractions against vanilla). Each sweep's own page has every setting: "
         + ", ".join(
-            f"[{label}]({path.relative_to(ROOT / 'docs' / 'results').as_posix().replace('.json', '.md')})"
+            f"[{label}]({path.relative_to(LAB_DOCS / 'results').as_posix().replace('.json', '.md')})"
             for label, path in REACH_SWEEPS
         )
         + ".",

@@ -16,7 +16,7 @@ from h_classifiers.toy_world import (
     TOY_DDPM_PATH,
     TOY_MODEL_PATH,
 )
-from lab import ROOT
+from lab import LAB_DOCS, ROOT
 
 
 TABLE_SEED = 0
@@ -140,7 +140,7 @@ ROWS = (
 ROWS_BY_NAME = {row.name: row for row in ROWS}
 
 # The unconditional world: the toy DDPM in the paper's setting (DDIM 50 steps, batches of 100). The main rows sample
-# with eta 0, where the toy DDPM makes valid faces; the paper's eta 1 has rows of its own (docs/toy_ddpm_report.json).
+# with eta 0, where the toy DDPM makes valid faces; the paper's eta 1 has rows of its own (docs/lab/toy_ddpm_report.json).
 DDPM = Sampler("ddim", 50, 1.0, eta=0.0)
 DDPM_ETA1 = Sampler("ddim", 50, 1.0, eta=1.0)
 DDPM_BATCH = 100
@@ -226,7 +226,7 @@ WORLDS = {
         TOY_CLASSIFIERS_PATH,
         NEUTRAL_PROMPT,
         ROWS,
-        ROOT / "docs" / "results",
+        LAB_DOCS / "results",
         ROOT / ".work" / "reproduce-jobs",
     ),
     "ddpm": World(
@@ -235,7 +235,7 @@ WORLDS = {
         TOY_DDPM_CLASSIFIERS_PATH,
         None,
         DDPM_ROWS,
-        ROOT / "docs" / "results" / "unconditional",
+        LAB_DOCS / "results" / "unconditional",
         ROOT / ".work" / "reproduce-jobs-ddpm",
     ),
 }
