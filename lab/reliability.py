@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from h_classifiers.io_utils import atomic_write_json, atomic_write_text
-from lab import ROOT
+from lab import LAB_DOCS
 
 
-OUTPUT = ROOT / "docs" / "lab" / "reliability.json"
+OUTPUT = LAB_DOCS / "reliability.json"
 PROMPT = "a photo of a face"
 IMAGES, STEPS = 8, 25
 HANG_AFTER_S = 240.0  # a call still running then is reported as hanging (the measurement waited 4 minutes)
