@@ -1584,7 +1584,8 @@ def unexpected_keywords_message(pipeline: type, unknown: Sequence[str], standard
         hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     return (
         f"{pipeline.__name__}.__call__() got unexpected keyword argument(s) {', '.join(hints)}; it takes the "
-        f"arguments of {pipeline.__mro__[2].__name__} and {', '.join(guidance)}."
+        f"arguments of {next(c for c in pipeline.__mro__[1:] if c is not BalancingActMixin).__name__} and "
+        f"{', '.join(guidance)}."
     )
 
 
