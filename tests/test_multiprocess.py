@@ -43,9 +43,10 @@ LAUNCH_ATTEMPTS = 3
 def launch(tmp_path: Path, *command: str) -> subprocess.CompletedProcess:
     """`accelerate launch` of 2 processes on this machine's loopback interface; returns the finished process.
 
-    The processes run this checkout's code (its root first on PYTHONPATH; checked in them by the test below), the
-    launcher picks the port (`--main_process_port 0`), and a launch that lost its port to another process before
-    binding it is run again."""
+    The processes run this checkout's code: its root is first on PYTHONPATH, and each process records where it
+    imported `h_classifiers` and the pipeline from (`IMPORTED_FROM`, run before the command), checked after every
+    launch. The launcher picks the port (`--main_process_port 0`), and a launch that lost its port to another process
+    before binding it is run again."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "PYTHONPATH"))}
     # No network, no accelerate config file of the user's, one thread per process, sockets on loopback only.
     env |= {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"), "OMP_NUM_THREADS": "1"}
@@ -53,7 +54,9 @@ def launch(tmp_path: Path, *command: str) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     launcher += ["--main_process_ip", "127.0.0.1", "--main_process_port", "0"]
-    target = list(command) if command[0].endswith(".py") else ["-m", "h_classifiers.cli", *command]
+    wrapper = tmp_path / "imported_from.py"
+    wrapper.write_text(IMPORTED_FROM)
+    target = [str(wrapper), *(command if command[0].endswith(".py") else ["-m", "h_classifiers.cli", *command])]
     for _ in range(LAUNCH_ATTEMPTS):
         result = subprocess.run(
             [*launcher, *target],
@@ -66,25 +69,27 @@ def launch(tmp_path: Path, *command: str) -> subprocess.CompletedProcess:
         if result.returncode == 0 or not ADDRESS_IN_USE.search(result.stderr):
             break
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    for rank in range(2):  # each launched process ran this checkout's code, not an installation elsewhere
+        files = json.loads((tmp_path / f"imported-from-rank{rank}.json").read_text())
+        assert Path(files["h_classifiers"]).resolve() == (ROOT / "h_classifiers" / "__init__.py").resolve(), files
+        assert Path(files["pipeline"]).resolve() == (ROOT / "pipeline_balancing_act.py").resolve(), files
     return result
 
 
-def test_the_launched_processes_import_this_checkout(tmp_path):
-    """Each launched process imports `h_classifiers` and the pipeline from this checkout, not from an installation
-    elsewhere (the launches run from a temporary folder)."""
-    script = tmp_path / "where.py"
-    script.write_text(
-        "import json, os, sys\n"
-        "import h_classifiers, pipeline_balancing_act\n"
-        "files = {'h_classifiers': h_classifiers.__file__, 'pipeline': pipeline_balancing_act.__file__}\n"
-        "with open(os.path.join(sys.argv[1], f\"rank{os.environ['RANK']}.json\"), 'w') as f:\n"
-        "    json.dump(files, f)\n"
-    )
-    launch(tmp_path, str(script), str(tmp_path))
-    for rank in range(2):
-        files = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert Path(files["h_classifiers"]).resolve() == (ROOT / "h_classifiers" / "__init__.py").resolve(), files
-        assert Path(files["pipeline"]).resolve() == (ROOT / "pipeline_balancing_act.py").resolve(), files
+# Run by every launched process before its command (`-m module args` or `script.py args`): records where it imports
+# the package and the pipeline from, in the working directory.
+IMPORTED_FROM = """import json, os, runpy, sys
+import h_classifiers, pipeline_balancing_act
+files = {"h_classifiers": h_classifiers.__file__, "pipeline": pipeline_balancing_act.__file__}
+with open(f"imported-from-rank{os.environ['RANK']}.json", "w") as f:
+    json.dump(files, f)
+if sys.argv[1] == "-m":
+    sys.argv = [sys.argv[2], *sys.argv[3:]]
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+else:
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def manifest_lines(images_dir: Path) -> list[dict]:
