@@ -206,7 +206,8 @@ class HClassifier(ModelMixin, ConfigMixin):
         (a scheduler on another timestep scale, e.g. continuous sigmas, would map every step to one head)."""
         heads = self._timesteps.sort().values
         slack = float((heads[1:] - heads[:-1]).max()) if len(heads) > 1 else 1.0
-        return all(float(heads[0]) - slack <= float(t) <= float(heads[-1]) + slack for t in timesteps)
+        low, high = float(heads[0]) - slack, float(heads[-1]) + slack
+        return all(low <= float(t) <= high for t in timesteps)
 
     def class_index(self, name_or_index: str | int) -> int:
         """Class name or index -> index; a clear `ValueError` for anything else."""
