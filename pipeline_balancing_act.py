@@ -1035,7 +1035,7 @@ class _GuidanceRun:
             heads = [[part[rows[step]] for part in parts] for parts, rows in zip(self.heads, self.head_row)]
             raw = [F.linear(x, weight, bias) for weight, bias, *_ in heads]
             calibrated = [r * scale + cal_bias for r, (_, _, scale, cal_bias, _) in zip(raw, heads)]
-            finite = torch.stack([torch.isfinite(r).all(dim=1) for r in raw]).all(dim=0)
+            finite = torch.stack([torch.isfinite(r).all(dim=1) for r in raw]).all(dim=0)  # per image, every head
             self.non_finite[step] = (~finite).sum()
             if self.settings.balance_state is not None:  # each image's class (joint: cell), -1 where not finite
                 predicted = [z.argmax(1) for z in calibrated]
@@ -1047,7 +1047,7 @@ class _GuidanceRun:
                 self.final_classes = [torch.where(finite, p, -1) for p in predicted]
             if not self.guided[step]:
                 return None
-            directions = self._directions(calibrated, raw)
+            directions = self._directions(calibrated, raw, finite)
             delta = sum(size * (g @ head[4]) for size, g, head in zip(self.step_sizes, directions, heads))
             if self.held_bases is not None:  # remove the part of the move that the held classifiers would read
                 basis = self.held_bases[self.held_row[step]]
@@ -1081,15 +1081,15 @@ class _GuidanceRun:
         bases, _ = torch.linalg.qr(torch.stack(matrices), mode="reduced")
         return bases, rows
 
-    def _directions(self, calibrated: list[torch.Tensor], raw: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per classifier, the logit directions `[N, K]` of this process's rows (zero where any logit is not finite);
-        with a global batch the solvers see every process's rows."""
+    def _directions(self, calibrated: list[torch.Tensor], raw: list[torch.Tensor], valid: torch.Tensor) -> list:
+        """Per classifier, the logit directions `[N, K]` of this process's rows (zero where `valid`, the images with
+        finite logits, is False); with a global batch the solvers see every process's rows."""
         settings = self.settings
         if self.process_rows is not None:  # one all_gather of every classifier's calibrated and raw logits
             widths = [z.shape[1] for z in calibrated + raw]
             gathered = _all_gather_rows(torch.cat(calibrated + raw, dim=1), self.process_rows).split(widths, dim=1)
             calibrated, raw = list(gathered[: len(calibrated)]), list(gathered[len(calibrated) :])
-        valid = torch.stack([torch.isfinite(r).all(dim=1) for r in raw]).all(dim=0)
+            valid = torch.stack([torch.isfinite(r).all(dim=1) for r in raw]).all(dim=0)  # of the global rows
         if settings.mode == "sample":
             classes = self.class_targets
         elif settings.solver != "assign":

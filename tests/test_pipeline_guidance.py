@@ -393,9 +393,9 @@ def test_heads_read_in_float32_under_an_outer_autocast(ba_pipe, monkeypatch):
     dtypes = []
     directions = pba._GuidanceRun._directions
 
-    def recording_directions(run, calibrated, raw):
+    def recording_directions(run, calibrated, raw, valid):
         dtypes.extend(t.dtype for t in calibrated + raw)
-        return directions(run, calibrated, raw)
+        return directions(run, calibrated, raw, valid)
 
     monkeypatch.setattr(pba._GuidanceRun, "_directions", recording_directions)
     with torch.autocast("cpu", dtype=torch.bfloat16):
