@@ -88,6 +88,10 @@ def train_pixel_unet(args, images: torch.Tensor, work: Path):
         saved = checkpoint_metadata(ckpt)
         seconds = float(saved.get("train_seconds", 0.0))
         stages = stages or _stages(saved)
+    elif args.init_from is not None:  # a new run that starts from a finished model's weights (fresh optimizer)
+        start_weights = load_file(str(Path(args.init_from) / "unet" / "diffusion_pytorch_model.safetensors"))
+        unet.load_state_dict(start_weights)
+        ema_unet.load_state_dict(start_weights)
     ema = EMAModel(ema_unet.parameters(), decay=args.ema_decay)  # starts from the (restored) EMA weights
     ema.load_state_dict({"optimization_step": start})
 
@@ -289,6 +293,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ema-decay", type=float, default=0.995)
     p.add_argument(
         "--snr-gamma", type=float, default=None, help="Min-SNR loss weighting: min(SNR, gamma) / SNR; none if unset."
+    )
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="Start from this exported DDIMPipeline's weights (a new cosine run with a fresh optimizer); its report "
+        "(--previous-report) is kept in the new one.",
+    )
+    p.add_argument(
+        "--previous-report", type=Path, default=None, help="With --init-from: the report of the model started from."
     )
     p.add_argument("--checkpoint-every", type=positive_int, default=50)
     p.add_argument(
