@@ -35,6 +35,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from h_classifiers.arguments import positive_int  # noqa: E402
 from h_classifiers.io_utils import atomic_save_file, atomic_write_json, atomic_write_text, portable_path  # noqa: E402
 from h_classifiers.toy_world import ATTRIBUTES, DATA_BIAS, TOY_DDPM_PATH, ToyOracle, make_toy_dataset  # noqa: E402
+from lab.toy_ddpm_diagnostics import diagnostics_markdown, h_dependence, noise_fit  # noqa: E402
 from lab.toy_model import PIXEL_TRAIN_SCHEDULER_CONFIG, build_pixel_scheduler, build_pixel_unet  # noqa: E402
 from lab.toy_report import save_grid, summarise  # noqa: E402
 from lab.train_toy_model import (  # noqa: E402
@@ -232,6 +233,22 @@ def write_report(args, metadata: dict[str, str]) -> dict:
     report["samples"], samples = oracle_report(
         pipe, args.report_samples, args.report_steps, args.report_etas, args.report_seed, args.report_batch_size
     )
+    report["diagnostics"] = model_diagnostics(pipe, args)
+    if args.init_from is not None:  # the model this run started from, measured the same way
+        previous = load_pixel_pipeline(args.init_from)
+        report["previous"] = {
+            "model": portable_path(args.init_from),
+            "training": json.loads(args.previous_report.read_text())["training"] if args.previous_report else None,
+        }
+        report["previous"]["samples"], _ = oracle_report(
+            previous,
+            args.report_samples,
+            args.report_steps,
+            args.report_etas,
+            args.report_seed,
+            args.report_batch_size,
+        )
+        report["previous"]["diagnostics"] = model_diagnostics(previous, args)
     atomic_write_json(args.report, report)
     atomic_write_text(Path(args.report).with_suffix(".md"), report_markdown(report))
     if args.grid is not None:  # the first samples of each eta, one row each
@@ -241,6 +258,17 @@ def write_report(args, metadata: dict[str, str]) -> dict:
             16,
         )
     return report
+
+
+def model_diagnostics(pipe, args) -> dict:
+    """The noise fit per timestep and the h dependence (DDIM at `--report-steps`, each report eta) of one model."""
+
+    def sample(pipe, num_images: int, eta: float, seed: int) -> torch.Tensor:
+        return sample_pixel_images(pipe, num_images, args.report_steps, eta, seed, args.report_batch_size)
+
+    with torch.no_grad():
+        fit = noise_fit(pipe.unet.eval(), PIXEL_TRAIN_SCHEDULER_CONFIG)
+    return {"noise_fit": fit, "h_dependence": h_dependence(pipe, sample, args.report_etas)}
 
 
 def report_markdown(report: dict) -> str:
@@ -263,15 +291,32 @@ def report_markdown(report: dict) -> str:
         + " | ".join(" / ".join(f"{p:.3f}" for p in report["data_bias"][a].values()) for a in ATTRIBUTES)
         + " | |",
     ]
-    for key, row in report["samples"].items():
+    rows = [("", report["samples"])]
+    if "previous" in report:
+        rows.append(("previous model: ", report["previous"]["samples"]))
+    for prefix, key, row in [(prefix, key, row) for prefix, samples in rows for key, row in samples.items()]:
         fractions = " | ".join(" / ".join(f"{p:.3f}" for p in row["fractions"][a].values()) for a in ATTRIBUTES)
         checks = ", ".join(f"{k[:-3]} {v:.2f}" for k, v in row["checks_passed"].items())
         lines.append(
-            f"| DDIM {row['steps']}, eta {row['eta']:g} | {row['num_samples']} | {row['valid_rate']:.3f} | "
+            f"| {prefix}DDIM {row['steps']}, eta {row['eta']:g} | {row['num_samples']} | {row['valid_rate']:.3f} | "
             f"{fractions} | {checks} |"
         )
     classes = "; ".join(f"{a}: {' / '.join(c)}" for a, c in ATTRIBUTES.items())
-    return "\n".join(lines) + f"\n\nClasses in column order: {classes}.\n"
+    lines += ["", f"Classes in column order: {classes}."]
+    if "previous" in report:
+        history = report["previous"]["training"]
+        lines += [
+            "",
+            f"This run started from `{report['previous']['model']}`"
+            + (f" (trained {history['steps']} steps at batch {history['batch_size']})" if history else "")
+            + f" with a fresh optimizer: {training['steps']} more steps at learning rate {training['lr']:g} (cosine).",
+        ]
+    if "diagnostics" in report:
+        models = {"this model": report["diagnostics"]}
+        if "previous" in report:
+            models["previous model"] = report["previous"]["diagnostics"]
+        lines += diagnostics_markdown(models)
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------------------
