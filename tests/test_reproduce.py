@@ -177,18 +177,18 @@ def test_beating_fair_diffusion_shows_both_fds_and_both_valid_rates():
     assert "| beats Fair Diffusion | FD 0.010 vs 0.050, valid 90.0% vs 93.0% |  | **missed** |" in table
 
 
-def test_the_unconditional_world_runs_marginal_and_eta1_rows_on_the_toy_ddpm(tmp_path):
-    argv = ["--world", "ddpm", "--rows", "skin-glasses-50-50,hair-uniform-eta1", "--num-images", "4"]
+def test_the_unconditional_world_runs_marginal_and_eta0_rows_on_the_toy_ddpm(tmp_path):
+    argv = ["--world", "ddpm", "--rows", "skin-glasses-50-50,hair-uniform-eta0", "--num-images", "4"]
     report = cli.main([*argv, "--output-dir", str(tmp_path), "--jobs-dir", str(tmp_path / "jobs")])
     assert report["world"] == "ddpm"
     marginal = report["rows"]["skin-glasses-50-50"]
-    assert marginal["title"] == "skin 50/50 + glasses 50/50" and marginal["sampler"] == "DDIM 50, eta 0"
+    assert marginal["title"] == "skin 50/50 + glasses 50/50" and marginal["sampler"] == "DDIM 50, eta 1"
     for summary in marginal["configurations"].values():
         per_attribute = summary["fd_per_attribute"]
         assert set(per_attribute) == {"skin", "glasses"} and summary["fd"] == max(per_attribute.values())
         assert summary["entanglement"].keys() == {"hair"}  # only the attribute not guided
-    eta1 = report["rows"]["hair-uniform-eta1"]
-    assert eta1["sampler"] == "DDIM 50, eta 1" and set(eta1["configurations"]) == {
+    eta0 = report["rows"]["hair-uniform-eta0"]
+    assert eta0["sampler"] == "DDIM 50, eta 0" and set(eta0["configurations"]) == {
         "vanilla",
         "sample",
         "chi2",
