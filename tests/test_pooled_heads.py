@@ -13,7 +13,9 @@ from tiny_models import CLASSIFIER_TIMESTEPS, H_SHAPE, HRecorder, make_generator
 
 import pipeline_balancing_act as pba
 from h_classifiers import toy_world
+from h_classifiers.extraction import extract_from_generation
 from h_classifiers.feature_store import HFeatureStore, create_store, finish_store, write_chunk
+from h_classifiers.labellers import Labeller
 from h_classifiers.toy_assets import TOY_DDPM_PATH, TOY_MODEL_PATH
 from h_classifiers.training import TrainingConfig, train_classifier
 from pipeline_balancing_act import BalancingActPipeline, HClassifier
@@ -279,6 +281,32 @@ def test_extract_with_a_pool_size_stores_pooled_h_and_train_makes_a_pooled_class
         last
         == "balancing-act extract: error: `--pool-size` 8 is larger than h, whose shape is [64, 4, 4]; give at most 4."
     )
+
+
+class HalfLabeller(Labeller):
+    class_names = ["a", "b"]
+    attribute = "half"
+    source = "test:half"
+
+    def label(self, images):
+        return torch.arange(len(images)) % 2
+
+
+def test_the_generation_recipe_pools_what_it_records(sd_pipe, tmp_path):
+    kwargs = {"num_inference_steps": 2, "guidance_scale": 3.0, "record_branch": "both", "progress": False}
+    extract_from_generation(sd_pipe, "a face", 3, tmp_path / "flat", HalfLabeller(), dtype="fp32", **kwargs)
+    manifest = extract_from_generation(
+        sd_pipe, "a face", 3, tmp_path / "pooled", HalfLabeller(), dtype="fp32", pool_size=3, **kwargs
+    )
+    assert (manifest["pool_size"], manifest["pooled_from"], manifest["h_shape"]) == (3, H_SHAPE, [64, 3, 3])
+    flat, pooled = HFeatureStore(tmp_path / "flat"), HFeatureStore(tmp_path / "pooled")
+    for step in range(2):
+        expected = F.adaptive_avg_pool2d(flat.load_timestep(step).features, 3)
+        torch.testing.assert_close(pooled.load_timestep(step).features, expected, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="different extraction run.*pool_size"):  # a resumed run keeps its pool size
+        extract_from_generation(sd_pipe, "a face", 3, tmp_path / "pooled", HalfLabeller(), dtype="fp32", **kwargs)
+    with pytest.raises(ValueError, match=r"`pool_size` 5 is larger than h: .* \[64, 4, 4\] at 16x16 pixels"):
+        extract_from_generation(sd_pipe, "a face", 3, tmp_path / "c", HalfLabeller(), pool_size=5, **kwargs)
 
 
 def test_training_pools_a_flat_store_in_blocks_like_the_pooled_store(tmp_path):
