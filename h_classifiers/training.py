@@ -267,7 +267,12 @@ def _pooling(store: HFeatureStore, asked: int | None) -> tuple[int | None, list[
                 f"`pool_size` {asked}: this store holds h already average-pooled to {stored}x{stored} (extracted with "
                 f"pool size {stored}); train it with pool size {stored} or none, or extract flat h."
             )
-        return stored, list(store.manifest["pooled_from"]), None
+        pooled_from = store.manifest.get("pooled_from")
+        if not (isinstance(pooled_from, list) and len(pooled_from) == 3):
+            raise ValueError(
+                f"This store holds pooled h but no `pooled_from` (h's shape before pooling): {pooled_from!r}."
+            )
+        return stored, pooled_from, None
     shape = store.h_shape
     if asked is not None and (len(shape) != 3 or asked > min(shape[1:])):
         raise ValueError(
