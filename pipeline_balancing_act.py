@@ -4,8 +4,8 @@
 A single-file diffusers community pipeline: it imports only the standard library, numpy, torch and diffusers, so that
 `DiffusionPipeline.from_pretrained(..., custom_pipeline=...)` loads it on its own. In order, it defines:
 
-- `HClassifier`: per-timestep linear heads over the UNet bottleneck h = `unet.mid_block(...)`, with a calibration and
-  class anchors in h (a diffusers `ModelMixin` + `ConfigMixin`, saved as safetensors + config.json);
+- `HClassifier`: per-timestep linear heads over the UNet bottleneck h = `unet.mid_block(...)`, flat or pooled
+  (`_read_h`, `_pool_lift`), with a calibration and class anchors (`ModelMixin` + `ConfigMixin`: safetensors + json);
 - `largest_remainder` / `assign_classes`: exact class counts for a batch and the min-cost assignment of images to
   them; `BalanceState`: the counts carried across calls;
 - `MidBlockHook`: reads and replaces h for the calls of the context that activated it (`install_h_hook` keeps the
@@ -75,15 +75,28 @@ def mid_block_h_shape(unet: torch.nn.Module, latent_height: int, latent_width: i
     return [int(unet.config.block_out_channels[-1]), *size]
 
 
+def _read_h(h: torch.Tensor, pool_size: int | None) -> torch.Tensor:
+    """What the heads read of h `[B, C, H, W]`, float32 `[B, D]`: h flattened, or first average-pooled to g x g."""
+    return (h if pool_size is None else F.adaptive_avg_pool2d(h.float(), pool_size)).flatten(1).float()
+
+
+def _pool_lift(n: int, g: int) -> torch.Tensor:
+    """`U` `[n, g]`, the min-norm right inverse of adaptive average pooling of a length n to g (`pool(U d) == d`):
+    `U = P^T (P P^T)^-1` for torch's pooling matrix P `[g, n]` (cell i averages floor(i n / g) .. ceil((i + 1) n / g));
+    when g divides n it spreads each value over its cell (nearest-neighbour upsampling)."""
+    pool = F.adaptive_avg_pool1d(torch.eye(n, dtype=torch.float64)[None], g)[0].T  # torch's own cells
+    return (pool.T @ torch.linalg.inv(pool @ pool.T)).float()
+
+
 # --- The h-classifier -----------------------------------------------------------------------------------------------
 
 
 class HClassifier(ModelMixin, ConfigMixin):
     r"""
-    Per-timestep linear heads over the flattened UNet bottleneck h: `logits = W_t @ flatten(h) + b_t`, a timestep
+    Per-timestep linear heads over the UNet bottleneck h, flat or pooled: `logits = W_t @ read(h) + b_t`, a timestep
     using the head of the nearest trained one. Guidance needs two more per-timestep parts, which `balancing-act train`
     writes: a calibration (`logits * scale_t + bias_t`, whose softmax estimates the class probabilities of the final
-    image) and class anchors `[T, K, *h_shape]` (a point in h per class; guidance moves h along their differences).
+    image) and class anchors `[T, K, D]` (a point per class in what the heads read; guidance moves along them).
 
     Args:
         attribute (`str`): Name of the attribute, e.g. `"skin"`.
@@ -95,6 +108,10 @@ class HClassifier(ModelMixin, ConfigMixin):
         calibration_scale, calibration_bias (*optional*): Per head, the factor on the logits and K offsets after it.
         anchor_source (`str`, *optional*): How the anchors were made; `None`: the classifier has no anchors.
         site (`str`, defaults to `"mid_block"`): Kept from older versions; only `"mid_block"` is accepted.
+        pool_size (`int`, *optional*): `None`: the heads read `h.flatten(1)`, so h must have the shape `h_shape`. An
+            int g: they read `adaptive_avg_pool2d(h, g).flatten(1)` (D = C * g * g), so they read h of any height and
+            width >= g with `h_shape`'s C channels (any resolution of the model); guidance lifts a move made in that
+            pooled space back to h by the min-norm right inverse of the pooling.
     """
 
     config_name = "config.json"
@@ -112,6 +129,7 @@ class HClassifier(ModelMixin, ConfigMixin):
         calibration_bias: list[list[float]] | None = None,
         anchor_source: str | None = None,
         site: str = MID_BLOCK_SITE,
+        pool_size: int | None = None,
     ):
         super().__init__()
         if site != MID_BLOCK_SITE:
@@ -130,7 +148,10 @@ class HClassifier(ModelMixin, ConfigMixin):
             raise ValueError(f"`timesteps` must be a non-empty list of finite numbers, got {timesteps}.")
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"`temperature` must be a positive number, got {temperature}.")
-        num_heads, num_classes, dim = len(timesteps), len(class_names), math.prod(h_shape)
+        if pool_size is not None and not (type(pool_size) is int and 1 <= pool_size <= min(h_shape[1:])):
+            raise ValueError(f"`pool_size` must be None or an integer from 1 to min(h_shape[1:]), got {pool_size!r}.")
+        num_heads, num_classes = len(timesteps), len(class_names)
+        dim = math.prod(h_shape) if pool_size is None else h_shape[0] * pool_size**2
         self.weight = torch.nn.Parameter(torch.zeros(num_heads, num_classes, dim))
         self.bias = torch.nn.Parameter(torch.zeros(num_heads, num_classes))
         if anchor_source is not None:
@@ -168,8 +189,8 @@ class HClassifier(ModelMixin, ConfigMixin):
         )
 
     def set_anchors(self, anchors: torch.Tensor, source: str) -> None:
-        """Store per-head class anchors `[T, K, *h_shape]` (or `[T, K, D]`) made by `source`."""
-        expected = (len(self._timesteps), self.num_classes, math.prod(self.config.h_shape))
+        """Store per-head class anchors `[T, K, D]` (or `[T, K, C, H, W]` of the features read) made by `source`."""
+        expected = tuple(self.weight.shape)
         anchors = torch.as_tensor(anchors).detach().float().reshape(anchors.shape[0], anchors.shape[1], -1)
         if tuple(anchors.shape) != expected or not bool(torch.isfinite(anchors).all()):
             raise ValueError(
@@ -230,18 +251,25 @@ class HClassifier(ModelMixin, ConfigMixin):
             f"{names} or an index 0..{len(names) - 1}."
         )
 
+    def h_shape_mismatch(self, shape: Sequence[int], batch: str = "") -> str | None:
+        """None when the heads read h of per-sample shape `shape` (`h_shape`; pooled: any [C, H, W] with its C and
+        H, W >= `pool_size`), else what they read, for an error message (`batch` prefixes the shape, e.g. "B, ")."""
+        c, g = list(self.config.h_shape), self.config.get("pool_size")
+        if list(shape) == c or (g is not None and len(shape) == 3 and shape[0] == c[0] and min(shape[1:]) >= g):
+            return None
+        if g is None:
+            return f"was trained on h of shape [{batch}{', '.join(map(str, c))}]"
+        return f"reads h of shape [{batch}{c[0]}, H, W] with H, W >= {g} (average-pooled to {g}x{g})"
+
     def forward(self, h: torch.Tensor, timestep: int | float | torch.Tensor) -> torch.Tensor:
         """Raw logits `[B, K]` (float32) of the head nearest to `timestep` for h `[B, C, H, W]`. The head runs in
         float32 on h's device (the classifier itself is not moved); gradients flow to h and to the parameters."""
-        expected = tuple(self.config.h_shape)
-        if h.ndim != 4 or tuple(h.shape[1:]) != expected:
-            raise ValueError(
-                f"h has shape {list(h.shape)} but this classifier was trained on h of shape [B, {', '.join(map(str, expected))}]."
-            )
+        mismatch = self.h_shape_mismatch(h.shape[1:] if h.ndim == 4 else (), "B, ")
+        if mismatch is not None:
+            raise ValueError(f"h has shape {list(h.shape)} but this classifier {mismatch}.")
         index = self.head_index(timestep)
-        weight = self.weight[index].to(device=h.device, dtype=torch.float32)
-        bias = self.bias[index].to(device=h.device, dtype=torch.float32)
-        return F.linear(h.flatten(1).float(), weight, bias)
+        weight, bias = (p[index].to(device=h.device, dtype=torch.float32) for p in (self.weight, self.bias))
+        return F.linear(_read_h(h, self.config.pool_size), weight, bias)
 
     def calibrated_logits(self, h: torch.Tensor, timestep: int | float | torch.Tensor) -> torch.Tensor:
         """Calibrated logits `[B, K]`: softmax of them estimates the class probabilities of the final images."""
@@ -964,6 +992,7 @@ class _GuidanceRun:
         guidance_scale: float,
         device: torch.device,
         process_rows: list[int] | None,
+        h_shape: Sequence[int],
     ) -> None:
         settings = self.settings
         self.num_images, self.num_steps, self.cfg = num_images, len(timesteps), cfg
@@ -1007,6 +1036,9 @@ class _GuidanceRun:
                 self.counts = [c.tolist() for c in counts]
                 self.device_counts = [c.to(device) for c in counts]
         self.held_bases, self.held_row = self._held_bases(timesteps, device)
+        # All classifiers read h flat or pooled to g x g (`prepare_guidance`); a pooled move is lifted back, per axis.
+        self.pool = settings.classifiers[0].config.get("pool_size")
+        self.lift = None if self.pool is None else [_pool_lift(n, self.pool).to(device) for n in h_shape[1:]]
         self.soft_targets = [t.flatten().to(device) for t in settings.targets] if settings.mode != "sample" else []
         self.previous: list[torch.Tensor | None] = [None] * len(settings.targets)
         self.final_classes: list[torch.Tensor] | None = None
@@ -1031,7 +1063,7 @@ class _GuidanceRun:
         first = self.num_images if self.cfg else 0  # the images are the conditional rows
         # The heads read h in float32 whatever the pipeline's dtype, also under an outer torch.autocast.
         with torch.autocast(device_type=h.device.type, enabled=False):
-            x = h[first:].detach().flatten(1).float()
+            x = _read_h(h[first:].detach(), self.pool)
             heads = [[part[rows[step]] for part in parts] for parts, rows in zip(self.heads, self.head_row)]
             raw = [F.linear(x, weight, bias) for weight, bias, *_ in heads]
             calibrated = [r * scale + cal_bias for r, (_, _, scale, cal_bias, _) in zip(raw, heads)]
@@ -1052,6 +1084,9 @@ class _GuidanceRun:
             if self.held_bases is not None:  # remove the part of the move that the held classifiers would read
                 basis = self.held_bases[self.held_row[step]]
                 delta = delta - (delta @ basis) @ basis.T
+            if self.lift is not None:  # pooled features -> h: pool(lifted delta) == delta
+                pooled = delta.unflatten(1, (-1, self.pool, self.pool))
+                delta = torch.einsum("hi,ncij,wj->nchw", self.lift[0], pooled, self.lift[1])
         delta = delta.reshape(self.num_images, *h.shape[1:]).to(h.dtype)
         if not self.cfg:
             return h + delta
@@ -1444,6 +1479,12 @@ class BalancingActMixin:
         mode = a.guidance_mode
         is_list = isinstance(a.h_classifier, (list, tuple))
         classifiers = [self._resolve_classifier(c) for c in (a.h_classifier if is_list else [a.h_classifier])]
+        pools = [c.config.get("pool_size") for c in classifiers]
+        if len(set(pools)) > 1:  # one read of h per step serves every head
+            raise ValueError(
+                f"`h_classifier`: the classifiers of one call must read h the same way, all flat or all pooled to one "
+                f"size; got pool sizes {pools} (None = flat). Train them with the same `--pool-size`."
+            )
         strengths = list(a.guidance_strength)
         temperature = a.classifier_temperature
         temperatures = [float(c.config.temperature) if temperature is None else temperature for c in classifiers]
@@ -1543,11 +1584,11 @@ class BalancingActMixin:
                     )
         h_shape = self.h_shape(height, width)
         for classifier in settings.classifiers + settings.held:
-            if list(classifier.config.h_shape) != h_shape:
+            mismatch = classifier.h_shape_mismatch(h_shape)
+            if mismatch is not None:
                 raise ValueError(
-                    f"`h_classifier` {classifier.config.attribute!r} was trained on h of shape "
-                    f"{list(classifier.config.h_shape)} but this UNet gives h of shape {h_shape} at {height}x{width} "
-                    "pixels; use a classifier trained for this model and resolution."
+                    f"`h_classifier` {classifier.config.attribute!r} {mismatch} but this UNet gives h of shape "
+                    f"{h_shape} at {height}x{width} pixels (`height` x `width`); use a classifier that reads this h."
                 )
             if not classifier.covers_timesteps(timesteps):
                 heads = classifier._timesteps
@@ -1572,7 +1613,7 @@ class BalancingActMixin:
                 f"For one image of a given class use `guidance_mode='sample'`; got {total} "
                 f"{'image' if total == 1 else 'images'}."
             )
-        run.start(num_images, timesteps, cfg, guidance_scale, device, process_rows)
+        run.start(num_images, timesteps, cfg, guidance_scale, device, process_rows, h_shape)
 
 
 def unexpected_keywords_message(pipeline: type, unknown: Sequence[str], standard: Sequence[str]) -> str:

@@ -18,6 +18,8 @@ a resumed run writes exactly the shards an uninterrupted run writes. With severa
 process writes its own chunks and the main process the manifest: the store is the one a single process writes.
 
 Step index s refers to the scheduler's timesteps in generation order (s = 0 is the noisiest step), in both recipes.
+With `pool_size` g both store h average-pooled to g x g (all a pooled classifier reads: `HClassifier(pool_size=g)`),
+the manifest recording `pool_size` and `pooled_from`, the shape of h before pooling.
 """
 
 from __future__ import annotations
@@ -106,6 +108,24 @@ def _resolution(pipe, height: int | None, width: int | None) -> tuple[int, int]:
     return height, width
 
 
+def _pooled_from(pipe, height: int, width: int, pool_size: int | None) -> list[int] | None:
+    """The shape [C, H, W] of the h that a store of `pool_size` pools (None: a flat store), at `height` x `width`
+    pixels; a grid larger than h is refused."""
+    if pool_size is None:
+        return None
+    from pipeline_balancing_act import mid_block_h_shape
+
+    _check_positive_int("pool_size", pool_size)
+    scale = getattr(pipe, "vae_scale_factor", 1) if getattr(pipe, "vae", None) is not None else 1
+    shape = mid_block_h_shape(pipe.unet, height // scale, width // scale)
+    if pool_size > min(shape[1:]):
+        raise ValueError(
+            f"`pool_size` {pool_size} is larger than h: the UNet gives h of shape {shape} at {height}x{width} pixels; "
+            f"give a pool size of at most {min(shape[1:])}."
+        )
+    return shape
+
+
 def _unet_size(pipe) -> tuple[int, int]:
     """An unconditional pipeline's image (height, width): its UNet's `sample_size`."""
     size = pipe.unet.config.sample_size
@@ -159,6 +179,7 @@ def extract_from_folders(
     width: int | None = None,
     progress: bool = True,
     state=None,
+    pool_size: int | None = None,
 ) -> dict:
     """Recipe 1: labelled image folders -> DDIM inversion -> h at every step. Returns the manifest.
 
@@ -176,6 +197,8 @@ def extract_from_folders(
         record_branch: with guidance, which rows of [uncond; cond] to store: "cond", "uncond" or "both".
         chunk_size: images per chunk (the unit of resumption); `batch_size`: images per UNet call.
         dtype: storage dtype, "fp16" (default) or "fp32".
+        pool_size: None (default) stores h as the UNet gives it; g stores h average-pooled to g x g, what a pooled
+            classifier (`balancing-act train` of this store) reads: C * g * g values per image and step.
         state: an accelerate `PartialState` of several processes (each makes its share of the chunks), or None.
     Unreadable or corrupt images are skipped with a warning and listed in the manifest ("skipped").
     """
@@ -209,6 +232,7 @@ def extract_from_folders(
     cfg = not unconditional and guidance_scale > 1.0
     branches = _check_branches(record_branch, cfg)
     height, width = _unet_size(pipe) if unconditional else _resolution(pipe, height, width)
+    pooled_from = _pooled_from(pipe, height, width, pool_size)
     class_names, plan = list_labelled_images(image_dir, class_names)
     scheduler = ddim_schedule(pipe, num_inference_steps)
     timesteps = _timesteps_list(scheduler.timesteps)
@@ -234,6 +258,8 @@ def extract_from_folders(
         "attribute": attribute,
         "label_source": "folders",
         "site": "mid_block",  # where h is recorded (a key kept from the versions with other sites)
+        "pool_size": pool_size,
+        "pooled_from": pooled_from,
     }
     manifest = _prepare_output_dir(output_dir, run, state)
     if not unconditional:
@@ -264,7 +290,7 @@ def extract_from_folders(
         else:
             embeds = cond.expand(n, -1, -1)
         scale = 1.0 if unconditional else guidance_scale
-        calls, _ = invert_and_record(pipe, torch.stack(tensors), scheduler, embeds, scale, storage_dtype)
+        calls, _ = invert_and_record(pipe, torch.stack(tensors), scheduler, embeds, scale, storage_dtype, pool_size)
         labels = torch.tensor([r["label"] for r in records], dtype=torch.long)
         return _BatchResult(_split_branches(calls, n, cfg, branches), labels, records, skipped)
 
@@ -295,6 +321,7 @@ def extract_from_generation(
     progress: bool = True,
     state=None,
     eta: float | None = None,
+    pool_size: int | None = None,
 ) -> dict:
     """Recipe 2: generate with `pipe`, record h at every step, pseudo-label the images with `labeller`.
 
@@ -353,6 +380,7 @@ def extract_from_generation(
     cfg = not unconditional and guidance_scale > 1.0
     branches = _check_branches(record_branch, cfg)
     height, width = _unet_size(pipe) if unconditional else _resolution(pipe, height, width)
+    pooled_from = _pooled_from(pipe, height, width, pool_size)
     call = {"eta": eta} if eta is not None else {}
     if not unconditional:
         call.update(guidance_scale=guidance_scale, height=height, width=width)
@@ -386,13 +414,15 @@ def extract_from_generation(
             if item.attribute is not None
         },
         "site": "mid_block",  # where h is recorded (a key kept from the versions with other sites)
+        "pool_size": pool_size,
+        "pooled_from": pooled_from,
     }
     manifest = _prepare_output_dir(output_dir, run, state)
     plan = list(range(num_images))
 
     def process_batch(items: list[int]) -> _BatchResult:
         batch_prompts = None if unconditional else [prompts[i % len(prompts)] for i in items]
-        recorder = HRecorder(storage_dtype)
+        recorder = HRecorder(storage_dtype, pool_size)
         seen_timesteps = []
 
         def on_step_end(pipeline, step, timestep, callback_kwargs):

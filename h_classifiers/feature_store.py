@@ -13,6 +13,8 @@ Each `step_XXX.safetensors` holds `h_<branch>` tensors `[n, C, H, W]` (fp16 by d
 timestep's slice is read by opening one small file per chunk. A chunk is built in a temporary directory (every file
 written under a temporary name, then renamed) and renamed into place only when complete: an interrupted run leaves
 no partial chunk, and the next run with the same arguments skips completed chunks and redoes only the missing ones.
+A store extracted with a pool size g holds h average-pooled to g x g, `[n, C, g, g]` (the manifest's `pool_size`;
+its `pooled_from` is h's shape before pooling).
 
 Step index s refers to the scheduler's timesteps in generation order (s = 0 is the noisiest step). The extraction
 recipes that fill a store are in `h_classifiers.extraction`; `create_store` / `write_chunk` / `finish_store` fill one
@@ -53,7 +55,7 @@ STORAGE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 RUN_KEYS = tuple(
     "format_version recipe model scheduler num_inference_steps timesteps guidance_scale prompts negative_prompt "
     "branches dtype chunk_size batch_size seed height width plan class_names attribute label_source label_sets "
-    "site".split()
+    "site pool_size".split()
 )
 
 
@@ -149,6 +151,11 @@ class HFeatureStore:
         """Where h was recorded: `"mid_block"` (a store of an older version may name an up block, which the
         classifier then refuses)."""
         return _run_value(self.manifest, "site")
+
+    @property
+    def pool_size(self) -> int | None:
+        """g when the store holds h average-pooled to g x g (`extract --pool-size g`), else None."""
+        return self.manifest.get("pool_size")
 
     @property
     def h_shape(self) -> list[int]:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 
@@ -18,14 +19,18 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 
 
 class HRecorder:
-    """Collects h from `MidBlockHook` calls: one entry per UNet call, moved to the CPU in the storage dtype."""
+    """Collects h from `MidBlockHook` calls: one entry per UNet call, moved to the CPU in the storage dtype. With
+    `pool_size` g, h is average-pooled to g x g on its device first (in float32): what a pooled classifier reads."""
 
-    def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype
+    def __init__(self, dtype: torch.dtype, pool_size: int | None = None):
+        self.dtype, self.pool_size = dtype, pool_size
         self.calls: list[torch.Tensor] = []
 
     def __call__(self, h: torch.Tensor) -> None:
-        self.calls.append(h.detach().to("cpu", self.dtype))
+        h = h.detach()
+        if self.pool_size is not None:
+            h = F.adaptive_avg_pool2d(h.float(), self.pool_size)
+        self.calls.append(h.to("cpu", self.dtype))
         return None
 
 
@@ -129,6 +134,7 @@ def invert_and_record(
     prompt_embeds: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
     storage_dtype: torch.dtype = torch.float16,
+    pool_size: int | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """DDIM-inverts a batch of images ([-1, 1]); returns (h at every step in generation order, step 0 first; the
     inverted latents at the noisiest timestep, from which a DDIM generation with eta = 0 reconstructs the images).
@@ -141,6 +147,8 @@ def invert_and_record(
     conditions the UNet, [uncond; cond] when `guidance_scale` > 1, else cond only. An unconditional pixel-space
     pipeline (no VAE, no text encoder: `BalancingActUnconditionalPipeline`, `DDIMPipeline`): the clean latent is the
     image itself, `prompt_embeds` is None and `guidance_scale` 1 (the UNet takes no condition).
+
+    `pool_size` g records h average-pooled to g x g (`HRecorder`).
     """
     from pipeline_balancing_act import MidBlockHook
 
@@ -166,7 +174,7 @@ def invert_and_record(
     alphas = scheduler.alphas_cumprod.to(torch.float32)
     ascending = list(reversed(scheduler.timesteps.tolist()))
     prediction_type = scheduler.config.prediction_type
-    recorder = HRecorder(storage_dtype)
+    recorder = HRecorder(storage_dtype, pool_size)
 
     def predict(x: torch.Tensor, t) -> torch.Tensor:
         model_in = torch.cat([x, x]) if cfg else x

@@ -129,6 +129,13 @@ def model_card(classifier: HClassifier, metrics: list[dict], summary: dict, mani
     counts = ", ".join(f"{k}: {v}" for k, v in summary.get("class_counts", {}).items())
     first, middle, last = (summary.get(k, {}) for k in ("first", "middle", "last"))
     training = summary.get("config", {})
+    pool = cfg.get("pool_size")
+    shape_text = (
+        f"h shape {list(cfg.h_shape)}: use it only with this model at this resolution"
+        if pool is None
+        else f"h shape {list(cfg.h_shape)}, average-pooled to {pool}x{pool}: use it with this model at any resolution "
+        f"whose h is at least {pool}x{pool}"
+    )
     if training.get("head") == "class_mean":
         head_text = (
             "one class-mean head per timestep: class k's weight is the direction from the mean of the class means to "
@@ -148,7 +155,7 @@ def model_card(classifier: HClassifier, metrics: list[dict], summary: dict, mani
 Per-timestep linear heads over the UNet mid-block output h (the "Attribute Distribution Predictor" of *Balancing Act:
 Distribution-Guided Debiasing in Diffusion Models*, CVPR 2024), for h-space guidance with `BalancingActPipeline`.
 
-- Base model: `{cfg.base_model}` (h shape {list(cfg.h_shape)}: use it only with this model at this resolution)
+- Base model: `{cfg.base_model}` ({shape_text})
 - Classes: {list(cfg.class_names)} (class index = position)
 - Heads: {len(cfg.timesteps)}, at the timesteps of `{(manifest.get("scheduler") or {}).get("class")}` with
   {manifest.get("num_inference_steps")} steps ({cfg.timesteps[0]:g} ... {cfg.timesteps[-1]:g}); any other scheduler's

@@ -207,9 +207,11 @@ def check_classifier_fits(
             f"`{classifier_argument}` {os.fspath(classifier)!r} reads h at site {site!r}; only {MID_BLOCK_SITE!r} is "
             "supported (up-block sites were removed). Retrain it with `balancing-act extract` / `train`."
         )
-    expected = unet_h_shape(model)
+    expected, pool = unet_h_shape(model), config.get("pool_size")
     if expected is None or list(config["h_shape"]) == expected:
         return
+    if isinstance(pool, int) and expected[0] == config["h_shape"][0] and min(expected[1:]) >= pool:
+        return  # a pooled classifier reads h of any height and width of at least its grid
     attribute = config.get("attribute")
     hint = ""
     toy = committed_toy_model(model)
@@ -219,11 +221,31 @@ def check_classifier_fits(
             hint = f" (its shipped {attribute} classifier: {_shown(shipped)})"
         else:
             hint = f" (its shipped classifiers: {_shown(TOY_MODEL_CLASSIFIERS[toy])}/<attribute>)"
+    reads = f"was trained on h of shape {list(config['h_shape'])}"
+    if isinstance(pool, int):
+        reads = (
+            f"reads h of shape [{config['h_shape'][0]}, H, W] with H, W >= {pool} (average-pooled to {pool}x{pool})"
+        )
     raise ValueError(
-        f"`{classifier_argument}` {os.fspath(classifier)!r} ({attribute!r}) was trained on h of shape "
-        f"{list(config['h_shape'])}, but `{model_argument}` {os.fspath(model)!r} gives h of shape "
-        f"{expected}; use a classifier trained for this model{hint}."
+        f"`{classifier_argument}` {os.fspath(classifier)!r} ({attribute!r}) {reads}, but `{model_argument}` "
+        f"{os.fspath(model)!r} gives h of shape {expected}; use a classifier trained for this model{hint}."
     )
+
+
+def check_pool_size(pool_size: int | None, h_shape: list[int] | None, argument: str = "--pool-size") -> None:
+    """A pool size must be a positive integer no larger than h's height and width (`h_shape` [C, H, W]; None when
+    unknown: only the integer is checked): a one-line `ValueError` naming `argument` otherwise."""
+    if pool_size is None:
+        return
+    if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
+        raise ValueError(
+            f"`{argument}` must be a positive integer (the grid h is average-pooled to), got {pool_size!r}."
+        )
+    if h_shape is not None and len(h_shape) == 3 and pool_size > min(h_shape[1:]):
+        raise ValueError(
+            f"`{argument}` {pool_size} is larger than h, whose shape is {list(h_shape)}; give at most "
+            f"{min(h_shape[1:])}."
+        )
 
 
 def _shown(path: Path) -> str:

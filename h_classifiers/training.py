@@ -7,6 +7,10 @@ saved head applies to raw h exactly as the pipeline sees it. The held-out split 
 by class, seeded), so the same images are held out at every timestep and rows of both CFG branches of one image stay
 on the same side.
 
+Pooled heads (`TrainingConfig.pool_size`, `HClassifier(pool_size=g)`: one classifier for every resolution of a model)
+train on h average-pooled to g x g: a store extracted with `pool_size` g holds only that; a flat store's h is pooled
+here, one timestep's slice at a time.
+
 Outputs (written to a temporary directory next to `output_dir`, then renamed into place):
 `config.json` + `diffusion_pytorch_model.safetensors` (`HClassifier.save_pretrained`), `README.md` (model card),
 `metrics.json` (per timestep: held-out accuracy, balanced accuracy and per-class recall, train accuracy, and the
@@ -73,11 +77,14 @@ class TrainingConfig:
     temperature: float = field(default_factory=lambda: _pipeline().DEFAULT_TEMPERATURE)
     branches: list[str] | None = None
     device: str = "cpu"
+    # None: heads like the store's h (flat, or pooled for a store extracted with a pool size). g: heads reading h
+    # average-pooled to g x g, from a flat store of spatial h (pooled here) or a store pooled to g.
+    pool_size: int | None = None
 
     def validate(self) -> None:
-        for name in ("epochs", "batch_size", "min_steps"):
+        for name in ("epochs", "batch_size", "min_steps", "pool_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if (value is not None or name != "pool_size") and (type(value) is not int or value < 1):
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         for name in ("learning_rate", "temperature"):
             value = getattr(self, name)
@@ -250,6 +257,38 @@ def train_class_mean_head(
         return (scale / z_scale * directions).detach(), bias.detach().clone()
 
 
+def _pooling(store: HFeatureStore, asked: int | None) -> tuple[int | None, list[int], int | None]:
+    """(the classifier's pool size, its `h_shape`, the pool size to apply to the stored features or None) for a store
+    and the pool size asked for (`TrainingConfig.pool_size`)."""
+    stored = store.pool_size
+    if stored is not None:
+        if asked not in (None, stored):
+            raise ValueError(
+                f"`pool_size` {asked}: this store holds h already average-pooled to {stored}x{stored} (extracted with "
+                f"pool size {stored}); train it with pool size {stored} or none, or extract flat h."
+            )
+        pooled_from = store.manifest.get("pooled_from")
+        if not (isinstance(pooled_from, list) and len(pooled_from) == 3):
+            raise ValueError(
+                f"This store holds pooled h but no `pooled_from` (h's shape before pooling): {pooled_from!r}."
+            )
+        return stored, pooled_from, None
+    shape = store.h_shape
+    if asked is not None and (len(shape) != 3 or asked > min(shape[1:])):
+        raise ValueError(
+            f"`pool_size` {asked} needs stored h of shape [C, H, W] with H and W at least {asked}; this store's h "
+            f"has shape {shape}."
+        )
+    return asked, shape, asked
+
+
+def pool_features(features: torch.Tensor, pool_size: int) -> torch.Tensor:
+    """h `[N, C, H, W]` (any float dtype) average-pooled to `[N, C, g, g]` in float32, a block of rows at a time."""
+    block = block_rows(features[0].numel()) if len(features) else 1
+    parts = [F.adaptive_avg_pool2d(features[i : i + block].float(), pool_size) for i in range(0, len(features), block)]
+    return torch.cat(parts) if parts else features.new_zeros(0, features.shape[1], pool_size, pool_size).float()
+
+
 @torch.no_grad()
 def _predict(classifier: HClassifier, h: torch.Tensor, rows: torch.Tensor, timestep: float) -> torch.Tensor:
     """Raw logits [n, K] of h[rows] with the classifier's own forward (what guidance reads), a block at a time."""
@@ -312,11 +351,13 @@ def train_classifier(
         missing = [class_names[k] for k in range(num_classes) if present[k] == 0]
         logger.warning("Classes %s have no labelled image: their heads only learn to be unlikely.", missing)
     holdout_ids = stratified_holdout(labels, image_index, config.holdout_fraction, config.seed)
+    pool_size, h_shape, pool_here = _pooling(store, config.pool_size)
 
     classifier = _pipeline().HClassifier(
         attribute=attribute,
         class_names=class_names,
-        h_shape=store.h_shape,
+        h_shape=h_shape,
+        pool_size=pool_size,
         timesteps=store.timesteps,
         temperature=float(config.temperature),
         base_model=base_model,
@@ -327,6 +368,8 @@ def train_classifier(
     anchors, scales, offsets = [], [], []
     for step in tqdm(range(store.num_steps), desc="train heads", unit="step", disable=not progress):
         data = store.load_timestep(step, branches=branches)
+        if pool_here is not None:  # the features the classifier reads: h of a flat store, pooled
+            data.features = pool_features(data.features, pool_here)
         held = torch.isin(data.image_index, holdout_ids)
         train_rows, held_rows = (~held).nonzero().flatten(), held.nonzero().flatten()
         x = data.features.flatten(1)

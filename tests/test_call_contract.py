@@ -6,7 +6,7 @@ import inspect
 import numpy as np
 import pytest
 from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion
-from tiny_models import make_generator, tiny_classifier
+from tiny_models import H_SHAPE, make_generator, tiny_classifier
 from unconditional_models import tiny_ddim_pipeline
 
 from pipeline_balancing_act import BalanceState
@@ -61,7 +61,7 @@ def test_a_loop_that_skips_or_repeats_steps_is_refused(ba_pipe):
     from pipeline_balancing_act import GuidanceArguments, _GuidanceRun
 
     run = _GuidanceRun(ba_pipe.prepare_guidance(GuidanceArguments(**GUIDED)), False)
-    run.start(2, [901.0, 601.0, 301.0], False, 1.0, "cpu", None)
+    run.start(2, [901.0, 601.0, 301.0], False, 1.0, "cpu", None, H_SHAPE)
     run.calls_in_step = 1
     with pytest.raises(RuntimeError, match="reported step 1 where Balancing Act expected step 0"):
         run.end_step(1)

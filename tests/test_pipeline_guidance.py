@@ -323,7 +323,7 @@ def test_marginal_targets_for_several_classifiers_each_get_exact_counts(ba_pipe)
         )
     )
     run = pba._GuidanceRun(settings, unet_compiled=False)
-    run.start(5, [999.0, 500.0, 1.0], False, 1.0, torch.device("cpu"), None)
+    run.start(5, [999.0, 500.0, 1.0], False, 1.0, torch.device("cpu"), None, H_SHAPE)
     assert not settings.joint
     assert run.counts == [[3, 2], [1, 2, 2]]
 

@@ -9,6 +9,8 @@ Two recipes (see `h_classifiers.extraction`):
     # an unconditional model (DDIMPipeline / DDPMPipeline): generation without a prompt, or inversion of folders
     balancing-act extract --model google/ddpm-celebahq-256 --eta 1 --num-images 3000 --labeller hf:ID ... --output-dir o
     balancing-act extract --model google/ddpm-celebahq-256 --image-dir data/gender --output-dir feats/gender
+    # only h average-pooled to 2x2, for a pooled classifier (one for every resolution of the model)
+    balancing-act extract --prompt "a photo of a face" --num-images 3000 --labeller toy:skin --pool-size 2 --output-dir o
 
 Re-running the same command after an interruption resumes it (completed chunks are kept). Several processes / GPUs:
 `accelerate launch --num_processes N -m h_classifiers.cli extract ...` shares the chunks between the processes (give
@@ -143,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(STORAGE_DTYPE_NAMES),
         help="dtype of the stored h (default: fp16).",
     )
+    parser.add_argument(
+        "--pool-size",
+        type=positive_int,
+        default=None,
+        help="Store h average-pooled to this grid (g x g per channel), all a pooled classifier reads: `train` then "
+        "makes heads that read h of any resolution of the model (default: none, h as the UNet gives it).",
+    )
     parser.add_argument("--height", type=positive_int, default=None, help="Image height (default: the model's).")
     parser.add_argument("--width", type=positive_int, default=None, help="Image width (default: the model's).")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps.")
@@ -183,6 +192,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     for spec in args.labeller or []:
         preflight.check_labeller_spec(spec, "--labeller")
     parse_label_map(args.label_map)
+    # h's shape is known here at the model's default resolution only; `--height`/`--width` are checked on loading.
+    default_size = args.height is None and args.width is None
+    preflight.check_pool_size(args.pool_size, preflight.unet_h_shape(args.model) if default_size else None)
     if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
         raise ValueError(f"`--min-confidence` must be a number in [0, 1], got {args.min_confidence:g}.")
 
@@ -209,6 +221,7 @@ def run(args: argparse.Namespace) -> dict:
         "width": args.width,
         "progress": not args.no_progress,
         "state": state,
+        "pool_size": args.pool_size,
     }
     if args.image_dir is not None:
         unused = [name for name in ("num_images", "labeller") if getattr(args, name) is not None]
@@ -295,8 +308,9 @@ def main(argv: list[str] | None = None) -> None:
 
     if not is_main(process_state()):  # the main process reports the merged store
         return
+    pooled = f" (h {manifest['pooled_from']} average-pooled)" if manifest.get("pool_size") else ""
     print(
-        f"{manifest['num_images']} images x {len(manifest['timesteps'])} steps, h {manifest['h_shape']} "
+        f"{manifest['num_images']} images x {len(manifest['timesteps'])} steps, h {manifest['h_shape']}{pooled} "
         f"({manifest['dtype']}) in {args.output_dir}; labels: {label_summary(manifest)}; unlabelled "
         f"{manifest['num_unlabelled']}; skipped {manifest['num_skipped']}."
     )

@@ -1,6 +1,7 @@
 """`balancing-act train`: train an h-classifier (one linear head per timestep) from extracted h shards.
 
 balancing-act train --features-dir feats/skin --output-dir classifiers/skin [--push_to_hub user/skin-classifier]
+balancing-act train --features-dir feats/skin --pool-size 2 --output-dir classifiers/skin-pooled  # any resolution
 """
 
 from __future__ import annotations
@@ -78,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
         "the config (default: the pipeline's DEFAULT_TEMPERATURE).",
     )
     parser.add_argument(
+        "--pool-size",
+        type=positive_int,
+        default=None,
+        help="Heads that read h average-pooled to this grid (g x g per channel), so that one classifier reads h of "
+        "any resolution of the model: a flat store's h is pooled here; a store extracted with --pool-size is pooled "
+        "already (its classifier is pooled without this option; give the same size or none) (default: none).",
+    )
+    parser.add_argument(
         "--branches", default=None, help="Recorded CFG branches to train on, comma-separated (default: all)."
     )
     parser.add_argument("--device", default="cpu", help="Training device (default: cpu).")
@@ -107,7 +116,8 @@ def features_model(args: argparse.Namespace) -> str | None:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """What can be checked before training starts (and before the pipeline is imported): `--push-to-hub` is a valid
-    repo id, the features folder holds a store, the output folder is free (or `--overwrite`)."""
+    repo id, the features folder holds a store, `--pool-size` fits a flat store's h, the output folder is free (or
+    `--overwrite`)."""
     if args.push_to_hub is not None:
         from h_classifiers.hub import validate_repo_id
 
@@ -122,6 +132,11 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise FileNotFoundError(
             f"`--features-dir` {args.features_dir!r} {what}; expected the `--output-dir` of `balancing-act extract`."
         )
+    from h_classifiers import preflight
+
+    manifest = preflight.read_json(Path(args.features_dir) / MANIFEST_NAME) or {}
+    if manifest.get("pool_size") is None:  # a pooled store's own size is checked by training
+        preflight.check_pool_size(args.pool_size, manifest.get("h_shape"))
     if Path(args.output_dir).exists() and not args.overwrite:
         raise FileExistsError(f"`--output-dir` {args.output_dir!r} already exists; pass `--overwrite` to replace it.")
 
@@ -143,6 +158,7 @@ def run(args: argparse.Namespace):
         **({"temperature": args.temperature} if args.temperature is not None else {}),
         branches=[b.strip() for b in args.branches.split(",")] if args.branches else None,
         device=args.device,
+        pool_size=args.pool_size,
     )
     result = train_classifier(
         args.features_dir,
