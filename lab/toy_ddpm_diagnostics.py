@@ -1,10 +1,12 @@
 """What the toy DDPM's report measures beyond its samples: how well the UNet predicts the noise per timestep, and how
 much its images depend on h.
 
-- **Noise fit per timestep.** Held-out toy faces noised to timestep t; the mean squared error of the predicted noise
-  and its slope on the true noise (`<e_pred, e> / <e, e>`). A slope under 1 means the UNet leaves part of the noise in
-  the image. DDIM at eta 0 never adds noise back, so it forgives a low slope at small t; at eta 1 every step adds fresh
-  noise that the next step must remove, and what is left shows as off-palette pixels (the oracle's colour check).
+- **Noise fit per timestep.** Held-out toy faces noised to timestep t; the mean squared error of the predicted noise,
+  its slope on the true noise (`<e_pred, e> / <e, e>`), and the same slope for each image's mean colour (the noise
+  averaged over the image, per channel). A slope under 1 means the UNet leaves part of the noise in the image. A mean
+  slope near 0 at high t means the UNet does not see the noise's mean colour, so its estimate of the image's colour is
+  off; DDIM at eta 0 keeps that error fixed along the path, while at eta 1 every step samples it afresh and the colours
+  drift (the oracle's colour check fails).
 - **h dependence.** The same seeds generated twice: as the UNet makes them, and with h (the mid block's output)
   replaced by zeros at every step. If the images barely change, the skip connections carry the image and no move of h
   can change it.
@@ -27,6 +29,10 @@ def noise_fit(unet, train_config: dict, num_images: int = 256, seed: int = 999, 
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler(**train_config)
+
+    def mean(x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
     x0 = make_toy_dataset(num_images, seed=seed).images * 2 - 1
     generator = torch.Generator().manual_seed(seed)
     rows = {}
@@ -40,6 +46,8 @@ def noise_fit(unet, train_config: dict, num_images: int = 256, seed: int = 999, 
         rows[str(t)] = {
             "mse": round(float(((predicted - noise) ** 2).mean()), 5),
             "slope": round(float((predicted * noise).sum() / (noise * noise).sum()), 4),
+            # the same slope for each image's mean colour (the noise's mean per channel)
+            "mean_slope": round(float((mean(predicted) * mean(noise)).sum() / mean(noise).pow(2).sum()), 4),
         }
     return rows
 
@@ -78,7 +86,8 @@ def diagnostics_markdown(models: dict[str, dict]) -> list[str]:
         "## Noise fit per timestep",
         "",
         "Held-out toy faces noised to timestep t: the slope of the predicted noise on the true noise (1 is exact; "
-        "under 1, part of the noise stays in the image) and its mean squared error.",
+        "under 1, part of the noise stays in the image), its mean squared error in brackets, and below it the "
+        "slope of each image's mean colour (the noise's mean per channel).",
         "",
         "| model | " + " | ".join(f"t={t}" for t in FIT_TIMESTEPS) + " |",
         "|---|" + "---|" * len(FIT_TIMESTEPS),
@@ -88,6 +97,8 @@ def diagnostics_markdown(models: dict[str, dict]) -> list[str]:
             f"{d['noise_fit'][str(t)]['slope']:.3f} ({d['noise_fit'][str(t)]['mse']:.3f})" for t in FIT_TIMESTEPS
         )
         lines.append(f"| {name} | {cells} |")
+        means = " | ".join(f"{d['noise_fit'][str(t)]['mean_slope']:.3f}" for t in FIT_TIMESTEPS)
+        lines.append(f"| {name}, mean colour | {means} |")
     lines += [
         "",
         "## How much the images depend on h",
