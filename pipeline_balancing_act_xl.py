@@ -1,5 +1,6 @@
 # Copyright 2026 The Balancing Act diffusers contributors. Licensed under the Apache License, Version 2.0.
-"""Balancing Act for Stable Diffusion XL (Parihar et al., CVPR 2024): `StableDiffusionXLPipeline` plus h-space guidance.
+"""Balancing Act for Stable Diffusion XL (Parihar et al., CVPR 2024): `StableDiffusionXLPipeline` plus h-space
+guidance.
 
 A diffusers community pipeline for SDXL base models (two text encoders, `text_time` micro-conditioning), e.g.
 `stabilityai/stable-diffusion-xl-base-1.0`, whose h = `unet.mid_block(...)` output is [B, 1280, 32, 32] at 1024 x 1024

@@ -182,7 +182,7 @@ def test_distribution_mode_assigns_exact_counts_and_moves_the_logits_towards_the
     assert ((margin_dark(after, u) > margin_dark(before, u)) == (classes == 1)).all()
 
 
-# --- errors ------------------------------------------------------------------------------------------------------------
+# --- errors -------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -232,8 +232,9 @@ def test_a_callback_sees_sdxls_tensors_in_a_guided_call(pipe):
         return {}
 
     inputs = ["latents", "add_time_ids", "add_text_embeds", "prompt_embeds"]
-    run(pipe, h_classifier=tiny_classifier(), callback_on_step_end=callback, **GUIDED)  # default inputs
-    run(pipe, h_classifier=tiny_classifier(), callback_on_step_end=callback, callback_on_step_end_tensor_inputs=inputs, **GUIDED)  # fmt: skip
+    guided = {"h_classifier": tiny_classifier(), "callback_on_step_end": callback, **GUIDED}
+    run(pipe, **guided)  # the default tensor inputs
+    run(pipe, callback_on_step_end_tensor_inputs=inputs, **guided)
     assert seen == [(i, ["latents"]) for i in range(3)] + [(i, sorted(inputs)) for i in range(3)]
 
 
@@ -302,7 +303,8 @@ def test_lora_weights_load_and_guidance_runs(tmp_path):
     from peft.utils import get_peft_model_state_dict
 
     source = tiny_sdxl_pipeline()
-    config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)  # fmt: skip
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False)
     source.unet.add_adapter(config)
     lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(source.unet))
     BalancingActXLPipeline.save_lora_weights(tmp_path, unet_lora_layers=lora)
@@ -349,7 +351,7 @@ def test_half_precision_pipeline_guides_in_float32(dtype):
     clf, classes = tiny_classifier(), torch.tensor([1, 0])
     try:
         with HRecorder(ours.unet) as rec:
-            images = run(ours, num_images_per_prompt=2, h_classifier=clf, guidance_mode="sample", target_classes=[1, 0])  # fmt: skip
+            images = run(ours, h_classifier=clf, guidance_mode="sample", target_classes=[1, 0])
     except RuntimeError as error:  # an older CPU build without a half-precision kernel
         if "not implemented for" in str(error):
             pytest.skip(f"this CPU build has no {dtype} kernel for the tiny SDXL: {error}")
@@ -389,7 +391,7 @@ def test_an_unguided_call_runs_on_a_fullgraph_unet_and_a_guided_one_is_refused(s
         run(ours, **COMPILED_CALL)
 
 
-# --- loading routes ---------------------------------------------------------------------------------------------------
+# --- loading routes -----------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -423,7 +425,8 @@ def test_custom_pipeline_local_file_with_the_core_beside_it(model_dir, modules_c
     check_loaded_pipeline(loaded, sdxl)
 
 
-def test_custom_pipeline_folder_holding_pipeline_py_and_the_core(model_dir, modules_cache, sdxl, tmp_path):  # noqa: F811
+@pytest.mark.usefixtures("modules_cache")
+def test_custom_pipeline_folder_holding_pipeline_py_and_the_core(model_dir, sdxl, tmp_path):
     """The layout `balancing-act push --pipeline user/repo --xl` uploads, as a local folder."""
     folder = tmp_path / "sdxl-balanced"
     folder.mkdir()
@@ -444,7 +447,8 @@ def test_diffusers_fetches_the_core_and_asks_for_no_package(monkeypatch):
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-def test_custom_pipeline_hub_repo_holding_both_files(model_dir, modules_cache, sdxl, tmp_path, monkeypatch):  # noqa: F811
+@pytest.mark.usefixtures("modules_cache")
+def test_custom_pipeline_hub_repo_holding_both_files(model_dir, sdxl, tmp_path, monkeypatch):
     """A Hub repo holding this file as `pipeline.py` and the core beside it, from a Hub cache made here (the Hub's
     commit answer is given by the test, as in tests/test_loading_routes.py)."""
     hub_cache = tmp_path / "hf_home" / "hub"

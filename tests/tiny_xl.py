@@ -2,12 +2,12 @@
 
 Base UNet: SDXL's structure at a tiny size: `addition_embed_type="text_time"` (the pooled text embedding and six
 micro-conditioning ids), cross-attention over both text encoders' hidden states (32 + 64 = 96 wide), blocks
-("DownBlock2D", "CrossAttnDownBlock2D") of (32, 64) channels with (1, 2) transformer layers and one downsampling: latents
-4x8x8, so h = mid_block output is [B, 64, 4, 4], the tiny SD UNet's `H_SHAPE` (tests/tiny_models.py). Text encoders: a
-`CLIPTextModel` (width 32) and a `CLIPTextModelWithProjection` (width 64, pooled projection 32), each with its own copy
-of the committed tiny tokenizer. VAE: two blocks (vae_scale_factor 2, images 16x16). Scheduler: Euler, "leading", as
-SDXL base. Refiner: an img2img UNet on the second text encoder only, conditioned on the aesthetic score (five ids), as
-SDXL's refiner is.
+("DownBlock2D", "CrossAttnDownBlock2D") of (32, 64) channels with (1, 2) transformer layers and one downsampling:
+latents 4x8x8, so h = mid_block output is [B, 64, 4, 4], the tiny SD UNet's `H_SHAPE` (tests/tiny_models.py).
+Text encoders: a `CLIPTextModel` (width 32) and a `CLIPTextModelWithProjection` (width 64, pooled projection 32),
+each with its own copy of the committed tiny tokenizer. VAE: two blocks (vae_scale_factor 2, images 16x16).
+Scheduler: Euler, "leading", as SDXL base's. Refiner: an img2img UNet on the second text encoder only, conditioned on
+the aesthetic score (five ids), as SDXL's refiner is.
 """
 
 import torch

@@ -1,6 +1,6 @@
 """What a benchmark run measures and against what: the parts, scales and arms, the targets, the model shapes (SD1.5's,
-google/ddpm-celebahq-256's and SDXL base's, with random weights), a run's configuration (`BenchConfig`, `--quick`'s sizes), and how
-paths are written into its output."""
+google/ddpm-celebahq-256's and SDXL base's, with random weights), a run's configuration (`BenchConfig`, `--quick`'s
+sizes), and how paths are written into its output."""
 
 from __future__ import annotations
 
@@ -168,7 +168,8 @@ SDXL_UNET_CONFIG: dict[str, Any] = {
 }
 SDXL_POOLED_DIM = 1280  # the second text encoder's projection (`text_embeds`)
 SDXL_TIME_IDS = 6  # original size, crop top-left, target size
-# Its scheduler (scheduler/scheduler_config.json: EulerDiscreteScheduler, "leading" spacing), the arguments Euler takes.
+# Its scheduler (scheduler/scheduler_config.json: EulerDiscreteScheduler, "leading" spacing): the arguments Euler
+# takes.
 SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
