@@ -136,9 +136,10 @@ class BalancingActXLPipeline(BalancingActMixin, StableDiffusionXLPipeline):
             # `guidance_steps` and its heads are the loop's. The scheduler's timesteps are put back at once. (No
             # schedule yet, or the previous call's: `start_guidance` refuses it and says why.)
             fresh = schedule is not None and schedule is not run.stale_timesteps
-            cut = fresh and self._loop_steps(schedule) < len(schedule)
+            steps = self._loop_steps(schedule) if fresh else None
+            cut = steps is not None and steps < len(schedule)
             if cut:
-                self.scheduler.timesteps = schedule[: self._loop_steps(schedule)]
+                self.scheduler.timesteps = schedule[:steps]
             try:
                 cfg, scale = self.do_classifier_free_guidance, self.guidance_scale
                 self.start_guidance(run, batch_size, height, width, device, cfg, scale)
