@@ -25,9 +25,10 @@ IGNORE_PATTERNS = ["*.pt", "*.pth", "*.bin", "*.ckpt", "*.pkl", ".tmp-*", ".old-
 # diffusers' name for the custom pipeline file of a Hub repository (`custom_pipeline="user/repo"`).
 HUB_PIPELINE_FILE = "pipeline.py"
 PIPELINE_MODULE = "pipeline_balancing_act"
-# The unconditional pipeline imports the core from `pipeline_balancing_act.py` beside it (diffusers fetches that
-# relative import from the same repo).
+# The unconditional and SDXL pipelines import the core from `pipeline_balancing_act.py` beside them (diffusers fetches
+# that relative import from the same repo).
 UNCONDITIONAL_PIPELINE_MODULE = "pipeline_balancing_act_unconditional"
+XL_PIPELINE_MODULE = "pipeline_balancing_act_xl"
 
 
 class HubUnreachableError(ConnectionError):
@@ -126,17 +127,21 @@ def push_pipeline(
     revision: str | None = None,
     file: str | os.PathLike | None = None,
     unconditional: bool = False,
+    xl: bool = False,
 ) -> str:
     """Creates (if needed) the model repo `repo_id` and uploads the pipeline file (`file`, default: the installed
-    `pipeline_balancing_act.py`, or with `unconditional` `pipeline_balancing_act_unconditional.py`, uploaded after the
-    core file it imports) to it as `pipeline.py`, the file diffusers loads for
-    `DiffusionPipeline.from_pretrained(model, custom_pipeline=repo_id, trust_remote_code=True)`. Returns the repo URL.
+    `pipeline_balancing_act.py`; with `unconditional` `pipeline_balancing_act_unconditional.py`, with `xl`
+    `pipeline_balancing_act_xl.py`, each uploaded after the core file it imports) to it as `pipeline.py`, the file
+    diffusers loads for `DiffusionPipeline.from_pretrained(model, custom_pipeline=repo_id, trust_remote_code=True)`.
+    Returns the repo URL.
     """
-    module = UNCONDITIONAL_PIPELINE_MODULE if unconditional else PIPELINE_MODULE
+    if unconditional and xl:
+        raise ValueError("`unconditional` and `xl` name two pipelines; a repo's pipeline.py is one of them.")
+    module = UNCONDITIONAL_PIPELINE_MODULE if unconditional else XL_PIPELINE_MODULE if xl else PIPELINE_MODULE
     file = pipeline_file(module) if file is None else Path(file)
     if not file.is_file():
         raise FileNotFoundError(f"`file` {str(file)!r} is not a file (expected {module}.py).")
-    core = pipeline_file() if unconditional else None
+    core = pipeline_file() if module != PIPELINE_MODULE else None
     check_repo_id(repo_id)
     with hub_errors(repo_id):
         url = huggingface_hub.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)

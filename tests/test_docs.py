@@ -133,7 +133,7 @@ def rendered_pages() -> dict[str, tuple[str, str]]:
     rendering of its results now)}`."""
     import json
 
-    from lab import bench_multiprocess, bench_solver, reliability, sweep_image_guidance
+    from lab import bench_multiprocess, bench_solver, bench_xl, reliability, sweep_image_guidance
     from lab.bench.table import markdown_table
     from lab.reproduce import render, rows
     from lab.train_toy_ddpm import report_markdown
@@ -160,6 +160,9 @@ def rendered_pages() -> dict[str, tuple[str, str]]:
     made[bench / "multiprocess.md"] = bench_multiprocess.markdown(read(bench / "multiprocess.json")) + "\n"
     made[bench / "solver.md"] = bench_solver.markdown(read(bench / "solver.json"))
     made[reliability.OUTPUT.with_suffix(".md")] = reliability.render(read(reliability.OUTPUT))
+    xl = LAB / "bench_xl.json"
+    if xl.exists():  # written by `python lab/bench_xl.py` at SDXL's size, run by hand
+        made[xl.with_suffix(".md")] = bench_xl.markdown(read(xl))
     return {relative(page): (page.read_text(encoding="utf-8"), text) for page, text in made.items()}
 
 

@@ -200,6 +200,34 @@ def test_push_unconditional_pipeline_uploads_the_core_beside_it(fake_hub, capsys
     assert "--unconditional goes with --pipeline" in capsys.readouterr().err
 
 
+def test_push_xl_pipeline_uploads_the_core_beside_it(fake_hub, capsys):
+    from tiny_models import ROOT
+
+    from h_classifiers.commands.push import main
+
+    main(["--pipeline", "someone/sdxl-balanced", "--xl"])
+    assert [c[:2] for c in fake_hub.calls] == [("create_repo", "someone/sdxl-balanced")] + [
+        ("upload_file", "someone/sdxl-balanced")
+    ] * 2
+    uploads = [call[2] for call in fake_hub.calls if call[0] == "upload_file"]
+    assert [(Path(u["path_or_fileobj"]).resolve(), u["path_in_repo"]) for u in uploads] == [
+        ((ROOT / "pipeline_balancing_act.py").resolve(), "pipeline_balancing_act.py"),  # imported by pipeline.py
+        ((ROOT / "pipeline_balancing_act_xl.py").resolve(), "pipeline.py"),
+    ]
+    assert 'custom_pipeline="someone/sdxl-balanced", trust_remote_code=True' in capsys.readouterr().out
+    fake_hub.calls.clear()
+    for argv, message in [
+        (["some-folder", "someone/x", "--xl"], "--xl goes with --pipeline"),
+        (["--pipeline", "someone/x", "--xl", "--unconditional"], "--unconditional and --xl name two pipelines"),
+    ]:
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="name two pipelines"):
+        hub.push_pipeline("someone/x", unconditional=True, xl=True)
+    assert fake_hub.calls == []
+
+
 def test_push_pipeline_refuses_bad_input_before_any_call(fake_hub, tmp_path):
     with pytest.raises(ValueError, match="not a valid Hub repo id"):
         hub.push_pipeline("bad repo id")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "h_classifiers"
-PIPELINES = ("pipeline_balancing_act", "pipeline_balancing_act_unconditional")
+PIPELINES = ("pipeline_balancing_act", "pipeline_balancing_act_unconditional", "pipeline_balancing_act_xl")
 
 
 def package_modules(root: Path, package: str, top_level: tuple[str, ...] = ()) -> dict[str, tuple[Path, bool]]:

@@ -22,6 +22,7 @@ LAB_TOOLS = (
     "reproduce",
     "bench_multiprocess.py",
     "bench_solver.py",
+    "bench_xl.py",
     "reliability.py",
     "sweep_image_guidance.py",
     "toy_report.py",

@@ -1,6 +1,6 @@
 """The wheel holds the product and nothing else: built offline from a copy of this checkout (`pip wheel --no-deps
---no-build-isolation --no-index`), it has every module of the package, both pipeline files and the committed assets the
-quick starts use, and none of the lab, the docs, the tests or the research assets; it stays under 30 MB."""
+--no-build-isolation --no-index`), it has every module of the package, the three pipeline files and the committed
+assets the quick starts use, and none of the lab, the docs, the tests or the research assets; it stays under 30 MB."""
 
 import os
 import shutil
@@ -17,7 +17,7 @@ MAX_WHEEL_BYTES = 30_000_000
 # What a checkout holds beside its sources: never copied (the build must not see them, and they can be large).
 NOT_SOURCES = (".git", ".venv", "venv", "build", "dist", "*.egg-info", ".work", ".whl", ".gl", "outputs", "runs")
 CACHES = ("__pycache__", ".pytest_cache", ".ruff_cache", "*.pyc")
-PIPELINES = ("pipeline_balancing_act.py", "pipeline_balancing_act_unconditional.py")
+PIPELINES = ("pipeline_balancing_act.py", "pipeline_balancing_act_unconditional.py", "pipeline_balancing_act_xl.py")
 # The assets the quick starts use (README.md, docs/usage.md, docs/unconditional.md): the toy Stable Diffusion and its
 # classifiers, the toy DDPM and its classifiers.
 QUICK_START_ASSETS = (

@@ -2,6 +2,7 @@
 
     balancing-act push classifiers/skin user/skin-h-classifier [--private]
     balancing-act push --pipeline user/balancing-act   # pipeline_balancing_act.py as the repo's pipeline.py
+    balancing-act push --pipeline user/sdxl-balanced --xl   # the SDXL pipeline, with the core beside it
 
 The second makes `DiffusionPipeline.from_pretrained(model, custom_pipeline="user/balancing-act",
 trust_remote_code=True)` load `BalancingActPipeline`. Both can be given in one command. The token comes from
@@ -51,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="With --pipeline: publish the unconditional pipeline (pipeline_balancing_act_unconditional.py as "
         "pipeline.py, with pipeline_balancing_act.py beside it, which it imports).",
     )
+    parser.add_argument(
+        "--xl",
+        action="store_true",
+        help="With --pipeline: publish the Stable Diffusion XL pipeline (pipeline_balancing_act_xl.py as pipeline.py, "
+        "with pipeline_balancing_act.py beside it, which it imports).",
+    )
     parser.add_argument("--private", action="store_true", help="Create the repo(s) private.")
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the cached login).")
     parser.add_argument(
@@ -73,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from h_classifiers.hub import (
         UNCONDITIONAL_PIPELINE_MODULE,
+        XL_PIPELINE_MODULE,
         HubUnreachableError,
         check_repo_id,
         pipeline_file,
@@ -87,18 +95,22 @@ def main(argv: list[str] | None = None) -> None:
         "revision": args.revision,
     }
     try:
-        if args.pipeline is not None:  # refused before anything is pushed
+        if args.unconditional and args.xl:  # refused before anything is pushed
+            raise ValueError("--unconditional and --xl name two pipelines: a repo's pipeline.py is one of them.")
+        if args.pipeline is not None:
             check_repo_id(args.pipeline)
             pipeline_file()
             if args.unconditional:
                 pipeline_file(UNCONDITIONAL_PIPELINE_MODULE)
-        elif args.unconditional:
-            raise ValueError("--unconditional goes with --pipeline PIPELINE_REPO_ID.")
+            if args.xl:
+                pipeline_file(XL_PIPELINE_MODULE)
+        elif args.unconditional or args.xl:
+            raise ValueError(f"{'--xl' if args.xl else '--unconditional'} goes with --pipeline PIPELINE_REPO_ID.")
         if args.folder is not None:
             url = push_classifier(args.folder, args.repo_id, **options)
             print(f"Pushed {args.folder} to {url}")
         if args.pipeline is not None:
-            url = push_pipeline(args.pipeline, unconditional=args.unconditional, **options)
+            url = push_pipeline(args.pipeline, unconditional=args.unconditional, xl=args.xl, **options)
             print(
                 f"Pushed the pipeline to {url} (pipeline.py): load it with DiffusionPipeline.from_pretrained(model, "
                 f'custom_pipeline="{args.pipeline}", trust_remote_code=True)'

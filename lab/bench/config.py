@@ -1,6 +1,6 @@
-"""What a benchmark run measures and against what: the parts, scales and arms, the targets, the model shapes (SD1.5's and
-google/ddpm-celebahq-256's, with random weights), a run's configuration (`BenchConfig`, `--quick`'s sizes), and how
-paths are written into its output."""
+"""What a benchmark run measures and against what: the parts, scales and arms, the targets, the model shapes (SD1.5's,
+google/ddpm-celebahq-256's and SDXL base's, with random weights), a run's configuration (`BenchConfig`, `--quick`'s
+sizes), and how paths are written into its output."""
 
 from __future__ import annotations
 
@@ -133,6 +133,71 @@ SD15_SCHEDULER_CONFIG: dict[str, Any] = {
     "set_alpha_to_one": False,
     "steps_offset": 1,
 }
+
+
+# Stable Diffusion XL base 1.0's UNet (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json), random weights
+# (lab/bench_xl.py; tests/test_xl_real_shapes.py). Two downsamplings: h is [*, 1280, 32, 32] at 1024 px (latents
+# 128x128), [*, 1280, 16, 16] at 512. Cross-attention over both text encoders' hidden states (CLIP ViT-L 768 + OpenCLIP
+# bigG 1280 = 2048); `text_time` added conditioning: the pooled bigG embedding (1280) and six micro-conditioning ids of
+# 256 each (6 x 256 + 1280 = 2816). `attention_head_dim` is diffusers' historical name for the number of heads.
+SDXL_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (320, 640, 1280),
+    "layers_per_block": 2,
+    "transformer_layers_per_block": (1, 2, 10),
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 2048,
+    "attention_head_dim": (5, 10, 20),
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+SDXL_POOLED_DIM = 1280  # the second text encoder's projection (`text_embeds`)
+SDXL_TIME_IDS = 6  # original size, crop top-left, target size
+# Its scheduler (scheduler/scheduler_config.json: EulerDiscreteScheduler, "leading" spacing): the arguments Euler
+# takes.
+SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+}
+
+
+def scaled_sdxl_unet_config(divisor: int = 8) -> dict[str, Any]:
+    """SDXL base's UNet with every width divided by `divisor` (channels, cross-attention, time and pooled embeddings,
+    norm groups; the head counts kept, so each head is `divisor` times narrower) and one transformer layer per block:
+    the same blocks, downsamplings and channel pattern (1 : 2 : 4), so h is [*, 1280 / divisor, H / 4, W / 4]."""
+    config = dict(SDXL_UNET_CONFIG)
+    time_embed = config["addition_time_embed_dim"] // divisor
+    config.update(
+        block_out_channels=tuple(c // divisor for c in config["block_out_channels"]),
+        transformer_layers_per_block=(1, 1, 1),
+        norm_num_groups=config["norm_num_groups"] // divisor,
+        cross_attention_dim=config["cross_attention_dim"] // divisor,
+        addition_time_embed_dim=time_embed,
+        projection_class_embeddings_input_dim=SDXL_TIME_IDS * time_embed + SDXL_POOLED_DIM // divisor,
+    )
+    return config
 
 
 @dataclass
