@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
-from tiny_models import HRecorder, guidance_is_off, tiny_classifier
+from tiny_models import CLASSIFIER_TIMESTEPS, HRecorder, guidance_is_off, tiny_classifier
 
 import pipeline_balancing_act as pba
 from lab.bench.config import (
@@ -86,8 +86,7 @@ def prompt_embeds(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
-# Flat classifiers: one per resolution, as h's size changes with the image's. (A pooled classifier, `pool_size` in
-# HClassifier, reads every resolution with one set of heads: the place for it is a third case below.)
+# Flat classifiers: one per resolution, as h's size changes with the image's; a pooled one reads both (below).
 @pytest.mark.parametrize("latent_size, h_shape", [((32, 32), [160, 8, 8]), ((32, 48), [160, 8, 12])])
 def test_a_guided_step_runs_on_the_scaled_sdxl_unet_at_two_resolutions(scaled_pipe, latent_size, h_shape):
     height, width = (8 * n for n in latent_size)
@@ -116,3 +115,48 @@ def test_a_guided_step_runs_on_the_scaled_sdxl_unet_at_two_resolutions(scaled_pi
     other = [h_shape[0], 8, 20 - h_shape[2]]  # the other resolution's h: a flat classifier fits one only
     with pytest.raises(ValueError, match=rf"h of shape \[{h_shape[0]}, 8, {20 - h_shape[2]}\] but this UNet gives"):
         scaled_pipe(h_classifier=tiny_classifier(h_shape=other), guidance_mode="sample", target_classes=1, **call)
+
+
+def pooled_classifier(channels: int, grid: int = 8) -> pba.HClassifier:
+    """A pooled classifier (heads over h averaged to grid x grid) with random heads, an identity calibration, and the
+    heads as anchors (so a move along the anchors raises the asked class's logit margin)."""
+    classifier = pba.HClassifier(
+        attribute="gender",
+        class_names=["female", "male"],
+        h_shape=[channels, 8, 8],
+        timesteps=list(CLASSIFIER_TIMESTEPS),
+        pool_size=grid,
+    )
+    generator = torch.Generator().manual_seed(0)
+    shape = classifier.weight.shape
+    with torch.no_grad():
+        classifier.weight.copy_(torch.randn(shape, generator=generator) * shape[-1] ** -0.5)
+        classifier.bias.zero_()
+    classifier.set_calibration([1.0] * shape[0], [[0.0] * shape[1]] * shape[0])
+    classifier.set_anchors(classifier.weight.detach().clone(), "heads")
+    return classifier.eval()
+
+
+def test_one_pooled_classifier_guides_the_scaled_sdxl_unet_at_both_resolutions(scaled_pipe):
+    classifier = pooled_classifier(channels=160)
+    for latent_size, h_shape in (((32, 32), [160, 8, 8]), ((32, 48), [160, 8, 12])):
+        height, width = (8 * n for n in latent_size)
+        call = {
+            "height": height,
+            "width": width,
+            "num_inference_steps": 1,
+            "output_type": "latent",
+            "generator": torch.Generator().manual_seed(0),
+            **prompt_embeds(scaled_pipe.unet.config),
+        }
+        with HRecorder(scaled_pipe.unet) as rec:
+            scaled_pipe(h_classifier=classifier, guidance_mode="sample", target_classes="male", **call)
+        before, after = rec.before[0][1:], rec.after[0][1:]
+        assert list(before.shape) == [1, *h_shape]
+        # the move, read through the pooling, is along the pooled anchors, towards "male"
+        pooled_move = torch.nn.functional.adaptive_avg_pool2d(after - before, 8).flatten()
+        anchors = classifier.anchors[classifier.head_index(rec.timesteps[0])]
+        assert pooled_move.norm() > 0 and float(pooled_move @ (anchors[1] - anchors[0])) > 0
+        logits = [classifier(h, rec.timesteps[0]) for h in (before, after)]
+        assert float((logits[1][0, 1] - logits[1][0, 0]) - (logits[0][0, 1] - logits[0][0, 0])) > 0
+        assert guidance_is_off(scaled_pipe.unet)
