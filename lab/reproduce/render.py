@@ -12,7 +12,7 @@ from typing import Any
 from h_classifiers.io_utils import atomic_save_image
 from h_classifiers.toy_world import ATTRIBUTES, NEUTRAL_PROMPT
 from lab import LAB_DOCS
-from lab.reproduce.rows import REACH_ROWS, TUNING_SEED, WORLDS, Row, World
+from lab.reproduce.rows import CLASSIFIER_LABELS, REACH_ROWS, TUNING_SEED, WORLDS, Row, World
 
 
 def _pct(x: float | None) -> str:
@@ -124,7 +124,9 @@ def table_markdown(report: dict[str, Any]) -> str:
     for name, entry in rows.items():
         row = world.rows_by_name[name]
         batch = f"{entry['batch_size']}" + (" + state" if entry["balance_state"] else "")
-        classifier = " (README-recipe classifier)" if entry["classifiers"] == "readme" else ""
+        classifier = (
+            f" ({CLASSIFIER_LABELS[entry['classifiers']]})" if entry["classifiers"] in CLASSIFIER_LABELS else ""
+        )
         for configuration, summary in entry["configurations"].items():
             hit = ""
             if "hit_strict" in summary:

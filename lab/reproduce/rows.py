@@ -22,11 +22,15 @@ from lab import LAB_DOCS, ROOT
 TABLE_SEED = 0
 TUNING_SEED = 1_000_000  # the sweeps' seeds: disjoint from the table's
 README_CLASSIFIERS = ROOT / ".work" / "readme-classifiers"  # made by lab/readme_recipe.sh
+POOLED_CLASSIFIERS = ROOT / ".work" / "pooled-classifiers"  # made by lab/pooled_recipe.sh
 CLASSIFIER_SETS = {
     "shipped": TOY_CLASSIFIERS_PATH,
     "toy-ddpm": TOY_DDPM_CLASSIFIERS_PATH,
     "readme": README_CLASSIFIERS,
+    "pooled": POOLED_CLASSIFIERS,
 }
+# The label of each classifier set but the shipped one in the table's rows.
+CLASSIFIER_LABELS = {"readme": "README-recipe classifier", "pooled": "pooled classifier"}
 SCHEDULER_LABELS = {"ddim": "DDIM", "pndm": "PNDM", "dpm++": "DPM-Solver++", "euler": "Euler", "euler_a": "Euler a"}
 # The project's targets, measured here (the lab, not tests); the FD target is `metrics.TARGET_FD`.
 TARGET_JOB_FD = 0.01
@@ -133,6 +137,18 @@ ROWS = (
         SKIN_50,
         classifiers="readme",
         configurations=("sample", "kl", "distribution"),
+    ),
+    # Pooled heads (h averaged to 2 x 2 before the heads), trained on the shipped classifiers' extraction: each
+    # single-attribute target row again, to compare with the shipped flat heads on the same seeds.
+    *(
+        Row(f"{a}-{split}-pooled", (a,), target, classifiers="pooled", configurations=("sample", "distribution"))
+        for a, split, target in (
+            *(("skin", f"{p}-{100 - p}", (p / 100, 1 - p / 100)) for p in (10, 30, 50, 70, 90)),
+            *(("glasses", f"{p}-{100 - p}", (p / 100, 1 - p / 100)) for p in (20, 50, 80)),
+            ("hair", "uniform", THIRD),
+            ("hair", "20-40-40", (0.2, 0.4, 0.4)),
+            ("hair", "60-20-20", (0.6, 0.2, 0.2)),
+        )
     ),
     Row("skin-30-70-job", ("skin",), (0.3, 0.7), configurations=("distribution",), batch_size=8, balance_state=True),
     Row("hair-uniform-job", ("hair",), THIRD, configurations=("distribution",), batch_size=8, balance_state=True),

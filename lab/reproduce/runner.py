@@ -28,6 +28,7 @@ from lab.reproduce.rows import (
     FAIR_DIFFUSION_ROWS,
     HOLD_GRID,
     HOLD_ROWS,
+    POOLED_CLASSIFIERS,
     REACH_ROWS,
     REACH_STRENGTHS,
     README_CLASSIFIERS,
@@ -67,6 +68,8 @@ def run_table(args: argparse.Namespace) -> dict[str, Any] | None:
         raise SystemExit(
             f"The README-recipe classifiers are missing: run lab/readme_recipe.sh (-> {README_CLASSIFIERS})."
         )
+    if any(r.classifiers == "pooled" for r in rows) and not (POOLED_CLASSIFIERS / "skin").is_dir():
+        raise SystemExit(f"The pooled classifiers are missing: run lab/pooled_recipe.sh (-> {POOLED_CLASSIFIERS}).")
     output_dir = Path(args.output_dir)
     jobs, by_row = table_jobs(rows, args.num_images, args.seed)
     grids: dict[str, list[str]] = {}  # job key -> names of the grids of its first 64 images
