@@ -140,7 +140,9 @@ def bucket_latents(vae, vae_digest: str, name: str, images: torch.Tensor, seed: 
         vae.encode(images[i : i + 250] * 2 - 1).latent_dist.mean
         for i in tqdm(range(0, len(images), 250), desc=f"encode {name}", mininterval=10)
     ]
-    latents = torch.cat(chunks)
+    # Contiguous: the posterior mean is a strided view, and the UNet's convolutions round differently on that layout,
+    # so a first run would not train on the same numbers as a resumed one, which reads the cache.
+    latents = torch.cat(chunks).contiguous()
     atomic_save_file({"latents": latents}, path, key)
     return latents
 
