@@ -470,7 +470,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=positive_int, default=30_000, help="All buckets together (half square).")
     p.add_argument("--captions-per-image", type=positive_int, default=4)
-    p.add_argument("--steps", type=positive_int, default=5000)
+    p.add_argument("--steps", type=positive_int, default=5500)
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4)
