@@ -4,7 +4,8 @@ Everything here is deterministic from a seed and light to import (torch only, no
 
 - the attribute spec (`ATTRIBUTES`), the neutral prompt and the explicit prompt of each class (`attribute_prompt`);
 - the data generator (`make_toy_dataset`): 32x32 RGB faces with a deliberate bias (skin 80/20, glasses 70/30
-  without/with, hair 50/35/15 none/black/red, attributes independent) and a caption per image;
+  without/with, hair 50/35/15 none/black/red, attributes independent) and a caption per image; optionally in the
+  centre of a wider or taller canvas (`canvas`, the toy SDXL's aspect-ratio buckets);
 - the pixel oracle (`ToyOracle`): a rule-based reader for each attribute and a strict validity rule;
 - the paths of the committed assets (`TOY_MODEL_PATH`, `TOY_DDPM_PATH`, `TOY_CLASSIFIERS_PATH`);
 - labelled class folders of rendered faces for the folder recipe (`write_class_folders`), also on the command line:
@@ -144,16 +145,43 @@ def _paint(images: torch.Tensor, mask: torch.Tensor, colors: torch.Tensor) -> No
     images.mul_(1 - m).add_(m * colors[:, :, None, None])
 
 
-def render_faces(labels: dict[str, torch.Tensor], generator: torch.Generator, image_size: int = IMAGE_SIZE):
-    """Draw one face per label set. Returns float images [N, 3, S, S] in [0, 1]. Geometry scales with `image_size`."""
+def _canvas_size(image_size: int, canvas: tuple[int, int] | None) -> tuple[int, int]:
+    """The (height, width) of the rendered images: `canvas`, checked, or the square `image_size`."""
+    if canvas is None:
+        return image_size, image_size
+    height, width = canvas
+    if min(height, width) < image_size or (height - image_size) % 2 or (width - image_size) % 2:
+        raise ValueError(
+            f"`canvas` (height, width) must be at least `image_size` ({image_size}) on each side, with an even "
+            f"margin so that the face is exactly centred, got {tuple(canvas)}."
+        )
+    return height, width
+
+
+def render_faces(
+    labels: dict[str, torch.Tensor],
+    generator: torch.Generator,
+    image_size: int = IMAGE_SIZE,
+    canvas: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Draw one face per label set. Returns float images [N, 3, S, S] in [0, 1]. Geometry scales with `image_size`.
+
+    `canvas` (height, width), at least `image_size` on each side: the face is drawn at the same scale in the centre of
+    a larger canvas, [N, 3, height, width], whose background (grey level, tint, gradient, pixel noise) fills it all;
+    its centre square of side `image_size` is a face like the square ones (the aspect-ratio buckets of the toy SDXL).
+    None (the default) gives the square images, unchanged.
+    """
     n = labels["skin"].shape[0]
     s = image_size / IMAGE_SIZE
+    height, width = _canvas_size(image_size, canvas)
 
     def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
         return low + (high - low) * torch.rand(n, *shape, generator=generator)
 
-    coords = (torch.arange(image_size, dtype=torch.float32) + 0.5) / s
-    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    # Coordinates in the 32-pixel face frame; a wider or taller canvas extends them by half its margin on each side.
+    ys = (torch.arange(height, dtype=torch.float32) + 0.5 - (height - image_size) // 2) / s
+    xs = (torch.arange(width, dtype=torch.float32) + 0.5 - (width - image_size) // 2) / s
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
     yy, xx = yy[None], xx[None]
 
     # Background: grey of random level, slight tint, linear gradient.
@@ -163,7 +191,7 @@ def render_faces(labels: dict[str, torch.Tensor], generator: torch.Generator, im
     amplitude = uniform(0.0, 0.06, 1)
     ramp = ((xx - 16) * torch.cos(angle)[:, :, None] + (yy - 16) * torch.sin(angle)[:, :, None]) / 16
     images = (level + tint)[:, :, None, None] + (amplitude[:, :, None] * ramp)[:, None]
-    images = images.expand(n, 3, image_size, image_size).clone()
+    images = images.expand(n, 3, height, width).clone()
 
     cx, cy = 16 + uniform(-3, 3), 17 + uniform(-3, 3)
     r = uniform(8, 11)
@@ -195,12 +223,17 @@ def render_faces(labels: dict[str, torch.Tensor], generator: torch.Generator, im
 
 
 def make_toy_dataset(
-    num_samples: int, seed: int = 0, image_size: int = IMAGE_SIZE, neutral_fraction: float = 0.5
+    num_samples: int,
+    seed: int = 0,
+    image_size: int = IMAGE_SIZE,
+    neutral_fraction: float = 0.5,
+    canvas: tuple[int, int] | None = None,
 ) -> ToySamples:
     """`num_samples` biased toy faces with labels and captions, identical for the same arguments.
 
     Attributes are drawn independently with the probabilities in `DATA_BIAS`; about `neutral_fraction` of the
-    captions are neutral, the rest name one or more of the image's attributes.
+    captions are neutral, the rest name one or more of the image's attributes. `canvas` (height, width): the faces
+    drawn in the centre of a larger canvas (`render_faces`); the labels and captions do not depend on it.
     """
     if num_samples < 1:
         raise ValueError(f"`num_samples` must be >= 1, got {num_samples}.")
@@ -209,7 +242,7 @@ def make_toy_dataset(
         a: torch.multinomial(torch.tensor(p), num_samples, replacement=True, generator=generator)
         for a, p in DATA_BIAS.items()
     }
-    images = render_faces(labels, generator, image_size)
+    images = render_faces(labels, generator, image_size, canvas)
     rng = random.Random(seed)
     captions = [
         caption_for({a: ATTRIBUTES[a][int(labels[a][i])] for a in ATTRIBUTES}, rng, neutral_fraction)
@@ -292,7 +325,8 @@ class ToyOracle:
     """Reads the toy world's attributes from pixels with fixed colour rules, and judges validity strictly.
 
     `read(images)` takes a list of PIL images, or a float tensor [N, 3, H, W] with values in [0, 1] (a [-1, 1] tensor
-    is refused: convert it with (x + 1) / 2). Images of another size than 32x32 are area-resized to 32x32.
+    is refused: convert it with (x + 1) / 2). A non-square image is read by its centre square (the face of an
+    aspect-ratio bucket, `render_faces(canvas=...)`); a square of another size than 32x32 is area-resized to 32x32.
     It returns `{"skin", "glasses", "hair"}` -> LongTensor[N] class indices (positions in `ATTRIBUTES`) and
     "valid" -> BoolTensor[N]. An image is valid when it shows exactly one compact face of uniform skin with eyes and a
     mouth, few pixels of no known colour, and every attribute read unambiguously (pixel counts outside the gap
@@ -340,6 +374,11 @@ class ToyOracle:
     def diagnose(self, images: torch.Tensor | Sequence) -> dict[str, torch.Tensor]:
         """The classes read and each validity check separately (`*_ok` BoolTensors; `valid` is their AND)."""
         x = _to_tensor(images)
+        height, width = x.shape[-2:]
+        if height != width:  # an aspect-ratio bucket's image: the face is in its centre square
+            side = min(height, width)
+            top, left = (height - side) // 2, (width - side) // 2
+            x = x[..., top : top + side, left : left + side]
         if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
             x = torch.nn.functional.adaptive_avg_pool2d(x, IMAGE_SIZE)
         masks = self.pixel_classes(x)

@@ -133,7 +133,7 @@ def rendered_pages() -> dict[str, tuple[str, str]]:
     rendering of its results now)}`."""
     import json
 
-    from lab import bench_multiprocess, bench_solver, bench_xl, reliability, sweep_image_guidance
+    from lab import bench_multiprocess, bench_solver, bench_xl, reliability, sweep_image_guidance, train_toy_sdxl
     from lab.bench.table import markdown_table
     from lab.reproduce import render, rows
     from lab.train_toy_ddpm import report_markdown
@@ -154,6 +154,8 @@ def rendered_pages() -> dict[str, tuple[str, str]]:
     sweep = LAB / "results" / "sweep_image_guidance.json"
     made[sweep.with_suffix(".md")] = sweep_image_guidance.markdown(read(sweep))
     made[LAB / "toy_ddpm_report.md"] = report_markdown(read(LAB / "toy_ddpm_report.json"))
+    if (LAB / "toy_sdxl_report.json").exists():  # written by the toy SDXL's full training run
+        made[LAB / "toy_sdxl_report.md"] = train_toy_sdxl.report_markdown(read(LAB / "toy_sdxl_report.json"))
     for folder in (LAB / "bench", LAB / "bench" / "celebahq"):  # the benchmark: the cost
         made[folder / "table.md"] = markdown_table(read(folder / "bench.json")) + "\n"
     bench = LAB / "bench"
