@@ -45,6 +45,7 @@ from .inversion import (
     ddim_schedule,
     encode_inversion_prompt,
     invert_and_record,
+    is_xl_pipeline,
     list_labelled_images,
     load_image,
 )
@@ -132,6 +133,13 @@ def _pooled_from(pipe, height: int, width: int, pool_size: int | None) -> list[i
             f"give a pool size of at most {min(shape[1:])}."
         )
     return shape
+
+
+def _pipeline_name(pipe) -> str:
+    """The Balancing Act pipeline that guides the store's model (recorded in the manifest; the model card's usage)."""
+    if _is_unconditional(pipe):
+        return "BalancingActUnconditionalPipeline"
+    return "BalancingActXLPipeline" if is_xl_pipeline(pipe) else "BalancingActPipeline"
 
 
 def _unet_size(pipe) -> tuple[int, int]:
@@ -248,6 +256,7 @@ def extract_from_folders(
         "format_version": FORMAT_VERSION,
         "recipe": "inversion",
         "model": _model_name(pipe),
+        "pipeline": _pipeline_name(pipe),
         "scheduler": _scheduler_info(scheduler),
         "num_inference_steps": num_inference_steps,
         "timesteps": timesteps,
@@ -393,6 +402,7 @@ def extract_from_generation(
         "format_version": FORMAT_VERSION,
         "recipe": "generation",
         "model": _model_name(pipe),
+        "pipeline": _pipeline_name(pipe),
         "scheduler": _scheduler_info(pipe.scheduler),
         "num_inference_steps": num_inference_steps,
         "timesteps": timesteps,
