@@ -51,6 +51,12 @@ class FairDiffusion:
     def __post_init__(self):
         from diffusers import SemanticStableDiffusionPipeline
 
+        if getattr(self.pipe, "text_encoder_2", None) is not None:  # SEGA's pipeline has one text encoder
+            raise ValueError(
+                "The fair_diffusion baseline runs on Stable Diffusion 1.x/2.x only: diffusers' SEGA pipeline "
+                "(SemanticStableDiffusionPipeline) has no SDXL version."
+            )
+
         self.sega = SemanticStableDiffusionPipeline.from_pipe(self.pipe)
         self.sega.set_progress_bar_config(disable=True)
 

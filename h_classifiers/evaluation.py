@@ -76,6 +76,7 @@ from .preflight import is_local_model as is_local_model
 from .preflight import model_index as model_index
 from .preflight import unconditional_model_class as unconditional_model_class
 from .preflight import unconditional_scheduler_error as unconditional_scheduler_error
+from .preflight import xl_model_class as xl_model_class
 
 
 GUIDED_CONFIGURATIONS = {"sample": "sample", "distribution": "distribution"}
@@ -141,7 +142,8 @@ def generate_images(
 class EvaluationSpec:
     """What one evaluation generates: the prompt, the target, the images and the sampling/guidance settings.
     `prompt=None`: an unconditional model (`BalancingActUnconditionalPipeline`): each call gets `batch_size=` and no
-    prompt, `guidance_scale` is unused (None) and `eta` is DDIM's eta (None: the pipeline's default)."""
+    prompt, `guidance_scale`, `height` and `width` are unused (None) and `eta` is DDIM's eta (None: the pipeline's
+    default)."""
 
     prompt: str | None
     target: list[float]
@@ -160,6 +162,9 @@ class EvaluationSpec:
     eta: float | None = None
     # Selection: the most images it may generate (None: `selection.SELECTION_MAX_FACTOR` x num_images).
     selection_max_images: int | None = None
+    # The image size of a text-to-image model, in pixels (None: the pipeline's default, not passed).
+    height: int | None = None
+    width: int | None = None
 
 
 def run_configuration(
@@ -177,6 +182,7 @@ def run_configuration(
         raise ValueError(f"`configuration` must be one of {list(CONFIGURATIONS)}, got {configuration!r}.")
     n = spec.num_images
     common = {"num_inference_steps": spec.num_inference_steps, "guidance_scale": spec.guidance_scale}
+    common.update({k: v for k, v in (("height", spec.height), ("width", spec.width)) if v is not None})
     prompts, asked, per_image = [spec.prompt] * n, None, None
     if spec.prompt is None:  # an unconditional model: no prompt, no classifier-free guidance
         if configuration in TEXT_CONFIGURATIONS:
@@ -362,6 +368,9 @@ def load_pipeline(
     checker is kept (a model that declares none, like the toy model, loads without one and without a warning);
     `safety_checker=False` loads the model without it.
 
+    An SDXL model (`xl_model_class`: a `StableDiffusionXLPipeline` folder or Hub id) loads as `BalancingActXLPipeline`,
+    with the named scheduler too; SDXL has no safety checker (`safety_checker` is moot).
+
     An unconditional model (`unconditional_model_class`: a `DDIMPipeline` / `DDPMPipeline` folder or Hub id) loads
     as `BalancingActUnconditionalPipeline`, which samples with DDIM (`scheduler` None or "ddim") and has no safety
     checker.
@@ -383,6 +392,13 @@ def load_pipeline(
 
         # DDIMPipeline turns any scheduler (a DDPM checkpoint's DDPMScheduler) into a DDIMScheduler
         pipe = BalancingActUnconditionalPipeline.from_pretrained(model, dtype=dtype)
+    elif xl_model_class(model) is not None:
+        # Imported here, not at the top: the SDXL pipeline's module is only loaded for an SDXL model.
+        from pipeline_balancing_act_xl import BalancingActXLPipeline
+
+        pipe = BalancingActXLPipeline.from_pretrained(model, dtype=dtype)
+        if scheduler is not None:
+            set_scheduler(pipe, scheduler)
     else:
         from pipeline_balancing_act import BalancingActPipeline
 

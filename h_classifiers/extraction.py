@@ -4,11 +4,12 @@ Two recipes, both batched and resumable, both writing the feature store format (
 
 - `extract_from_folders`: labelled images, one sub-folder per class (class names = folder names). Each image is
   VAE-encoded (the latent distribution's mean) and inverted with deterministic DDIM (eta = 0) through the UNet with
-  an inversion prompt (classifier-free guidance off by default); h is recorded at every step
-  (`h_classifiers.inversion`). An unconditional pixel-space pipeline (`BalancingActUnconditionalPipeline`, the
-  paper's unconditional setting) inverts the images themselves, at its UNet's size, without a prompt.
-- `extract_from_generation`: the paper's recipe for Stable Diffusion. The pipeline generates images from prompts,
-  h is recorded at every step (the conditional rows of `[uncond; cond]` by default), and a labeller
+  an inversion prompt (classifier-free guidance off by default; an SDXL pipeline adds the pooled embedding and the
+  size ids of the image's size, as its generation does); h is recorded at every step (`h_classifiers.inversion`). An
+  unconditional pixel-space pipeline (`BalancingActUnconditionalPipeline`, the paper's unconditional setting) inverts
+  the images themselves, at its UNet's size, without a prompt.
+- `extract_from_generation`: the paper's recipe for Stable Diffusion (and SDXL). The pipeline generates images from
+  prompts, h is recorded at every step (the conditional rows of `[uncond; cond]` by default), and a labeller
   (`h_classifiers.labellers`) labels the finished images (pseudo-labels). With `prompts=None` the same for an
   unconditional pipeline (`BalancingActUnconditionalPipeline`, the paper's unconditional setting).
 
@@ -39,7 +40,15 @@ from PIL import Image
 
 from .feature_store import FORMAT_VERSION, _BatchResult, _check_dtype, _prepare_output_dir, _run_chunks
 from .generation import generate_batches, nsfw_flags
-from .inversion import HRecorder, ddim_schedule, invert_and_record, list_labelled_images, load_image
+from .inversion import (
+    HRecorder,
+    ddim_schedule,
+    encode_inversion_prompt,
+    invert_and_record,
+    is_xl_pipeline,
+    list_labelled_images,
+    load_image,
+)
 from .io_utils import json_default
 from .labellers import Labeller
 from .preflight import RECORD_BRANCHES as RECORD_BRANCHES
@@ -126,6 +135,13 @@ def _pooled_from(pipe, height: int, width: int, pool_size: int | None) -> list[i
     return shape
 
 
+def _pipeline_name(pipe) -> str:
+    """The Balancing Act pipeline that guides the store's model (recorded in the manifest; the model card's usage)."""
+    if _is_unconditional(pipe):
+        return "BalancingActUnconditionalPipeline"
+    return "BalancingActXLPipeline" if is_xl_pipeline(pipe) else "BalancingActPipeline"
+
+
 def _unet_size(pipe) -> tuple[int, int]:
     """An unconditional pipeline's image (height, width): its UNet's `sample_size`."""
     size = pipe.unet.config.sample_size
@@ -184,12 +200,12 @@ def extract_from_folders(
     """Recipe 1: labelled image folders -> DDIM inversion -> h at every step. Returns the manifest.
 
     Args:
-        pipe: a `StableDiffusionPipeline` (or subclass), or an unconditional pixel-space pipeline (no VAE, no text
-            encoder: `BalancingActUnconditionalPipeline`, `DDIMPipeline`), which inverts the images themselves at its
-            UNet's `sample_size`, takes none of the prompt settings (`inversion_prompt`, `guidance_scale` other than
-            1, `negative_prompt`, `height`, `width`, `record_branch` other than "cond") and writes a manifest with
-            `"prompts": None` and `"guidance_scale": None`, as `extract_from_generation` does. Its scheduler's config
-            defines the DDIM schedule.
+        pipe: a `StableDiffusionPipeline` or `StableDiffusionXLPipeline` (or a subclass), or an unconditional
+            pixel-space pipeline (no VAE, no text encoder: `BalancingActUnconditionalPipeline`, `DDIMPipeline`), which
+            inverts the images themselves at its UNet's `sample_size`, takes none of the prompt settings
+            (`inversion_prompt`, `guidance_scale` other than 1, `negative_prompt`, `height`, `width`, `record_branch`
+            other than "cond") and writes a manifest with `"prompts": None` and `"guidance_scale": None`, as
+            `extract_from_generation` does. Its scheduler's config defines the DDIM schedule.
         image_dir: one sub-folder per class; class names are the folder names (sorted, or in `class_names` order).
         output_dir: new or empty directory, or the directory of an interrupted run with the same arguments (resumed).
         inversion_prompt: the text condition used during inversion (default: empty prompt).
@@ -240,6 +256,7 @@ def extract_from_folders(
         "format_version": FORMAT_VERSION,
         "recipe": "inversion",
         "model": _model_name(pipe),
+        "pipeline": _pipeline_name(pipe),
         "scheduler": _scheduler_info(scheduler),
         "num_inference_steps": num_inference_steps,
         "timesteps": timesteps,
@@ -263,10 +280,7 @@ def extract_from_folders(
     }
     manifest = _prepare_output_dir(output_dir, run, state)
     if not unconditional:
-        device = pipe._execution_device
-        cond, uncond = pipe.encode_prompt(
-            inversion_prompt, device, 1, do_classifier_free_guidance=cfg, negative_prompt=negative_prompt
-        )
+        condition = encode_inversion_prompt(pipe, inversion_prompt, negative_prompt, cfg, height, width)
     image_processor = getattr(pipe, "image_processor", None)  # None: a plain [-1, 1] conversion (pixel space)
 
     def process_batch(items: list[int]) -> _BatchResult:
@@ -283,14 +297,11 @@ def extract_from_folders(
         if not records:
             return _BatchResult({b: torch.zeros(0) for b in branches}, torch.zeros(0, dtype=torch.long), [], skipped)
         n = len(records)
-        if unconditional:
-            embeds = None
-        elif cfg:
-            embeds = torch.cat([uncond.expand(n, -1, -1), cond.expand(n, -1, -1)])
-        else:
-            embeds = cond.expand(n, -1, -1)
+        embeds, added = (None, None) if unconditional else condition.rows(n, cfg)
         scale = 1.0 if unconditional else guidance_scale
-        calls, _ = invert_and_record(pipe, torch.stack(tensors), scheduler, embeds, scale, storage_dtype, pool_size)
+        calls, _ = invert_and_record(
+            pipe, torch.stack(tensors), scheduler, embeds, scale, storage_dtype, pool_size, added
+        )
         labels = torch.tensor([r["label"] for r in records], dtype=torch.long)
         return _BatchResult(_split_branches(calls, n, cfg, branches), labels, records, skipped)
 
@@ -391,6 +402,7 @@ def extract_from_generation(
         "format_version": FORMAT_VERSION,
         "recipe": "generation",
         "model": _model_name(pipe),
+        "pipeline": _pipeline_name(pipe),
         "scheduler": _scheduler_info(pipe.scheduler),
         "num_inference_steps": num_inference_steps,
         "timesteps": timesteps,

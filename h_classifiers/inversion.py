@@ -1,13 +1,16 @@
-"""DDIM inversion of images: loading a labelled image folder, the DDIM schedule and its deterministic moves, and
-h recorded at every step (the first recipe of `h_classifiers.extraction`).
+"""DDIM inversion of images: loading a labelled image folder, the DDIM schedule and its deterministic moves, the text
+condition of the inversion (Stable Diffusion's prompt embeddings; SDXL's add the pooled embedding and the size ids),
+and h recorded at every step (the first recipe of `h_classifiers.extraction`).
 
 Step index s refers to the scheduler's timesteps in generation order (s = 0 is the noisiest step).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -115,6 +118,87 @@ def _ddim_move(x: torch.Tensor, out: torch.Tensor, a_from: torch.Tensor, a_to: t
     return (a_to.sqrt() * x0 + (1 - a_to).sqrt() * eps).to(x.dtype)
 
 
+def is_xl_pipeline(pipe) -> bool:
+    """An SDXL pipeline (`StableDiffusionXLPipeline` or a subclass): two text encoders, a UNet that also takes the
+    pooled text embedding and the size ids (`added_cond_kwargs`)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    return isinstance(pipe, StableDiffusionXLPipeline)
+
+
+@dataclass
+class InversionCondition:
+    """The text condition of one image's inversion, for the conditional row and (with classifier-free guidance) the
+    unconditional one: encoder hidden states and, for SDXL, the UNet's `added_cond_kwargs` (`text_embeds`: the
+    pooled embedding, `time_ids`: original size, crop corner, target size), as `StableDiffusionXLPipeline.__call__`
+    builds them."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor | None = None
+    added_cond: dict[str, torch.Tensor] | None = None
+    added_uncond: dict[str, torch.Tensor] | None = None
+
+    def rows(self, n: int, cfg: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """(encoder hidden states, added conditioning) for `n` images: `[uncond; cond]` rows with `cfg`, else cond."""
+
+        def repeat(cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
+            rows = cond.expand(n, *cond.shape[1:])
+            return torch.cat([uncond.expand(n, *uncond.shape[1:]), rows]) if cfg else rows
+
+        embeds = repeat(self.cond, self.uncond)
+        if self.added_cond is None:
+            return embeds, None
+        added = {
+            k: repeat(v, None if self.added_uncond is None else self.added_uncond[k])
+            for k, v in self.added_cond.items()
+        }
+        return embeds, added
+
+
+def encode_inversion_prompt(
+    pipe, prompt: str, negative_prompt: str | None, cfg: bool, height: int, width: int
+) -> InversionCondition:
+    """The condition of an inversion with `prompt` on a Stable Diffusion or SDXL pipeline; the SDXL size ids are
+    those of a generation at `height` x `width` without cropping (original = target size, crop corner (0, 0)),
+    `StableDiffusionXLPipeline.__call__`'s defaults."""
+    device = pipe._execution_device
+    if not is_xl_pipeline(pipe):
+        cond, uncond = pipe.encode_prompt(
+            prompt, device, 1, do_classifier_free_guidance=cfg, negative_prompt=negative_prompt
+        )
+        return InversionCondition(cond, uncond)
+    cond, uncond, pooled, negative_pooled = pipe.encode_prompt(
+        prompt,
+        device=device,
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=cfg,
+        negative_prompt=negative_prompt,
+    )
+    encoder_2 = getattr(pipe, "text_encoder_2", None)
+    projection_dim = int(pooled.shape[-1]) if encoder_2 is None else encoder_2.config.projection_dim
+    time_ids = pipe._get_add_time_ids(
+        (height, width), (0, 0), (height, width), dtype=cond.dtype, text_encoder_projection_dim=projection_dim
+    ).to(device)
+    added_uncond = {"text_embeds": negative_pooled, "time_ids": time_ids} if cfg else None
+    return InversionCondition(cond, uncond, {"text_embeds": pooled, "time_ids": time_ids}, added_uncond)
+
+
+@contextlib.contextmanager
+def _upcast_vae(pipe) -> Iterator[None]:
+    """An SDXL VAE that asks for it (`force_upcast`: SDXL base's overflows in float16) encodes in float32 and goes back
+    to its dtype afterwards, as `StableDiffusionXLImg2ImgPipeline.prepare_latents` does; other pipelines unchanged."""
+    vae = pipe.vae
+    dtype = vae.dtype
+    upcast = is_xl_pipeline(pipe) and dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    if upcast:
+        vae.to(dtype=torch.float32)
+    try:
+        yield
+    finally:
+        if upcast:
+            vae.to(dtype=dtype)
+
+
 def ddim_schedule(pipe, num_inference_steps: int):
     """The DDIM scheduler (from the pipeline's scheduler config) set to `num_inference_steps`."""
     from diffusers import DDIMScheduler
@@ -135,6 +219,7 @@ def invert_and_record(
     guidance_scale: float = 1.0,
     storage_dtype: torch.dtype = torch.float16,
     pool_size: int | None = None,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """DDIM-inverts a batch of images ([-1, 1]); returns (h at every step in generation order, step 0 first; the
     inverted latents at the noisiest timestep, from which a DDIM generation with eta = 0 reconstructs the images).
@@ -147,6 +232,9 @@ def invert_and_record(
     conditions the UNet, [uncond; cond] when `guidance_scale` > 1, else cond only. An unconditional pixel-space
     pipeline (no VAE, no text encoder: `BalancingActUnconditionalPipeline`, `DDIMPipeline`): the clean latent is the
     image itself, `prompt_embeds` is None and `guidance_scale` 1 (the UNet takes no condition).
+
+    An SDXL pipeline: `added_cond_kwargs` (`text_embeds`, `time_ids`; one row per row of `prompt_embeds`,
+    `InversionCondition.rows`) goes to every UNet call, and a `force_upcast` VAE in float16 encodes in float32.
 
     `pool_size` g records h average-pooled to g x g (`HRecorder`).
     """
@@ -164,13 +252,22 @@ def invert_and_record(
             f"{guidance_scale!r}."
         )
     if vae is not None:
-        latents = vae.encode(images.to(device, vae.dtype)).latent_dist.mode()
-        latents = (latents - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
+        with _upcast_vae(pipe):
+            latents = vae.encode(images.to(device, vae.dtype)).latent_dist.mode()
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:  # a VAE with per-channel statistics, as SDXL's pipelines treat it
+            shape = (1, -1, 1, 1)
+            mean, std = torch.tensor(mean).view(shape).to(latents), torch.tensor(std).view(shape).to(latents)
+            latents = (latents - mean) * vae.config.scaling_factor / std
+        else:
+            latents = (latents - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
     else:
         latents = images  # a pixel-space UNet denoises the image itself, in [-1, 1]
     latents = latents.to(device, unet.dtype)
     cfg = guidance_scale > 1.0
     condition = {} if prompt_embeds is None else {"encoder_hidden_states": prompt_embeds}
+    if added_cond_kwargs is not None:
+        condition["added_cond_kwargs"] = added_cond_kwargs
     alphas = scheduler.alphas_cumprod.to(torch.float32)
     ascending = list(reversed(scheduler.timesteps.tolist()))
     prediction_type = scheduler.config.prediction_type

@@ -16,6 +16,12 @@ if TYPE_CHECKING:
 
 
 PLOT_NAME = "accuracy.png"
+# The module of each Balancing Act pipeline (the manifest's "pipeline"), for the card's usage.
+PIPELINE_MODULES = {
+    "BalancingActPipeline": "pipeline_balancing_act",
+    "BalancingActXLPipeline": "pipeline_balancing_act_xl",
+    "BalancingActUnconditionalPipeline": "pipeline_balancing_act_unconditional",
+}
 # The card's metadata: the classifier heads are this project's work, under its license.
 CARD_LICENSE = "apache-2.0"
 CARD_LIBRARY = "diffusers"
@@ -102,6 +108,16 @@ def model_card(classifier: HClassifier, metrics: list[dict], summary: dict, mani
 
     cfg = classifier.config
     prompts = manifest.get("prompts") or []
+    # The pipeline that guides the base model (a store written before the manifest recorded it: Stable Diffusion's).
+    pipeline = manifest.get("pipeline") or "BalancingActPipeline"
+    module = PIPELINE_MODULES.get(pipeline, "pipeline_balancing_act")
+    imports = (
+        f"from pipeline_balancing_act import {pipeline}, HClassifier"
+        if module == "pipeline_balancing_act"
+        else f"from pipeline_balancing_act import HClassifier\nfrom {module} import {pipeline}"
+    )
+    unconditional = pipeline == "BalancingActUnconditionalPipeline"
+    call, count = ("batch_size=16", None) if unconditional else ('"a photo of a face"', "num_images_per_prompt=16")
     if manifest.get("recipe") == "generation" and manifest.get("prompts", []) is None:  # an unconditional model
         eta = (manifest.get("plan") or {}).get("eta")
         source = (
@@ -153,29 +169,40 @@ def model_card(classifier: HClassifier, metrics: list[dict], summary: dict, mani
     body = f"""# h-classifier: `{cfg.attribute}` ({", ".join(cfg.class_names)})
 
 Per-timestep linear heads over the UNet mid-block output h (the "Attribute Distribution Predictor" of *Balancing Act:
-Distribution-Guided Debiasing in Diffusion Models*, CVPR 2024), for h-space guidance with `BalancingActPipeline`.
+Distribution-Guided Debiasing in Diffusion Models*, CVPR 2024), for h-space guidance with `{pipeline}`.
 
 - Base model: `{cfg.base_model}` ({shape_text})
 - Classes: {list(cfg.class_names)} (class index = position)
 - Heads: {len(cfg.timesteps)}, at the timesteps of `{(manifest.get("scheduler") or {}).get("class")}` with
   {manifest.get("num_inference_steps")} steps ({cfg.timesteps[0]:g} ... {cfg.timesteps[-1]:g}); any other scheduler's
   timestep uses the nearest head
-- Calibration: {"per-step temperature and class offsets fitted on the held-out images" if cfg.calibration_scale else "none (saved before calibration existed)"}
-- Anchors (the points in h guidance moves between): {cfg.anchor_source or "none (guidance moves along the head weights)"}
+- Calibration: {
+        "per-step temperature and class offsets fitted on the held-out images"
+        if cfg.calibration_scale
+        else "none (saved before calibration existed)"
+    }
+- Anchors (the points in h guidance moves between): {
+        cfg.anchor_source or "none (guidance moves along the head weights)"
+    }
 - Temperature of the paper's soft distribution loss: {cfg.temperature:g}
 
 ## Usage
 
 ```py
-from pipeline_balancing_act import BalancingActPipeline, HClassifier
+{imports}
 
+pipe = {pipeline}.from_pretrained("<the base model>")
 classifier = HClassifier.from_pretrained("<this folder or repo id>")
 images = pipe(
-    "a photo of a face",
+    {call},
     h_classifier=classifier,
     guidance_mode="distribution",
-    target_distribution=[1 / {len(cfg.class_names)}] * {len(cfg.class_names)},
-    num_images_per_prompt=16,
+    target_distribution=[1 / {len(cfg.class_names)}] * {len(cfg.class_names)},{
+        ""
+        if count is None
+        else f'''
+    {count},'''
+    }
 ).images
 ```
 

@@ -79,11 +79,16 @@ def looks_like_local_path(path: str | os.PathLike) -> bool:
 # A model whose model_index.json names one of these pipelines, or whose UNet is a `UNet2DModel` beside no text
 # encoder, is unconditional: it loads as `BalancingActUnconditionalPipeline` and takes no prompt.
 UNCONDITIONAL_PIPELINES = ("DDIMPipeline", "DDPMPipeline", "BalancingActUnconditionalPipeline")
+# A model whose model_index.json names one of these pipelines, or lists a second text encoder or tokenizer, is an SDXL
+# base model: it loads as `BalancingActXLPipeline`.
+XL_PIPELINES = ("StableDiffusionXLPipeline", "BalancingActXLPipeline")
+XL_COMPONENTS = ("text_encoder_2", "tokenizer_2")
 # What `--model` accepts, for the messages about a model that is not there.
 MODEL_EXPECTED = (
     "expected a diffusers pipeline folder saved with `save_pretrained` (with model_index.json): Stable Diffusion "
-    "1.x/2.x, or an unconditional DDIMPipeline / DDPMPipeline; or a Hub id such as "
-    "'stable-diffusion-v1-5/stable-diffusion-v1-5' or 'google/ddpm-celebahq-256'"
+    "1.x/2.x, SDXL, or an unconditional DDIMPipeline / DDPMPipeline; or a Hub id such as "
+    "'stable-diffusion-v1-5/stable-diffusion-v1-5', 'stabilityai/stable-diffusion-xl-base-1.0' or "
+    "'google/ddpm-celebahq-256'"
 )
 
 
@@ -123,6 +128,17 @@ def unconditional_model_class(model: str | os.PathLike) -> str | None:
     if isinstance(unet, list) and unet[-1:] == ["UNet2DModel"] and "text_encoder" not in index:
         return name
     return None
+
+
+def xl_model_class(model: str | os.PathLike) -> str | None:
+    """The pipeline class an SDXL model was saved as (`XL_PIPELINES`, or any pipeline whose index lists
+    `text_encoder_2` or `tokenizer_2`); None for another model or one whose index cannot be read. A Hub id's index
+    comes from the Hub or its cache (`model_index`)."""
+    index = model_index(model)
+    if index is None:
+        return None
+    name = str(index.get("_class_name"))
+    return name if name in XL_PIPELINES or any(key in index for key in XL_COMPONENTS) else None
 
 
 def unconditional_scheduler_error(scheduler: str) -> str:
@@ -165,12 +181,13 @@ def _int_list(value: Any, length: int | None = None) -> bool:
     )
 
 
-def unet_h_shape(model: str | os.PathLike) -> list[int] | None:
+def unet_h_shape(model: str | os.PathLike, height: int | None = None, width: int | None = None) -> list[int] | None:
     """The per-sample shape `[C, H, W]` of h = the mid block's output when a local `model` samples at its default
-    resolution (its UNet's `sample_size`, in latents or pixels), read from unet/config.json by the rule of the
-    pipeline's `mid_block_h_shape`: every down block but the last halves the size (rounding up). None when the files
-    do not say (a Hub id, another UNet class, missing fields, no mid block): the pipeline then checks the shape at its
-    first call."""
+    resolution (its UNet's `sample_size`, in latents or pixels), or at `height` x `width` pixels where given (divided
+    by the VAE's scale factor, read from vae/config.json), read from unet/config.json by the rule of the pipeline's
+    `mid_block_h_shape`: every down block but the last halves the size (rounding up). None when the files do not say
+    (a Hub id, another UNet class, missing fields, no mid block): the pipeline then checks the shape at its first
+    call."""
     config = read_json(Path(model) / "unet" / "config.json")
     if config is None or config.get("_class_name") not in UNET_CLASSES:
         return None
@@ -181,6 +198,11 @@ def unet_h_shape(model: str | os.PathLike) -> list[int] | None:
         return None
     if not (len(channels) == len(down) == len(up) >= 1):
         return None
+    if height is not None or width is not None:
+        scale = _vae_scale_factor(model)
+        if scale is None or any(n is not None and n % scale for n in (height, width)):
+            return None  # the pipeline refuses a size that is not a multiple of its VAE's scale
+        size = [size[0] if height is None else height // scale, size[1] if width is None else width // scale]
     sizes = [list(size)]
     for _ in range(len(down) - 1):
         sizes.append([math.ceil(n / 2) for n in sizes[-1]])
@@ -189,15 +211,27 @@ def unet_h_shape(model: str | os.PathLike) -> list[int] | None:
     return [channels[-1], *sizes[-1]]
 
 
+def _vae_scale_factor(model: str | os.PathLike) -> int | None:
+    """Pixels per latent of a local model: 2 ** (VAE blocks - 1), as diffusers' pipelines compute it; 1 for a model
+    without a VAE (a pixel-space UNet); None when its vae/config.json does not say."""
+    if not (Path(model) / "vae").exists() and "vae" not in (read_json(Path(model) / "model_index.json") or {}):
+        return 1
+    channels = (read_json(Path(model) / "vae" / "config.json") or {}).get("block_out_channels")
+    return 2 ** (len(channels) - 1) if _int_list(channels) and channels else None
+
+
 def check_classifier_fits(
     classifier: str | os.PathLike,
     model: str | os.PathLike,
     classifier_argument: str = "--classifier",
     model_argument: str = "--model",
+    height: int | None = None,
+    width: int | None = None,
 ) -> None:
-    """A local classifier folder trained on h of another shape than the local model gives (at its default resolution),
-    or at another site than the mid block: a one-line `ValueError` naming both arguments, before anything loads. Silent when the
-    files do not say (a Hub id, an unreadable config): the pipeline checks at its first call."""
+    """A local classifier folder trained on h of another shape than the local model gives (at its default resolution,
+    or at `height` x `width` pixels where given), or at another site than the mid block: a one-line `ValueError` naming
+    both arguments, before anything loads. Silent when the files do not say (a Hub id, an unreadable config): the
+    pipeline checks at its first call."""
     config = read_json(Path(classifier) / "config.json")
     if config is None or not _int_list(config.get("h_shape")):
         return
@@ -207,7 +241,7 @@ def check_classifier_fits(
             f"`{classifier_argument}` {os.fspath(classifier)!r} reads h at site {site!r}; only {MID_BLOCK_SITE!r} is "
             "supported (up-block sites were removed). Retrain it with `balancing-act extract` / `train`."
         )
-    expected, pool = unet_h_shape(model), config.get("pool_size")
+    expected, pool = unet_h_shape(model, height, width), config.get("pool_size")
     if expected is None or list(config["h_shape"]) == expected:
         return
     if isinstance(pool, int) and expected[0] == config["h_shape"][0] and min(expected[1:]) >= pool:
@@ -226,9 +260,10 @@ def check_classifier_fits(
         reads = (
             f"reads h of shape [{config['h_shape'][0]}, H, W] with H, W >= {pool} (average-pooled to {pool}x{pool})"
         )
+    at = "" if height is None and width is None else f" at the asked size (`--height` {height}, `--width` {width})"
     raise ValueError(
         f"`{classifier_argument}` {os.fspath(classifier)!r} ({attribute!r}) {reads}, but `{model_argument}` "
-        f"{os.fspath(model)!r} gives h of shape {expected}; use a classifier trained for this model{hint}."
+        f"{os.fspath(model)!r} gives h of shape {expected}{at}; use a classifier trained for this model{hint}."
     )
 
 

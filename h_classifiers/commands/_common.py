@@ -38,7 +38,9 @@ def split_prompts(text: str | None) -> list[str] | None:
 
 def text_defaults() -> dict[str, Any]:
     """The values of the prompt options of `generate` / `evaluate` for a text-to-image model (`_model_kind`)."""
-    return {"prompt": toy_defaults()["prompt"], "guidance_scale": 7.5}
+    from h_classifiers.commands._model_kind import SD_GUIDANCE_SCALE
+
+    return {"prompt": toy_defaults()["prompt"], "guidance_scale": SD_GUIDANCE_SCALE}
 
 
 def toy_defaults() -> dict[str, str]:
@@ -57,7 +59,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=defaults["model"],
-        help="Stable Diffusion 1.x/2.x directory or Hub id, or an unconditional model's (DDIMPipeline / "
+        help="Stable Diffusion 1.x/2.x or SDXL directory or Hub id, or an unconditional model's (DDIMPipeline / "
         "DDPMPipeline: no prompt; docs/cli.md, 'Unconditional models') (default: the committed toy model).",
     )
     parser.add_argument(
@@ -71,7 +73,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--guidance-scale",
         type=float,
         default=None,
-        help="Classifier-free guidance of a text-to-image model (default: 7.5).",
+        help="Classifier-free guidance of a text-to-image model (default: 7.5; an SDXL model: 5.0, its pipeline's).",
+    )
+    parser.add_argument(
+        "--height",
+        type=positive_int,
+        default=None,
+        help="Image height of a text-to-image model, a multiple of its VAE's scale (default: the model's, e.g. 512 "
+        "for SD 1.5, 1024 for SDXL base).",
+    )
+    parser.add_argument(
+        "--width", type=positive_int, default=None, help="Image width (default: the model's, as --height)."
     )
     from h_classifiers.commands._model_kind import add_eta_argument
 
@@ -171,12 +183,18 @@ def evaluation_spec(
         class_prompts=class_prompts,
         guidance=guidance_kwargs(args),
         eta=args.eta,
+        height=args.height,
+        width=args.width,
     )
 
 
 def eta_note(args: argparse.Namespace) -> str:
-    """What follows the steps in the summary line: `, eta 1` for an unconditional model, "" for a text-to-image one."""
-    return "" if getattr(args, "eta", None) is None else f", eta {args.eta:g}"
+    """What follows the steps in the summary line: `, eta 1` for an unconditional model; for a text-to-image one the
+    image size asked for (`, height 768, width 1024`; nothing for the model's default size)."""
+    if getattr(args, "eta", None) is not None:
+        return f", eta {args.eta:g}"
+    sizes = [(name, getattr(args, name, None)) for name in ("height", "width")]
+    return "".join(f", {name} {value}" for name, value in sizes if value is not None)
 
 
 def is_toy_model(model: str | os.PathLike | None) -> bool:
@@ -330,7 +348,7 @@ def start_run(parser: argparse.ArgumentParser, args: argparse.Namespace, distrib
             check_distribution_images(args.num_images)
         check_target_early(args.target, args.classifier)
         preflight.check_model_path(args.model)
-        preflight.check_classifier_fits(args.classifier, args.model)
+        preflight.check_classifier_fits(args.classifier, args.model, height=args.height, width=args.width)
         preflight.check_labeller_spec(args.labeller, "--labeller", LABELLER_WORDS)
     from h_classifiers.distributed import process_device, process_state
     from h_classifiers.evaluation import resolve_device

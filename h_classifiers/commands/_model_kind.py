@@ -1,10 +1,12 @@
-"""Which options apply depends on the model: a text-to-image model (Stable Diffusion) takes a prompt, an unconditional
-model (a `DDIMPipeline` / `DDPMPipeline` folder or Hub id, `preflight.unconditional_model_class`) takes none
-(`extract --image-dir` works for both: the inversion recipe needs no prompt).
+"""Which options apply depends on the model: a text-to-image model (Stable Diffusion 1.x/2.x, or SDXL:
+`preflight.xl_model_class`) takes a prompt, an unconditional model (a `DDIMPipeline` / `DDPMPipeline` folder or Hub id,
+`preflight.unconditional_model_class`) takes none (`extract --image-dir` works for all: the inversion recipe needs no
+prompt).
 
 The prompt-only options default to None on the command line, so that one given explicitly to an unconditional model is
 refused (one argparse error naming it) instead of being ignored; for a text-to-image model they then take their
-defaults here. `--eta` (DDIM's eta) is the unconditional models' option.
+defaults here (SDXL's classifier-free guidance scale is its pipeline's, `XL_GUIDANCE_SCALE`). `--eta` (DDIM's eta) is
+the unconditional models' option.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ PROMPT_ONLY_OPTIONS = {
     "width": "--width",
 }
 ETA_DEFAULT = 0.0  # DDIMPipeline's
+# The default classifier-free guidance scales of the pipelines: StableDiffusionPipeline's, StableDiffusionXLPipeline's.
+SD_GUIDANCE_SCALE = 7.5
+XL_GUIDANCE_SCALE = 5.0
 
 
 def add_eta_argument(parser: argparse.ArgumentParser) -> None:
@@ -43,11 +48,18 @@ def resolve_model_kind(
 ) -> bool:
     """Reads the model's kind from its model_index.json and checks the options against it (an argparse error naming
     the options that do not apply), then fills the defaults of the kind: `--eta` for an unconditional model,
-    `text_defaults` (argparse dest -> value, for the options left unset) for a text-to-image one. Returns whether the
-    model is unconditional (also set as `args.unconditional`)."""
-    from h_classifiers.preflight import check_model_path, unconditional_model_class, unconditional_scheduler_error
+    `text_defaults` (argparse dest -> value, for the options left unset) for a text-to-image one (an SDXL model's
+    `guidance_scale` is `XL_GUIDANCE_SCALE`). Returns whether the model is unconditional (also set as
+    `args.unconditional`); `args.xl` says whether it is an SDXL model."""
+    from h_classifiers.preflight import (
+        check_model_path,
+        unconditional_model_class,
+        unconditional_scheduler_error,
+        xl_model_class,
+    )
 
     saved_as = unconditional_model_class(args.model)
+    xl = None if saved_as is not None else xl_model_class(args.model)
     given = [option for dest, option in PROMPT_ONLY_OPTIONS.items() if getattr(args, dest, None) not in (None, "")]
     if saved_as is not None:
         if given:
@@ -69,10 +81,13 @@ def resolve_model_kind(
                 parser.error(str(error))
             parser.error(
                 f"`--eta`: for unconditional models (DDIMPipeline / DDPMPipeline) only; `--model` {args.model!r} is a "
-                "text-to-image model."
+                f"text-to-image model{'' if xl is None else f' ({xl})'}."
             )
-        for dest, value in (text_defaults or {}).items():
+        defaults = dict(text_defaults or {})
+        if xl is not None and "guidance_scale" in defaults:
+            defaults["guidance_scale"] = XL_GUIDANCE_SCALE
+        for dest, value in defaults.items():
             if getattr(args, dest, None) is None:
                 setattr(args, dest, value)
-    args.unconditional = saved_as is not None
+    args.unconditional, args.xl = saved_as is not None, xl is not None
     return args.unconditional

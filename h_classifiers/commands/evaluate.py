@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Comma-separated subset of {','.join(CONFIGURATIONS)} (default: all but the opt-in "
         f"{','.join(OPT_IN_CONFIGURATIONS)}: selection generates vanilla images until the target counts are filled; "
         f"an unconditional model: {','.join(default_configurations(True))}, as {' and '.join(TEXT_CONFIGURATIONS)} "
-        "need a prompt).",
+        f"need a prompt; an SDXL model: {','.join(default_configurations(xl=True))}, Fair Diffusion's SEGA pipeline "
+        "being Stable Diffusion 1.x/2.x's).",
     )
     parser.add_argument(
         "--selection-max-images",
@@ -82,15 +83,23 @@ def unconditional_configurations() -> list[str]:
     return [c for c in CONFIGURATIONS if c not in TEXT_CONFIGURATIONS]
 
 
-def default_configurations(unconditional: bool = False) -> list[str]:
+# The configurations an SDXL model cannot run: diffusers' SEGA pipeline (Fair Diffusion) is Stable Diffusion 1.x/2.x's.
+NOT_XL_CONFIGURATIONS = ("fair_diffusion",)
+
+
+def default_configurations(unconditional: bool = False, xl: bool = False) -> list[str]:
     """What runs without `--configurations`: every configuration the model can run but the opt-in ones."""
-    return [c for c in DEFAULT_CONFIGURATIONS if not (unconditional and c in TEXT_CONFIGURATIONS)]
+    return [
+        c
+        for c in DEFAULT_CONFIGURATIONS
+        if not (unconditional and c in TEXT_CONFIGURATIONS) and not (xl and c in NOT_XL_CONFIGURATIONS)
+    ]
 
 
-def parse_configurations(text: str | None, unconditional: bool = False) -> list[str]:
+def parse_configurations(text: str | None, unconditional: bool = False, xl: bool = False) -> list[str]:
     """`--configurations` (None: `default_configurations`)."""
     if text is None:
-        return default_configurations(unconditional)
+        return default_configurations(unconditional, xl)
     names = [c.strip() for c in text.split(",") if c.strip()]
     unknown = [c for c in names if c not in CONFIGURATIONS]
     if unknown or not names:
@@ -102,6 +111,12 @@ def parse_configurations(text: str | None, unconditional: bool = False) -> list[
         raise ValueError(
             f"`--configurations` {text_only}: the prompt and Fair Diffusion baselines write the class into the prompt, "
             f"and an unconditional model takes no prompt; choose from {unconditional_configurations()}."
+        )
+    not_xl = [c for c in names if c in NOT_XL_CONFIGURATIONS]
+    if xl and not_xl:
+        raise ValueError(
+            f"`--configurations` {not_xl}: Fair Diffusion runs diffusers' SEGA pipeline, which has no SDXL version; "
+            f"choose from {[c for c in CONFIGURATIONS if c not in NOT_XL_CONFIGURATIONS]}."
         )
     return names
 
@@ -138,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     _model_kind.resolve_model_kind(parser, args, _common.text_defaults())
     try:  # what can be checked before anything is loaded
-        configurations = parse_configurations(args.configurations, args.unconditional)
+        configurations = parse_configurations(args.configurations, args.unconditional, args.xl)
         check_selection_arguments(args, configurations)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))

@@ -9,6 +9,8 @@ Two recipes (see `h_classifiers.extraction`):
     # an unconditional model (DDIMPipeline / DDPMPipeline): generation without a prompt, or inversion of folders
     balancing-act extract --model google/ddpm-celebahq-256 --eta 1 --num-images 3000 --labeller hf:ID ... --output-dir o
     balancing-act extract --model google/ddpm-celebahq-256 --image-dir data/gender --output-dir feats/gender
+    # an SDXL model: both recipes as for Stable Diffusion (inversion with SDXL's pooled embedding and size ids)
+    balancing-act extract --model stabilityai/stable-diffusion-xl-base-1.0 --image-dir data/gender --output-dir o
     # only h average-pooled to 2x2, for a pooled classifier (one for every resolution of the model)
     balancing-act extract --prompt "a photo of a face" --num-images 3000 --labeller toy:skin --pool-size 2 --output-dir o
 
@@ -32,7 +34,12 @@ from h_classifiers.commands._common import (
     split_prompts,
 )
 from h_classifiers.commands._errors import argument_errors
-from h_classifiers.commands._model_kind import add_eta_argument, resolve_model_kind
+from h_classifiers.commands._model_kind import (
+    SD_GUIDANCE_SCALE,
+    XL_GUIDANCE_SCALE,
+    add_eta_argument,
+    resolve_model_kind,
+)
 from h_classifiers.commands._parser import CommandParser, silence_known_notices
 
 
@@ -49,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         default=str(TOY_MODEL_PATH),
-        help="Stable Diffusion 1.x/2.x directory or Hub id, or an unconditional model's (DDIMPipeline / "
+        help="Stable Diffusion 1.x/2.x or SDXL directory or Hub id, or an unconditional model's (DDIMPipeline / "
         "DDPMPipeline: --image-dir, or the generation recipe without --prompt) (default: toy model).",
     )
     recipe = parser.add_argument_group(
@@ -121,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidance-scale",
         type=float,
         default=None,
-        help="Classifier-free guidance (default: 7.5 for generation, 1.0 = off for inversion).",
+        help="Classifier-free guidance (default: 7.5 for generation, 5.0 with an SDXL model, its pipeline's; 1.0 = "
+        "off for inversion).",
     )
     parser.add_argument("--negative-prompt", default=None, help="Negative prompt (default: none).")
     add_eta_argument(parser)
@@ -192,9 +200,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     for spec in args.labeller or []:
         preflight.check_labeller_spec(spec, "--labeller")
     parse_label_map(args.label_map)
-    # h's shape is known here at the model's default resolution only; `--height`/`--width` are checked on loading.
-    default_size = args.height is None and args.width is None
-    preflight.check_pool_size(args.pool_size, preflight.unet_h_shape(args.model) if default_size else None)
+    preflight.check_pool_size(args.pool_size, preflight.unet_h_shape(args.model, args.height, args.width))
     if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
         raise ValueError(f"`--min-confidence` must be a number in [0, 1], got {args.min_confidence:g}.")
 
@@ -271,11 +277,16 @@ def run(args: argparse.Namespace) -> dict:
         args.num_images,
         args.output_dir,
         labellers,
-        guidance_scale=7.5 if args.guidance_scale is None else args.guidance_scale,
+        guidance_scale=default_guidance_scale(args) if args.guidance_scale is None else args.guidance_scale,
         seed=args.seed,
         eta=args.eta,
         **common,
     )
+
+
+def default_guidance_scale(args: argparse.Namespace) -> float:
+    """The generation recipe's classifier-free guidance without `--guidance-scale`: the model's pipeline's default."""
+    return XL_GUIDANCE_SCALE if getattr(args, "xl", False) else SD_GUIDANCE_SCALE
 
 
 def label_summary(manifest: dict) -> str:

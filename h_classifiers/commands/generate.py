@@ -210,6 +210,9 @@ def saved_settings(args: argparse.Namespace, target: list[float], configuration:
     }
     if args.eta is not None:  # an unconditional model
         settings["eta"] = args.eta
+    for name in ("height", "width"):  # only when asked: runs saved before these options resume unchanged
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
     if configuration != "vanilla":
         settings.update(classifier=args.classifier, target=target, guidance=_common.guidance_kwargs(args))
     if configuration == "distribution":  # the images of a global batch depend on its size
