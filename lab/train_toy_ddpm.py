@@ -61,14 +61,18 @@ def _stages(metadata: dict[str, str]) -> list[str]:
 LOW_FREQUENCY_GRIDS = (1, 2, 4, 8)
 
 
-def low_frequency_loss(predicted: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def low_frequency_loss(predicted: torch.Tensor, noise: torch.Tensor, noise_fraction: torch.Tensor) -> torch.Tensor:
     """Per image, the noise error averaged over cells of a 1x1, 2x2, 4x4 and 8x8 grid, each grid's squared error
-    scaled by its cell area so that its noise has unit variance per value, then averaged over the grids.
+    scaled by its cell area so that its noise has unit variance per value, averaged over the grids, and weighted by
+    the image's noise fraction `1 - alpha_bar_t`.
 
     The plain loss weighs a grid of k x k cells by k^2 / (H * W): the image's mean colour (1x1) counts 1/1024 at
     32x32, so a UNet barely learns the noise's mean, and its x0 estimate at high noise misses the image's colour.
-    Sampling with fresh noise at every step (eta 1) turns that error into colour drift; DDIM at eta 0 hides it. The
-    minimiser is the same (each component's conditional mean); only the weight of the coarse components changes.
+    Sampling with fresh noise at every step (eta 1) turns that error into colour drift; DDIM at eta 0 hides it. At
+    low noise the coarse noise cannot be told from the image's own colour: unweighted, that error cannot shrink,
+    swamps the gradient (clipped to norm 1) and the fine denoising that DDIM at eta 0 needs is lost (measured:
+    docs/lab/toy_ddpm_ablation.md). The minimiser is the same (each component's conditional mean); only the weight
+    of the coarse components changes.
     """
     height, width = noise.shape[-2:]
     terms = []
@@ -76,7 +80,7 @@ def low_frequency_loss(predicted: torch.Tensor, noise: torch.Tensor) -> torch.Te
         area = (height // grid) * (width // grid)
         error = F.adaptive_avg_pool2d(predicted - noise, grid)
         terms.append(error.pow(2).mean(dim=(1, 2, 3)) * area)
-    return torch.stack(terms).mean(dim=0)
+    return torch.stack(terms).mean(dim=0) * noise_fraction
 
 
 def train_pixel_unet(args, images: torch.Tensor, work: Path):
@@ -138,7 +142,8 @@ def train_pixel_unet(args, images: torch.Tensor, work: Path):
         predicted = unet(xt, t).sample
         loss = F.mse_loss(predicted, noise, reduction="none").mean(dim=(1, 2, 3))
         if args.low_frequency_weight:
-            loss = loss + args.low_frequency_weight * low_frequency_loss(predicted, noise)
+            noise_fraction = 1 - scheduler.alphas_cumprod[t]
+            loss = loss + args.low_frequency_weight * low_frequency_loss(predicted, noise, noise_fraction)
         if args.snr_gamma is not None:  # Min-SNR-gamma (Hang et al., 2023), as diffusers' training examples
             snr = compute_snr(scheduler, t)
             loss = loss * snr.clamp(max=args.snr_gamma) / snr

@@ -133,7 +133,16 @@ def rendered_pages() -> dict[str, tuple[str, str]]:
     rendering of its results now)}`."""
     import json
 
-    from lab import bench_multiprocess, bench_solver, bench_xl, reliability, sweep_image_guidance, train_toy_sdxl
+    from lab import (
+        bench_multiprocess,
+        bench_solver,
+        bench_xl,
+        mode_gap,
+        reliability,
+        sweep_image_guidance,
+        toy_ddpm_ablation,
+        train_toy_sdxl,
+    )
     from lab.bench.table import markdown_table
     from lab.reproduce import render, rows
     from lab.train_toy_ddpm import report_markdown
@@ -165,6 +174,9 @@ def rendered_pages() -> dict[str, tuple[str, str]]:
     xl = LAB / "bench_xl.json"
     if xl.exists():  # written by `python lab/bench_xl.py` at SDXL's size, run by hand
         made[xl.with_suffix(".md")] = bench_xl.markdown(read(xl))
+    for name, module in (("mode_gap", mode_gap), ("toy_ddpm_ablation", toy_ddpm_ablation)):
+        if (LAB / f"{name}.json").exists():  # run by hand on the toy DDPM (and its training checkpoints)
+            made[LAB / f"{name}.md"] = module.markdown(read(LAB / f"{name}.json"))
     return {relative(page): (page.read_text(encoding="utf-8"), text) for page, text in made.items()}
 
 
