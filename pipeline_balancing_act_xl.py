@@ -11,6 +11,7 @@ from `pipeline_balancing_act.py`, which must be installed (`pip install` of this
 """
 
 import contextlib
+import functools
 import inspect
 import os
 from collections.abc import Callable, Sequence
@@ -107,6 +108,9 @@ class BalancingActXLPipeline(BalancingActMixin, StableDiffusionXLPipeline):
     _unguided_name = "vanilla Stable Diffusion XL"
     _wrapped_call = "StableDiffusionXLPipeline.__call__"
 
+    # `wraps`: the arguments and documentation are `StableDiffusionXLPipeline.encode_prompt`'s (as `inspect.signature`
+    # and `help` show them: diffusers' tests read its arguments), not `*args, **kwargs`.
+    @functools.wraps(StableDiffusionXLPipeline.encode_prompt)
     def encode_prompt(self, *args, **kwargs):
         # A fast tokenizer keeps its padding and truncation settings on the (shared) object: calls take turns on it.
         # Both tokenizers are held, each once, in one order (by id), so two pipelines sharing them cannot deadlock.

@@ -137,6 +137,7 @@ def rendered_pages() -> dict[str, tuple[str, str]]:
         bench_multiprocess,
         bench_solver,
         bench_xl,
+        diffusers_fast_tests,
         mode_gap,
         reliability,
         sweep_image_guidance,
@@ -174,6 +175,9 @@ def rendered_pages() -> dict[str, tuple[str, str]]:
     xl = LAB / "bench_xl.json"
     if xl.exists():  # written by `python lab/bench_xl.py` at SDXL's size, run by hand
         made[xl.with_suffix(".md")] = bench_xl.markdown(read(xl))
+    fast_tests = LAB / "diffusers_fast_tests.json"
+    if fast_tests.exists():  # written by `python -m lab.diffusers_fast_tests` on diffusers' test sources, by hand
+        made[fast_tests.with_suffix(".md")] = diffusers_fast_tests.markdown(read(fast_tests))
     for name, module in (("mode_gap", mode_gap), ("toy_ddpm_ablation", toy_ddpm_ablation)):
         if (LAB / f"{name}.json").exists():  # run by hand on the toy DDPM (and its training checkpoints)
             made[LAB / f"{name}.md"] = module.markdown(read(LAB / f"{name}.json"))

@@ -23,6 +23,7 @@ LAB_TOOLS = (
     "bench_multiprocess.py",
     "bench_solver.py",
     "bench_xl.py",
+    "diffusers_fast_tests.py",
     "reliability.py",
     "sweep_image_guidance.py",
     "toy_report.py",

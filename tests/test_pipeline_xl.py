@@ -100,6 +100,17 @@ def test_call_signature_extends_stable_diffusion_xl():
     assert "vanilla Stable Diffusion XL, bit-for-bit" in doc and "guided_branches (" in doc
 
 
+def test_encode_prompt_shows_the_arguments_and_documentation_of_stable_diffusion_xl(sdxl, pipe):
+    """The override that takes the tokenizer locks was `encode_prompt(self, *args, **kwargs)` to `inspect.signature`:
+    diffusers' fast test `test_encode_prompt_works_in_isolation` reads the arguments from it and stopped on `args`
+    (docs/lab/diffusers_fast_tests.md)."""
+    assert inspect.signature(pipe.encode_prompt) == inspect.signature(sdxl.encode_prompt)
+    assert inspect.getdoc(pipe.encode_prompt) == inspect.getdoc(sdxl.encode_prompt)
+    arguments = {"prompt": PROMPT, "device": "cpu", "num_images_per_prompt": 2, "do_classifier_free_guidance": True}
+    for ours, theirs in zip(pipe.encode_prompt(**arguments), sdxl.encode_prompt(**arguments), strict=True):
+        assert torch.equal(ours, theirs)
+
+
 def test_both_tokenizers_are_held_while_the_prompt_is_encoded(pipe):
     held = []
 
