@@ -12,14 +12,15 @@ A single-file diffusers community pipeline: it imports only the standard library
   hook in a compiled UNet); `guidance_loss` and `logit_directions`, its gradient in closed form;
 - `GuidanceArguments` / `GUIDANCE_ARGS_DOCSTRING`: the Balancing Act arguments of a call, declared and documented
   once; `GuidanceSettings` / `_GuidanceRun`: a guided call's validated settings and its per-call state;
-- `BalancingActMixin`: the checks, preparation and start of a guided call, shared with
-  `pipeline_balancing_act_unconditional.py`; `BalancingActPipeline`: `StableDiffusionPipeline` plus h-space guidance.
+- `BalancingActMixin`: the checks and start of a guided call, shared with the unconditional and SDXL pipelines;
+  `BalancingActPipeline`: `StableDiffusionPipeline` plus h-space guidance.
 """
 
 import contextlib
 import contextvars
 import dataclasses
 import difflib
+import functools
 import inspect
 import json
 import math
@@ -30,7 +31,6 @@ import tempfile
 import threading
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -621,7 +621,7 @@ def _h_dispatch_hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
     return None if h is output else h
 
 
-@dataclass
+@dataclasses.dataclass
 class _HookRecord:
     handle: Any  # the RemovableHandle of the dispatch hook
     users: int = 0  # activations (calls) in progress, in any thread
@@ -809,7 +809,7 @@ def _loss_inputs(
 # --- A guided call: its arguments (declared and documented once), its settings and its per-call state -------------
 
 
-@dataclass
+@dataclasses.dataclass
 class GuidanceArguments:
     """The Balancing Act arguments of a pipeline call and their defaults (`GUIDANCE_ARGS_DOCSTRING`). The checked copy
     `check_guidance_inputs` returns has one float strength per classifier and the steps and temperature normalised."""
@@ -932,7 +932,7 @@ def _fmt(values: Any) -> str:
     return f"{values:.6g}" if isinstance(values, float) else str(values)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class GuidanceSettings:
     """What a guided call asked for, validated, with its classifiers loaded. A "group" is what one solver balances: one
     classifier, or all of them together for a joint target."""
@@ -1671,8 +1671,8 @@ class BalancingActPipeline(BalancingActMixin, StableDiffusionPipeline):
     _unguided_name = "vanilla Stable Diffusion"
     _wrapped_call = "StableDiffusionPipeline.__call__"
 
-    def encode_prompt(self, *args, **kwargs):
-        # A fast tokenizer keeps its padding and truncation settings on the (shared) object: calls take turns on it.
+    @functools.wraps(StableDiffusionPipeline.encode_prompt)  # its signature and documentation, for introspection
+    def encode_prompt(self, *args, **kwargs):  # a fast tokenizer keeps its settings on the (shared) object: take turns
         with tokenizer_lock(self.tokenizer):
             return super().encode_prompt(*args, **kwargs)
 

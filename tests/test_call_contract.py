@@ -152,3 +152,11 @@ def test_the_unconditional_pipeline_names_a_wrong_argument(ddim_pipe, args, kwar
 def test_the_unconditional_pipeline_still_takes_eta_in_range(ddim_pipe):
     images = ddim_pipe(batch_size=2, eta=1.0, num_inference_steps=2, output_type="np").images
     assert np.isfinite(images).all()
+
+
+def test_encode_prompt_shows_the_arguments_and_documentation_of_stable_diffusion(ba_pipe):
+    """The override that takes the tokenizer lock keeps `StableDiffusionPipeline.encode_prompt`'s signature and
+    docstring for introspection (diffusers' fast test `test_encode_prompt_works_in_isolation` reads its arguments)."""
+    stock = pipeline_stable_diffusion.StableDiffusionPipeline.encode_prompt
+    assert inspect.signature(type(ba_pipe).encode_prompt) == inspect.signature(stock)
+    assert inspect.getdoc(type(ba_pipe).encode_prompt) == inspect.getdoc(stock)
