@@ -264,10 +264,13 @@ def write_report(args, metadata: dict[str, str]) -> dict:
         pipe, args.report_samples, args.report_steps, args.report_etas, args.report_seed, args.report_batch_size
     )
     report["diagnostics"] = model_diagnostics(pipe, args)
-    if args.init_from is not None:  # the model this run started from, measured the same way
-        previous = load_pixel_pipeline(args.init_from)
+    if args.init_from is not None:
+        report["training"]["init_from"] = portable_path(args.init_from)
+    compared = args.previous_model or args.init_from
+    if compared is not None:  # the model this one replaces (by default the one it started from), measured the same way
+        previous = load_pixel_pipeline(compared)
         report["previous"] = {
-            "model": portable_path(args.init_from),
+            "model": portable_path(compared),
             "training": json.loads(args.previous_report.read_text())["training"] if args.previous_report else None,
         }
         report["previous"]["samples"], _ = oracle_report(
@@ -333,13 +336,20 @@ def report_markdown(report: dict) -> str:
         )
     classes = "; ".join(f"{a}: {' / '.join(c)}" for a, c in ATTRIBUTES.items())
     lines += ["", f"Classes in column order: {classes}."]
+    if training.get("init_from"):
+        lines += [
+            "",
+            f"This run started from `{training['init_from']}` with a fresh optimizer: {training['steps']} steps at "
+            f"learning rate {training['lr']:g} (cosine), low-frequency loss weight "
+            f"{training.get('low_frequency_weight', 0.0):g}.",
+        ]
     if "previous" in report:
         history = report["previous"]["training"]
         lines += [
             "",
-            f"This run started from `{report['previous']['model']}`"
+            f"The previous model, `{report['previous']['model']}`"
             + (f" (trained {history['steps']} steps at batch {history['batch_size']})" if history else "")
-            + f" with a fresh optimizer: {training['steps']} more steps at learning rate {training['lr']:g} (cosine).",
+            + ", is measured beside it with the same code.",
         ]
     if "diagnostics" in report:
         models = {"this model": report["diagnostics"]}
@@ -377,7 +387,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(--previous-report) is kept in the new one.",
     )
     p.add_argument(
-        "--previous-report", type=Path, default=None, help="With --init-from: the report of the model started from."
+        "--previous-model",
+        type=Path,
+        default=None,
+        help="With --report: the model this one replaces, measured beside it (default: --init-from).",
+    )
+    p.add_argument(
+        "--previous-report", type=Path, default=None, help="The report of the previous model (its training)."
     )
     p.add_argument(
         "--low-frequency-weight",
