@@ -143,6 +143,7 @@ def rendered_pages() -> dict[str, tuple[str, str]]:
         sweep_image_guidance,
         toy_ddpm_ablation,
         train_toy_sdxl,
+        unconditional_examples,
     )
     from lab.bench.table import markdown_table
     from lab.reproduce import render, rows
@@ -178,7 +179,12 @@ def rendered_pages() -> dict[str, tuple[str, str]]:
     fast_tests = LAB / "diffusers_fast_tests.json"
     if fast_tests.exists():  # written by `python -m lab.diffusers_fast_tests` on diffusers' test sources, by hand
         made[fast_tests.with_suffix(".md")] = diffusers_fast_tests.markdown(read(fast_tests))
-    for name, module in (("mode_gap", mode_gap), ("toy_ddpm_ablation", toy_ddpm_ablation)):
+    measured_by_hand = (
+        ("mode_gap", mode_gap),
+        ("toy_ddpm_ablation", toy_ddpm_ablation),
+        ("unconditional_examples", unconditional_examples),
+    )
+    for name, module in measured_by_hand:
         if (LAB / f"{name}.json").exists():  # run by hand on the toy DDPM (and its training checkpoints)
             made[LAB / f"{name}.md"] = module.markdown(read(LAB / f"{name}.json"))
     return {relative(page): (page.read_text(encoding="utf-8"), text) for page, text in made.items()}

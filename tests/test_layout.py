@@ -24,12 +24,16 @@ LAB_TOOLS = (
     "bench_solver.py",
     "bench_xl.py",
     "diffusers_fast_tests.py",
+    "mode_gap.py",
     "reliability.py",
     "sweep_image_guidance.py",
+    "toy_ddpm_ablation.py",
     "toy_report.py",
     "train_toy_ddpm.py",
     "train_toy_model.py",
+    "train_toy_sdxl.py",
     "train_x0_classifier.py",
+    "unconditional_examples.py",
     "usage_arguments.py",
 )
 # Tools that were commands of the package once: they must not come back there.
