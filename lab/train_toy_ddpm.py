@@ -300,8 +300,11 @@ def model_diagnostics(pipe, args) -> dict:
         return sample_pixel_images(pipe, num_images, args.report_steps, eta, seed, args.report_batch_size)
 
     with torch.no_grad():
-        fit = noise_fit(pipe.unet.eval(), PIXEL_TRAIN_SCHEDULER_CONFIG)
-    return {"noise_fit": fit, "h_dependence": h_dependence(pipe, sample, args.report_etas)}
+        fit = noise_fit(pipe.unet.eval(), PIXEL_TRAIN_SCHEDULER_CONFIG, num_images=args.fit_images)
+    return {
+        "noise_fit": fit,
+        "h_dependence": h_dependence(pipe, sample, args.report_etas, num_images=args.h_dependence_images),
+    }
 
 
 def report_markdown(report: dict) -> str:
@@ -412,6 +415,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report-etas", type=float, nargs="+", default=[0.0, 1.0], help="DDIM eta values.")
     p.add_argument("--report-seed", type=int, default=0)
     p.add_argument("--report-batch-size", type=positive_int, default=64)
+    p.add_argument("--fit-images", type=positive_int, default=256, help="Held-out faces of the noise fit.")
+    p.add_argument("--h-dependence-images", type=positive_int, default=64, help="Samples of the h dependence.")
     p.add_argument(
         "--threads", type=positive_int, default=1, help="torch threads; 1 is fastest on a busy 2-core machine."
     )

@@ -92,9 +92,8 @@ def test_train_toy_ddpm_smoke_resume_and_report(tmp_path, one_thread):
     resumed = load_file(str(work / "unet_final.safetensors"))
 
     # It ends exactly where an uninterrupted run does: batches, optimizer, schedule and EMA are all restored.
-    report, straight_work, straight_out = run(
-        "straight", "--report", str(tmp_path / "report.json"), "--report-samples", "3", "--report-steps", "2"
-    )
+    small_report = ["--report-samples", "3", "--report-steps", "2", "--fit-images", "4", "--h-dependence-images", "2"]
+    report, straight_work, straight_out = run("straight", "--report", str(tmp_path / "report.json"), *small_report)
     straight = load_file(str(straight_work / "unet_final.safetensors"))
     assert resumed.keys() == straight.keys()
     assert all(torch.equal(resumed[k], straight[k]) for k in resumed)
@@ -117,15 +116,50 @@ def test_train_toy_ddpm_smoke_resume_and_report(tmp_path, one_thread):
         "6",
         "--report",
         str(tmp_path / "extended.json"),
-        "--report-samples",
-        "2",
-        "--report-steps",
-        "2",
+        *small_report,
     )
     assert extended["training"]["steps"] == 6 and extended["training"]["extended_from"] == [4]
     longer = load_file(str(straight_work / "unet_final.safetensors"))
     assert any(not torch.equal(longer[k], straight[k]) for k in straight)
     assert (tmp_path / "extended.md").read_text().count("trained 4 then 6 steps") == 1
 
+    for key in ("eta_0", "eta_1"):  # the h dependence, per sampler
+        assert saved["diagnostics"]["h_dependence"][key]["num_images"] == 2
+    assert set(saved["diagnostics"]["noise_fit"]["20"]) == {"mse", "slope", "mean_slope"}
+
     # The Min-SNR loss weighting runs too.
     run("snr", "--snr-gamma", "5", "--steps", "2")
+
+    # A new run from an exported model's weights, with the low-frequency loss: its report measures the model it
+    # started from beside it, with the same code.
+    started, _, _ = run(
+        "stage",
+        "--init-from",
+        str(straight_out),
+        "--steps",
+        "2",
+        "--low-frequency-weight",
+        "1",
+        "--report",
+        str(tmp_path / "stage.json"),
+        *small_report,
+    )
+    assert started["training"]["init_from"] == str(straight_out) and started["training"]["low_frequency_weight"] == 1
+    assert started["previous"]["model"] == str(straight_out) and set(started["previous"]["samples"]) == {
+        "eta_0",
+        "eta_1",
+    }
+    assert "previous model" in (tmp_path / "stage.md").read_text()
+
+
+def test_the_low_frequency_loss_weighs_each_grid_at_unit_noise_variance():
+    from lab.train_toy_ddpm import LOW_FREQUENCY_GRIDS, low_frequency_loss
+
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(512, 3, 32, 32, generator=generator)
+    # predicting nothing: each grid's error is the noise averaged over its cells, of variance 1 once scaled
+    loss = low_frequency_loss(torch.zeros_like(noise), noise, torch.ones(512))
+    assert float(loss.mean()) == pytest.approx(1.0, abs=0.05) and LOW_FREQUENCY_GRIDS == (1, 2, 4, 8)
+    assert torch.equal(low_frequency_loss(noise, noise, torch.ones(512)), torch.zeros(512))  # exact: no loss
+    half = low_frequency_loss(torch.zeros_like(noise), noise, torch.full((512,), 0.5))
+    assert torch.allclose(half, loss * 0.5)  # weighted by the noise fraction
