@@ -184,9 +184,9 @@ def rendered_pages() -> dict[str, tuple[str, str]]:
         ("toy_ddpm_ablation", toy_ddpm_ablation),
         ("unconditional_examples", unconditional_examples),
     )
-    for name, module in measured_by_hand:
-        if (LAB / f"{name}.json").exists():  # run by hand on the toy DDPM (and its training checkpoints)
-            made[LAB / f"{name}.md"] = module.markdown(read(LAB / f"{name}.json"))
+    for name, module in measured_by_hand:  # run by hand on the toy DDPM (and its training checkpoints)
+        for results in LAB.glob(f"{name}*.json"):
+            made[results.with_suffix(".md")] = module.markdown(read(results))
     return {relative(page): (page.read_text(encoding="utf-8"), text) for page, text in made.items()}
 
 
