@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)
     from safetensors.torch import load_file
 
-    from lab.train_toy_ddpm import load_pixel_pipeline
+    from lab.train_toy_ddpm import ema_weights, load_pixel_pipeline
     from lab.train_toy_model import checkpoint_metadata
 
     pipe = load_pixel_pipeline(args.start)
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for entry in args.run:
         label, _, checkpoint = entry.partition("=")
         tensors = load_file(checkpoint)
-        pipe.unet.load_state_dict({k[len("ema_unet.") :]: v for k, v in tensors.items() if k.startswith("ema_unet.")})
+        pipe.unet.load_state_dict(ema_weights(tensors))
         step = int(checkpoint_metadata(Path(checkpoint))["step"])
         runs.append({"label": label, "step": step, **measure(pipe, args.num_samples)})
         print(runs[-1], flush=True)

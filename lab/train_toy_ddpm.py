@@ -83,6 +83,11 @@ def low_frequency_loss(predicted: torch.Tensor, noise: torch.Tensor, noise_fract
     return torch.stack(terms).mean(dim=0) * noise_fraction
 
 
+def ema_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The UNet's EMA weights out of a training checkpoint's tensors (saved under `ema_unet.`)."""
+    return {k[len("ema_unet.") :]: v for k, v in tensors.items() if k.startswith("ema_unet.")}
+
+
 def train_pixel_unet(args, images: torch.Tensor, work: Path):
     """Train (or resume, or load once complete) the UNet; returns its EMA copy and the final file's metadata, or None
     for the model when `--stop-after` ended this run before the last step."""
@@ -104,7 +109,7 @@ def train_pixel_unet(args, images: torch.Tensor, work: Path):
         final.unlink()
     if final.exists():
         tensors = load_file(str(final))
-        ema_unet.load_state_dict({k[len("ema_unet.") :]: v for k, v in tensors.items() if k.startswith("ema_unet.")})
+        ema_unet.load_state_dict(ema_weights(tensors))
         return ema_unet, checkpoint_metadata(final)
     lr_scheduler = cosine_schedule(optimizer, args.steps, warmup=min(args.warmup, args.steps // 10))
     ckpt = work / "unet_checkpoint.safetensors"
