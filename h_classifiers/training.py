@@ -15,7 +15,9 @@ Outputs (written to a temporary directory next to `output_dir`, then renamed int
 `config.json` + `diffusion_pytorch_model.safetensors` (`HClassifier.save_pretrained`), `README.md` (model card),
 `metrics.json` (per timestep: held-out accuracy, balanced accuracy and per-class recall, train accuracy, and the
 calibration's effect: held-out negative log-likelihood before and after, and the error of the mean calibrated
-probability against the class fractions), `accuracy.png` (plot).
+probability against the class fractions), `accuracy.png` (plot). The weights file holds float32, or float16 where
+`TrainingConfig.storage_dtype` says so (by default for pooled heads, which an SDXL-sized h makes large); loading
+gives float32 either way, and guidance computes in float32.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ from .model_card import PLOT_NAME, model_card, plot_metrics, public_model_name
 logger = logging.getLogger(__name__)
 
 BALANCE_MODES = ("loss", "sampling", "none")
+# The weights file's float type, named as `extract --storage-dtype` names the store's; "auto": fp16 for pooled heads,
+# fp32 for flat ones (flat classifiers are saved as they always were).
+STORAGE_DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16}
 HEAD_TYPES = ("class_mean", "logistic")
 METRICS_NAME = "metrics.json"
 
@@ -80,6 +85,8 @@ class TrainingConfig:
     # None: heads like the store's h (flat, or pooled for a store extracted with a pool size). g: heads reading h
     # average-pooled to g x g, from a flat store of spatial h (pooled here) or a store pooled to g.
     pool_size: int | None = None
+    # The weights file's float type (STORAGE_DTYPES): float16 halves a pooled SDXL classifier's file.
+    storage_dtype: str = "auto"
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "min_steps", "pool_size"):
@@ -102,6 +109,14 @@ class TrainingConfig:
             raise ValueError(f"`head` must be one of {list(HEAD_TYPES)}, got {self.head!r}.")
         if self.balance not in BALANCE_MODES:
             raise ValueError(f"`balance` must be one of {list(BALANCE_MODES)}, got {self.balance!r}.")
+        if self.storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"`storage_dtype` must be one of {list(STORAGE_DTYPES)}, got {self.storage_dtype!r}.")
+
+    def stored_dtype(self, pooled: bool) -> torch.dtype:
+        """The float type of the saved weights (`storage_dtype`, "auto" resolved for a pooled or flat classifier)."""
+        if self.storage_dtype == "auto":
+            return torch.float16 if pooled else torch.float32
+        return STORAGE_DTYPES[self.storage_dtype]
 
 
 @dataclass
@@ -417,7 +432,8 @@ def train_classifier(
     )
     result = TrainingResult(classifier, metrics, summary)
     if output_dir is not None:
-        save_classifier(result, output_dir, manifest, overwrite=overwrite)
+        dtype = config.stored_dtype(pooled=pool_size is not None)
+        save_classifier(result, output_dir, manifest, overwrite=overwrite, storage_dtype=dtype)
         result.output_dir = output_dir
     return result
 
@@ -442,16 +458,39 @@ def summarize(metrics: list[dict]) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def save_classifier(result: TrainingResult, output_dir: str | os.PathLike, manifest: dict, overwrite: bool = False):
+def store_weights_as(folder: str | os.PathLike, dtype: torch.dtype) -> None:
+    """Rewrite the weights file that `save_pretrained` wrote in `folder` with its floats in `dtype` (call it on a
+    folder that is not in place yet: the file is rewritten, not renamed)."""
+    from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+    from safetensors.torch import load_file, save_file
+
+    path = Path(folder) / SAFETENSORS_WEIGHTS_NAME
+    tensors = load_file(str(path))
+    if all(t.dtype == dtype or not t.is_floating_point() for t in tensors.values()):
+        return
+    save_file(
+        {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}, str(path), {"format": "pt"}
+    )
+
+
+def save_classifier(
+    result: TrainingResult,
+    output_dir: str | os.PathLike,
+    manifest: dict,
+    overwrite: bool = False,
+    storage_dtype: torch.dtype = torch.float32,
+):
     """Writes the classifier folder into a temporary directory next to `output_dir`, then renames it into place.
 
-    An existing `output_dir` is replaced only with `overwrite=True` (moved aside, then removed after the rename).
+    An existing `output_dir` is replaced only with `overwrite=True` (moved aside, then removed after the rename). The
+    weights file holds its floats in `storage_dtype` (`from_pretrained` loads them as float32).
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"`output_dir` {str(output_dir)!r} already exists; pass `overwrite=True` to replace it.")
     with atomic_directory(output_dir) as tmp:
         result.classifier.save_pretrained(tmp)
+        store_weights_as(tmp, storage_dtype)
         class_names = list(result.classifier.config.class_names)
         atomic_write_json(tmp / METRICS_NAME, {"summary": result.summary, "per_step": result.metrics})
         plot_metrics(

@@ -137,11 +137,13 @@ def rendered_pages() -> dict[str, tuple[str, str]]:
         bench_multiprocess,
         bench_solver,
         bench_xl,
+        classifier_size,
         diffusers_fast_tests,
         mode_gap,
         reliability,
         sweep_image_guidance,
         toy_ddpm_ablation,
+        toy_sdxl_rows,
         train_toy_sdxl,
         unconditional_examples,
     )
@@ -180,6 +182,8 @@ def rendered_pages() -> dict[str, tuple[str, str]]:
     if fast_tests.exists():  # written by `python -m lab.diffusers_fast_tests` on diffusers' test sources, by hand
         made[fast_tests.with_suffix(".md")] = diffusers_fast_tests.markdown(read(fast_tests))
     measured_by_hand = (
+        ("classifier_size", classifier_size),
+        ("toy_sdxl_rows", toy_sdxl_rows),
         ("mode_gap", mode_gap),
         ("toy_ddpm_ablation", toy_ddpm_ablation),
         ("unconditional_examples", unconditional_examples),

@@ -331,3 +331,38 @@ def test_training_pools_a_flat_store_in_blocks_like_the_pooled_store(tmp_path):
     for a, b in zip(from_flat.classifier.state_dict().values(), from_pooled.classifier.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert from_flat.metrics[-1]["accuracy"] == 1.0
+
+
+def test_pooled_classifiers_are_stored_in_float16_by_default_and_load_as_float32(tmp_path):
+    """`storage_dtype` "auto": a pooled classifier's file holds float16 (half the size), a flat one's float32 as
+    before; each loads as float32 equal to the trained weights rounded to the stored type."""
+    from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+    from safetensors.torch import load_file
+
+    h = torch.randn(2, 40, *H_SHAPE, generator=make_generator(1))
+    labels = torch.arange(40) % 2
+    h[:, labels == 1, :, :2] += 1.0
+    manifest = create_store(tmp_path / "store", [999, 1], ["a", "b"], dtype="fp32", attribute="x")
+    finish_store(tmp_path / "store", write_chunk(tmp_path / "store", manifest, 0, {"cond": h}, labels))
+    quick = {"epochs": 2, "min_steps": 1}
+    expected = {
+        ("pooled", "auto"): torch.float16,
+        ("pooled", "fp32"): torch.float32,
+        ("flat", "auto"): torch.float32,
+        ("flat", "fp16"): torch.float16,
+    }
+    sizes = {}
+    for (kind, storage), dtype in expected.items():
+        config = TrainingConfig(pool_size=2 if kind == "pooled" else None, storage_dtype=storage, **quick)
+        out = tmp_path / f"{kind}-{storage}"
+        result = train_classifier(tmp_path / "store", out, config=config, progress=False)
+        stored = load_file(str(out / SAFETENSORS_WEIGHTS_NAME))
+        assert {t.dtype for t in stored.values()} == {dtype}
+        sizes[kind, storage] = (out / SAFETENSORS_WEIGHTS_NAME).stat().st_size
+        loaded = HClassifier.from_pretrained(out)
+        for name, trained in result.classifier.state_dict().items():
+            assert loaded.state_dict()[name].dtype == torch.float32
+            torch.testing.assert_close(loaded.state_dict()[name], trained.to(dtype).float(), rtol=0, atol=0)
+    assert sizes["pooled", "auto"] < 0.55 * sizes["pooled", "fp32"]
+    with pytest.raises(ValueError, match="`storage_dtype` must be one of"):
+        TrainingConfig(storage_dtype="float16").validate()

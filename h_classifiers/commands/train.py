@@ -20,7 +20,7 @@ from h_classifiers.commands._parser import CommandParser, silence_known_notices
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from h_classifiers.training import BALANCE_MODES, HEAD_TYPES, TrainingConfig
+    from h_classifiers.training import BALANCE_MODES, HEAD_TYPES, STORAGE_DTYPES, TrainingConfig
 
     # The dataclass's plain defaults, without building a config (its temperature default imports the pipeline).
     defaults = SimpleNamespace(**{f.name: f.default for f in fields(TrainingConfig) if f.default is not MISSING})
@@ -85,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Heads that read h average-pooled to this grid (g x g per channel), so that one classifier reads h of "
         "any resolution of the model: a flat store's h is pooled here; a store extracted with --pool-size is pooled "
         "already (its classifier is pooled without this option; give the same size or none) (default: none).",
+    )
+    parser.add_argument(
+        "--storage-dtype",
+        choices=list(STORAGE_DTYPES),
+        default=defaults.storage_dtype,
+        help="Float type of the saved weights: fp16 halves the file (loading gives float32; guidance computes in "
+        "float32); auto: fp16 for pooled heads, fp32 for flat ones (default: auto).",
     )
     parser.add_argument(
         "--branches", default=None, help="Recorded CFG branches to train on, comma-separated (default: all)."
@@ -159,6 +166,7 @@ def run(args: argparse.Namespace):
         branches=[b.strip() for b in args.branches.split(",")] if args.branches else None,
         device=args.device,
         pool_size=args.pool_size,
+        storage_dtype=args.storage_dtype,
     )
     result = train_classifier(
         args.features_dir,

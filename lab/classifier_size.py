@@ -1,0 +1,173 @@
+"""How large a pooled SDXL h-classifier's file is, and what float16 storage changes (a research tool).
+
+    python lab/classifier_size.py                      # docs/lab/classifier_size.json + .md
+    python lab/classifier_size.py --trained DIR ...    # also the float16 rounding's effect on trained classifiers
+
+The size: an `HClassifier` with SDXL base's pooled shape (h [1280, 32, 32] at 1024 px, average-pooled to 8 x 8: 81,920
+features), 50 heads (SDXL's 50 steps), with anchors and calibration, saved the way `balancing-act train` saves it
+(`save_pretrained`, then `store_weights_as` for float16), and the files measured on disk. The values are random: they
+do not change the size.
+
+The rounding (`--trained`, classifier folders with the features they were trained on next to them in the
+`--features` order): each classifier's weights rounded to float16 and back, then, on every head's stored h of its
+training store, the largest change of a calibrated class probability, the fraction of images whose predicted class
+changes, and the relative change of the anchor differences (the directions guidance moves along).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from h_classifiers.io_utils import atomic_write_json, atomic_write_text, portable_path  # noqa: E402
+from lab import LAB_DOCS  # noqa: E402
+
+
+SDXL_CHANNELS = 1280
+SDXL_POOL = 8
+SDXL_HEADS = 50
+TARGET_MB = 40  # issue 24's limit for a pooled SDXL classifier file
+
+
+def sdxl_classifier(num_classes: int):
+    """A pooled classifier with SDXL base's shape, random heads and anchors, identity calibration."""
+    from pipeline_balancing_act import HClassifier
+
+    classifier = HClassifier(
+        attribute="gender",
+        class_names=[f"class_{k}" for k in range(num_classes)],
+        h_shape=[SDXL_CHANNELS, 32, 32],
+        pool_size=SDXL_POOL,
+        timesteps=list(range(999, 0, -20)),
+        calibration_scale=[1.0] * SDXL_HEADS,
+        calibration_bias=[[0.0] * num_classes] * SDXL_HEADS,
+    )
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        classifier.weight.normal_(generator=generator)
+    classifier.set_anchors(torch.randn(classifier.weight.shape, generator=generator), "random")
+    return classifier
+
+
+def file_sizes(num_classes: int) -> dict[str, float]:
+    """MB (10^6 bytes) of the weights file in float32 and in float16, as saved."""
+    from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+
+    from h_classifiers.training import store_weights_as
+
+    classifier, sizes = sdxl_classifier(num_classes), {}
+    for dtype in (torch.float32, torch.float16):
+        with tempfile.TemporaryDirectory() as folder:
+            classifier.save_pretrained(folder)
+            store_weights_as(folder, dtype)
+            sizes[str(dtype).removeprefix("torch.")] = (Path(folder) / SAFETENSORS_WEIGHTS_NAME).stat().st_size / 1e6
+    return sizes
+
+
+@torch.no_grad()
+def rounding_effect(classifier_dir: Path, features_dir: Path) -> dict[str, Any]:
+    """The float16 rounding's effect on a trained classifier, over every head's stored h."""
+    from h_classifiers.feature_store import HFeatureStore
+    from pipeline_balancing_act import HClassifier
+
+    exact = HClassifier.from_pretrained(classifier_dir)
+    rounded = HClassifier.from_pretrained(classifier_dir)
+    for tensor in (rounded.weight, rounded.bias, rounded.anchors):
+        tensor.copy_(tensor.half().float())
+    store = HFeatureStore(features_dir, label_set=exact.config.attribute)
+    largest, changed, total, direction = 0.0, 0, 0, 0.0
+    for step, timestep in enumerate(store.timesteps):
+        h = store.load_timestep(step, drop_unlabelled=False).features.float()
+        p, q = (c.calibrated_logits(h, timestep).softmax(-1) for c in (exact, rounded))
+        largest = max(largest, float((p - q).abs().max()))
+        changed += int((p.argmax(-1) != q.argmax(-1)).sum())
+        total += len(h)
+        a, b = (c.anchors[step].double() for c in (exact, rounded))
+        da, db = a[1:] - a[:1], b[1:] - b[:1]
+        direction = max(direction, float((da - db).norm() / da.norm()))
+    return {
+        "classifier": portable_path(classifier_dir),
+        "stored_dtype": str(next(iter(_stored_dtypes(classifier_dir)))),
+        "images_x_heads": total,
+        "largest_probability_change": largest,
+        "predicted_class_changed": changed / total,
+        "largest_relative_anchor_difference_change": direction,
+    }
+
+
+def _stored_dtypes(classifier_dir: Path) -> set[str]:
+    from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+    from safetensors import safe_open
+
+    with safe_open(str(classifier_dir / SAFETENSORS_WEIGHTS_NAME), "pt") as f:
+        return {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        "<!-- generated by python lab/classifier_size.py: do not edit by hand -->",
+        "# The size of a pooled SDXL h-classifier",
+        "",
+        f"SDXL base's h at 1024 px is [{SDXL_CHANNELS}, 32, 32]; pooled to {SDXL_POOL} x {SDXL_POOL} the heads read "
+        f"{SDXL_CHANNELS * SDXL_POOL**2:,} features. {SDXL_HEADS} heads with anchors and calibration, saved as "
+        "`balancing-act train` saves them; the weights file measured on disk (MB = 10^6 bytes). `train` stores "
+        "pooled classifiers in float16 by default (`--storage-dtype`); they load as float32.",
+        "",
+        "| classes | float32 MB | float16 MB (default for pooled) | target |",
+        "|---|---|---|---|",
+    ]
+    for k, sizes in results["sizes"].items():
+        verdict = "met" if sizes["float16"] <= TARGET_MB else "missed"
+        lines.append(f"| {k} | {sizes['float32']:.1f} | {sizes['float16']:.1f} | <= {TARGET_MB} MB: {verdict} |")
+    if results["rounding"]:
+        lines += [
+            "",
+            "## What float16 storage changes in trained classifiers",
+            "",
+            "Each classifier's weights, bias and anchors rounded to float16, read on every head's stored h of its "
+            "training store: the largest change of a calibrated class probability, the share of (image, head) "
+            "readings whose predicted class changes, and the largest relative change of an anchor difference (a "
+            "direction guidance moves along).",
+            "",
+            "| classifier | stored as | readings | largest probability change | class changed | anchor direction |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in results["rounding"]:
+            lines.append(
+                f"| `{r['classifier']}` | {r['stored_dtype']} | {r['images_x_heads']:,} | "
+                f"{r['largest_probability_change']:.2e} | {100 * r['predicted_class_changed']:.3f}% | "
+                f"{r['largest_relative_anchor_difference_change']:.2e} |"
+            )
+    lines += ["", f"Regenerate: `{' '.join(['python lab/classifier_size.py', results['argv']]).strip()}`"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trained", type=Path, nargs="*", default=[], help="Trained classifier folders.")
+    parser.add_argument("--features", type=Path, nargs="*", default=[], help="Their feature stores, in order.")
+    parser.add_argument("--output", type=Path, default=LAB_DOCS / "classifier_size.json")
+    args = parser.parse_args(argv)
+    if len(args.trained) != len(args.features):
+        parser.error("give one --features store per --trained classifier")
+    results = {
+        "argv": " ".join(sys.argv[1:] if argv is None else argv),
+        "sizes": {str(k): file_sizes(k) for k in (2, 3)},
+        "rounding": [rounding_effect(c, f) for c, f in zip(args.trained, args.features)],
+    }
+    atomic_write_json(args.output, results)
+    atomic_write_text(args.output.with_suffix(".md"), markdown(results))
+    print(markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
