@@ -10,6 +10,8 @@ diffusers and transformers are imported inside the builders.
 
 from __future__ import annotations
 
+import torch
+
 from h_classifiers.toy_world import IMAGE_SIZE, caption_vocabulary
 
 
@@ -156,3 +158,33 @@ def build_pixel_scheduler():
         steps_offset=0,
         timestep_spacing="leading",
     )
+
+
+def cut_deep_skips(unet, levels: int) -> list[tuple[torch.Tensor, int]]:
+    """Zero the weights through which the `levels` lowest-resolution up blocks read their skip connections, and
+    return them as (weight, first skip input channel) pairs for `hold_cut` to keep at zero while training.
+
+    Those skips carry the encoder's deepest features, which are the mid block's own input: while they reach the
+    decoder, a toy decoder draws the face without h, and no move of h changes it (a toy face is simple enough for a
+    shallow path to carry it). With them cut, the semantics
+    must pass through h; the high-resolution skips still carry the noise's detail. The model stays a standard
+    `UNet2DModel` or `UNet2DConditionModel` (the cut is zeros in its weights). Each up block's resnet reads `cat([hidden, skip])`, so the skip
+    is the last input channels; the group norm before the convolution still mixes the two where a group spans both.
+    """
+    reversed_channels = list(reversed(unet.config.block_out_channels))
+    cut = []
+    for i in range(levels):
+        for j, resnet in enumerate(unet.up_blocks[i].resnets):
+            hidden = reversed_channels[max(i - 1, 0)] if j == 0 else reversed_channels[i]
+            for conv in (resnet.conv1, resnet.conv_shortcut):
+                if conv is not None:
+                    cut.append((conv.weight, hidden))
+    hold_cut(cut)
+    return cut
+
+
+@torch.no_grad()
+def hold_cut(cut: list[tuple[torch.Tensor, int]]) -> None:
+    """Set the cut skip weights (`cut_deep_skips`) back to zero."""
+    for weight, first in cut:
+        weight[:, first:] = 0

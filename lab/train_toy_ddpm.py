@@ -36,7 +36,13 @@ from h_classifiers.arguments import positive_int  # noqa: E402
 from h_classifiers.io_utils import atomic_save_file, atomic_write_json, atomic_write_text, portable_path  # noqa: E402
 from h_classifiers.toy_world import ATTRIBUTES, DATA_BIAS, TOY_DDPM_PATH, ToyOracle, make_toy_dataset  # noqa: E402
 from lab.toy_ddpm_diagnostics import diagnostics_markdown, h_dependence, noise_fit  # noqa: E402
-from lab.toy_model import PIXEL_TRAIN_SCHEDULER_CONFIG, build_pixel_scheduler, build_pixel_unet  # noqa: E402
+from lab.toy_model import (  # noqa: E402
+    PIXEL_TRAIN_SCHEDULER_CONFIG,
+    build_pixel_scheduler,
+    build_pixel_unet,
+    cut_deep_skips,
+    hold_cut,
+)
 from lab.toy_report import save_grid, summarise  # noqa: E402
 from lab.train_toy_model import (  # noqa: E402
     _step_generator,
@@ -123,6 +129,8 @@ def train_pixel_unet(args, images: torch.Tensor, work: Path):
         start_weights = load_file(str(Path(args.init_from) / "unet" / "diffusion_pytorch_model.safetensors"))
         unet.load_state_dict(start_weights)
         ema_unet.load_state_dict(start_weights)
+    cut = cut_deep_skips(unet, args.cut_skips)
+    cut_deep_skips(ema_unet, args.cut_skips)
     ema = EMAModel(ema_unet.parameters(), decay=args.ema_decay)  # starts from the (restored) EMA weights
     ema.load_state_dict({"optimization_step": start})
 
@@ -157,6 +165,7 @@ def train_pixel_unet(args, images: torch.Tensor, work: Path):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
+        hold_cut(cut)
         lr_scheduler.step()
         ema.step(unet.parameters())
         if step % 20 == 0:
@@ -259,6 +268,7 @@ def write_report(args, metadata: dict[str, str]) -> dict:
             "ema_decay": args.ema_decay,
             "snr_gamma": args.snr_gamma,
             "low_frequency_weight": args.low_frequency_weight,
+            "cut_skips": args.cut_skips,
             "seed": args.seed,
             "threads": args.threads,
             "train_seconds": float(metadata["train_seconds"]),
@@ -349,7 +359,13 @@ def report_markdown(report: dict) -> str:
             "",
             f"This run started from `{training['init_from']}` with a fresh optimizer: {training['steps']} steps at "
             f"learning rate {training['lr']:g} (cosine), low-frequency loss weight "
-            f"{training.get('low_frequency_weight', 0.0):g}.",
+            f"{training.get('low_frequency_weight', 0.0):g}"
+            + (
+                f", the skip connections into the {training['cut_skips']} lowest-resolution up blocks cut "
+                "(`lab.toy_model.cut_deep_skips`)."
+                if training.get("cut_skips")
+                else "."
+            ),
         ]
     if "previous" in report:
         history = report["previous"]["training"]
@@ -408,6 +424,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=0.0,
         help="Weight of the coarse noise error (`low_frequency_loss`): 0 is the plain epsilon loss.",
+    )
+    p.add_argument(
+        "--cut-skips",
+        type=int,
+        default=0,
+        help="Cut the skip connections into this many lowest-resolution up blocks (`cut_deep_skips`), so the "
+        "decoder reads the deep features through h only.",
     )
     p.add_argument("--checkpoint-every", type=positive_int, default=50)
     p.add_argument(

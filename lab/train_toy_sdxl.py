@@ -61,7 +61,13 @@ from h_classifiers.toy_world import (  # noqa: E402
     make_toy_dataset,
 )
 from lab import ROOT  # noqa: E402
-from lab.toy_model import MAX_TOKENS, TRAIN_SCHEDULER_CONFIG, build_tokenizer  # noqa: E402
+from lab.toy_model import (  # noqa: E402
+    MAX_TOKENS,
+    TRAIN_SCHEDULER_CONFIG,
+    build_tokenizer,
+    cut_deep_skips,
+    hold_cut,
+)
 from lab.toy_report import summarise  # noqa: E402
 from lab.toy_sdxl import (  # noqa: E402
     BUCKET_CYCLE,
@@ -216,6 +222,14 @@ def train(args, buckets: dict[str, Bucket], tokenizer, work: Path):
         start = load_checkpoint(ckpt, modules, optimizer, lr_scheduler)
         saved = checkpoint_metadata(ckpt)
         seconds, cpu_seconds = float(saved.get("train_seconds", 0.0)), float(saved.get("train_cpu_seconds", 0.0))
+    elif args.init_from is not None:  # a new run from an exported model's weights (fresh optimizer)
+        for name, model in models.items():
+            folder = Path(args.init_from) / name
+            weights = load_file(str(next(folder.glob("*.safetensors"))))
+            model.load_state_dict(weights)
+            emas[f"ema_{name}"].load_state_dict(weights)
+    cut = cut_deep_skips(models["unet"], args.cut_skips)
+    cut_deep_skips(emas["ema_unet"], args.cut_skips)
     ema = EMAModel(ema_params, decay=args.ema_decay)  # starts from the (restored) EMA weights
     ema.load_state_dict({"optimization_step": start})
     noise_scheduler = DDPMScheduler(**TRAIN_SCHEDULER_CONFIG)
@@ -242,6 +256,7 @@ def train(args, buckets: dict[str, Bucket], tokenizer, work: Path):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        hold_cut(cut)
         lr_scheduler.step()
         ema.step(params)
         if step % 20 == 0:
@@ -382,6 +397,8 @@ def write_report(args, metadata: dict[str, str]) -> dict:
             "warmup": args.warmup,
             "ema_decay": args.ema_decay,
             "caption_dropout": args.caption_dropout,
+            "init_from": portable_path(args.init_from) if args.init_from else None,
+            "cut_skips": args.cut_skips,
             "seed": args.seed,
             "threads": args.threads,
             "train_seconds": float(metadata["train_seconds"]),
@@ -479,6 +496,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--caption-dropout", type=float, default=0.1, help="Zeroed-caption rate (classifier-free guidance)."
     )
     p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument(
+        "--init-from", type=Path, default=None, help="Start from this exported model's weights (a fresh optimizer)."
+    )
+    p.add_argument(
+        "--cut-skips",
+        type=int,
+        default=0,
+        help="Cut the skip connections into this many lowest-resolution up blocks (`lab.toy_model.cut_deep_skips`), "
+        "so the decoder reads the deep features through h only.",
+    )
     p.add_argument("--checkpoint-every", type=positive_int, default=100)
     p.add_argument(
         "--stop-after", type=positive_int, default=None, help="Stop after this many steps in this run (resumable)."

@@ -163,3 +163,58 @@ def test_the_low_frequency_loss_weighs_each_grid_at_unit_noise_variance():
     assert torch.equal(low_frequency_loss(noise, noise, torch.ones(512)), torch.zeros(512))  # exact: no loss
     half = low_frequency_loss(torch.zeros_like(noise), noise, torch.full((512,), 0.5))
     assert torch.allclose(half, loss * 0.5)  # weighted by the noise fraction
+
+
+@pytest.mark.parametrize("model", ["ddpm", "sdxl"])
+def test_cut_deep_skips_zeroes_exactly_the_skip_inputs_of_the_lowest_up_blocks(model):
+    """`lab.toy_model.cut_deep_skips`: in each cut up block, every resnet's weights on the skip tensor it reads (the
+    last input channels of `cat([hidden, skip])`) are zero, the rest is untouched, the blocks above keep their
+    skips, and `hold_cut` puts the zeros back after an optimiser step."""
+    from lab.toy_model import build_pixel_unet, cut_deep_skips, hold_cut
+
+    if model == "ddpm":
+        unet = build_pixel_unet()
+        inputs = (torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE), torch.tensor([10]))
+        kwargs = {}
+    else:
+        from lab.toy_sdxl import build_unet
+
+        unet = build_unet()
+        inputs = (torch.randn(1, 4, 8, 8), torch.tensor([10]))
+        kwargs = {
+            "encoder_hidden_states": torch.randn(1, 5, unet.config.cross_attention_dim),
+            "added_cond_kwargs": {"text_embeds": torch.randn(1, 32), "time_ids": torch.ones(1, 6)},
+        }
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    cut = cut_deep_skips(unet, 2)
+    skips = {}  # up block -> the channels of the skip tensors it reads, in the order its resnets read them
+
+    def record(index):
+        def hook(module, args, kwargs_):
+            tuple_ = args[1] if len(args) > 1 else kwargs_["res_hidden_states_tuple"]
+            skips[index] = [t.shape[1] for t in reversed(tuple_)]
+
+        return hook
+
+    for i, block in enumerate(unet.up_blocks):
+        block.register_forward_pre_hook(record(i), with_kwargs=True)
+    with torch.no_grad():
+        unet(*inputs, **kwargs)
+    changed = {k for k, v in unet.state_dict().items() if not torch.equal(v, before[k])}
+    expected = set()
+    for i, block in enumerate(unet.up_blocks):
+        for j, (resnet, skip) in enumerate(zip(block.resnets, skips[i])):
+            for name in ("conv1", "conv_shortcut"):
+                conv, key = getattr(resnet, name), f"up_blocks.{i}.resnets.{j}.{name}.weight"
+                if conv is None or i >= 2:
+                    continue
+                first = conv.in_channels - skip
+                assert torch.count_nonzero(conv.weight[:, first:]) == 0
+                assert torch.equal(conv.weight[:, :first], before[key][:, :first])
+                expected.add(key)
+    assert changed == expected and len(cut) == len(expected)
+    with torch.no_grad():
+        for weight, _ in cut:
+            weight.add_(1.0)  # an optimiser step
+    hold_cut(cut)
+    assert all(torch.count_nonzero(w[:, first:]) == 0 for w, first in cut)
