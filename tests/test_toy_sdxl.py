@@ -103,3 +103,46 @@ def test_a_resumed_run_ends_with_the_same_weights(tmp_path, one_thread):
         load_file(str(tmp_path / "work" / "final.safetensors")),
     )
     assert once.keys() == twice.keys() and all(torch.equal(once[k], twice[k]) for k in once)
+
+
+def test_the_committed_toy_sdxl_loads_as_the_xl_pipeline_and_one_pooled_classifier_guides_every_bucket(one_thread):
+    """The committed model (lab/assets/toy-sdxl) and its skin classifier (lab/toy_sdxl_classifiers.sh: pooled to 2x2,
+    trained on the square bucket only, stored in float16): it loads as float32, reads every bucket's h, and in sample
+    mode, with each image asked the skin class that vanilla did not give it, at least half of them change class in
+    every bucket (the toy oracle's reading)."""
+    from safetensors import safe_open
+
+    from h_classifiers.evaluation import load_pipeline
+    from h_classifiers.toy_world import ToyOracle
+    from lab.toy_sdxl import BUCKETS
+    from lab.toy_sdxl_rows import TOY_SDXL, TOY_SDXL_CLASSIFIERS
+    from pipeline_balancing_act import HClassifier
+    from pipeline_balancing_act_xl import BalancingActXLPipeline
+
+    pipe = load_pipeline(TOY_SDXL, "cpu", "float32")
+    assert isinstance(pipe, BalancingActXLPipeline)
+    folder = TOY_SDXL_CLASSIFIERS / "skin"
+    with safe_open(str(folder / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"F16"}
+    classifier = HClassifier.from_pretrained(str(folder))
+    assert (classifier.config.pool_size, classifier.config.h_shape, classifier.weight.dtype) == (
+        2,
+        [64, 2, 2],
+        torch.float32,
+    )
+    oracle = ToyOracle()
+    for height, width in BUCKETS.values():
+        common = {"num_inference_steps": 10, "height": height, "width": width, "output_type": "pt"}
+        vanilla = pipe([NEUTRAL_PROMPT] * 8, generator=[torch.Generator().manual_seed(i) for i in range(8)], **common)
+        flipped = [1 - k for k in oracle.read(vanilla.images)["skin"].tolist()]  # ask each image the other class
+        guided = pipe(
+            [NEUTRAL_PROMPT] * 8,
+            generator=[torch.Generator().manual_seed(i) for i in range(8)],
+            h_classifier=classifier,
+            guidance_mode="sample",
+            target_classes=flipped,
+            **common,
+        ).images
+        assert guided.shape == (8, 3, height, width)
+        reading = oracle.read(guided)["skin"].tolist()
+        assert sum(r == a for r, a in zip(reading, flipped)) >= 4, (height, width, reading, flipped)
