@@ -53,7 +53,9 @@ def job_file(cache: Path, bucket: str, configuration: str, row: Row | None, args
     """A job's cached result, keyed by everything that makes its images (the model and classifier by their weights)."""
     weights = [args.model / "unet" / "diffusion_pytorch_model.safetensors", args.classifiers / "skin" / WEIGHTS]
     digests = [hashlib.sha1(path.read_bytes()).hexdigest()[:10] for path in weights]
-    text = json.dumps([bucket, configuration, row.target if row else None, args.num_images, args.seed, digests])
+    strength = None if row is None else args.guidance_strength  # vanilla does not depend on it
+    key = [bucket, configuration, row.target if row else None, args.num_images, args.seed, digests]
+    text = json.dumps(key + ([strength] if strength is not None else []))
     name = "vanilla" if row is None else f"{row.name}-{configuration}"
     return cache / f"{bucket}-{name}-{hashlib.sha1(text.encode()).hexdigest()[:10]}.json"
 
@@ -69,6 +71,8 @@ def run_job(pipe, oracle, bucket: str, configuration: str, row: Row | None, clas
         "width": width,
     }
     per_image, asked = None, None
+    if row is not None and args.guidance_strength is not None:
+        call["guidance_strength"] = args.guidance_strength
     if configuration == "sample":
         asked = asked_classes(list(row.target), n)
         call.update(h_classifier=classifier, guidance_mode="sample")
@@ -135,6 +139,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "num_images": args.num_images,
         "batch_size": BATCH_SIZE,
         "seed": args.seed,
+        "guidance_strength": args.guidance_strength,
         "buckets": results,
     }
 
@@ -148,8 +153,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['pool_size']}x{report['pool_size']}, trained on the square bucket's h {report['h_shape']} only). "
         f"DDIM {report['sampler']['steps']} steps, CFG {report['sampler']['guidance_scale']:g}, "
         f"{report['num_images']} images per job in batches of {report['batch_size']}, seeds {report['seed']} to "
-        f"{report['seed'] + report['num_images'] - 1} (never used to tune anything). Default guidance settings. "
-        "Read by the toy oracle on each image's centre square; fractions are over the valid images.",
+        f"{report['seed'] + report['num_images'] - 1}. "
+        + (
+            "Default guidance settings (these seeds were never used to tune anything). "
+            if report.get("guidance_strength") is None
+            else f"Default guidance settings but `guidance_strength` {report['guidance_strength']:g}. "
+        )
+        + "Read by the toy oracle on each image's centre square; fractions are over the valid images.",
         "",
         f"Targets: distribution-mode FD <= {TARGET_FD} and valid within {100 * TARGET_VALID_DROP:g} points of vanilla, "
         "in every bucket.",
@@ -173,7 +183,12 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{dist['fd']:.3f} | {100 * dist['valid_rate']:.1f}% | {sample['fd']:.3f} | "
                 f"{100 * sample['valid_rate']:.1f}% | {100 * (dist['entanglement_max'] or 0):.1f} | {met} |"
             )
-    lines += ["", "Regenerate: `python lab/toy_sdxl_rows.py` (after `bash lab/toy_sdxl_classifiers.sh`)."]
+    flags = ""
+    if report.get("guidance_strength") is not None:
+        flags = (
+            f" --guidance-strength {report['guidance_strength']:g} --seed {report['seed']} --output {report['output']}"
+        )
+    lines += ["", f"Regenerate: `python lab/toy_sdxl_rows.py{flags}` (after `bash lab/toy_sdxl_classifiers.sh`)."]
     return "\n".join(lines) + "\n"
 
 
@@ -183,11 +198,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--classifiers", type=Path, default=TOY_SDXL_CLASSIFIERS)
     parser.add_argument("--num-images", type=int, default=256)
     parser.add_argument("--seed", type=int, default=TABLE_SEED)
+    parser.add_argument(
+        "--guidance-strength", type=float, default=None, help="Guided jobs' strength (default: the pipeline's)."
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=ROOT / ".work" / "toy-sdxl-rows")
     parser.add_argument("--output", type=Path, default=LAB_DOCS / "toy_sdxl_rows.json")
     args = parser.parse_args(argv)
     report = run(args)
+    if args.guidance_strength is not None:
+        report["output"] = portable_path(args.output)
     atomic_write_json(args.output, report)
     atomic_write_text(args.output.with_suffix(".md"), markdown(report))
     print(markdown(report))
