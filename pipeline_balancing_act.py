@@ -860,7 +860,7 @@ GUIDANCE_ARGS_DOCSTRING = """
             target_classes (`int`, `str` or `list`, *optional*):
                 Sample mode: per classifier one class (index or name) for all images, or a list of one class per
                 image (`len == {images}`, in the order of the output images).
-            guidance_strength (`float` or `list[float]`, *optional*, defaults to `DEFAULT_GUIDANCE_STRENGTH`):
+            guidance_strength (`float` or `list[float]`, *optional*, defaults to `{strength_default}`):
                 How far h moves per guided step, in class gaps (one number, or one per classifier; 0 to
                 `MAX_GUIDANCE_STRENGTH`): image i moves as `h_i' = h_i + s / w * sum_k g_ik a_k`, where `a_k` are the
                 classifier's class anchors at this timestep, `g_i = -d L / d z_i` the direction the guidance loss
@@ -903,6 +903,7 @@ def guidance_args_docstring(**words: str) -> Callable:
             raise ValueError(f"The docstring of {fn} needs an 'Args:' line and, after it, an 'Examples:' line.")
         while end > args + 1 and not lines[end - 1].strip():  # after the pipeline's own entries
             end -= 1
+        words.setdefault("strength_default", "DEFAULT_GUIDANCE_STRENGTH")  # the unconditional pipeline's differs
         entries = re.split(r"\n(?=\s{12}\S)", GUIDANCE_ARGS_DOCSTRING.strip("\n").format(**words))
         ours = [entry for entry in entries if entry.split()[0] in inspect.signature(fn).parameters]
         fn.__doc__ = "\n".join([*lines[:end], *ours, *lines[end:]])
@@ -1386,8 +1387,7 @@ class BalancingActMixin:
                 or not 0 <= value <= MAX_GUIDANCE_STRENGTH
             ):
                 raise ValueError(
-                    f"`guidance_strength` must be a number from 0 to {MAX_GUIDANCE_STRENGTH:g} (class gaps per guided "
-                    f"step; default {DEFAULT_GUIDANCE_STRENGTH:g}); got {_fmt(guidance_strength)}."
+                    f"`guidance_strength` must be from 0 to {MAX_GUIDANCE_STRENGTH:g}; got {_fmt(guidance_strength)}."
                 )
         return tuple(float(v) for v in strengths)
 

@@ -28,7 +28,6 @@ if __package__:
     # Loaded by diffusers' `custom_pipeline` loader as `diffusers_modules.<...>.<file>`: diffusers reads this relative
     # import and copies (local folder) or downloads (Hub repo) `pipeline_balancing_act.py` from the same place.
     from .pipeline_balancing_act import (
-        DEFAULT_GUIDANCE_STRENGTH,
         BalanceState,
         BalancingActMixin,
         GuidanceArguments,
@@ -44,7 +43,6 @@ else:
     # would tell a Hub user (who runs the branch above) to `pip install pipeline_balancing_act`, not a PyPI package.
     import pipeline_balancing_act as _core
 
-    DEFAULT_GUIDANCE_STRENGTH = _core.DEFAULT_GUIDANCE_STRENGTH
     BalanceState = _core.BalanceState
     BalancingActMixin = _core.BalancingActMixin
     GuidanceArguments = _core.GuidanceArguments
@@ -53,6 +51,12 @@ else:
     _GuidanceRun = _core._GuidanceRun
     guidance_args_docstring = _core.guidance_args_docstring
     is_compiled = _core.is_compiled
+
+
+# Class gaps per guided step for unconditional (pixel) models, chosen on the toy DDPM's tuning seeds by the rule that
+# chose DEFAULT_GUIDANCE_STRENGTH on the toy SD (docs/lab/results/unconditional/sweep_strength.md): its decoder draws
+# the face from h, so the text-to-image default moves it too far and breaks images.
+DEFAULT_UNCONDITIONAL_GUIDANCE_STRENGTH = 1.0
 
 
 if is_torch_xla_available():
@@ -134,7 +138,10 @@ class BalancingActUnconditionalPipeline(BalancingActMixin, DDIMPipeline):
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     @guidance_args_docstring(
-        unguided=_unguided_name, images=_images_argument, strength_divisor="1 (there is no classifier-free guidance)"
+        unguided=_unguided_name,
+        images=_images_argument,
+        strength_divisor="1 (there is no classifier-free guidance)",
+        strength_default="DEFAULT_UNCONDITIONAL_GUIDANCE_STRENGTH",
     )
     def __call__(
         self,
@@ -151,7 +158,7 @@ class BalancingActUnconditionalPipeline(BalancingActMixin, DDIMPipeline):
         guidance_mode: str | None = None,
         target_distribution: Any = None,
         target_classes: Any = None,
-        guidance_strength: float | list[float] = DEFAULT_GUIDANCE_STRENGTH,
+        guidance_strength: float | list[float] = DEFAULT_UNCONDITIONAL_GUIDANCE_STRENGTH,
         guidance_steps: tuple[float, float] | list[int] = (0.0, 1.0),
         distribution_solver: str = "assign",
         classifier_temperature: float | None = None,

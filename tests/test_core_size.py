@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 
 import pipeline_balancing_act as pba
-from pipeline_balancing_act_unconditional import BalancingActUnconditionalPipeline
+from pipeline_balancing_act_unconditional import (
+    DEFAULT_UNCONDITIONAL_GUIDANCE_STRENGTH,
+    BalancingActUnconditionalPipeline,
+)
 from pipeline_balancing_act_xl import BalancingActXLPipeline
 
 
@@ -45,8 +48,8 @@ def test_every_pipeline_call_documents_the_guidance_arguments_it_takes_from_the_
         if name not in parameters:
             assert f"{name} (" not in doc
             continue
-        assert doc.count(lines[0]) == 1, name
-        for line in lines[1:]:
+        assert doc.count(f"            {name} (") == 1, name
+        for line in lines:
             if "{" not in line:
                 assert line in doc, (name, line)
     assert doc.index("Args:") < doc.index("h_classifier (") < doc.index("Examples:") < doc.index("Returns:")
@@ -56,6 +59,16 @@ def test_the_unconditional_pipeline_documents_its_arguments_without_classifier_f
     doc = BalancingActUnconditionalPipeline.__call__.__doc__
     assert "guided_branches" not in doc and "plain DDIMPipeline, bit-for-bit" in doc
     assert "`len == batch_size`" in doc and "w is 1 (there is no classifier-free guidance)" in doc
+    # its own default strength (chosen on the toy DDPM), named in its docstring; the others keep the core's
+    default = inspect.signature(BalancingActUnconditionalPipeline.__call__).parameters["guidance_strength"].default
+    assert default == DEFAULT_UNCONDITIONAL_GUIDANCE_STRENGTH != pba.DEFAULT_GUIDANCE_STRENGTH
+    assert "defaults to `DEFAULT_UNCONDITIONAL_GUIDANCE_STRENGTH`" in doc
+    for pipeline in (pba.BalancingActPipeline, BalancingActXLPipeline):
+        assert (
+            inspect.signature(pipeline.__call__).parameters["guidance_strength"].default
+            == pba.DEFAULT_GUIDANCE_STRENGTH
+        )
+        assert "defaults to `DEFAULT_GUIDANCE_STRENGTH`" in pipeline.__call__.__doc__
     assert "vanilla Stable Diffusion, bit-for-bit" in pba.BalancingActPipeline.__call__.__doc__
 
 
@@ -64,7 +77,11 @@ def test_every_pipeline_call_takes_the_guidance_arguments_with_the_declared_defa
     parameters = inspect.signature(pipeline.__call__).parameters
     for field in dataclasses.fields(pba.GuidanceArguments):
         if field.init and field.name in parameters:
-            assert parameters[field.name].default == field.default, field.name
+            # the unconditional pipeline's own strength default: checked in the test of its docstring
+            own = pipeline is BalancingActUnconditionalPipeline and field.name == "guidance_strength"
+            assert parameters[field.name].default == (
+                DEFAULT_UNCONDITIONAL_GUIDANCE_STRENGTH if own else field.default
+            )
     taken = [name for name in pba.GuidanceArguments.names() if name in parameters]
     expected = [n for n in pba.GuidanceArguments.names() if pipeline in CFG_PIPELINES or n != "guided_branches"]
     assert taken == expected

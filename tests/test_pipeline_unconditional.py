@@ -32,7 +32,10 @@ from unconditional_models import (
 
 import pipeline_balancing_act as pba
 from pipeline_balancing_act import BalanceState
-from pipeline_balancing_act_unconditional import BalancingActUnconditionalPipeline
+from pipeline_balancing_act_unconditional import (
+    DEFAULT_UNCONDITIONAL_GUIDANCE_STRENGTH,
+    BalancingActUnconditionalPipeline,
+)
 
 
 PIPELINE_FILE = ROOT / "pipeline_balancing_act_unconditional.py"
@@ -160,10 +163,12 @@ def test_call_signature_extends_ddim_pipeline():
         "balance_state",
         "global_batch",
     ]
-    # the Balancing Act arguments have the defaults of the Stable Diffusion pipeline
+    # the Balancing Act arguments have the defaults of the Stable Diffusion pipeline, but the strength: its own,
+    # chosen on the toy DDPM (docs/lab/results/unconditional/sweep_strength.md)
     sd = inspect.signature(pba.BalancingActPipeline.__call__).parameters
     for p in ours[len(base) + 2 :]:
-        assert p.default == sd[p.name].default, p.name
+        expected = DEFAULT_UNCONDITIONAL_GUIDANCE_STRENGTH if p.name == "guidance_strength" else sd[p.name].default
+        assert p.default == expected, p.name
 
 
 def test_the_h_shape_is_read_from_the_unet(pipe):

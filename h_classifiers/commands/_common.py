@@ -126,7 +126,8 @@ def add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
         "--strength",
         type=non_negative_float,
         default=None,
-        help="guidance_strength, in class gaps per guided step (default: the pipeline's DEFAULT_GUIDANCE_STRENGTH).",
+        help="guidance_strength, in class gaps per guided step (default: the pipeline's, DEFAULT_GUIDANCE_STRENGTH; "
+        "DEFAULT_UNCONDITIONAL_GUIDANCE_STRENGTH for an unconditional model).",
     )
     # --solver and --guided-branches are checked against the pipeline's constants in `start_run` (no diffusers import
     # while parsing).

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sweep",
         choices=SWEEPS,
         default=None,
-        help="Run a sweep instead (ddpm: reach and hold).",
+        help="Run a sweep instead (ddpm: strength, reach and hold).",
     )
     return parser
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     unknown = [n for n in args.rows.split(",") if n and n not in world.rows_by_name]
     if unknown:
         parser.error(f"--rows: unknown rows {unknown}; rows: {', '.join(world.rows_by_name)}")
-    if args.sweep in ("strength", "fair-diffusion") and args.world != "sd":
+    if args.sweep == "fair-diffusion" and args.world != "sd":
         parser.error(f"--sweep {args.sweep} tunes the text-to-image world's defaults; use --world sd.")
     if args.sweep:
         args.num_images = args.num_images or 256

@@ -269,6 +269,14 @@ STRENGTH_ROWS = (
     Row("tune-glasses-20-80", ("glasses",), (0.2, 0.8), configurations=("distribution",)),
     Row("tune-hair-uniform", ("hair",), THIRD, configurations=("distribution",)),
 )
+# The same rows on the toy DDPM where they have a DDPM counterpart (not the CFG rows), in the paper's sampler and
+# batches: whether an unconditional model needs a default strength of its own.
+DDPM_STRENGTH_ROWS = tuple(
+    ddpm_row(row.name, row.attributes, row.target, configurations=row.configurations)
+    for row in STRENGTH_ROWS
+    if row.sampler == Sampler()
+)
+DDPM_STRENGTHS = (0.5, 1.0, 2.0, 3.0, 5.0)
 FAIR_DIFFUSION_ROWS = (
     Row("tune-skin-50-50", ("skin",), SKIN_50, configurations=("fair_diffusion",)),
     Row("tune-glasses-50-50", ("glasses",), SKIN_50, configurations=("fair_diffusion",)),
@@ -292,8 +300,8 @@ REACH_STRENGTHS = (2.5, 5.0, 10.0, 20.0)
 DDPM_REACH_ROWS = tuple(
     ddpm_row(row.name, row.attributes, row.target, configurations=("sample",)) for row in REACH_ROWS
 )
-# The default strength and the toy SD sweep's largest (each DDPM image costs 50 steps, the SD world's 25).
-DDPM_REACH_STRENGTHS = (5.0, 20.0)
+# The unconditional default strength and the toy SD sweep's largest (each DDPM image costs 50 steps, the SD world's 25).
+DDPM_REACH_STRENGTHS = (1.0, 20.0)
 # The hold sweep: distribution mode with the other attributes' classifiers held ("hold") or not; entanglement is the
 # measure. Rows the table misses entanglement on, and one of each attribute.
 HOLD_ROWS = (

@@ -24,6 +24,8 @@ from lab.reproduce.rows import (
     DDPM_HOLD_ROWS,
     DDPM_REACH_ROWS,
     DDPM_REACH_STRENGTHS,
+    DDPM_STRENGTH_ROWS,
+    DDPM_STRENGTHS,
     FAIR_DIFFUSION_GRID,
     FAIR_DIFFUSION_ROWS,
     HOLD_GRID,
@@ -39,13 +41,16 @@ from lab.reproduce.rows import (
 )
 
 
-def settings_summary() -> dict[str, Any]:
+def settings_summary(world: str) -> dict[str, Any]:
     import pipeline_balancing_act as pba
     from h_classifiers.baselines import DEFAULT_FAIR_DIFFUSION_SETTINGS
     from lab.image_guidance import DEFAULT_IMAGE_GUIDANCE_SCALE
+    from pipeline_balancing_act_unconditional import DEFAULT_UNCONDITIONAL_GUIDANCE_STRENGTH
 
     return {
-        "guidance_strength": pba.DEFAULT_GUIDANCE_STRENGTH,
+        "guidance_strength": DEFAULT_UNCONDITIONAL_GUIDANCE_STRENGTH
+        if world == "ddpm"
+        else pba.DEFAULT_GUIDANCE_STRENGTH,
         "guidance_margin": pba.GUIDANCE_MARGIN,
         "switch_penalty": pba.SWITCH_PENALTY,
         "guided_branches": "cond",
@@ -86,7 +91,7 @@ def run_table(args: argparse.Namespace) -> dict[str, Any] | None:
         "world": args.world,
         "num_images": args.num_images,
         "seed": args.seed,
-        "settings": settings_summary(),
+        "settings": settings_summary(args.world),
         "processes": num_processes(state),
         "machine": machine(),
         "rows": merge(rows, by_row, Path(args.jobs_dir)),
@@ -103,7 +108,8 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any] | None:
 
     ddpm = args.world == "ddpm"
     if args.sweep == "strength":
-        rows, grid = STRENGTH_ROWS, [(("guidance_strength", s),) for s in STRENGTHS]
+        rows, strengths = (DDPM_STRENGTH_ROWS, DDPM_STRENGTHS) if ddpm else (STRENGTH_ROWS, STRENGTHS)
+        grid = [(("guidance_strength", s),) for s in strengths]
     elif args.sweep == "reach":
         rows, strengths = (DDPM_REACH_ROWS, DDPM_REACH_STRENGTHS) if ddpm else (REACH_ROWS, REACH_STRENGTHS)
         grid = [(("guidance_strength", s),) for s in strengths]
