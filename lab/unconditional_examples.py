@@ -28,10 +28,10 @@ TOY_DDPM = "h_classifiers/assets/toy-ddpm"
 SKIN = "h_classifiers/assets/classifiers/toy-ddpm/skin"
 COMMANDS = (
     # the paper's sampler, 64 images, skin 30/70 with the default (exact counts) solver
-    f"balancing-act generate --model {TOY_DDPM} --classifier {SKIN} --target 0.3,0.7 --eta 1 --num-images 64 "
+    f"balancing-act generate --model {TOY_DDPM} --classifier {SKIN} --target 0.3,0.7 --eta 1 --steps 50 --num-images 64 "
     "--batch-size 64 --output-dir outputs/toy-ddpm-skin --no-progress",
     # the same images in sample mode
-    f"balancing-act generate --model {TOY_DDPM} --classifier {SKIN} --target 0.3,0.7 --eta 1 --num-images 64 "
+    f"balancing-act generate --model {TOY_DDPM} --classifier {SKIN} --target 0.3,0.7 --eta 1 --steps 50 --num-images 64 "
     "--batch-size 64 --mode sample --output-dir outputs/toy-ddpm-skin-sample --no-progress",
 )
 
