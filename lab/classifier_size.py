@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from h_classifiers.io_utils import atomic_write_json, atomic_write_text, portable_path  # noqa: E402
-from lab import LAB_DOCS  # noqa: E402
+from h_classifiers.io_utils import portable_path  # noqa: E402
+from lab import LAB_DOCS, write_record  # noqa: E402
 
 
 SDXL_CHANNELS = 1280
@@ -163,9 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "sizes": {str(k): file_sizes(k) for k in (2, 3)},
         "rounding": [rounding_effect(c, f) for c, f in zip(args.trained, args.features)],
     }
-    atomic_write_json(args.output, results)
-    atomic_write_text(args.output.with_suffix(".md"), markdown(results))
-    print(markdown(results))
+    print(write_record(args.output, results, markdown))
     return results
 
 

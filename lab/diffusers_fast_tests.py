@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import transformers
     from transformers import CLIPTokenizer
 
-    from h_classifiers.io_utils import atomic_write_json, atomic_write_text
+    from lab import write_record
 
     source = args.source.resolve()
     commit = args.commit or source.name.removeprefix("diffusers-")
@@ -217,8 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["explained"] = {name: EXPLAINED.get(name, "(not investigated)") for name in differ}
     # The differing tests again, with ours set in `diffusers.pipelines` (where a test looks a class up by name).
     report["registered"] = run(source, "registered", " or ".join(differ), args.slow) if differ else {"tests": {}}
-    atomic_write_json(args.output.with_suffix(".json"), report)
-    atomic_write_text(args.output.with_suffix(".md"), markdown(report))
+    write_record(args.output, report, markdown)
     return report
 
 

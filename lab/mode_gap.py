@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from h_classifiers.io_utils import atomic_write_json, atomic_write_text, portable_path  # noqa: E402
+from h_classifiers.io_utils import portable_path  # noqa: E402
 from h_classifiers.toy_world import TOY_DDPM_CLASSIFIERS_PATH, TOY_DDPM_PATH, ToyOracle  # noqa: E402
-from lab import LAB_DOCS  # noqa: E402
+from lab import LAB_DOCS, write_record  # noqa: E402
 
 
 def _fd(fraction_dark: float, target: torch.Tensor) -> float:
@@ -168,8 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "batches": rows,
         "summary": summary(rows),
     }
-    atomic_write_json(args.output.with_suffix(".json"), report)
-    atomic_write_text(args.output.with_suffix(".md"), markdown(report))
+    write_record(args.output, report, markdown)
     return report
 
 

@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from h_classifiers.io_utils import atomic_write_json, atomic_write_text, portable_path  # noqa: E402
+from h_classifiers.io_utils import portable_path  # noqa: E402
 from h_classifiers.toy_world import ToyOracle  # noqa: E402
-from lab import LAB_DOCS  # noqa: E402
+from lab import LAB_DOCS, write_record  # noqa: E402
 
 
 SLOPE_TIMESTEPS = ("400", "600", "800")
@@ -92,8 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs.append({"label": label, "step": step, **measure(pipe, args.num_samples)})
         print(runs[-1], flush=True)
     report = {"start": portable_path(args.start), "num_samples": args.num_samples, "runs": runs}
-    atomic_write_json(args.output.with_suffix(".json"), report)
-    atomic_write_text(args.output.with_suffix(".md"), markdown(report))
+    write_record(args.output, report, markdown)
     return report
 
 

@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from h_classifiers.io_utils import atomic_write_json, atomic_write_text, portable_path  # noqa: E402
+from h_classifiers.io_utils import atomic_write_json, portable_path  # noqa: E402
 from h_classifiers.metrics import TARGET_FD, asked_classes  # noqa: E402
 from h_classifiers.toy_world import ATTRIBUTES, NEUTRAL_PROMPT  # noqa: E402
-from lab import LAB_DOCS, ROOT  # noqa: E402
+from lab import LAB_DOCS, ROOT, write_record  # noqa: E402
 from lab.reproduce.jobs import generate_images  # noqa: E402
 from lab.reproduce.measures import measure  # noqa: E402
 from lab.reproduce.rows import TABLE_SEED, Row, Sampler  # noqa: E402
@@ -208,9 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = run(args)
     if args.guidance_strength is not None:
         report["output"] = portable_path(args.output)
-    atomic_write_json(args.output, report)
-    atomic_write_text(args.output.with_suffix(".md"), markdown(report))
-    print(markdown(report))
+    print(write_record(args.output, report, markdown))
     return report
 
 
