@@ -17,7 +17,11 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+
+if TYPE_CHECKING:
+    import torch
 
 
 TEMP_PREFIX = ".tmp-"
@@ -140,3 +144,16 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             if not path.exists():  # the new folder never landed: put the previous one back
                 os.replace(old / path.name, path)
             shutil.rmtree(old, ignore_errors=True)
+
+
+def store_weights_as(folder: str | os.PathLike, dtype: torch.dtype) -> None:
+    """Rewrite the weights file that `save_pretrained` wrote in `folder` with its floats in `dtype` (e.g. a folder
+    being built by `atomic_directory`); a file already in `dtype` is left as it is."""
+    from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+    from safetensors.torch import load_file
+
+    path = Path(folder) / SAFETENSORS_WEIGHTS_NAME
+    tensors = load_file(str(path))
+    if any(t.is_floating_point() and t.dtype != dtype for t in tensors.values()):
+        stored = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+        atomic_save_file(stored, path, {"format": "pt"})

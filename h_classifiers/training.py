@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 from .calibration import block_rows, calibration_metrics, class_anchors, class_means, fit_calibration
 from .feature_store import HFeatureStore
-from .io_utils import atomic_directory, atomic_write_json, atomic_write_text
+from .io_utils import atomic_directory, atomic_write_json, atomic_write_text, store_weights_as
 from .model_card import PLOT_NAME, model_card, plot_metrics, public_model_name
 
 
@@ -456,21 +456,6 @@ def summarize(metrics: list[dict]) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Saving: weights + config, model card, metrics, plot; atomically
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def store_weights_as(folder: str | os.PathLike, dtype: torch.dtype) -> None:
-    """Rewrite the weights file that `save_pretrained` wrote in `folder` with its floats in `dtype` (call it on a
-    folder that is not in place yet: the file is rewritten, not renamed)."""
-    from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
-    from safetensors.torch import load_file, save_file
-
-    path = Path(folder) / SAFETENSORS_WEIGHTS_NAME
-    tensors = load_file(str(path))
-    if all(t.dtype == dtype or not t.is_floating_point() for t in tensors.values()):
-        return
-    save_file(
-        {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}, str(path), {"format": "pt"}
-    )
 
 
 def save_classifier(

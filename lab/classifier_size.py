@@ -61,7 +61,7 @@ def file_sizes(num_classes: int) -> dict[str, float]:
     """MB (10^6 bytes) of the weights file in float32 and in float16, as saved."""
     from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 
-    from h_classifiers.training import store_weights_as
+    from h_classifiers.io_utils import store_weights_as
 
     classifier, sizes = sdxl_classifier(num_classes), {}
     for dtype in (torch.float32, torch.float16):
