@@ -175,9 +175,9 @@ def rendered_pages() -> dict[str, tuple[str, str]]:
     made[bench / "multiprocess.md"] = bench_multiprocess.markdown(read(bench / "multiprocess.json")) + "\n"
     made[bench / "solver.md"] = bench_solver.markdown(read(bench / "solver.json"))
     made[reliability.OUTPUT.with_suffix(".md")] = reliability.render(read(reliability.OUTPUT))
-    xl = LAB / "bench_xl.json"
-    if xl.exists():  # written by `python lab/bench_xl.py` at SDXL's size, run by hand
-        made[xl.with_suffix(".md")] = bench_xl.markdown(read(xl))
+    for xl in (LAB / "bench_xl.json", *LAB.glob("bench_xl_*/bench_xl.json")):  # `python lab/bench_xl.py`, by hand
+        if xl.exists():
+            made[xl.with_suffix(".md")] = bench_xl.markdown(read(xl))
     fast_tests = LAB / "diffusers_fast_tests.json"
     if fast_tests.exists():  # written by `python -m lab.diffusers_fast_tests` on diffusers' test sources, by hand
         made[fast_tests.with_suffix(".md")] = diffusers_fast_tests.markdown(read(fast_tests))
