@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
-from h_classifiers.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
+from h_classifiers.io_utils import atomic_write_json, atomic_write_text, portable_path  # noqa: E402
 from lab import LAB_DOCS  # noqa: E402
 from lab.bench.config import (  # noqa: E402
     SDXL_POOLED_DIM,
@@ -241,7 +241,17 @@ def markdown(results: dict[str, Any]) -> str:
     for key, name in names.items():
         ratio = 1.0 if key == "unet_forward" else ratios[f"{key}_over_forward"]
         lines.append(f"| {name} | {timings[key]['median_ms']:.1f} | {timings[key]['p95_ms']:.1f} | {ratio:.4f} |")
-    lines += ["", "Regenerate: `python lab/bench_xl.py` (add `--size 1024` for SDXL's native size).", ""]
+    flags = [
+        f"--size {results['image_size']}" if results["image_size"] != 512 else "",
+        f"--pool-size {pool}" if (pool := results["classifier"].get("pool_size")) else "",
+        f"--rounds {results['rounds']} --warmup {results['warmup']}"
+        if (results["rounds"], results["warmup"]) != (3, 1)
+        else "",
+        f"--threads {results['threads']}" if results.get("threads") else "",
+        f"--output-dir {results['output_dir']}" if results.get("output_dir") else "",
+    ]
+    command = " ".join(["python lab/bench_xl.py", *filter(None, flags)])
+    lines += ["", f"Regenerate: `{command}` (`--size 1024` for SDXL's native size).", ""]
     return "\n".join(lines)
 
 
@@ -271,6 +281,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     output_dir = args.output_dir or (REPO_ROOT / "outputs" / "bench_xl_tiny" if args.tiny else LAB_DOCS)
     results = measure(args)
+    if args.output_dir is not None:
+        results["output_dir"] = portable_path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(output_dir / "bench_xl.json", results)
     atomic_write_text(output_dir / "bench_xl.md", markdown(results))
