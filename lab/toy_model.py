@@ -127,8 +127,8 @@ def build_pixel_unet():
     """The unconditional toy DDPM's `UNet2DModel` on 3x32x32 images (2.7 M parameters, 10.8 MB in fp32).
 
     Shaped like the paper's CelebA-HQ model where it matters: h (the mid-block output) comes after three
-    downsamplings, 32 -> 16 -> 8 -> 4, so **h is `[B, 128, 4, 4]`** and the bottleneck, not a shallow skip connection,
-    carries the face. Self-attention only at the 4x4 level and in the mid block. The 32x32 and 16x16 levels are half
+    downsamplings, 32 -> 16 -> 8 -> 4, so **h is `[B, 128, 4, 4]`**; with the deep skips cut in training
+    (`cut_deep_skips`), the bottleneck, not a shallow skip connection, carries the face. Self-attention only at the 4x4 level and in the mid block. The 32x32 and 16x16 levels are half
     as wide as in (32, 64, 64, 128): they dominate the cost of a training step on a CPU (1.7 times faster).
     """
     from diffusers import UNet2DModel
