@@ -34,7 +34,7 @@ from lab import LAB_DOCS, write_record  # noqa: E402
 SDXL_CHANNELS = 1280
 SDXL_POOL = 8
 SDXL_HEADS = 50
-TARGET_MB = 40  # issue 24's limit for a pooled SDXL classifier file
+TARGET_MB = 40  # the project's limit for a pooled SDXL classifier file
 
 
 def sdxl_classifier(num_classes: int):

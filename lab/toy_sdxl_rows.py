@@ -1,5 +1,5 @@
 """The toy SDXL's bucket rows: skin 30/70 and 50/50 in every aspect-ratio bucket, with pooled classifiers trained on
-the square bucket only (a research tool; issue 24's targets).
+the square bucket only (a research tool: the SDXL targets of the lab).
 
     python lab/toy_sdxl_rows.py     # docs/lab/toy_sdxl_rows.json + .md; each job's result cached in .work/toy-sdxl-rows
 
@@ -42,7 +42,7 @@ TOY_SDXL_CLASSIFIERS = ROOT / "lab" / "assets" / "toy-sdxl-classifiers"  # lab/t
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 SAMPLER = Sampler()  # the toy SD table's: DDIM 25 steps, CFG 7.5
 BATCH_SIZE = 64
-TARGET_VALID_DROP = 0.02  # issue 24: valid within 2 points of vanilla, per bucket
+TARGET_VALID_DROP = 0.02  # the SDXL bucket target: valid within 2 points of vanilla, per bucket
 ROWS = (
     Row("skin-30-70", ("skin",), (0.3, 0.7), SAMPLER, configurations=("distribution", "sample")),
     Row("skin-50-50", ("skin",), (0.5, 0.5), SAMPLER, configurations=("distribution", "sample")),
