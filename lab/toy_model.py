@@ -188,3 +188,14 @@ def hold_cut(cut: list[tuple[torch.Tensor, int]]) -> None:
     """Set the cut skip weights (`cut_deep_skips`) back to zero."""
     for weight, first in cut:
         weight[:, first:] = 0
+
+
+def add_cut_skips_argument(parser) -> None:
+    """`--cut-skips N`, the same option in both toy trainers (`cut_deep_skips`)."""
+    parser.add_argument(
+        "--cut-skips",
+        type=int,
+        default=0,
+        help="Cut the skip connections into this many lowest-resolution up blocks (`lab.toy_model.cut_deep_skips`), "
+        "so the decoder reads the deep features through h only.",
+    )

@@ -49,10 +49,16 @@ ROWS = (
 )
 
 
-def job_file(cache: Path, bucket: str, configuration: str, row: Row | None, args: argparse.Namespace) -> Path:
-    """A job's cached result, keyed by everything that makes its images (the model and classifier by their weights)."""
-    weights = [args.model / "unet" / "diffusion_pytorch_model.safetensors", args.classifiers / "skin" / WEIGHTS]
-    digests = [hashlib.sha1(path.read_bytes()).hexdigest()[:10] for path in weights]
+def weights_digest(args: argparse.Namespace) -> list[str]:
+    """The model's and the skin classifier's weights, hashed: part of every job's key (computed once per run)."""
+    weights = [args.model / "unet" / WEIGHTS, args.classifiers / "skin" / WEIGHTS]
+    return [hashlib.sha1(path.read_bytes()).hexdigest()[:10] for path in weights]
+
+
+def job_file(
+    cache: Path, bucket: str, configuration: str, row: Row | None, args: argparse.Namespace, digests: list[str]
+) -> Path:
+    """A job's cached result, keyed by everything that makes its images (the model and classifier by `digests`)."""
     strength = None if row is None else args.guidance_strength  # vanilla does not depend on it
     key = [bucket, configuration, row.target if row else None, args.num_images, args.seed, digests]
     text = json.dumps(key + ([strength] if strength is not None else []))
@@ -106,11 +112,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pipe, oracle = load_pipeline(args.model, "cpu", "float32"), ToyOracle()
     classifier = HClassifier.from_pretrained(str(args.classifiers / "skin")).eval()
     results: dict[str, Any] = {}
+    digests = weights_digest(args)
     for bucket in BUCKETS:
         jobs = [("vanilla", None)] + [(c, row) for row in ROWS for c in row.configurations]
         loaded = {}
         for configuration, row in jobs:
-            path = job_file(args.cache, bucket, configuration, row, args)
+            path = job_file(args.cache, bucket, configuration, row, args, digests)
             if not path.exists():
                 atomic_write_json(path, run_job(pipe, oracle, bucket, configuration, row, classifier, args))
             result = loaded[configuration, row.name if row else None] = json.loads(path.read_text())

@@ -38,6 +38,7 @@ from h_classifiers.toy_world import ATTRIBUTES, DATA_BIAS, TOY_DDPM_PATH, ToyOra
 from lab.toy_ddpm_diagnostics import diagnostics_markdown, h_dependence, noise_fit  # noqa: E402
 from lab.toy_model import (  # noqa: E402
     PIXEL_TRAIN_SCHEDULER_CONFIG,
+    add_cut_skips_argument,
     build_pixel_scheduler,
     build_pixel_unet,
     cut_deep_skips,
@@ -425,13 +426,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="Weight of the coarse noise error (`low_frequency_loss`): 0 is the plain epsilon loss.",
     )
-    p.add_argument(
-        "--cut-skips",
-        type=int,
-        default=0,
-        help="Cut the skip connections into this many lowest-resolution up blocks (`cut_deep_skips`), so the "
-        "decoder reads the deep features through h only.",
-    )
+    add_cut_skips_argument(p)
     p.add_argument("--checkpoint-every", type=positive_int, default=50)
     p.add_argument(
         "--stop-after", type=positive_int, default=None, help="Stop after this many steps in this run (resumable)."

@@ -64,6 +64,7 @@ from lab import ROOT  # noqa: E402
 from lab.toy_model import (  # noqa: E402
     MAX_TOKENS,
     TRAIN_SCHEDULER_CONFIG,
+    add_cut_skips_argument,
     build_tokenizer,
     cut_deep_skips,
     hold_cut,
@@ -499,13 +500,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--init-from", type=Path, default=None, help="Start from this exported model's weights (a fresh optimizer)."
     )
-    p.add_argument(
-        "--cut-skips",
-        type=int,
-        default=0,
-        help="Cut the skip connections into this many lowest-resolution up blocks (`lab.toy_model.cut_deep_skips`), "
-        "so the decoder reads the deep features through h only.",
-    )
+    add_cut_skips_argument(p)
     p.add_argument("--checkpoint-every", type=positive_int, default=100)
     p.add_argument(
         "--stop-after", type=positive_int, default=None, help="Stop after this many steps in this run (resumable)."
